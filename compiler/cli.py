@@ -1,0 +1,283 @@
+"""The `onnxc` command line: a thin shell over onnxc.driver.
+
+Exit codes: 0 ok, 1 verification failed, 2 usage error, 3 invalid or unsafe input, 4 internal error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import EXIT_INTERNAL, EXIT_USAGE, OnnxcError, UsageError
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def _fail(exc: OnnxcError) -> None:
+    err.print(f"[bold red]onnxc: error:[/] {exc.message}", markup=True, soft_wrap=True)
+    sys.exit(exc.exit_code)
+
+
+class _Group(click.Group):
+    """Turns every error into one line and a documented exit code."""
+
+    def main(self, *args, **kwargs):  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except OnnxcError as exc:
+            _fail(exc)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            err.print("onnxc: aborted")
+            sys.exit(EXIT_USAGE)
+        except click.ClickException as exc:
+            err.print(f"onnxc: error: {exc.format_message()}", markup=False, soft_wrap=True)
+            sys.exit(EXIT_USAGE)
+        except KeyboardInterrupt:
+            err.print("onnxc: interrupted; nothing was written")
+            sys.exit(130)
+        except MemoryError:
+            err.print("onnxc: error: out of memory; nothing was written")
+            sys.exit(EXIT_INTERNAL)
+        except Exception as exc:  # a bug: still one line, still a documented code
+            if os.environ.get("ONNXC_DEBUG"):
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            err.print(f"onnxc: internal error: {type(exc).__name__}: {first} (set ONNXC_DEBUG=1 for a traceback)",
+                      markup=False, soft_wrap=True)
+            sys.exit(EXIT_INTERNAL)
+        if isinstance(rv, int):
+            sys.exit(rv)
+        return rv
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onnxc")
+def main() -> None:
+    """onnxc: a verified ONNX graph compiler for language models."""
+
+
+def _load_plugins(plugins: tuple[str, ...]) -> None:
+    from . import pass_manager as pm
+    for p in plugins:
+        pm.load_plugin(p)
+
+
+@main.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-O", "level", type=click.IntRange(0, 3), default=2, show_default=True, help="Optimization level.")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output file (default: <stem>.onnxc.onnx beside the input).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a JSON report.")
+@click.option("--passes", default=None, help="Explicit pipeline, e.g. 'fold-constants,fixpoint(a,b)'.")
+@click.option("--disable", multiple=True, help="Disable a pass or rule (repeatable).")
+@click.option("--plugin", multiple=True, type=click.Path(dir_okay=False), help="Python file registering passes.")
+@click.option("--explain", "explain_rule", default=None, help="Print, per candidate site, why RULE did not match.")
+@click.option("--no-verify", is_flag=True, help="Skip numeric verification.")
+@click.option("--verify-inputs", type=click.Path(dir_okay=False), default=None, help=".npz of real inputs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for verification inputs.")
+@click.option("--external-data/--no-external-data", default=None, help="Force weights into (or out of) a .data file.")
+@click.option("--max-seq-len", type=int, default=None, help="Maximum sequence length for rotary caches.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or tables.")
+def compile_cmd(model: Path, level: int, target: str, output: Path | None, report: Path | None, passes: str | None,
+                disable: tuple[str, ...], plugin: tuple[str, ...], explain_rule: str | None, no_verify: bool,
+                verify_inputs: str | None, seed: int, external_data: bool | None, max_seq_len: int | None,
+                quiet: bool) -> int:
+    """Compile MODEL and write a verified, optimized model."""
+    from . import driver
+
+    _load_plugins(plugin)
+    if explain_rule is not None:
+        return _explain(model, explain_rule, level, target, passes, disable)
+    if output is None:
+        output = model.with_name(model.name[:-5] + ".onnxc.onnx" if model.name.endswith(".onnx")
+                                 else model.name + ".onnxc.onnx")
+    options = {}
+    if max_seq_len is not None:
+        options["max_seq_len"] = max_seq_len
+
+    def progress(rec) -> None:
+        if not quiet:
+            counts = ", ".join(f"{k}={v}" for k, v in rec.counts.items())
+            err.print(f"  {rec.name:<22} {rec.seconds * 1000:8.1f} ms  nodes={rec.nodes_after:<7} {counts}",
+                      markup=False, soft_wrap=True)
+
+    if not quiet:
+        err.print(f"onnxc {__version__}: compiling {model} at -O{level} for {target}", markup=False)
+    result = driver.compile(model, level, target, output=output, passes=passes, disable=disable,
+                            verify=not no_verify, verify_inputs=verify_inputs, seed=seed, options=options,
+                            external_data=external_data, progress=progress)
+    rep = result.report
+    if report is not None:
+        _write_json_atomic(report, rep)
+    if not quiet:
+        _print_summary(rep)
+    return 0
+
+
+def _explain(model: Path, rule_name: str, level: int, target: str, passes: str | None,
+             disable: tuple[str, ...]) -> int:
+    """Run the pipeline up to the pass that owns the rule, then report each candidate site."""
+    from . import driver, pass_manager as pm, pipeline, rules
+    from . import ir as irio
+
+    owners = pm.all_rules()
+    if rule_name not in owners:
+        raise UsageError(f"unknown rule '{rule_name}'" + rules.suggest(rule_name, list(owners)))
+    owner, rule = owners[rule_name]
+    ir_model = irio.load(model)
+    driver.check_input(ir_model)
+    ctx = pm.PassContext(level=level, target=target)
+    chosen = pm.flatten(pipeline.build_pipeline(ctx, passes, disable))
+    before = []
+    for p in chosen:
+        if p.name == owner.name:
+            break
+        before.append(p)
+    pm.PassManager(before).run(ir_model, ctx)
+    rows = rules.explain(ir_model, rule)
+    table = Table(title=f"{rule_name}: {len(rows)} candidate sites ({rule.root_op[1]} nodes) before '{owner.name}'")
+    table.add_column("node")
+    table.add_column("result")
+    for name, why in rows:
+        table.add_row(name, why)
+    out.print(table)
+    return 0
+
+
+def _print_summary(rep: dict) -> None:
+    before, after = rep["ops_before"], rep["ops_after"]
+    table = Table(title=f"{rep['nodes_before']} -> {rep['nodes_after']} nodes")
+    table.add_column("op")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for op in sorted(set(before) | set(after), key=lambda o: (-max(before.get(o, 0), after.get(o, 0)), o)):
+        b, a = before.get(op, 0), after.get(op, 0)
+        table.add_row(op, str(b), str(a))
+    err.print(table)
+    v = rep["verification"]
+    if v["status"] == "passed":
+        worst = max((o["max_rel"] for s in v["scenarios"] for o in s["outputs"]), default=0.0)
+        err.print(f"verified: {len(v['scenarios'])} scenarios, worst relative error {worst:.2e}", markup=False)
+    else:
+        err.print(f"verification {v['status']}: {v.get('reason', '')}", markup=False)
+    for note in rep["notes"]:
+        err.print(f"note: {note}", markup=False)
+    err.print(f"wrote {', '.join(rep['written'])} in {rep['seconds']['total']:.2f} s", markup=False)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+@main.command("passes")
+@click.option("--plugin", multiple=True, type=click.Path(dir_okay=False))
+@click.option("--rules", "show_rules", is_flag=True, help="Also list each pass's rules.")
+def passes_cmd(plugin: tuple[str, ...], show_rules: bool) -> int:
+    """List registered passes: name, level, targets, summary."""
+    from . import pass_manager as pm, pipeline  # noqa: F401  (pipeline registers built-ins)
+
+    _load_plugins(plugin)
+    table = Table()
+    for col in ("pass", "level", "targets", "summary"):
+        table.add_column(col)
+    for name, p in pm.registered_passes().items():
+        table.add_row(name, f"-O{p.level}", ",".join(p.targets), p.summary)
+        if show_rules:
+            for r in p.rules():
+                table.add_row(f"  {r.name}", "", "", r.summary)
+    out.print(table)
+    return 0
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def inspect_cmd(model: Path, as_json: bool) -> int:
+    """Show opsets, op histogram, sizes, inputs and outputs of MODEL."""
+    from . import driver
+    from . import ir as irio
+
+    m = irio.load(model)
+    info = {
+        "file": str(model),
+        "ir_version": m.ir_version,
+        "producer": f"{m.producer_name or ''} {m.producer_version or ''}".strip(),
+        "opsets": dict(sorted(m.opset_imports.items())),
+        "nodes": sum(1 for _ in m.graph),
+        "initializers": len(m.graph.initializers),
+        "weight_bytes": irio.weight_bytes(m),
+        "external_data": irio.uses_external_data(m),
+        "inputs": [_sig(v) for v in m.graph.inputs],
+        "outputs": [_sig(v) for v in m.graph.outputs],
+        "ops": driver.op_histogram(m),
+    }
+    if as_json:
+        out.print_json(json.dumps(info))
+        return 0
+    out.print(f"{model}: ir_version {info['ir_version']}, producer '{info['producer']}', opsets {info['opsets']}")
+    out.print(f"{info['nodes']} nodes, {info['initializers']} initializers, "
+              f"{info['weight_bytes'] / 2**20:.2f} MiB of weights" + (" (external data)" if info['external_data'] else ""))
+    io = Table(title="inputs and outputs")
+    for col in ("kind", "name", "type", "shape"):
+        io.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for s in info[kind]:
+            io.add_row(kind[:-1], s["name"], s["dtype"], str(s["shape"]))
+    out.print(io)
+    ops = Table(title="ops")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, n in info["ops"].items():
+        ops.add_row(op, str(n))
+    out.print(ops)
+    return 0
+
+
+def _sig(v) -> dict:
+    shape = None if v.shape is None else [d if isinstance(d, int) else d.value for d in v.shape]
+    return {"name": v.name, "dtype": v.dtype.name if v.dtype is not None else "?", "shape": shape}
+
+
+@main.command("verify")
+@click.argument("reference", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--verify-inputs", type=click.Path(dir_okay=False), default=None)
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def verify_cmd(reference: Path, candidate: Path, seed: int, verify_inputs: str | None, report: Path | None) -> int:
+    """Check that CANDIDATE computes what REFERENCE computes (exit 1 if not)."""
+    from . import ir as irio, verify as numeric
+    from .errors import InvalidModelError, EXIT_VERIFY
+
+    ref = irio.load(reference)
+    cand = irio.load(candidate)
+    if [v.name for v in ref.graph.outputs] != [v.name for v in cand.graph.outputs]:
+        raise InvalidModelError("the two models have different outputs")
+    feeds = numeric.load_inputs(verify_inputs) if verify_inputs else None
+    rep = numeric.verify_files(reference, candidate, ref, seed=seed, inputs=feeds,
+                               weight_bytes=max(irio.weight_bytes(ref), irio.weight_bytes(cand)))
+    if report is not None:
+        _write_json_atomic(report, rep.to_dict())
+    for sc in rep.scenarios:
+        for o in sc["outputs"]:
+            out.print(f"{sc['name']:<8} {o['name']:<28} max_abs={o['max_abs']:.3g} max_rel={o['max_rel']:.3g} "
+                      f"{'ok' if o['ok'] else 'MISMATCH'}", markup=False)
+    out.print(f"{rep.status}" + (f": {rep.reason}" if rep.reason else ""), markup=False)
+    return EXIT_VERIFY if rep.status == "failed" else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

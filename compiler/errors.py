@@ -1,0 +1,66 @@
+"""Errors onnxc reports to its users, each with the exit code the CLI returns for it.
+
+Exit codes (documented in README.md and docs/cli.md):
+    0  success
+    1  numeric verification failed (nothing was written)
+    2  usage error (bad option, unknown pass name, output path equal to the input)
+    3  invalid or unsafe input model (not ONNX, truncated, cycles, dangling inputs, ...)
+    4  internal error: a pass broke an invariant; the message names the pass
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_VERIFY = 1
+EXIT_USAGE = 2
+EXIT_INVALID_INPUT = 3
+EXIT_INTERNAL = 4
+
+
+class OnnxcError(Exception):
+    """Base class: a one-line message meant for the user, plus an exit code."""
+
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(OnnxcError):
+    exit_code = EXIT_USAGE
+
+
+class InvalidModelError(OnnxcError):
+    exit_code = EXIT_INVALID_INPUT
+
+
+class VerificationError(OnnxcError):
+    exit_code = EXIT_VERIFY
+
+
+class PassError(OnnxcError):
+    """A pass crashed or left the IR in a state the verifier rejects."""
+
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, pass_name: str, message: str, *, rule: str | None = None, previous: tuple[str, ...] = ()):
+        where = f"pass '{pass_name}'" + (f", rule '{rule}'" if rule else "")
+        after = f" (after {', '.join(previous[-5:])})" if previous else ""
+        super().__init__(f"{where}{after}: {message}")
+        self.pass_name = pass_name
+        self.rule = rule
+        self.previous = previous
+
+
+class IRVerificationError(OnnxcError):
+    """The IR verifier found a broken invariant; raised with a list of problems."""
+
+    exit_code = EXIT_INVALID_INPUT
+
+    def __init__(self, problems: list[str]):
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        super().__init__(problems[0] + more)
+        self.problems = problems

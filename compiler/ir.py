@@ -1,0 +1,228 @@
+"""The IR layer: load ONNX into onnx-ir (weights stay memory-mapped) and write it back atomically.
+
+Loading never reads external weights: onnx-ir keeps them as ExternalTensor objects that memory-map their
+file on first use. Saving streams one tensor at a time into a single data file named after the output.
+Both files are first written into a temporary folder beside the output and renamed into place only when
+the caller commits, so a failed compile or a failed verification never leaves a partial file behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from .errors import InvalidModelError, UsageError
+
+# Models whose weights exceed this are written with external data even if the input had none.
+EXTERNAL_DATA_THRESHOLD_BYTES = 512 * 1024 * 1024
+# Tensors at or below this size stay inside the .onnx file when external data is used.
+INLINE_TENSOR_MAX_BYTES = 1024
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load a model file; raise InvalidModelError with one clear line when it is not a usable ONNX model."""
+    path = Path(path)
+    if not path.exists():
+        raise InvalidModelError(f"{path}: no such file")
+    if path.is_dir():
+        raise InvalidModelError(f"{path}: is a directory, not an ONNX file")
+    if path.stat().st_size == 0:
+        raise InvalidModelError(f"{path}: file is empty")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise InvalidModelError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+    return from_proto(proto, base_dir=path.parent)
+
+
+def from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> ir.Model:
+    if not isinstance(proto, onnx.ModelProto) or not proto.HasField("graph"):
+        raise InvalidModelError("not an ONNX model: it has no graph")
+    if proto.ir_version <= 0:
+        raise InvalidModelError(f"not an ONNX model: ir_version is {proto.ir_version}")
+    if base_dir is not None:
+        _check_external_data(proto.graph, Path(base_dir))
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:  # onnx-ir raises several types on malformed protos
+        raise InvalidModelError(f"malformed ONNX model ({_first_line(exc)})") from None
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, str(base_dir))
+    return model
+
+
+def as_model(model: str | os.PathLike | onnx.ModelProto | ir.Model | bytes) -> ir.Model:
+    """Accept any form the Python API allows and return an onnx-ir Model."""
+    if isinstance(model, ir.Model):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return from_proto(model)
+    if isinstance(model, (bytes, bytearray)):
+        proto = onnx.ModelProto()
+        try:
+            proto.ParseFromString(bytes(model))
+        except DecodeError as exc:
+            raise InvalidModelError(f"not a readable ONNX model ({_first_line(exc)})") from None
+        return from_proto(proto)
+    if isinstance(model, (str, os.PathLike)):
+        return load(model)
+    raise UsageError(f"cannot compile an object of type {type(model).__name__}; give a path, ModelProto or onnx_ir.Model")
+
+
+def _check_external_data(graph: onnx.GraphProto, base_dir: Path) -> None:
+    """Refuse external data that is missing, too short, or that points outside the model's folder."""
+    sizes: dict[str, int] = {}
+    for tensor in _all_tensors(graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        if not location or os.path.isabs(location) or ".." in Path(location).parts:
+            raise InvalidModelError(
+                f"tensor '{tensor.name}': external data location '{location}' is outside the model's folder")
+        if location not in sizes:
+            file = base_dir / location
+            if not file.is_file():
+                raise InvalidModelError(f"tensor '{tensor.name}': external data file '{location}' not found")
+            sizes[location] = file.stat().st_size
+        offset = int(info.get("offset", 0) or 0)
+        length = info.get("length")
+        if length is not None and offset + int(length) > sizes[location]:
+            raise InvalidModelError(
+                f"tensor '{tensor.name}': external data '{location}' is truncated "
+                f"(needs {offset + int(length)} bytes, has {sizes[location]})")
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_tensors(g)
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of all initializers, read from metadata only (no tensor data is touched)."""
+    total = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def uses_external_data(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor)
+               for g in model.graphs() for v in g.initializers.values())
+
+
+def external_data_files(model: ir.Model) -> set[Path]:
+    files = set()
+    for g in model.graphs():
+        for v in g.initializers.values():
+            t = v.const_value
+            if isinstance(t, ir.ExternalTensor):
+                files.add(Path(t.base_dir, t.location).resolve())
+    return files
+
+
+def check_output_path(output: Path, input_path: Path | None, model: ir.Model) -> None:
+    """Refuse to write over the input model or over any file the model's weights live in."""
+    out = output.resolve()
+    data = Path(str(out) + ".data")
+    if input_path is not None and out == input_path.resolve():
+        raise UsageError(f"output path {output} is the input model; choose another with -o")
+    for f in external_data_files(model):
+        if f in (out, data):
+            raise UsageError(f"output would overwrite {f}, which holds the input model's weights")
+    if output.exists() and output.is_dir():
+        raise UsageError(f"output path {output} is a directory")
+    if not out.parent.is_dir():
+        raise UsageError(f"output folder {out.parent} does not exist")
+
+
+class StagedOutput:
+    """Files written to a temporary folder beside the destination; `commit` renames them into place."""
+
+    def __init__(self, destination: Path, model_file: Path, data_file: Path | None):
+        self.destination = destination
+        self.model_file = model_file
+        self.data_file = data_file
+
+    def commit(self) -> list[Path]:
+        written = []
+        if self.data_file is not None:
+            target = self.destination.parent / self.data_file.name
+            os.replace(self.data_file, target)
+            written.append(target)
+        os.replace(self.model_file, self.destination)
+        written.insert(0, self.destination)
+        return written
+
+
+@contextmanager
+def staged_save(model: ir.Model, destination: str | os.PathLike, *, external_data: bool | None = None
+                ) -> Iterator[StagedOutput]:
+    """Save `model` into a temporary folder next to `destination`; the folder is removed on exit.
+
+    The caller verifies the staged files and calls `.commit()` to move them into place atomically.
+    external_data: True/False forces the layout; None keeps weights inline unless the input used external data
+    or the weights exceed EXTERNAL_DATA_THRESHOLD_BYTES.
+    """
+    destination = Path(destination)
+    if external_data is None:
+        external_data = uses_external_data(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        model_file = tmpdir / destination.name
+        data_file = None
+        if external_data:
+            data_name = destination.name + ".data"
+            ir.save(model, model_file, external_data=data_name, size_threshold_bytes=INLINE_TENSOR_MAX_BYTES)
+            data_file = tmpdir / data_name
+            if not data_file.exists():
+                data_file = None
+        else:
+            _save_inline(model, model_file)
+        yield StagedOutput(destination, model_file, data_file)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _save_inline(model: ir.Model, path: Path) -> None:
+    proto = to_proto(model)
+    if proto.ByteSize() > 2**31 - 1:
+        raise UsageError("model exceeds the 2 GB protobuf limit; save it with external data")
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString(deterministic=True))
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialize with every tensor inline (reads external weights; use for small models)."""
+    proto = ir.serde.serialize_model(model)
+    onnx.external_data_helper.load_external_data_for_model(proto, _base_dir(model))
+    return proto
+
+
+def _base_dir(model: ir.Model) -> str:
+    for v in model.graph.initializers.values():
+        if isinstance(v.const_value, ir.ExternalTensor):
+            return str(v.const_value.base_dir)
+    return "."
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

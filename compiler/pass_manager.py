@@ -1,0 +1,307 @@
+"""Passes, the pass registry, pipelines as text, and the manager that runs them with the verifier in between.
+
+A pass is a small object with a name, the lowest optimization level that runs it, the targets it serves, and
+`run(model, ctx) -> PassResult`. Rule-based passes are `RulePass(name, rules)`. Pipelines are strings such as
+"fold-constants,fixpoint(remove-noops,eliminate-dead)" and are parsed against the registry, so a misspelled
+name is an error, never silently ignored. Third-party passes register with `onnxc.register_pass`, through the
+`onnxc.passes` entry-point group, or from a file given with `--plugin`.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from . import rules as _rules
+from .errors import IRVerificationError, OnnxcError, PassError, UsageError
+from .verifier import Signature, check_model
+
+TARGETS = ("cpu", "cuda")
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides the model: level, target and user options."""
+
+    level: int = 1
+    target: str = "cpu"
+    options: dict[str, Any] = field(default_factory=dict)
+    disabled_rules: frozenset[str] = frozenset()
+    notes: list[str] = field(default_factory=list)   # report lines, e.g. a fusion that fell back
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return self.options.get(name, default)
+
+
+@dataclass
+class PassResult:
+    model: ir.Model
+    modified: bool
+    counts: dict[str, int] = field(default_factory=dict)   # rule or action name -> times applied
+
+
+class Pass:
+    """Base class. Subclasses set `name` (kebab-case), `level`, `targets` and implement `run`."""
+
+    name: str = ""
+    level: int = 1
+    targets: tuple[str, ...] = TARGETS
+
+    @property
+    def summary(self) -> str:
+        doc = (type(self).__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rules(self) -> Sequence[_rules.Rule]:
+        return ()
+
+    def __repr__(self) -> str:
+        return f"<pass {self.name}>"
+
+
+class RulePass(Pass):
+    """A pass made of pattern rules, applied largest pattern first until none fires."""
+
+    def __init__(self, name: str, rules: Sequence[_rules.Rule], *, level: int = 1,
+                 targets: tuple[str, ...] = TARGETS, summary: str = ""):
+        self.name = name
+        self.level = level
+        self.targets = targets
+        self._rules = list(rules)
+        self._summary = summary
+
+    @property
+    def summary(self) -> str:
+        return self._summary or f"{len(self._rules)} rules"
+
+    def rules(self) -> Sequence[_rules.Rule]:
+        return self._rules
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        stats = _rules.apply_rules(model, self._rules, disabled=ctx.disabled_rules)
+        return PassResult(model, bool(stats.applied), dict(stats.applied))
+
+
+class FixedPoint(Pass):
+    """Runs its passes in order until none modifies the model; not converging within the cap is an error."""
+
+    def __init__(self, passes: Sequence[Pass], max_iterations: int = 10):
+        self.passes = list(passes)
+        self.max_iterations = max_iterations
+        self.name = "fixpoint(" + ",".join(p.name for p in self.passes) + ")"
+        self.level = min((p.level for p in self.passes), default=0)
+        self.targets = TARGETS
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    modified: bool
+    counts: dict[str, int]
+    nodes_after: int
+
+
+ProgressFn = Callable[[PassRecord], None]
+
+
+class PassManager:
+    """Runs a pipeline, verifying the IR after each pass (or only at the end)."""
+
+    def __init__(self, passes: Sequence[Pass], *, verify_each: bool = True, progress: ProgressFn | None = None):
+        self.passes = list(passes)
+        self.verify_each = verify_each
+        self.progress = progress
+        self.records: list[PassRecord] = []
+
+    def run(self, model: ir.Model, ctx: PassContext) -> ir.Model:
+        signature = Signature.of(model)
+        done: list[str] = []
+        for p in self.passes:
+            model = self._run_one(p, model, ctx, signature, done)
+        if not self.verify_each:
+            self._verify(model, signature, "end of pipeline", done)
+        return model
+
+    def _run_one(self, p: Pass, model: ir.Model, ctx: PassContext, signature: Signature,
+                 done: list[str]) -> ir.Model:
+        if isinstance(p, FixedPoint):
+            for _ in range(p.max_iterations):
+                before = len(self.records)
+                for inner in p.passes:
+                    model = self._run_one(inner, model, ctx, signature, done)
+                if not any(r.modified for r in self.records[before:]):
+                    return model
+            raise PassError(p.name, f"did not reach a fixed point within {p.max_iterations} iterations",
+                            previous=tuple(done))
+        start = time.perf_counter()
+        try:
+            result = p.run(model, ctx)
+        except OnnxcError:
+            raise
+        except Exception as exc:  # a pass bug: name it, keep the message to one line
+            msg = str(exc).strip().splitlines()
+            raise PassError(p.name, f"{type(exc).__name__}: {msg[0] if msg else ''}", previous=tuple(done)) from exc
+        if not isinstance(result, PassResult):
+            raise PassError(p.name, f"returned {type(result).__name__}, not PassResult", previous=tuple(done))
+        model = result.model
+        record = PassRecord(p.name, time.perf_counter() - start, result.modified, dict(result.counts),
+                            sum(1 for _ in model.graph))
+        self.records.append(record)
+        done.append(p.name)
+        if self.verify_each and result.modified:
+            self._verify(model, signature, p.name, done[:-1])
+        if self.progress is not None:
+            self.progress(record)
+        return model
+
+    @staticmethod
+    def _verify(model: ir.Model, signature: Signature, name: str, previous: list[str]) -> None:
+        problems = check_model(model, signature)
+        if problems:
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise PassError(name, f"left an invalid graph: {problems[0]}{more}", previous=tuple(previous))
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+_REGISTRY: dict[str, Pass] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register_pass(p: Pass | type[Pass]) -> Pass | type[Pass]:
+    """Register a pass (class or instance). Usable as a class decorator."""
+    instance = p() if isinstance(p, type) else p
+    if not isinstance(instance, Pass):
+        raise UsageError(f"register_pass needs an onnxc Pass, got {type(instance).__name__}")
+    if not instance.name or instance.name != instance.name.strip() or "," in instance.name or "(" in instance.name:
+        raise UsageError(f"invalid pass name {instance.name!r}")
+    prior = _REGISTRY.get(instance.name)
+    if prior is not None and type(prior) is not type(instance):
+        raise UsageError(f"a pass named '{instance.name}' is already registered")
+    _REGISTRY[instance.name] = instance
+    return p
+
+
+def registered_passes() -> dict[str, Pass]:
+    _load_entry_points()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass(name: str) -> Pass:
+    _load_entry_points()
+    p = _REGISTRY.get(name)
+    if p is None:
+        raise UsageError(f"unknown pass '{name}'" + _rules.suggest(name, list(_REGISTRY)))
+    return p
+
+
+def all_rules() -> dict[str, tuple[Pass, _rules.Rule]]:
+    out = {}
+    for p in registered_passes().values():
+        for r in p.rules():
+            out[r.name] = (p, r)
+    return out
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for ep in importlib.metadata.entry_points(group="onnxc.passes"):
+        try:
+            obj = ep.load()
+        except Exception as exc:
+            raise UsageError(f"cannot load pass plugin '{ep.name}' ({ep.value}): {exc}") from None
+        if isinstance(obj, Pass) or (isinstance(obj, type) and issubclass(obj, Pass)):
+            register_pass(obj)
+
+
+def load_plugin(path: str | Path) -> None:
+    """Execute a Python file that registers passes with `onnxc.register_pass`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"plugin {path}: no such file")
+    module_name = f"onnxc_plugin_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"plugin {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except OnnxcError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"plugin {path} failed to load: {type(exc).__name__}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- pipeline text
+def parse_pipeline(text: str) -> list[Pass]:
+    """Parse "a,b,fixpoint(c,d)" into passes. Unknown names are errors with a suggestion."""
+    items, rest = _parse_list(text.replace(" ", "").replace("\n", ""), 0)
+    if rest != len(text.replace(" ", "").replace("\n", "")):
+        raise UsageError(f"pipeline: unexpected ')' in {text!r}")
+    return items
+
+
+def _parse_list(s: str, i: int) -> tuple[list[Pass], int]:
+    out: list[Pass] = []
+    while i < len(s):
+        if s[i] == ",":
+            i += 1
+            continue
+        if s[i] == ")":
+            return out, i
+        j = i
+        while j < len(s) and s[j] not in ",()":
+            j += 1
+        name = s[i:j]
+        if j < len(s) and s[j] == "(":
+            if name not in ("fixpoint",):
+                raise UsageError(f"pipeline: unknown group '{name}(' (only fixpoint(...) groups exist)")
+            inner, j = _parse_list(s, j + 1)
+            if j >= len(s) or s[j] != ")":
+                raise UsageError("pipeline: missing ')'")
+            out.append(FixedPoint(inner))
+            i = j + 1
+        else:
+            if not name:
+                raise UsageError(f"pipeline: empty pass name in {s!r}")
+            out.append(get_pass(name))
+            i = j
+    return out, i
+
+
+def filter_passes(passes: Iterable[Pass], ctx: PassContext, disabled: frozenset[str]) -> list[Pass]:
+    """Drop passes not meant for the context's level or target, or disabled by the user."""
+    out: list[Pass] = []
+    for p in passes:
+        if isinstance(p, FixedPoint):
+            inner = filter_passes(p.passes, ctx, disabled)
+            if inner:
+                out.append(FixedPoint(inner, p.max_iterations))
+        elif p.name not in disabled and p.level <= ctx.level and ctx.target in p.targets:
+            out.append(p)
+    return out
+
+
+def flatten(passes: Iterable[Pass]) -> list[Pass]:
+    out: list[Pass] = []
+    for p in passes:
+        out += flatten(p.passes) if isinstance(p, FixedPoint) else [p]
+    return out
+
+
+__all__ = ["Pass", "PassContext", "PassResult", "RulePass", "FixedPoint", "PassManager", "register_pass",
+           "registered_passes", "get_pass", "load_plugin", "parse_pipeline", "filter_passes", "IRVerificationError"]

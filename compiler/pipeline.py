@@ -1,0 +1,55 @@
+"""Pipelines: one table of (level, target) -> pipeline text.
+
+Passes also declare the lowest level and the targets they serve; `build_pipeline` drops any pass the table names
+that the context excludes, so a row may be shared between targets. Larger fusions sit before smaller ones inside a
+pass by pattern size, not by position here.
+"""
+from __future__ import annotations
+
+from . import pass_manager as pm
+from .errors import UsageError
+
+import onnxc.passes  # noqa: F401,E402  (registers the built-in passes)
+
+LEVELS = (0, 1, 2, 3)
+
+# The cleanup every level from 1 runs, to a fixed point: exporter noise goes here.
+CLEANUP = "fixpoint(fold-constants,remove-noops,eliminate-cse,eliminate-dead)"
+
+PIPELINES: dict[tuple[int, str], str] = {
+    (0, "cpu"): "",
+    (0, "cuda"): "",
+    (1, "cpu"): f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},sort-topologically",
+    (1, "cuda"): f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},sort-topologically",
+    (2, "cpu"): f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},sort-topologically",
+    (2, "cuda"): f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},sort-topologically",
+    (3, "cpu"): f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},sort-topologically",
+    (3, "cuda"): f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},sort-topologically",
+}
+
+
+def pipeline_text(level: int, target: str) -> str:
+    if level not in LEVELS:
+        raise UsageError(f"unknown optimization level {level}; choose one of {', '.join(map(str, LEVELS))}")
+    if target not in pm.TARGETS:
+        raise UsageError(f"unknown target '{target}'; choose one of {', '.join(pm.TARGETS)}")
+    return PIPELINES[(level, target)]
+
+
+def build_pipeline(ctx: pm.PassContext, passes: str | None = None, disable: tuple[str, ...] = ()) -> list[pm.Pass]:
+    """The passes to run: the table's row for (level, target), or an explicit `passes` text, minus `disable`.
+
+    An explicit pipeline runs as written (levels and targets are not filtered), so a user can force a pass.
+    `disable` names passes or rules; unknown names are errors.
+    """
+    known_rules = pm.all_rules()
+    for name in disable:
+        if name not in pm.registered_passes() and name not in known_rules:
+            raise UsageError(f"--disable: no pass or rule named '{name}'"
+                             + pm._rules.suggest(name, [*pm.registered_passes(), *known_rules]))
+    disabled = frozenset(disable)
+    ctx.disabled_rules = frozenset(n for n in disabled if n in known_rules)
+    if passes is not None:
+        chosen = pm.parse_pipeline(passes)
+        return pm.filter_passes(chosen, pm.PassContext(level=3, target=ctx.target), disabled) if disabled else chosen
+    return pm.filter_passes(pm.parse_pipeline(pipeline_text(ctx.level, ctx.target)), ctx, disabled)

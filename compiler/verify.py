@@ -1,0 +1,291 @@
+"""Numeric verification: run the input and the compiled model in onnxruntime on the same inputs and compare.
+
+Inputs follow the model's signature. Each graph input gets a role from its name and from how the graph uses it:
+token ids (an integer input that indexes a constant table through Gather: values stay below the table's size),
+attention masks (ones over past + new tokens), position ids (past .. past + seq), past key/values (random, with
+the past length on their first symbolic dim after the batch), anything else (random of its type). Symbolic dims are
+sized by role, so the same symbol gets the same size everywhere. Models with a KV cache are checked on a prefill
+and a decode step with a non-empty past.
+
+Both sessions use the CPU execution provider with onnxruntime's own graph optimizations off, and run one after the
+other so peak memory stays near one model's size.
+"""
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from .errors import VerificationError
+
+# dtype -> (relative tolerance, absolute tolerance as a fraction of the reference's largest magnitude)
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-7, 1e-7),
+    "float32": (1e-4, 1e-4),
+    "float16": (2e-2, 2e-2),
+    "bfloat16": (5e-2, 5e-2),
+}
+
+
+@dataclass
+class Scenario:
+    name: str
+    batch: int
+    seq: int
+    past: int
+
+
+DEFAULT_SCENARIOS = (Scenario("prefill", 2, 5, 3), Scenario("decode", 2, 1, 6))
+NO_CACHE_SCENARIOS = (Scenario("forward", 2, 7, 0),)
+
+
+@dataclass
+class OutputCheck:
+    name: str
+    dtype: str
+    shape: list[int]
+    max_abs: float
+    max_rel: float
+    rtol: float
+    atol: float
+    ok: bool
+
+
+@dataclass
+class VerifyReport:
+    status: str                       # "passed", "failed", "skipped"
+    reason: str = ""
+    seed: int = 0
+    scenarios: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+def _gather_bound(v: ir.Value, depth: int = 4) -> int | None:
+    """If v (through Cast/Reshape/Unsqueeze/...) indexes a constant table with Gather, the table's size."""
+    frontier = [v]
+    for _ in range(depth):
+        nxt = []
+        for val in frontier:
+            for use in val.uses():
+                node = use.node
+                if node.op_type == "Gather" and use.idx == 1:
+                    data = node.inputs[0]
+                    t = data.const_value if data is not None else None
+                    if t is None and data is not None and data.producer() is not None:
+                        # a dequantized or cast table: follow one step up
+                        p = data.producer()
+                        t = p.inputs[0].const_value if p.inputs and p.inputs[0] is not None else None
+                    if t is not None and len(t.shape) >= 1:
+                        axis = node.attributes.get("axis")
+                        axis = axis.as_int() if axis is not None else 0
+                        return int(t.shape[axis])
+                if node.op_type in ("GatherBlockQuantized",) and use.idx == 1:
+                    t = node.inputs[0].const_value
+                    if t is not None:
+                        return int(t.shape[0])
+                if node.op_type == "EmbedLayerNormalization" and use.idx in (0, 1):
+                    t = node.inputs[2 if use.idx == 0 else 4].const_value
+                    if t is not None:
+                        return int(t.shape[0])
+                if node.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"):
+                    nxt.extend(node.outputs)
+        frontier = nxt
+    return None
+
+
+def _role(v: ir.Value) -> str:
+    name = (v.name or "").lower()
+    if "past" in name or name.startswith("cache") or ".key" in name or ".value" in name:
+        return "past"
+    if "mask" in name:
+        return "mask"
+    if "position" in name:
+        return "position"
+    if v.dtype is not None and v.dtype.is_integer() and _gather_bound(v) is not None:
+        return "ids"
+    return "other"
+
+
+def _assign_dims(inputs: list[ir.Value], sc: Scenario, has_past: bool) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    total = sc.seq + sc.past
+
+    def put(d: Any, n: int) -> None:
+        if isinstance(d, ir.SymbolicDim) and d.value is not None:
+            sizes.setdefault(d.value, n)
+
+    for v in sorted(inputs, key=lambda v: ["ids", "past", "mask", "position", "other"].index(_role(v))):
+        if v.shape is None:
+            continue
+        role, dims = _role(v), list(v.shape)
+        if not dims:
+            continue
+        put(dims[0], sc.batch)
+        if role in ("ids", "position") and len(dims) >= 2:
+            put(dims[1], sc.seq)
+        elif role == "mask" and len(dims) >= 2:
+            put(dims[-1], total if has_past else sc.seq)
+            for d in dims[1:-1]:
+                put(d, sc.seq)
+        elif role == "past":
+            for d in dims[1:]:
+                put(d, sc.past)
+    return sizes
+
+
+def make_inputs(model: ir.Model, sc: Scenario, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    inputs = [v for v in model.graph.inputs if not v.is_initializer()]
+    has_past = any(_role(v) == "past" for v in inputs)
+    sizes = _assign_dims(inputs, sc, has_past)
+    feeds: dict[str, np.ndarray] = {}
+    for v in inputs:
+        role = _role(v)
+        shape = []
+        for i, d in enumerate(v.shape or []):
+            if isinstance(d, int):
+                shape.append(d)
+            elif d.value is not None and d.value in sizes:
+                shape.append(sizes[d.value])
+            else:
+                shape.append(sc.batch if i == 0 else (sc.past if role == "past" else sc.seq))
+        dtype = v.dtype.numpy() if v.dtype is not None else np.float32
+        if role == "mask":
+            arr = np.ones(shape, dtype=dtype)
+        elif role == "position":
+            arr = np.broadcast_to(np.arange(sc.past, sc.past + shape[-1] if shape else 1, dtype=dtype), shape).copy()
+        elif role == "ids":
+            arr = rng.integers(0, _gather_bound(v) or 2, size=shape).astype(dtype)
+        elif np.dtype(dtype).kind == "f" or v.dtype in (ir.DataType.BFLOAT16,):
+            arr = rng.standard_normal(shape).astype(dtype)
+        elif np.dtype(dtype).kind == "b":
+            arr = np.ones(shape, dtype=dtype)
+        else:
+            arr = rng.integers(0, 2, size=shape).astype(dtype)
+        feeds[v.name] = arr
+    return feeds
+
+
+def scenarios_for(model: ir.Model) -> tuple[Scenario, ...]:
+    has_past = any(_role(v) == "past" for v in model.graph.inputs)
+    return DEFAULT_SCENARIOS if has_past else NO_CACHE_SCENARIOS
+
+
+# ---------------------------------------------------------------------------------------------------- running
+def run_model(path: str | os.PathLike, feeds_list: list[dict[str, np.ndarray]], threads: int = 2
+              ) -> list[dict[str, np.ndarray]]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    accepted = {i.name for i in session.get_inputs()}
+    results = []
+    for feeds in feeds_list:
+        outs = session.run(names, {k: v for k, v in feeds.items() if k in accepted})
+        results.append(dict(zip(names, outs)))
+    del session
+    gc.collect()
+    return results
+
+
+def compare(ref: np.ndarray, got: np.ndarray, name: str, tolerance_dtype: str | None = None) -> OutputCheck:
+    dtype = str(ref.dtype)
+    if ref.shape != got.shape:
+        return OutputCheck(name, dtype, list(ref.shape), float("inf"), float("inf"), 0, 0, False)
+    if ref.dtype.kind not in "fc":
+        ok = bool(np.array_equal(ref, got))
+        return OutputCheck(name, dtype, list(ref.shape), 0.0 if ok else float("inf"), 0.0, 0, 0, ok)
+    rtol, atol_frac = TOLERANCES.get(tolerance_dtype or dtype, TOLERANCES["float32"])
+    r, g = ref.astype(np.float64), got.astype(np.float64)
+    nan_ok = bool(np.array_equal(np.isnan(r), np.isnan(g)))
+    finite = np.isfinite(r) & np.isfinite(g)
+    scale = float(np.max(np.abs(r[finite]))) if finite.any() else 0.0
+    atol = atol_frac * max(scale, 1e-6)
+    err = np.abs(r - g)[finite]
+    max_abs = float(err.max()) if err.size else 0.0
+    max_rel = max_abs / max(scale, 1e-30)
+    inf_ok = bool(np.array_equal(np.where(np.isinf(r), r, 0), np.where(np.isinf(g), g, 0)))
+    ok = nan_ok and inf_ok and bool(np.all(err <= atol + rtol * np.abs(r[finite])))
+    return OutputCheck(name, dtype, list(ref.shape), max_abs, max_rel, rtol, atol, ok)
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, model: ir.Model, *, seed: int = 0,
+                 inputs: list[dict[str, np.ndarray]] | None = None, weight_bytes: int = 0,
+                 memory_budget: int | None = None, tolerance_dtype: str | None = None,
+                 scenarios: tuple[Scenario, ...] | None = None) -> VerifyReport:
+    """Compare `candidate` with `reference` (paths). `model` supplies the signature used to make inputs."""
+    budget = memory_budget if memory_budget is not None else int(available_memory() * 0.7)
+    need = int(weight_bytes * 2.5)
+    if need > budget:
+        return VerifyReport("skipped", f"one model needs about {need >> 20} MiB, over the {budget >> 20} MiB "
+                            "memory budget; per-rewrite checks still ran", seed)
+    scenarios = scenarios or scenarios_for(model)
+    if inputs is None:
+        feeds_list = [make_inputs(model, sc, seed + k) for k, sc in enumerate(scenarios)]
+        names = [asdict(sc) for sc in scenarios]
+    else:
+        feeds_list = inputs
+        names = [{"name": f"user-{k}"} for k in range(len(inputs))]
+    try:
+        refs = run_model(reference, feeds_list)
+    except Exception as exc:
+        raise VerificationError(f"cannot verify: onnxruntime cannot run the input model ({_line(exc)}); "
+                                "use --no-verify to skip") from None
+    try:
+        gots = run_model(candidate, feeds_list)
+    except Exception as exc:
+        raise VerificationError(f"verification failed: onnxruntime cannot run the compiled model ({_line(exc)})"
+                                ) from None
+    report = VerifyReport("passed", "", seed)
+    for sc, feeds, ref, got in zip(names, feeds_list, refs, gots):
+        checks = [compare(ref[n], got[n], n, tolerance_dtype) for n in ref]
+        report.scenarios.append({**sc, "inputs": {k: list(v.shape) for k, v in feeds.items()},
+                                 "outputs": [asdict(c) for c in checks]})
+        bad = [c for c in checks if not c.ok]
+        if bad and report.status == "passed":
+            report.status = "failed"
+            worst = max(bad, key=lambda c: c.max_rel)
+            report.reason = (f"output '{worst.name}' differs in scenario '{sc['name']}': max abs error "
+                             f"{worst.max_abs:.3g} (relative {worst.max_rel:.3g}), tolerance rtol={worst.rtol:g} "
+                             f"atol={worst.atol:.3g}")
+    return report
+
+
+def load_inputs(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
+    """Read --verify-inputs: an .npz whose arrays are named after graph inputs (one scenario)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return [{k: data[k] for k in data.files}]
+    except Exception as exc:
+        from .errors import UsageError
+        raise UsageError(f"--verify-inputs {path}: cannot read ({_line(exc)})") from None
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

@@ -1,0 +1,347 @@
+"""fold-constants
+
+    op(c1, ..., cn)                      ->  c        (every input constant, op deterministic, result small)
+    Constant(value=t)                    ->  initializer t (small equal constants share one initializer)
+    Shape(x)[i...] where dims are static ->  c        (shape arithmetic folded through Gather/Slice/Concat/...)
+    f(W) for a large initializer W       ->  lazy initializer computed at save time (Transpose, Cast)
+
+Each folded node's outputs become initializers; a value that is a graph output is never folded. Results larger
+than `fold_limit_bytes` (default 1 MiB) stay as nodes unless they are a Transpose or Cast of one initializer, which
+become lazy tensors: nothing is computed until the model is saved, one tensor at a time. Shape vectors that are
+only partly static are recorded symbolically (see onnxc.shapes) for later rules.
+Reference semantics: the ONNX operator specification; checked against onnxruntime in tests/passes.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
+from onnxc.rules import const_tensor
+from onnxc.shapes import SYM_KEY, dims_of, sym_value
+
+DEFAULT_LIMIT_BYTES = 1 << 20
+INTERN_MAX_ELEMENTS = 64
+NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                              "Multinomial", "Bernoulli", "Dropout"})
+LAZY_OPS = frozenset({"Transpose", "Cast"})
+
+
+def _int_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    q = np.abs(a) // np.abs(b)
+    return np.where((a < 0) != (b < 0), -q, q).astype(np.result_type(a, b))
+
+
+def _attr(node: ir.Node, name: str, default=None):
+    a = node.attributes.get(name)
+    if a is None:
+        return default
+    v = a.value
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _axes(node: ir.Node, inputs: list, index: int) -> list[int] | None:
+    if len(inputs) > index and inputs[index] is not None:
+        return [int(x) for x in np.asarray(inputs[index]).reshape(-1)]
+    return _attr(node, "axes")
+
+
+def _slice(node: ir.Node, x: np.ndarray, ins: list) -> np.ndarray:
+    if len(ins) == 1:  # opset < 10: attributes
+        starts, ends, axes = _attr(node, "starts"), _attr(node, "ends"), _attr(node, "axes")
+        steps = None
+    else:
+        starts, ends = ins[1].tolist(), ins[2].tolist()
+        axes = ins[3].tolist() if len(ins) > 3 and ins[3] is not None else None
+        steps = ins[4].tolist() if len(ins) > 4 and ins[4] is not None else None
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = steps or [1] * len(starts)
+    index = [slice(None)] * x.ndim
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        index[a] = slice(int(s), int(e), int(st))
+    return x[tuple(index)]
+
+
+def _reshape(node: ir.Node, x: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    target = [int(d) for d in shape]
+    if not _attr(node, "allowzero", 0):
+        target = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
+    return x.reshape(target)
+
+
+def _cast(node: ir.Node, x: np.ndarray) -> np.ndarray:
+    to = ir.DataType(_attr(node, "to"))
+    if to in (ir.DataType.STRING,) or x.dtype.kind in "SOU":
+        raise NotImplementedError
+    return x.astype(to.numpy())
+
+
+def _range(start, limit, delta):
+    return np.arange(start.item(), limit.item(), delta.item()).astype(np.asarray(start).dtype)
+
+
+def _expand(x, shape):
+    return x * np.ones([int(d) for d in shape], dtype=x.dtype)
+
+
+def _constant_of_shape(node, shape):
+    t = node.attributes.get("value")
+    fill = t.value.numpy().reshape(-1)[0] if t is not None else np.float32(0)
+    return np.full([int(d) for d in shape], fill, dtype=np.asarray(fill).dtype)
+
+
+# op -> (node, numpy inputs) -> list of outputs
+EVAL: dict[str, Callable[..., list[np.ndarray]]] = {
+    "Add": lambda n, a, b: [a + b],
+    "Sub": lambda n, a, b: [a - b],
+    "Mul": lambda n, a, b: [a * b],
+    "Div": lambda n, a, b: [_int_div(a, b) if a.dtype.kind in "iu" else a / b],
+    "Pow": lambda n, a, b: [np.power(a, b).astype(a.dtype)],
+    "Neg": lambda n, a: [-a],
+    "Abs": lambda n, a: [np.abs(a)],
+    "Sqrt": lambda n, a: [np.sqrt(a)],
+    "Reciprocal": lambda n, a: [np.reciprocal(a)],
+    "Floor": lambda n, a: [np.floor(a)],
+    "Ceil": lambda n, a: [np.ceil(a)],
+    "Equal": lambda n, a, b: [np.equal(a, b)],
+    "Less": lambda n, a, b: [np.less(a, b)],
+    "Greater": lambda n, a, b: [np.greater(a, b)],
+    "LessOrEqual": lambda n, a, b: [np.less_equal(a, b)],
+    "GreaterOrEqual": lambda n, a, b: [np.greater_equal(a, b)],
+    "Not": lambda n, a: [np.logical_not(a)],
+    "And": lambda n, a, b: [np.logical_and(a, b)],
+    "Or": lambda n, a, b: [np.logical_or(a, b)],
+    "Where": lambda n, c, a, b: [np.where(c, a, b)],
+    "Max": lambda n, *xs: [np.maximum.reduce(np.broadcast_arrays(*xs))],
+    "Min": lambda n, *xs: [np.minimum.reduce(np.broadcast_arrays(*xs))],
+    "Cast": lambda n, x: [_cast(n, x)],
+    "Identity": lambda n, x: [x],
+    "Shape": lambda n, x: [np.array(x.shape[_attr(n, "start", 0):_attr(n, "end", None)], dtype=np.int64)],
+    "Size": lambda n, x: [np.array(x.size, dtype=np.int64)],
+    "Gather": lambda n, x, i: [np.take(x, i.astype(np.int64), axis=_attr(n, "axis", 0))],
+    "Concat": lambda n, *xs: [np.concatenate(xs, axis=_attr(n, "axis"))],
+    "Unsqueeze": lambda n, x, *r: [np.expand_dims(x, tuple(_normalize_axes(_axes(n, [x, *r], 1), x.ndim + len(_axes(n, [x, *r], 1)))))],
+    "Squeeze": lambda n, x, *r: [np.squeeze(x, axis=None if _axes(n, [x, *r], 1) is None else tuple(_normalize_axes(_axes(n, [x, *r], 1), x.ndim)))],
+    "Reshape": lambda n, x, s: [_reshape(n, x, s)],
+    "Slice": lambda n, x, *r: [_slice(n, x, [x, *r])],
+    "Range": lambda n, s, l, d: [_range(s, l, d)],
+    "ConstantOfShape": lambda n, s: [_constant_of_shape(n, s)],
+    "Expand": lambda n, x, s: [_expand(x, s)],
+    "Transpose": lambda n, x: [np.transpose(x, _attr(n, "perm"))],
+}
+
+
+def _normalize_axes(axes: list[int], rank: int) -> list[int]:
+    return [a + rank if a < 0 else a for a in axes]
+
+
+def _reference_eval(node: ir.Node, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
+    """Evaluate one node with onnx's reference implementation (slow; used for ops not in EVAL)."""
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"i{k}" if x is not None else "" for k, x in enumerate(inputs)]
+    outs = [f"o{k}" for k in range(len(node.outputs))]
+    proto = ir.serde.serialize_node(node)
+    del proto.input[:]
+    proto.input.extend(names)
+    del proto.output[:]
+    proto.output.extend(outs)
+    graph = onnx.helper.make_graph(
+        [proto], "fold",
+        [onnx.helper.make_tensor_value_info(nm, onnx.helper.np_dtype_to_tensor_dtype(x.dtype), x.shape)
+         for nm, x in zip(names, inputs) if x is not None],
+        [onnx.helper.make_empty_tensor_value_info(o) for o in outs])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    feeds = {nm: x for nm, x in zip(names, inputs) if x is not None}
+    return [np.asarray(r) for r in ReferenceEvaluator(model).run(None, feeds)]
+
+
+def _output_too_big(node: ir.Node, inputs: list[np.ndarray | None], limit: int) -> bool:
+    """Estimate ops whose output can dwarf their inputs before running them."""
+    if node.op_type in ("ConstantOfShape", "Expand", "Tile", "Range"):
+        out = node.outputs[0]
+        if out.shape is not None and all(isinstance(d, int) for d in out.shape):
+            return int(np.prod(list(out.shape))) * 8 > limit
+        if node.op_type in ("ConstantOfShape",) and inputs[0] is not None:
+            return int(np.prod(inputs[0])) * 8 > limit
+        if node.op_type == "Expand":
+            return int(np.prod(np.broadcast_shapes(inputs[0].shape, tuple(int(d) for d in inputs[1])))) * 8 > limit
+        if node.op_type == "Range":
+            s, l, d = (x.item() for x in inputs)
+            return d == 0 or abs((l - s) / d) * 8 > limit
+        return True
+    return False
+
+
+@register_pass
+class FoldConstants(Pass):
+    """Evaluate nodes whose inputs are all constant; fold static shape arithmetic; lift Constant nodes."""
+
+    name = "fold-constants"
+    level = 1
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        limit = int(ctx.option("fold_limit_bytes", DEFAULT_LIMIT_BYTES))
+        opset = model.opset_imports.get("", 18)
+        graph = model.graph
+        interned: dict[tuple, ir.Value] = {}
+        for v in graph.initializers.values():
+            key = _intern_key(v)
+            if key is not None:
+                interned.setdefault(key, v)
+        counts: dict[str, int] = {}
+        for node in list(graph):
+            if node.graph is not graph:
+                continue
+            what = self._fold_node(graph, node, opset, limit, interned)
+            if what:
+                counts[what] = counts.get(what, 0) + 1
+        return PassResult(model, bool(counts), counts)
+
+    def _fold_node(self, graph: ir.Graph, node: ir.Node, opset: int, limit: int,
+                   interned: dict[tuple, ir.Value]) -> str | None:
+        if node.domain not in ("", "ai.onnx") or node.op_type in NONDETERMINISTIC:
+            return None
+        if any(o.is_graph_output() for o in node.outputs):
+            return None
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+            return None
+        if node.op_type == "Constant":
+            tensor = const_tensor(node.outputs[0])
+            if tensor is None:
+                return None
+            _replace_with_constant(graph, node, [tensor.numpy()] if tensor.size <= INTERN_MAX_ELEMENTS else [tensor],
+                                   interned)
+            return "lift-constant"
+        if node.op_type == "Shape":
+            return self._fold_shape(graph, node, interned)
+        tensors = [const_tensor(v) if v is not None else None for v in node.inputs]
+        if any(t is None and v is not None for t, v in zip(tensors, node.inputs)):
+            return self._propagate_symbolic(node)
+        if not node.inputs:
+            return None
+        in_bytes = sum(t.nbytes for t in tensors if t is not None)
+        if in_bytes > limit:
+            return self._fold_lazy(graph, node, tensors, interned)
+        arrays = [t.numpy() if t is not None else None for t in tensors]
+        if _output_too_big(node, arrays, limit):
+            return None
+        try:
+            fn = EVAL.get(node.op_type)
+            results = fn(node, *arrays) if fn is not None else _reference_eval(node, arrays, opset)
+        except Exception:
+            return None  # not foldable here (unsupported variant); leave it to run time
+        if len(results) != len(node.outputs) or sum(np.asarray(r).nbytes for r in results) > limit:
+            return None
+        results = [_as_declared(np.asarray(r), out) for r, out in zip(results, node.outputs)]
+        if any(r is None for r in results):
+            return None
+        _replace_with_constant(graph, node, results, interned)
+        return node.op_type
+
+    def _fold_shape(self, graph: ir.Graph, node: ir.Node, interned: dict[tuple, ir.Value]) -> str | None:
+        dims = dims_of(node.inputs[0])
+        if dims is None:
+            return None
+        start, end = _attr(node, "start", 0), _attr(node, "end", None)
+        dims = dims[start:end]
+        if all(isinstance(d, int) for d in dims):
+            _replace_with_constant(graph, node, [np.array(dims, dtype=np.int64)], interned)
+            return "Shape"
+        node.outputs[0].meta[SYM_KEY] = dims
+        return None
+
+    def _propagate_symbolic(self, node: ir.Node) -> None:
+        """Record what a shape-vector op computes when some elements are symbolic."""
+        op = node.op_type
+        ins = [sym_value(v) if v is not None else None for v in node.inputs]
+        out = None
+        if op in ("Identity", "Cast") and ins and ins[0] is not None:
+            out = ins[0]
+        elif op == "Concat" and ins and all(x is not None for x in ins):
+            out = tuple(d for x in ins for d in x)
+        elif op == "Gather" and len(ins) == 2 and ins[0] is not None and ins[1] is not None:
+            idx = ins[1]
+            if _attr(node, "axis", 0) == 0 and all(isinstance(i, int) for i in idx):
+                try:
+                    out = tuple(ins[0][i] for i in idx)
+                except IndexError:
+                    out = None
+        elif op in ("Unsqueeze", "Squeeze", "Reshape") and ins and ins[0] is not None and len(ins[0]) == 1:
+            out = ins[0]
+        elif op == "Slice" and len(ins) >= 3 and all(x is not None for x in ins[:3]) and ins[0] is not None:
+            axes = ins[3] if len(ins) > 3 else (0,)
+            steps = ins[4] if len(ins) > 4 else (1,)
+            if tuple(axes or (0,)) in ((0,), (-1,)) and all(isinstance(x, int) for x in (*ins[1], *ins[2], *steps)):
+                out = tuple(ins[0][slice(ins[1][0], ins[2][0], steps[0])])
+        if out is not None:
+            node.outputs[0].meta[SYM_KEY] = out
+        return None
+
+    def _fold_lazy(self, graph: ir.Graph, node: ir.Node, tensors: list, interned: dict[tuple, ir.Value]
+                   ) -> str | None:
+        if node.op_type not in LAZY_OPS or len(tensors) != 1 or tensors[0] is None:
+            return None
+        src = tensors[0]
+        shape = list(src.shape)
+        if node.op_type == "Transpose":
+            perm = _attr(node, "perm") or list(reversed(range(len(shape))))
+            shape = [shape[p] for p in perm]
+            dtype = src.dtype
+            fn = (lambda t=src, p=perm: ir.tensor(np.ascontiguousarray(np.transpose(t.numpy(), p))))
+        else:
+            dtype = ir.DataType(_attr(node, "to"))
+            if dtype.numpy() is None or src.dtype == ir.DataType.STRING:
+                return None
+            fn = (lambda t=src, d=dtype: ir.tensor(t.numpy().astype(d.numpy())))
+        lazy = ir.LazyTensor(fn, dtype=dtype, shape=ir.Shape(shape))
+        _replace_with_constant(graph, node, [lazy], interned)
+        return f"{node.op_type}-lazy"
+
+
+def _as_declared(arr: np.ndarray, out: ir.Value) -> np.ndarray | None:
+    if out.dtype is None:
+        return arr
+    want = out.dtype.numpy()
+    if arr.dtype == want:
+        return arr
+    if arr.dtype.kind == np.dtype(want).kind or (arr.dtype.kind in "iub" and np.dtype(want).kind in "iub"):
+        return arr.astype(want)
+    return None
+
+
+def _intern_key(v: ir.Value) -> tuple | None:
+    t = v.const_value
+    if t is None or v.is_graph_input() or v.is_graph_output() or t.size > INTERN_MAX_ELEMENTS:
+        return None
+    if isinstance(t, ir.LazyTensor):
+        return None
+    arr = t.numpy()
+    return (str(arr.dtype), arr.shape, arr.tobytes())
+
+
+def _replace_with_constant(graph: ir.Graph, node: ir.Node, results: list, interned: dict[tuple, ir.Value]) -> None:
+    """Replace every output of `node` with an initializer holding the result, then remove the node."""
+    for out, result in zip(node.outputs, results):
+        if isinstance(result, np.ndarray):
+            key = (str(result.dtype), result.shape, result.tobytes()) if result.size <= INTERN_MAX_ELEMENTS else None
+            shared = interned.get(key) if key is not None else None
+            if shared is not None:
+                out.replace_all_uses_with(shared)
+                continue
+            tensor = ir.tensor(result)
+        else:
+            key, tensor = None, result
+        name = out.name
+        new = ir.Value(name=None, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype),
+                       const_value=tensor)
+        out.replace_all_uses_with(new)
+        out.name = None
+        new.name = name
+        graph.register_initializer(new)
+        if key is not None:
+            interned[key] = new
+    graph.remove(node, safe=True)
