@@ -5,6 +5,7 @@ Exit codes: 0 ok, 1 verification failed, 2 usage error, 3 invalid or unsafe inpu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -64,6 +65,9 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="onnxc")
 def main() -> None:
     """onnxc: a verified ONNX graph compiler for language models."""
+    # Library warnings (e.g. onnx-ir's note on a dangling input) would duplicate our one-line errors.
+    for name in ("onnx_ir", "onnxscript", "onnxruntime"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _load_plugins(plugins: tuple[str, ...]) -> None:

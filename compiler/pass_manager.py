@@ -296,6 +296,19 @@ def filter_passes(passes: Iterable[Pass], ctx: PassContext, disabled: frozenset[
     return out
 
 
+def drop_disabled(passes: Iterable[Pass], disabled: frozenset[str]) -> list[Pass]:
+    """Drop disabled passes only (explicit pipelines ignore levels and targets)."""
+    out: list[Pass] = []
+    for p in passes:
+        if isinstance(p, FixedPoint):
+            inner = drop_disabled(p.passes, disabled)
+            if inner:
+                out.append(FixedPoint(inner, p.max_iterations))
+        elif p.name not in disabled:
+            out.append(p)
+    return out
+
+
 def flatten(passes: Iterable[Pass]) -> list[Pass]:
     out: list[Pass] = []
     for p in passes:

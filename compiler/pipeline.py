@@ -50,6 +50,5 @@ def build_pipeline(ctx: pm.PassContext, passes: str | None = None, disable: tupl
     disabled = frozenset(disable)
     ctx.disabled_rules = frozenset(n for n in disabled if n in known_rules)
     if passes is not None:
-        chosen = pm.parse_pipeline(passes)
-        return pm.filter_passes(chosen, pm.PassContext(level=3, target=ctx.target), disabled) if disabled else chosen
+        return pm.drop_disabled(pm.parse_pipeline(passes), disabled)
     return pm.filter_passes(pm.parse_pipeline(pipeline_text(ctx.level, ctx.target)), ctx, disabled)

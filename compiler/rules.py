@@ -173,12 +173,18 @@ def const_tensor(v: ir.Value | None) -> ir.TensorProtocol | None:
     if v.const_value is not None:
         return None if v.is_graph_input() else v.const_value
     node = v.producer()
-    if node is not None and node.op_type == "Constant" and node.domain == "":
-        try:
-            return ir.convenience.get_const_tensor(v)
-        except Exception:  # malformed Constant: treat as not constant
-            return None
-    return None
+    if node is None or node.op_type != "Constant" or node.domain != "" or len(node.attributes) != 1:
+        return None
+    (name, attr), = node.attributes.items()
+    if attr.is_ref():
+        return None
+    if name == "value":
+        return attr.as_tensor()
+    if name in ("value_float", "value_floats"):
+        return ir.tensor(np.array(attr.value, dtype=np.float32))
+    if name in ("value_int", "value_ints"):
+        return ir.tensor(np.array(attr.value, dtype=np.int64))
+    return None  # strings and sparse tensors are not folded
 
 
 def const_array(v: ir.Value | None, max_elements: int | None = None) -> np.ndarray | None:

@@ -1,0 +1,121 @@
+"""The IR layer: lazy loading, external data, atomic staged writes, unsafe inputs."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnxc import ir as irio
+from onnxc.errors import InvalidModelError, UsageError
+from tests.modelgen import tiny_lm
+
+
+def _save_external(proto: onnx.ModelProto, path) -> None:
+    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=path.name + ".data", size_threshold=0)
+
+
+def test_load_keeps_external_weights_lazy(tmp_path):
+    path = tmp_path / "m.onnx"
+    _save_external(tiny_lm(), path)
+    model = irio.load(path)
+    tensors = [v.const_value for v in model.graph.initializers.values()]
+    assert tensors and all(isinstance(t, ir.ExternalTensor) for t in tensors)
+    assert irio.uses_external_data(model)
+    assert irio.weight_bytes(model) == sum(t.nbytes for t in tensors) > 0
+
+
+def test_staged_save_writes_nothing_until_commit(tmp_path):
+    src = tmp_path / "m.onnx"
+    _save_external(tiny_lm(), src)
+    model = irio.load(src)
+    dest = tmp_path / "out.onnx"
+    with irio.staged_save(model, dest) as staged:
+        assert staged.model_file.exists() and not dest.exists()
+        assert staged.data_file is not None and staged.data_file.name == "out.onnx.data"
+    assert not dest.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def test_staged_save_commit_round_trips(tmp_path):
+    src = tmp_path / "m.onnx"
+    _save_external(tiny_lm(), src)
+    model = irio.load(src)
+    dest = tmp_path / "out.onnx"
+    with irio.staged_save(model, dest) as staged:
+        written = staged.commit()
+    assert written == [dest, tmp_path / "out.onnx.data"]
+    again = onnx.load(str(dest))
+    original = onnx.load(str(src))
+    for a, b in zip(again.graph.initializer, original.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temporary folder removed
+
+
+def test_small_model_without_external_data_stays_one_file(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(tiny_lm(), str(src))
+    dest = tmp_path / "o.onnx"
+    with irio.staged_save(irio.load(src), dest) as staged:
+        staged.commit()
+    assert dest.exists() and not (tmp_path / "o.onnx.data").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "file is empty"),
+    (b"this is not a protobuf at all", "not a readable ONNX model"),
+])
+def test_load_rejects_garbage(tmp_path, content, message):
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(content)
+    with pytest.raises(InvalidModelError, match=message):
+        irio.load(p)
+
+
+def test_load_rejects_truncated_file(tmp_path):
+    p = tmp_path / "t.onnx"
+    data = tiny_lm().SerializeToString()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InvalidModelError):
+        irio.load(p)
+
+
+def test_load_rejects_missing_and_truncated_external_data(tmp_path):
+    p = tmp_path / "m.onnx"
+    _save_external(tiny_lm(), p)
+    data = tmp_path / "m.onnx.data"
+    blob = data.read_bytes()
+    data.write_bytes(blob[:10])
+    with pytest.raises(InvalidModelError, match="truncated"):
+        irio.load(p)
+    os.remove(data)
+    with pytest.raises(InvalidModelError, match="not found"):
+        irio.load(p)
+
+
+def test_load_rejects_external_data_outside_model_folder(tmp_path):
+    proto = tiny_lm()
+    t = proto.graph.initializer[0]
+    t.ClearField("float_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    t.external_data.add(key="location", value="../../etc/passwd")
+    p = tmp_path / "evil.onnx"
+    p.write_bytes(proto.SerializeToString())
+    with pytest.raises(InvalidModelError, match="outside the model's folder"):
+        irio.load(p)
+
+
+def test_output_path_may_not_be_input_or_its_weights(tmp_path):
+    p = tmp_path / "m.onnx"
+    _save_external(tiny_lm(), p)
+    model = irio.load(p)
+    with pytest.raises(UsageError, match="is the input model"):
+        irio.check_output_path(p, p, model)
+    # An output whose data file would be the input's weights file.
+    with pytest.raises(UsageError, match="holds the input model's weights"):
+        irio.check_output_path(tmp_path / "m.onnx.data", None, model)
+    with pytest.raises(UsageError, match="does not exist"):
+        irio.check_output_path(tmp_path / "nope" / "o.onnx", p, model)
