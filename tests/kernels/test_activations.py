@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 from kernel_ort import check, randn, rng
-
 from onnxc.kernels.activations import bias_gelu, fast_gelu, gelu, quick_gelu
 
 DTYPES = [np.float32, np.float16]

@@ -5,7 +5,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_ort import check, randn, rng, run_ort
-
 from onnxc.kernels.attention import attention, multi_head_attention
 
 B, S, N, H = 2, 4, 2, 8
@@ -138,3 +137,20 @@ def test_attention_equals_mha_on_projected_inputs():
     m_out, pk, pv = multi_head_attention(q, k, v, b, mask, num_heads=N, unidirectional=1)
     np.testing.assert_allclose(a_out, m_out, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(present[0], pk, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(present[1], pv, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["Attention", "MultiHeadAttention"])
+def test_causal_mask_excludes_even_when_every_visible_key_is_padded(op):
+    """Query 0 may only see key 0, which the padding mask hides: ORT still gives key 0 all the weight, so the
+    causal mask is an exclusion, not another -10000 (mask_filter_value is -1e9 here)."""
+    _, x, w, b = _attention_inputs(11)
+    mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1]], np.int32)
+    attrs = {"num_heads": N, "unidirectional": 1, "mask_filter_value": -1e9}
+    if op == "Attention":
+        _, ref = check(op, attention, [x, w, b, mask], attrs, n_outputs=1)
+    else:
+        q, k, v = np.split(x @ w + b, 3, axis=-1)
+        _, ref = check(op, multi_head_attention, [q, k, v, None, mask], attrs, n_outputs=1)
+    v0 = np.split(x @ w + b, 3, axis=-1)[2][0, 0]
+    np.testing.assert_allclose(ref[0][0, 0], v0, rtol=1e-5, atol=1e-6)
