@@ -14,7 +14,8 @@ import onnx_ir as ir
 
 from .rules import const_array
 
-SYM_KEY = "onnxc.sym_value"
+SYM_KEY = "onnxc.sym_value"          # flat tuple of elements
+SYM_ARRAY_KEY = "onnxc.sym_array"    # the same as a numpy object array with the value's shape
 Dim = "int | str | Unknown"
 
 

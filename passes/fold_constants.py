@@ -20,14 +20,17 @@ import onnx
 import onnx_ir as ir
 
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
-from onnxc.rules import const_tensor
-from onnxc.shapes import SYM_KEY, dims_of, sym_value
+from onnxc.rules import const_array, const_tensor
+from onnxc.shapes import SYM_ARRAY_KEY, SYM_KEY, Unknown, dims_of
 
 DEFAULT_LIMIT_BYTES = 1 << 20
 INTERN_MAX_ELEMENTS = 64
 NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                               "Multinomial", "Bernoulli", "Dropout"})
 LAZY_OPS = frozenset({"Transpose", "Cast"})
+SYM_MAX_ELEMENTS = 64
+SYM_OPS = frozenset({"Gather", "Concat", "Slice", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Cast", "Expand",
+                     "Equal", "Where", "Add", "Sub", "Mul", "Div", "Max", "Min"})
 
 
 def _int_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -84,7 +87,7 @@ def _range(start, limit, delta):
 
 
 def _expand(x, shape):
-    return x * np.ones([int(d) for d in shape], dtype=x.dtype)
+    return np.broadcast_to(x, np.broadcast_shapes(x.shape, tuple(int(d) for d in shape))).copy()
 
 
 def _constant_of_shape(node, shape):
@@ -193,16 +196,17 @@ class FoldConstants(Pass):
             if key is not None:
                 interned.setdefault(key, v)
         counts: dict[str, int] = {}
+        numbering: dict[tuple, ir.Value] = {}
         for node in list(graph):
             if node.graph is not graph:
                 continue
-            what = self._fold_node(graph, node, opset, limit, interned)
+            what = self._fold_node(graph, node, opset, limit, interned, numbering)
             if what:
                 counts[what] = counts.get(what, 0) + 1
         return PassResult(model, bool(counts), counts)
 
     def _fold_node(self, graph: ir.Graph, node: ir.Node, opset: int, limit: int,
-                   interned: dict[tuple, ir.Value]) -> str | None:
+                   interned: dict[tuple, ir.Value], numbering: dict[tuple, ir.Value]) -> str | None:
         if node.domain not in ("", "ai.onnx") or node.op_type in NONDETERMINISTIC:
             return None
         if any(o.is_graph_output() for o in node.outputs):
@@ -217,10 +221,10 @@ class FoldConstants(Pass):
                                    interned)
             return "lift-constant"
         if node.op_type == "Shape":
-            return self._fold_shape(graph, node, interned)
+            return self._fold_shape(graph, node, interned, numbering)
         tensors = [const_tensor(v) if v is not None else None for v in node.inputs]
         if any(t is None and v is not None for t, v in zip(tensors, node.inputs)):
-            return self._propagate_symbolic(node)
+            return self._propagate_symbolic(graph, node, interned, numbering)
         if not node.inputs:
             return None
         in_bytes = sum(t.nbytes for t in tensors if t is not None)
@@ -242,7 +246,8 @@ class FoldConstants(Pass):
         _replace_with_constant(graph, node, results, interned)
         return node.op_type
 
-    def _fold_shape(self, graph: ir.Graph, node: ir.Node, interned: dict[tuple, ir.Value]) -> str | None:
+    def _fold_shape(self, graph: ir.Graph, node: ir.Node, interned: dict[tuple, ir.Value],
+                    numbering: dict[tuple, ir.Value]) -> str | None:
         dims = dims_of(node.inputs[0])
         if dims is None:
             return None
@@ -251,36 +256,60 @@ class FoldConstants(Pass):
         if all(isinstance(d, int) for d in dims):
             _replace_with_constant(graph, node, [np.array(dims, dtype=np.int64)], interned)
             return "Shape"
-        node.outputs[0].meta[SYM_KEY] = dims
-        return None
+        arr = np.empty(len(dims), dtype=object)
+        arr[:] = list(dims)
+        return self._record_symbolic(node.outputs[0], arr, numbering)
 
-    def _propagate_symbolic(self, node: ir.Node) -> None:
-        """Record what a shape-vector op computes when some elements are symbolic."""
-        op = node.op_type
-        ins = [sym_value(v) if v is not None else None for v in node.inputs]
-        out = None
-        if op in ("Identity", "Cast") and ins and ins[0] is not None:
-            out = ins[0]
-        elif op == "Concat" and ins and all(x is not None for x in ins):
-            out = tuple(d for x in ins for d in x)
-        elif op == "Gather" and len(ins) == 2 and ins[0] is not None and ins[1] is not None:
-            idx = ins[1]
-            if _attr(node, "axis", 0) == 0 and all(isinstance(i, int) for i in idx):
-                try:
-                    out = tuple(ins[0][i] for i in idx)
-                except IndexError:
-                    out = None
-        elif op in ("Unsqueeze", "Squeeze", "Reshape") and ins and ins[0] is not None and len(ins[0]) == 1:
-            out = ins[0]
-        elif op == "Slice" and len(ins) >= 3 and all(x is not None for x in ins[:3]) and ins[0] is not None:
-            axes = ins[3] if len(ins) > 3 else (0,)
-            steps = ins[4] if len(ins) > 4 else (1,)
-            if tuple(axes or (0,)) in ((0,), (-1,)) and all(isinstance(x, int) for x in (*ins[1], *ins[2], *steps)):
-                out = tuple(ins[0][slice(ins[1][0], ins[2][0], steps[0])])
-        if out is not None:
-            node.outputs[0].meta[SYM_KEY] = out
-        return None
+    def _propagate_symbolic(self, graph: ir.Graph, node: ir.Node, interned: dict[tuple, ir.Value],
+                            numbering: dict[tuple, ir.Value]) -> str | None:
+        """Evaluate a shape-vector op over symbolic elements; fold it when every element turns out known."""
+        if node.op_type not in SYM_OPS or len(node.outputs) != 1:
+            return None
+        ins: list[np.ndarray | None] = []
+        any_sym = False
+        for v in node.inputs:
+            if v is None:
+                ins.append(None)
+                continue
+            arr = v.meta.get(SYM_ARRAY_KEY)
+            if arr is not None:
+                any_sym = True
+            else:
+                arr = const_array(v, SYM_MAX_ELEMENTS)
+                if arr is None or arr.dtype.kind not in "iub":
+                    return None
+            ins.append(arr)
+        if not any_sym:
+            return None
+        try:
+            result = _sym_eval(node, ins)
+        except Exception:
+            return None
+        if result is None or result.size > SYM_MAX_ELEMENTS:
+            return None
+        if all(isinstance(x, (int, bool, np.integer, np.bool_)) for x in result.reshape(-1)):
+            declared = node.outputs[0].dtype
+            dtype = declared.numpy() if declared is not None else np.int64
+            _replace_with_constant(graph, node, [result.astype(dtype)], interned)
+            return f"{node.op_type}-symbolic"
+        return self._record_symbolic(node.outputs[0], result, numbering)
 
+    @staticmethod
+    def _record_symbolic(out: ir.Value, arr: np.ndarray, numbering: dict[tuple, ir.Value]) -> str | None:
+        """Store the symbolic contents; a value equal to an earlier one (same known symbols) is merged into it."""
+        out.meta[SYM_ARRAY_KEY] = arr
+        out.meta[SYM_KEY] = tuple(arr.reshape(-1).tolist())
+        flat = arr.reshape(-1).tolist()
+        if any(isinstance(x, Unknown) for x in flat) or out.is_graph_output():
+            return None
+        key = (int(out.dtype) if out.dtype is not None else None, arr.shape, tuple(map(str, flat)),
+               tuple(type(x).__name__ for x in flat))
+        prior = numbering.get(key)
+        if prior is None or prior.producer() is None or prior.producer().graph is None:
+            numbering[key] = out
+            return None
+        out.replace_all_uses_with(prior)
+        return "merge-symbolic"
     def _fold_lazy(self, graph: ir.Graph, node: ir.Node, tensors: list, interned: dict[tuple, ir.Value]
                    ) -> str | None:
         if node.op_type not in LAZY_OPS or len(tensors) != 1 or tensors[0] is None:
@@ -300,6 +329,69 @@ class FoldConstants(Pass):
         lazy = ir.LazyTensor(fn, dtype=dtype, shape=ir.Shape(shape))
         _replace_with_constant(graph, node, [lazy], interned)
         return f"{node.op_type}-lazy"
+
+
+# ---------------------------------------------------------------------------------------------------- symbolic
+def _is_num(x) -> bool:
+    return isinstance(x, (int, bool, np.integer, np.bool_))
+
+
+def _sym_binary(op: str, a, b):
+    """One element of a shape-vector op: exact where the algebra allows, otherwise a fresh Unknown."""
+    if _is_num(a) and _is_num(b):
+        a, b = int(a), int(b)
+        if op == "Div":
+            return (abs(a) // abs(b)) * (1 if (a < 0) == (b < 0) else -1) if b else Unknown()
+        return {"Add": a + b, "Sub": a - b, "Mul": a * b, "Equal": a == b, "Max": max(a, b),
+                "Min": min(a, b)}[op]
+    if op == "Equal":
+        # A dim is never negative, so a symbolic dim differs from any negative constant.
+        other = b if _is_num(b) else a if _is_num(a) else None
+        if other is not None and int(other) < 0:
+            return False
+        if a is b or (isinstance(a, str) and a == b):
+            return True
+        return Unknown()
+    if op in ("Add", "Sub") and _is_num(b) and int(b) == 0:
+        return a
+    if op == "Add" and _is_num(a) and int(a) == 0:
+        return b
+    if op in ("Mul", "Div") and _is_num(b) and int(b) == 1:
+        return a
+    if op == "Mul" and _is_num(a) and int(a) == 1:
+        return b
+    if op == "Sub" and (a is b or (isinstance(a, str) and a == b)):
+        return 0
+    if op in ("Max", "Min") and (a is b or (isinstance(a, str) and a == b)):
+        return a
+    return Unknown()
+
+
+def _sym_eval(node: ir.Node, ins: list) -> np.ndarray | None:
+    op = node.op_type
+    if op in ("Equal", "Add", "Sub", "Mul", "Div", "Max", "Min"):
+        if len(ins) != 2 or any(x is None for x in ins):
+            return None
+        a, b = np.broadcast_arrays(np.asarray(ins[0], dtype=object), np.asarray(ins[1], dtype=object))
+        out = np.empty(a.shape, dtype=object)
+        for idx in np.ndindex(a.shape):
+            out[idx] = _sym_binary(op, a[idx], b[idx])
+        return out
+    if op == "Where":
+        c, a, b = np.broadcast_arrays(*(np.asarray(x, dtype=object) for x in ins))
+        out = np.empty(c.shape, dtype=object)
+        for idx in np.ndindex(c.shape):
+            cond = c[idx]
+            out[idx] = (a[idx] if cond else b[idx]) if _is_num(cond) else Unknown()
+        return out
+    if op == "Cast":
+        to = ir.DataType(_attr(node, "to"))
+        if to not in (ir.DataType.INT64, ir.DataType.INT32):
+            return None
+        return np.asarray(ins[0], dtype=object)
+    obj = [np.asarray(x, dtype=object) if (x is not None and k == 0) or op == "Concat" else x
+           for k, x in enumerate(ins)]
+    return np.asarray(EVAL[op](node, *obj)[0], dtype=object)
 
 
 def _as_declared(arr: np.ndarray, out: ir.Value) -> np.ndarray | None:
