@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=LLAMA30["num_hidden_layers"], help="number of decoder layers")
     ap.add_argument("--no-verify", action="store_true", help="skip the onnxruntime vs torch comparison")
     ap.add_argument("--seed", type=int, default=gen.SEED)
+    ap.add_argument("--no-optimize", action="store_true",
+                    help="dynamo only: skip the exporter's own graph optimization (the raw export, ~6,000 nodes)")
     args = ap.parse_args(argv)
+    gen.DYNAMO_OPTIMIZE = not args.no_optimize
 
     import torch
 

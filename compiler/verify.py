@@ -189,6 +189,10 @@ def run_model(path: str | os.PathLike, feeds_list: list[dict[str, np.ndarray]], 
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # Verification runs each model a few times: prepacked weight copies would only double its memory.
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    so.enable_cpu_mem_arena = False
+    so.enable_mem_pattern = False
     session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     accepted = {i.name for i in session.get_inputs()}

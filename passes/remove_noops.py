@@ -4,6 +4,7 @@
     Dropout(x)            (inference)         ->  x
     Cast(x, to=dtype(x))                      ->  x
     Cast(Cast(x, to=A), to=B)                 ->  Cast(x, to=B)   when A holds every value of dtype(x) exactly
+    CastLike(x, y)                            ->  Cast(x, to=dtype(y))   (then x when the types agree)
     Reshape(x, s)         where s == shape(x) ->  x               (0 / -1 resolved symbolically)
     Reshape(Reshape(x, a), b)                 ->  Reshape(x, b)   when b has no 0 (or allowzero=1)
     Expand(x, s)          where out == x      ->  x
@@ -92,6 +93,17 @@ cast_chain = Rule("fold-cast-chain",
                   lambda op, x: op.Cast(op.Cast(x, to=Attr("mid")), to=Attr("to")),
                   lambda op, x, to: op.Cast(x, to=to), _check_cast_chain,
                   summary="Cast(Cast(x, A), B) -> Cast(x, B) when A is exact for x")
+
+
+def _check_castlike(m):
+    if m.dtype("y") is None:
+        return m.fail("the type of the 'like' input is unknown", "y")
+    return {"to": int(m.dtype("y"))}
+
+
+castlike = Rule("lower-castlike", lambda op, x, y: op.CastLike(x, y, _allow_other_attrs=False),
+                lambda op, x, to: op.Cast(x, to=to), _check_castlike,
+                summary="CastLike(x, y) -> Cast(x, to=dtype(y))")
 
 
 # -- Reshape
@@ -209,7 +221,7 @@ mul_one = Rule("remove-mul-one", lambda op, x, c: op.Mul(x, c), _identity, _neut
 div_one = Rule("remove-div-one", lambda op, x, c: op.Div(x, c), _identity, _neutral(1.0), summary="x / 1 -> x")
 pow_one = Rule("remove-pow-one", lambda op, x, c: op.Pow(x, c), _identity, _neutral(1.0), summary="x ^ 1 -> x")
 
-RULES = [identity, dropout, same_cast, cast_chain, reshape_noop, reshape_chain, expand_noop, transpose_noop,
+RULES = [identity, dropout, same_cast, cast_chain, castlike, reshape_noop, reshape_chain, expand_noop, transpose_noop,
          transpose_chain, squeeze_unsqueeze, add_zero, sub_zero, mul_one, div_one, pow_one]
 
 register_pass(RulePass("remove-noops", RULES, level=1,
