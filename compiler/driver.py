@@ -108,6 +108,7 @@ def compile(model: Any, level: int = 3, target: str = "cpu", *, output: str | os
         t0 = time.perf_counter()
         with irio.staged_save(ir_model, destination, external_data=external_data) as staged:
             save_seconds = time.perf_counter() - t0
+            irio.release_weights(ir_model)  # the weights are on disk now; let their pages go before verifying
             verification: dict[str, Any] = {"status": "not run", "reason": "--no-verify"}
             t0 = time.perf_counter()
             if verify and reference is not None:

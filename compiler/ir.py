@@ -123,6 +123,14 @@ def weight_bytes(model: ir.Model) -> int:
     return total
 
 
+def release_weights(model: ir.Model) -> None:
+    """Unmap memory-mapped weights (they map again on next use), so their pages can leave memory."""
+    for g in model.graphs():
+        for v in g.initializers.values():
+            if isinstance(v.const_value, ir.ExternalTensor):
+                v.const_value.release()
+
+
 def uses_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor)
                for g in model.graphs() for v in g.initializers.values())

@@ -320,12 +320,12 @@ class FoldConstants(Pass):
             perm = _attr(node, "perm") or list(reversed(range(len(shape))))
             shape = [shape[p] for p in perm]
             dtype = src.dtype
-            fn = (lambda t=src, p=perm: ir.tensor(np.ascontiguousarray(np.transpose(t.numpy(), p))))
+            fn = (lambda t=src, p=perm: _computed(t, lambda a: np.ascontiguousarray(np.transpose(a, p))))
         else:
             dtype = ir.DataType(_attr(node, "to"))
             if dtype.numpy() is None or src.dtype == ir.DataType.STRING:
                 return None
-            fn = (lambda t=src, d=dtype: ir.tensor(t.numpy().astype(d.numpy())))
+            fn = (lambda t=src, d=dtype: _computed(t, lambda a: a.astype(d.numpy())))
         lazy = ir.LazyTensor(fn, dtype=dtype, shape=ir.Shape(shape))
         _replace_with_constant(graph, node, [lazy], interned)
         return f"{node.op_type}-lazy"
@@ -392,6 +392,14 @@ def _sym_eval(node: ir.Node, ins: list) -> np.ndarray | None:
     obj = [np.asarray(x, dtype=object) if (x is not None and k == 0) or op == "Concat" else x
            for k, x in enumerate(ins)]
     return np.asarray(EVAL[op](node, *obj)[0], dtype=object)
+
+
+def _computed(src: ir.TensorProtocol, f) -> ir.Tensor:
+    """Apply f to a (possibly memory-mapped) tensor, then drop the mapping so its pages can leave memory."""
+    out = ir.tensor(f(src.numpy()))
+    if isinstance(src, ir.ExternalTensor):
+        src.release()
+    return out
 
 
 def _as_declared(arr: np.ndarray, out: ir.Value) -> np.ndarray | None:
