@@ -129,8 +129,8 @@ class PassManager:
         done: list[str] = []
         for p in self.passes:
             model = self._run_one(p, model, ctx, signature, done)
-        if not self.verify_each:
-            self._verify(model, signature, "end of pipeline", done)
+        # Always once at the end too: a pass that changed the graph but said it did not is still caught.
+        self._verify(model, signature, "end of pipeline", done)
         return model
 
     def _run_one(self, p: Pass, model: ir.Model, ctx: PassContext, signature: Signature,
@@ -183,10 +183,11 @@ def register_pass(p: Pass | type[Pass]) -> Pass | type[Pass]:
     instance = p() if isinstance(p, type) else p
     if not isinstance(instance, Pass):
         raise UsageError(f"register_pass needs an onnxc Pass, got {type(instance).__name__}")
-    if not instance.name or instance.name != instance.name.strip() or "," in instance.name or "(" in instance.name:
-        raise UsageError(f"invalid pass name {instance.name!r}")
+    if not instance.name or any(ch in instance.name for ch in " \t\n,()"):
+        raise UsageError(f"invalid pass name {instance.name!r}: no spaces, commas or parentheses")
     prior = _REGISTRY.get(instance.name)
-    if prior is not None and type(prior) is not type(instance):
+    if prior is not None and prior is not instance and (type(prior) is not type(instance)
+                                                        or isinstance(instance, RulePass)):
         raise UsageError(f"a pass named '{instance.name}' is already registered")
     _REGISTRY[instance.name] = instance
     return p

@@ -152,6 +152,28 @@ def _pattern_nodes(outputs: Sequence[PValue]) -> list[PNode]:
     return list(seen.values())
 
 
+def _pattern_size(outputs: Sequence[PValue]) -> int:
+    """Required nodes one match uses: shared nodes count once; of alternatives, the largest counts."""
+    seen: set[int] = set()
+
+    def size(pv: PValue) -> int:
+        if isinstance(pv, AnyOf):
+            return max((_pattern_size_alone(a, seen) for a in pv.alternatives), default=0)
+        if not isinstance(pv, Out) or id(pv.node) in seen:
+            return 0
+        seen.add(id(pv.node))
+        return (0 if pv.node.optional else 1) + sum(size(i) for i in pv.node.inputs)
+
+    def _pattern_size_alone(pv: PValue, outer: set[int]) -> int:
+        nonlocal seen
+        saved = set(seen)
+        n = size(pv)
+        seen = saved
+        return n
+
+    return sum(size(o) for o in outputs)
+
+
 # ---------------------------------------------------------------------------------------------------- matching
 @dataclass
 class Failure:
@@ -517,7 +539,7 @@ class Rule:
             root = outs[0]
             if not isinstance(root, Out) or root.node.optional:
                 raise ValueError(f"rule {self.name}: the pattern's first output must come from a required node")
-            size = sum(1 for n in _pattern_nodes(outs) if not n.optional)
+            size = _pattern_size(outs)
             self._compiled = (outs, root.node, size)
         return self._compiled
 
@@ -531,7 +553,8 @@ class Rule:
         return self.compiled()[2]
 
     # -- one site
-    def match(self, graph: ir.Graph, node: ir.Node, opset: int = 21) -> Match | Failure:
+    def match(self, graph: ir.Graph, node: ir.Node, opset: int = 21,
+              positions: dict[int, int] | None = None) -> Match | Failure:
         outs, root, _ = self.compiled()
         if (node.domain, node.op_type) != (root.domain, root.op_type):
             return Failure(f"root is {node.op_type}, rule needs {root.op_type}")
@@ -546,7 +569,7 @@ class Rule:
                     mt.fail("an exported value was not matched")
                     continue
                 nodes = [mt.node_map[id(pn)] for pn in _pattern_nodes(outs) if id(pn) in mt.node_map]
-                leak = _outside_use(graph, nodes, values)
+                leak = _outside_use(graph, nodes, values) or _export_cycle(nodes, values[1:], positions)
                 if leak:
                     mt.fail(leak)
                     continue
@@ -575,7 +598,8 @@ class Rule:
             return node.outputs[pv.index] if node is not None else None
         return None
 
-    def apply(self, graph: ir.Graph, m: Match, namer: Callable[[str], str]) -> tuple[bool, bool, set[str]]:
+    def apply(self, graph: ir.Graph, m: Match, namer: Callable[[str], str],
+              positions: dict[int, int] | None = None) -> tuple[bool, bool, set[str]]:
         """Build the replacement and splice it in. Returns (applied, needs_topological_sort, domains used)."""
         root_node = m.outputs[0].producer()
         assert root_node is not None
@@ -595,6 +619,9 @@ class Rule:
                     return False, False, set()
         needs_sort = False
         graph.insert_before(root_node, op.nodes)
+        if positions is not None:
+            for n in op.nodes:  # new nodes sit where the root was
+                positions[id(n)] = positions.get(id(root_node), 0)
         for v in op.initializers:
             graph.register_initializer(v)
         for old, repl in zip(m.outputs, new_values):
@@ -619,6 +646,30 @@ class Rule:
 def _is_new(v: ir.Value, op: RewriteBuilder) -> bool:
     p = v.producer()
     return (p is not None and any(p is n for n in op.nodes)) or any(v is i for i in op.initializers)
+
+
+def _export_cycle(nodes: list[ir.Node], exported: list[ir.Value], positions: dict[int, int] | None) -> str | None:
+    """An outside user of an exported value must not feed the match: the fused node would depend on itself."""
+    if not exported:
+        return None
+    inside = {id(n) for n in nodes}
+    users = {id(u.node) for v in exported for u in v.uses() if id(u.node) not in inside}
+    if not users:
+        return None
+    pos = positions or {}
+    floor = min((pos.get(id(n), 0) for n in nodes), default=0)
+    stack = [v.producer() for n in nodes for v in n.inputs if v is not None and v.producer() is not None
+             and id(v.producer()) not in inside]
+    seen: set[int] = set()
+    while stack:
+        n = stack.pop()
+        if n is None or id(n) in seen or pos.get(id(n), floor) < floor:
+            continue
+        if id(n) in users:
+            return f"exported value is used by {n.op_type} '{n.name}', which feeds the match (would form a cycle)"
+        seen.add(id(n))
+        stack.extend(v.producer() for v in n.inputs if v is not None)
+    return None
 
 
 def _outside_use(graph: ir.Graph, nodes: list[ir.Node], outputs: list[ir.Value]) -> str | None:
@@ -666,16 +717,18 @@ def apply_rules(model: ir.Model, rules: Sequence[Rule], *, max_sweeps: int = 8,
         fired = False
         needs_sort = False
         index: dict[tuple[str, str], list[ir.Node]] = {}
-        for node in graph:
+        positions: dict[int, int] = {}
+        for pos, node in enumerate(graph):
             index.setdefault((node.domain, node.op_type), []).append(node)
+            positions[id(node)] = pos
         for rule in order:
             for node in index.get(rule.root_op, ()):
                 if node.graph is not graph:
                     continue  # removed by an earlier rewrite in this sweep
-                m = rule.match(graph, node, opset)
+                m = rule.match(graph, node, opset, positions)
                 if isinstance(m, Failure):
                     continue
-                applied, sort, domains = rule.apply(graph, m, namer)
+                applied, sort, domains = rule.apply(graph, m, namer, positions)
                 if applied:
                     fired = True
                     needs_sort |= sort
@@ -696,10 +749,11 @@ def explain(model: ir.Model, rule: Rule) -> list[tuple[str, str]]:
     graph = model.graph
     opset = model.opset_imports.get("", 21)
     rows = []
+    positions = {id(n): i for i, n in enumerate(graph)}
     for node in graph:
         if (node.domain, node.op_type) != rule.root_op:
             continue
-        m = rule.match(graph, node, opset)
+        m = rule.match(graph, node, opset, positions)
         rows.append((node.name or "<unnamed>", "matched" if isinstance(m, Match) else str(m)))
     return rows
 

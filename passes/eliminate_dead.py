@@ -24,9 +24,13 @@ class EliminateDead(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         nodes = sum(1 for _ in model.graph)
+        outputs = sum(len(n.outputs) for n in model.graph)
         inits = len(model.graph.initializers)
-        RemoveUnusedNodesPass()(model)
+        changed = RemoveUnusedNodesPass()(model).modified
+        changed |= outputs - nodes != sum(len(n.outputs) for n in model.graph) - sum(1 for _ in model.graph)
         removed_nodes = nodes - sum(1 for _ in model.graph)
         removed_inits = inits - len(model.graph.initializers)
         counts = {k: v for k, v in (("nodes", removed_nodes), ("initializers", removed_inits)) if v}
-        return PassResult(model, bool(counts), counts)
+        if changed and not counts:
+            counts = {"outputs": 1}  # only unused optional outputs were dropped
+        return PassResult(model, changed or bool(counts), counts)

@@ -288,9 +288,10 @@ class FoldConstants(Pass):
         if result is None or result.size > SYM_MAX_ELEMENTS:
             return None
         if all(isinstance(x, (int, bool, np.integer, np.bool_)) for x in result.reshape(-1)):
-            declared = node.outputs[0].dtype
-            dtype = declared.numpy() if declared is not None else np.int64
-            _replace_with_constant(graph, node, [result.astype(dtype)], interned)
+            dtype = node.outputs[0].dtype or _result_dtype(node)
+            if dtype is None:  # the folded constant's type must be known, not guessed
+                return self._record_symbolic(node.outputs[0], result, numbering)
+            _replace_with_constant(graph, node, [result.astype(dtype.numpy())], interned)
             return f"{node.op_type}-symbolic"
         return self._record_symbolic(node.outputs[0], result, numbering)
 
@@ -308,6 +309,8 @@ class FoldConstants(Pass):
         if prior is None or prior.producer() is None or prior.producer().graph is None:
             numbering[key] = out
             return None
+        if not out.uses():
+            return None  # merged on an earlier run: nothing left to do
         out.replace_all_uses_with(prior)
         return "merge-symbolic"
     def _fold_lazy(self, graph: ir.Graph, node: ir.Node, tensors: list, interned: dict[tuple, ir.Value]
@@ -346,8 +349,10 @@ def _sym_binary(op: str, a, b):
                 "Min": min(a, b)}[op]
     if op == "Equal":
         # A dim is never negative, so a symbolic dim differs from any negative constant.
-        other = b if _is_num(b) else a if _is_num(a) else None
-        if other is not None and int(other) < 0:
+        # A named dim is never negative, so it differs from any negative constant. (Unknown elements may be
+        # results of arithmetic, which can be negative: no conclusion for them.)
+        sym, other = (a, b) if _is_num(b) else (b, a) if _is_num(a) else (None, None)
+        if isinstance(sym, str) and int(other) < 0:
             return False
         if a is b or (isinstance(a, str) and a == b):
             return True
@@ -365,6 +370,16 @@ def _sym_binary(op: str, a, b):
     if op in ("Max", "Min") and (a is b or (isinstance(a, str) and a == b)):
         return a
     return Unknown()
+
+
+def _result_dtype(node: ir.Node) -> ir.DataType | None:
+    """The output type the ONNX schema implies for the shape-vector ops (all but Equal/Where/Cast keep T)."""
+    if node.op_type == "Equal":
+        return ir.DataType.BOOL
+    if node.op_type == "Cast":
+        return ir.DataType(_attr(node, "to"))
+    source = node.inputs[1] if node.op_type == "Where" else node.inputs[0]
+    return source.dtype if source is not None else None
 
 
 def _sym_eval(node: ir.Node, ins: list) -> np.ndarray | None:

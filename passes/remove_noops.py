@@ -176,18 +176,19 @@ transpose_chain = Rule("fold-transpose-chain",
 
 
 # -- Squeeze(Unsqueeze)
-def _axes(m, pname: str, input_name: str):
+def _axes(m, pname: str):
+    """Axes from the attribute (opset < 13) or from the constant second input (opset 13+)."""
     attr = m.attr(pname, "axes")
     if attr is not None:
         return tuple(attr)
-    v = m.binds.get(input_name)
-    arr = m.const(input_name, 16) if v is not None else None
+    inputs = m.node(pname).inputs
+    arr = const_array(inputs[1], 16) if len(inputs) > 1 and inputs[1] is not None else None
     return None if arr is None else tuple(int(a) for a in arr.reshape(-1))
 
 
 def _check_squeeze_unsqueeze(m):
     rank = len(dims_of(m["x"]) or ()) if m["x"].shape is not None else None
-    a, b = _axes(m, "u", "ua"), _axes(m, "s", "sa")
+    a, b = _axes(m, "u"), _axes(m, "s")
     if a is None or b is None or rank is None:
         return m.fail("axes or rank unknown")
     full = rank + len(a)
@@ -198,8 +199,8 @@ def _check_squeeze_unsqueeze(m):
 
 squeeze_unsqueeze = Rule(
     "remove-squeeze-unsqueeze",
-    lambda op, x, ua, sa: op.Squeeze(op.Unsqueeze(x, ua, _name="u", _allow_other_inputs=True), sa, _name="s",
-                                     _allow_other_inputs=True),
+    lambda op, x: op.Squeeze(op.Unsqueeze(x, _name="u", _allow_other_inputs=True), _name="s",
+                             _allow_other_inputs=True),
     _identity, _check_squeeze_unsqueeze, summary="Squeeze(Unsqueeze(x, a), a) -> x")
 
 

@@ -137,8 +137,6 @@ def test_eliminate_cse_keeps_both_graph_outputs():
     assert [v.name for v in model.graph.outputs] == ["y1", "y2"]
 
 
-@pytest.mark.xfail(strict=True, reason="eliminate-cse counts merges as a node-count difference, so a merge that "
-                                       "becomes an Identity (both values are graph outputs) reports no count")
 def test_eliminate_cse_counts_merge_into_graph_outputs():
     model = parse("""
     g (float[N, 4] x) => (float[N, 4] y1, float[N, 4] y2) {

@@ -88,8 +88,6 @@ def test_eliminate_dead_drops_unused_trailing_optional_output():
     assert_valid(model)
 
 
-@pytest.mark.xfail(strict=True, reason="eliminate-dead reports modified=False (no counts) when it only drops an unused "
-                                       "trailing output, e.g. Dropout's mask")
 def test_eliminate_dead_reports_dropped_trailing_output():
     model = parse("""
     g (float[N, 4] x) => (float[N, 4] y) {

@@ -257,8 +257,6 @@ def test_fold_constants_merges_equal_symbolic_values():
     assert counts == {"merge-symbolic": 2}   # the same dim name means the same size
 
 
-@pytest.mark.xfail(strict=True, reason="fold-constants is not idempotent after merging symbolic values: every later "
-                                       "run counts merge-symbolic again and reports modified without a change")
 def test_fold_constants_second_run_after_merge_changes_nothing():
     model = parse("""
     g (float[N, 4] x) => (float[N, 4] y) {
@@ -271,8 +269,6 @@ def test_fold_constants_second_run_after_merge_changes_nothing():
     assert_unchanged_by(model, "fold-constants")
 
 
-@pytest.mark.xfail(strict=True, reason="fold-constants folds Equal(u, c) to False for c < 0 whenever u is symbolic, "
-                                       "but a symbolic result of arithmetic such as Mul(N, -1) can be negative")
 def test_fold_constants_equal_of_negated_dim():
     # -N == -1 holds for N == 1.
     proto = parse_proto("""
@@ -290,8 +286,6 @@ def test_fold_constants_equal_of_negated_dim():
     assert_same_outputs(proto, model, dims={"N": 1})
 
 
-@pytest.mark.xfail(strict=True, reason="fold-constants gives a folded symbolic result dtype int64 when the output's "
-                                       "type is not declared, so Equal becomes an int64 tensor (invalid Where input)")
 def test_fold_constants_symbolic_equal_without_inferred_types():
     proto = parse_proto("""
     g (float[N, 4] x) => (float[N, 4] y) <int64[2] m1 = {-1, -1}, int64[2] one = {1, 1}> {

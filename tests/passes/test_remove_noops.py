@@ -501,8 +501,6 @@ def test_remove_noops_squeeze_of_unsqueeze_with_used_intermediate_is_kept():
     }""", rn.squeeze_unsqueeze, "has outside users (Abs")
 
 
-@pytest.mark.xfail(strict=True, reason="remove-squeeze-unsqueeze never matches opset < 13 Squeeze/Unsqueeze with axes "
-                                       "attributes: the pattern requires an axes input")
 def test_remove_noops_squeeze_of_unsqueeze_opset_11():
     check_before_after("""<ir_version: 7, opset_import: ["" : 11]>
     g (float[N, 4] x) => (float[N, 4] y) {
