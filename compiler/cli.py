@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import EXIT_INTERNAL, EXIT_USAGE, OnnxcError, UsageError
+from .errors import EXIT_INTERNAL, EXIT_USAGE, OnnxcError, UsageError, first_line
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -52,8 +52,8 @@ class _Group(click.Group):
         except Exception as exc:  # a bug: still one line, still a documented code
             if os.environ.get("ONNXC_DEBUG"):
                 raise
-            first = (str(exc).strip().splitlines() or [""])[0]
-            err.print(f"onnxc: internal error: {type(exc).__name__}: {first} (set ONNXC_DEBUG=1 for a traceback)",
+            err.print(f"onnxc: internal error: {type(exc).__name__}: {first_line(exc)} "
+                      "(set ONNXC_DEBUG=1 for a traceback)",
                       markup=False, soft_wrap=True)
             sys.exit(EXIT_INTERNAL)
         if isinstance(rv, int):

@@ -18,7 +18,7 @@ from . import ir as irio
 from . import pass_manager as pm
 from . import pipeline as pipelines
 from . import verify as numeric
-from .errors import InvalidModelError, UsageError, VerificationError
+from .errors import InvalidModelError, UsageError, VerificationError, summarize
 from .verifier import check_model
 
 ModelLike = "str | os.PathLike | onnx.ModelProto | ir.Model | bytes"
@@ -56,8 +56,7 @@ def check_input(model: ir.Model) -> None:
             raise InvalidModelError("the graph has a cycle") from None
         problems = check_model(model)
     if problems:
-        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise InvalidModelError(f"invalid graph: {problems[0]}{more}")
+        raise InvalidModelError(f"invalid graph: {summarize(problems)}")
     if not model.graph.outputs:
         raise InvalidModelError("invalid graph: it has no outputs")
 

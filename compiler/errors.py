@@ -16,6 +16,17 @@ EXIT_INVALID_INPUT = 3
 EXIT_INTERNAL = 4
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when empty), cut to `limit` characters."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
+
+
+def summarize(problems: list[str]) -> str:
+    """The first problem, with how many more there are."""
+    return problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
 class OnnxcError(Exception):
     """Base class: a one-line message meant for the user, plus an exit code."""
 
@@ -61,6 +72,5 @@ class IRVerificationError(OnnxcError):
     exit_code = EXIT_INVALID_INPUT
 
     def __init__(self, problems: list[str]):
-        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        super().__init__(problems[0] + more)
+        super().__init__(summarize(problems))
         self.problems = problems

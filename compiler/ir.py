@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from .errors import InvalidModelError, UsageError
+from .errors import InvalidModelError, UsageError, first_line
 
 # Models whose weights exceed this are written with external data even if the input had none.
 EXTERNAL_DATA_THRESHOLD_BYTES = 512 * 1024 * 1024
@@ -38,7 +38,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
-        raise InvalidModelError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+        raise InvalidModelError(f"{path}: not a readable ONNX model ({first_line(exc, 200)})") from None
     return from_proto(proto, base_dir=path.parent)
 
 
@@ -52,7 +52,7 @@ def from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike | None = None
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx-ir raises several types on malformed protos
-        raise InvalidModelError(f"malformed ONNX model ({_first_line(exc)})") from None
+        raise InvalidModelError(f"malformed ONNX model ({first_line(exc, 200)})") from None
     if base_dir is not None:
         ir.external_data.set_base_dir(model.graph, str(base_dir))
     return model
@@ -69,7 +69,7 @@ def as_model(model: str | os.PathLike | onnx.ModelProto | ir.Model | bytes) -> i
         try:
             proto.ParseFromString(bytes(model))
         except DecodeError as exc:
-            raise InvalidModelError(f"not a readable ONNX model ({_first_line(exc)})") from None
+            raise InvalidModelError(f"not a readable ONNX model ({first_line(exc, 200)})") from None
         return from_proto(proto)
     if isinstance(model, (str, os.PathLike)):
         return load(model)
@@ -229,8 +229,3 @@ def _base_dir(model: ir.Model) -> str:
         if isinstance(v.const_value, ir.ExternalTensor):
             return str(v.const_value.base_dir)
     return "."
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

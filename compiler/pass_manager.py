@@ -20,7 +20,7 @@ from typing import Any
 import onnx_ir as ir
 
 from . import rules as _rules
-from .errors import IRVerificationError, OnnxcError, PassError, UsageError
+from .errors import IRVerificationError, OnnxcError, PassError, UsageError, first_line, summarize
 from .verifier import Signature, check_model
 
 TARGETS = ("cpu", "cuda")
@@ -150,8 +150,7 @@ class PassManager:
         except OnnxcError:
             raise
         except Exception as exc:  # a pass bug: name it, keep the message to one line
-            msg = str(exc).strip().splitlines()
-            raise PassError(p.name, f"{type(exc).__name__}: {msg[0] if msg else ''}", previous=tuple(done)) from exc
+            raise PassError(p.name, f"{type(exc).__name__}: {first_line(exc)}", previous=tuple(done)) from exc
         if not isinstance(result, PassResult):
             raise PassError(p.name, f"returned {type(result).__name__}, not PassResult", previous=tuple(done))
         model = result.model
@@ -169,8 +168,7 @@ class PassManager:
     def _verify(model: ir.Model, signature: Signature, name: str, previous: list[str]) -> None:
         problems = check_model(model, signature)
         if problems:
-            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise PassError(name, f"left an invalid graph: {problems[0]}{more}", previous=tuple(previous))
+            raise PassError(name, f"left an invalid graph: {summarize(problems)}", previous=tuple(previous))
 
 
 # ---------------------------------------------------------------------------------------------------- registry
@@ -284,30 +282,27 @@ def _parse_list(s: str, i: int) -> tuple[list[Pass], int]:
     return out, i
 
 
-def filter_passes(passes: Iterable[Pass], ctx: PassContext, disabled: frozenset[str]) -> list[Pass]:
-    """Drop passes not meant for the context's level or target, or disabled by the user."""
+def _select(passes: Iterable[Pass], keep: Callable[[Pass], bool]) -> list[Pass]:
+    """The passes `keep` accepts, looking inside fixpoint groups (a group left empty is dropped)."""
     out: list[Pass] = []
     for p in passes:
         if isinstance(p, FixedPoint):
-            inner = filter_passes(p.passes, ctx, disabled)
+            inner = _select(p.passes, keep)
             if inner:
                 out.append(FixedPoint(inner, p.max_iterations))
-        elif p.name not in disabled and p.level <= ctx.level and ctx.target in p.targets:
+        elif keep(p):
             out.append(p)
     return out
+
+
+def filter_passes(passes: Iterable[Pass], ctx: PassContext, disabled: frozenset[str]) -> list[Pass]:
+    """Drop passes not meant for the context's level or target, or disabled by the user."""
+    return _select(passes, lambda p: p.name not in disabled and p.level <= ctx.level and ctx.target in p.targets)
 
 
 def drop_disabled(passes: Iterable[Pass], disabled: frozenset[str]) -> list[Pass]:
     """Drop disabled passes only (explicit pipelines ignore levels and targets)."""
-    out: list[Pass] = []
-    for p in passes:
-        if isinstance(p, FixedPoint):
-            inner = drop_disabled(p.passes, disabled)
-            if inner:
-                out.append(FixedPoint(inner, p.max_iterations))
-        elif p.name not in disabled:
-            out.append(p)
-    return out
+    return _select(passes, lambda p: p.name not in disabled)
 
 
 def flatten(passes: Iterable[Pass]) -> list[Pass]:

@@ -154,24 +154,24 @@ def _pattern_nodes(outputs: Sequence[PValue]) -> list[PNode]:
 
 def _pattern_size(outputs: Sequence[PValue]) -> int:
     """Required nodes one match uses: shared nodes count once; of alternatives, the largest counts."""
-    seen: set[int] = set()
 
-    def size(pv: PValue) -> int:
+    def size(pv: PValue, seen: set[int]) -> int:
         if isinstance(pv, AnyOf):
-            return max((_pattern_size_alone(a, seen) for a in pv.alternatives), default=0)
+            best, best_seen = 0, seen
+            for alt in pv.alternatives:
+                trial = set(seen)
+                n = size(alt, trial)
+                if n > best:
+                    best, best_seen = n, trial
+            seen |= best_seen
+            return best
         if not isinstance(pv, Out) or id(pv.node) in seen:
             return 0
         seen.add(id(pv.node))
-        return (0 if pv.node.optional else 1) + sum(size(i) for i in pv.node.inputs)
+        return (0 if pv.node.optional else 1) + sum(size(i, seen) for i in pv.node.inputs)
 
-    def _pattern_size_alone(pv: PValue, outer: set[int]) -> int:
-        nonlocal seen
-        saved = set(seen)
-        n = size(pv)
-        seen = saved
-        return n
-
-    return sum(size(o) for o in outputs)
+    seen: set[int] = set()
+    return sum(size(o, seen) for o in outputs)
 
 
 # ---------------------------------------------------------------------------------------------------- matching

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from .errors import VerificationError
+from .errors import UsageError, VerificationError, first_line
 
 # dtype -> (relative tolerance, absolute tolerance as a fraction of the reference's largest magnitude)
 TOLERANCES: dict[str, tuple[float, float]] = {
@@ -257,12 +257,12 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, mod
     try:
         refs = run_model(reference, feeds_list)
     except Exception as exc:
-        raise VerificationError(f"cannot verify: onnxruntime cannot run the input model ({_line(exc)}); "
+        raise VerificationError(f"cannot verify: onnxruntime cannot run the input model ({first_line(exc)}); "
                                 "use --no-verify to skip") from None
     try:
         gots = run_model(candidate, feeds_list)
     except Exception as exc:
-        raise VerificationError(f"verification failed: onnxruntime cannot run the compiled model ({_line(exc)})"
+        raise VerificationError(f"verification failed: onnxruntime cannot run the compiled model ({first_line(exc)})"
                                 ) from None
     report = VerifyReport("passed", "", seed)
     for sc, feeds, ref, got in zip(names, feeds_list, refs, gots):
@@ -286,10 +286,4 @@ def load_inputs(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
         with np.load(path, allow_pickle=False) as data:
             return [{k: data[k] for k in data.files}]
     except Exception as exc:
-        from .errors import UsageError
-        raise UsageError(f"--verify-inputs {path}: cannot read ({_line(exc)})") from None
-
-
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+        raise UsageError(f"--verify-inputs {path}: cannot read ({first_line(exc)})") from None

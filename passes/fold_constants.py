@@ -428,21 +428,25 @@ def _as_declared(arr: np.ndarray, out: ir.Value) -> np.ndarray | None:
     return None
 
 
+def _const_key(arr: np.ndarray) -> tuple:
+    """Equal small constants get equal keys, so they can share one initializer."""
+    return (str(arr.dtype), arr.shape, arr.tobytes())
+
+
 def _intern_key(v: ir.Value) -> tuple | None:
     t = v.const_value
     if t is None or v.is_graph_input() or v.is_graph_output() or t.size > INTERN_MAX_ELEMENTS:
         return None
     if isinstance(t, ir.LazyTensor):
         return None
-    arr = t.numpy()
-    return (str(arr.dtype), arr.shape, arr.tobytes())
+    return _const_key(t.numpy())
 
 
 def _replace_with_constant(graph: ir.Graph, node: ir.Node, results: list, interned: dict[tuple, ir.Value]) -> None:
     """Replace every output of `node` with an initializer holding the result, then remove the node."""
     for out, result in zip(node.outputs, results):
         if isinstance(result, np.ndarray):
-            key = (str(result.dtype), result.shape, result.tobytes()) if result.size <= INTERN_MAX_ELEMENTS else None
+            key = _const_key(result) if result.size <= INTERN_MAX_ELEMENTS else None
             shared = interned.get(key) if key is not None else None
             if shared is not None:
                 out.replace_all_uses_with(shared)
