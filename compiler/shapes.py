@@ -84,12 +84,20 @@ def reshape_target(input_dims: tuple, target: tuple, allowzero: bool = False) ->
         # -1 resolves to the one input dim left when both sides share all the others.
         rest_in = list(input_dims)
         rest_out = [t for t in out if not (isinstance(t, int) and t == -1)]
+        unmatched = []
         for t in rest_out:
             if t in rest_in:
                 rest_in.remove(t)
             else:
-                return None if not (is_known(tuple(rest_in)) and is_known(tuple(rest_out))) else _numeric(
-                    input_dims, out)
+                unmatched.append(t)
+        if unmatched:
+            # Symbolic dims shared by both sides cancel; what is left must be static to divide.
+            if not (is_known(tuple(rest_in)) and is_known(tuple(unmatched))):
+                return None
+            total, known = int(np.prod(rest_in)), int(np.prod(unmatched))
+            if known == 0 or total % known:
+                return None
+            return tuple(total // known if (isinstance(t, int) and t == -1) else t for t in out)
         if len(rest_in) == 1:
             out = [rest_in[0] if (isinstance(t, int) and t == -1) else t for t in out]
         elif len(rest_in) == 0:

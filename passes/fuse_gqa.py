@@ -1,0 +1,604 @@
+"""fuse-gqa
+
+    q' = rot(q),  K = Concat(past_k, rot(k)),  V = Concat(past_v, v)           (BNSH; rot = rotary, optional)
+    o  = Reshape(Transpose(Softmax(s * q' @ repeat(K)^T + mask) @ repeat(V), [0,2,1,3]), [B, S, N*H])
+      ->  o, K, V = GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache,
+                                        num_heads=N, kv_num_heads=KV, scale=s, do_rotary, local_window_size=W)
+    with seqlens_k = ReduceSum(attention_mask, 1) - 1 and total_len = attention_mask.shape[1], computed once.
+
+The attention core is read from the Softmax outward: scaling (Mul/Div by a scalar, on q, on k or on the scores,
+any mix), K's transposition (Transpose, or the Reshape/Transpose/Reshape triple of the dynamo exporter), the
+repeat-KV chain (Unsqueeze, Expand, Reshape), the KV-cache Concat, optional Casts and the NaN guard after Softmax.
+
+Two facts cannot be read off the graph's shape, so they are proved by evaluation (compiler/probe.py):
+- the mask: evaluated on a right-padded prefill, a decode step and a chunked prefill, it must show exactly the
+  causal rule, the padding of attention_mask and, when present, a sliding window of W keys (local_window_size) on
+  every non-padded query row. This is GroupQueryAttention's contract: right padding, positions continuing the past.
+- the rotary tables: cos and sin are evaluated for positions 0..L-1 (L = option max_seq_len, default 4096) and
+  must be the same [c, c] halves at every position ids the model is given; they become cos_cache / sin_cache.
+Rotary goes inside the op (do_rotary=1) where ORT's kernel takes it (head size a multiple of 16, cache width a
+multiple of 8); otherwise the rotated q/k stay outside and the op gets them rotated.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxc import probe
+from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
+from onnxc.rules import attr_value, const_array
+from onnxc.shapes import dims_of, reshape_target, sym_value
+from onnxc.verify import Scenario, _role, make_inputs
+
+MS = "com.microsoft"
+DEFAULT_MAX_SEQ_LEN = 4096
+
+
+class Refuse(Exception):
+    """A site that is not fused, with the reason."""
+
+
+def _prod(v: ir.Value | None, *ops: str) -> ir.Node | None:
+    n = v.producer() if v is not None else None
+    return n if n is not None and n.op_type in ops and n.domain == "" else None
+
+
+def _scalar(v: ir.Value | None) -> float | None:
+    a = const_array(v, 1)
+    return float(a.reshape(-1)[0]) if a is not None and a.size == 1 else None
+
+
+def _ints(v: ir.Value | None) -> list[int] | None:
+    a = const_array(v, 8)
+    return None if a is None else [int(x) for x in a.reshape(-1)]
+
+
+def _dims(v: ir.Value | None, depth: int = 4) -> tuple | None:
+    """dims_of(v), with static sizes filled in from a producing Reshape's target, Expand's shape or Transpose."""
+    d = dims_of(v)
+    n = v.producer() if v is not None and depth > 0 else None
+    derived = None
+    if n is not None and n.domain == "":
+        if n.op_type == "Reshape":
+            t = sym_value(n.inputs[1])
+            derived = reshape_target(_dims(n.inputs[0], depth - 1) or (), t) if t is not None else None
+            derived = derived if derived is not None else t
+        elif n.op_type == "Expand":
+            derived = sym_value(n.inputs[1])
+        elif n.op_type in ("Add", "Mul", "Sub", "Div", "Cast", "Neg"):
+            ranks = [x for x in n.inputs if x is not None and d is not None and (dims_of(x) or ()) and
+                     len(dims_of(x)) == len(d)]
+            derived = _dims(ranks[0], depth - 1) if ranks else None
+        elif n.op_type == "Transpose" and (p := _perm(n)) is not None:
+            di = _dims(n.inputs[0], depth - 1)
+            derived = tuple(di[i] for i in p) if di is not None and len(di) == len(p) else None
+    if derived is None or (d is not None and len(d) != len(derived)):
+        return d
+    if d is None:
+        return tuple(derived)
+    return tuple(b if (isinstance(b, int) and b >= 0) or (isinstance(b, str) and not isinstance(a, int)) else a
+                 for a, b in zip(d, derived))
+
+
+def _peel_cast(v: ir.Value) -> ir.Value:
+    while (n := _prod(v, "Cast")) is not None and n.inputs[0].dtype is not None and n.inputs[0].dtype.is_floating_point():
+        v = n.inputs[0]
+    return v
+
+
+def _peel_scale(v: ir.Value) -> tuple[ir.Value, float]:
+    """x * c, c * x, x / c (c a scalar constant, any nesting) -> (x, product of the factors)."""
+    scale = 1.0
+    while True:
+        v = _peel_cast(v)
+        n = _prod(v, "Mul", "Div")
+        if n is None:
+            return v, scale
+        a, b = n.inputs
+        if (c := _scalar(b)) is not None:
+            scale *= c if n.op_type == "Mul" else 1.0 / c
+            v = a
+        elif n.op_type == "Mul" and (c := _scalar(a)) is not None:
+            scale *= c
+            v = b
+        else:
+            return v, scale
+
+
+def _perm(n: ir.Node) -> list[int] | None:
+    p = attr_value(n, "perm")
+    return list(p) if p is not None else None
+
+
+def _untranspose_k(kt: ir.Value) -> ir.Value:
+    """K^T (B, N, H, T) -> K (B, N, T, H): Transpose(perm [0,1,3,2]) or Reshape(Transpose(Reshape(K, 3-D), [0,2,1]))."""
+    n = _prod(kt, "Transpose")
+    if n is not None and _perm(n) == [0, 1, 3, 2]:
+        return n.inputs[0]
+    r2 = _prod(kt, "Reshape")
+    t = _prod(r2.inputs[0], "Transpose") if r2 else None
+    r1 = _prod(t.inputs[0], "Reshape") if t else None
+    if r1 is not None and _perm(t) == [0, 2, 1]:
+        k, dk, dkt = r1.inputs[0], dims_of(r1.inputs[0]), dims_of(kt)
+        if dk is None or dkt is None or len(dkt) != 4:
+            raise Refuse("K's transposition has unknown shapes")
+        if len(dk) == 4 and dk[:2] == dkt[:2] and dk[2] == dkt[3] and dk[3] == dkt[2]:
+            return k
+        # the repeat chain's own Reshape merged into the 3-D view: K is Expand(...) of rank 5
+        if len(dk) == 5 and dk[0] == dkt[0] and isinstance(dk[1], int) and isinstance(dk[2], int) \
+                and dk[1] * dk[2] == dkt[1] and dk[3] == dkt[3] and dk[4] == dkt[2]:
+            return k
+    raise Refuse("K is not transposed by Transpose([0,1,3,2]) or a Reshape/Transpose/Reshape triple")
+
+
+def _unrepeat(v: ir.Value) -> tuple[ir.Value, int]:
+    """Reshape(Expand(Unsqueeze(x, 2), (B, KV, R, T, H)), (B, KV*R, T, H)) -> (x, R); anything else -> (v, 1)."""
+    r = _prod(v, "Reshape")
+    e = _prod(r.inputs[0], "Expand") if r else _prod(v, "Expand")
+    u = _prod(e.inputs[0], "Unsqueeze") if e else None
+    if u is None:
+        return v, 1
+    axes = _ints(u.inputs[1]) if len(u.inputs) > 1 else attr_value(u, "axes")
+    x, dx = u.inputs[0], _dims(u.inputs[0])
+    de = _dims(e.outputs[0])
+    if axes not in ([2], [-3]) or dx is None or de is None or len(dx) != 4 or len(de) != 5:
+        raise Refuse("a KV repetition chain that is not Unsqueeze(2)/Expand/Reshape over BNSH")
+    rep = de[2]
+    dv = _dims(v) if r else (de[0], de[1] * rep if isinstance(rep, int) and isinstance(de[1], int) else None)
+    # Expand only broadcasts the unsqueezed axis here: the other dims keep x's sizes (checked where static).
+    if not isinstance(rep, int) or not isinstance(dx[1], int) or dv is None \
+            or (isinstance(dv[1], int) and dv[1] != dx[1] * rep) or de[4] != dx[3]:
+        raise Refuse("the KV repetition does not repeat each KV head R times")
+    return x, rep
+
+
+def _unconcat(v: ir.Value) -> tuple[ir.Value | None, ir.Value]:
+    """present = Concat(past, new, axis=2) -> (past, new); no Concat -> (None, v)."""
+    n = _prod(v, "Concat")
+    if n is None:
+        return None, v
+    ins = [i for i in n.inputs]
+    while len(ins) == 2 and (c := _prod(ins[0], "Concat")) is not None and len(c.inputs) == 1:
+        ins[0] = c.inputs[0]
+    if len(ins) != 2 or attr_value(n, "axis") not in (2, -2):
+        raise Refuse("the KV cache is not Concat(past, new) on the sequence axis")
+    past = ins[0]
+    if not past.is_graph_input():
+        raise Refuse("the past KV is not a graph input")
+    return past, ins[1]
+
+
+@dataclass
+class Rotary:
+    x: ir.Value          # the BNSH tensor before rotation
+    cos: ir.Value
+    sin: ir.Value
+    dim: int             # rotated channels
+    interleaved: bool = False
+
+
+def _slice_last(v: ir.Value) -> tuple[ir.Value, int, int] | None:
+    """Slice(x, start, end, axes=[-1]) -> (x, start, end) with end clipped to the last dim."""
+    n = _prod(v, "Slice")
+    if n is None or len(n.inputs) < 3:
+        return None
+    starts, ends = _ints(n.inputs[1]), _ints(n.inputs[2])
+    axes = _ints(n.inputs[3]) if len(n.inputs) > 3 and n.inputs[3] is not None else None
+    steps = _ints(n.inputs[4]) if len(n.inputs) > 4 and n.inputs[4] is not None else [1]
+    d = dims_of(n.inputs[0])
+    if starts is None or ends is None or d is None or not isinstance(d[-1], int) or steps != [1]:
+        return None
+    if axes not in ([-1], [len(d) - 1]) or len(starts) != 1:
+        return None
+    last = d[-1]
+    s, e = starts[0], ends[0]
+    s, e = (s + last if s < 0 else s), (e + last if e < 0 else min(e, last))
+    return n.inputs[0], s, e
+
+
+def _rotate_half_of(v: ir.Value) -> ir.Value | None:
+    """Concat(Neg(x[..., h:]), x[..., :h], axis=-1) -> x."""
+    c = _prod(v, "Concat")
+    if c is None or len(c.inputs) != 2 or attr_value(c, "axis") not in (-1, 3):
+        return None
+    neg = _prod(c.inputs[0], "Neg")
+    hi = _slice_last(neg.inputs[0]) if neg else None
+    lo = _slice_last(c.inputs[1])
+    if hi is None or lo is None or hi[0] is not lo[0]:
+        return None
+    d = dims_of(lo[0])
+    h = d[-1] // 2
+    return lo[0] if (lo[1], lo[2], hi[1], hi[2]) == (0, h, h, d[-1]) else None
+
+
+def _parse_rotary(v: ir.Value) -> Rotary | None:
+    """x*cos + rotate_half(x)*sin (any operand order), or Concat(that over x[..., :r], x[..., r:]) for partial."""
+    c = _prod(v, "Concat")
+    if c is not None and len(c.inputs) == 2 and attr_value(c, "axis") in (-1, 3):
+        rest = _slice_last(c.inputs[1])
+        inner = _parse_rotary(c.inputs[0])
+        if rest is not None and inner is not None:
+            head = _slice_last(inner.x)
+            if head is not None and head[0] is rest[0] and head[1:] == (0, rest[1]) \
+                    and rest[2] == dims_of(rest[0])[-1]:
+                return Rotary(rest[0], inner.cos, inner.sin, inner.dim)
+        return None
+    a = _prod(v, "Add")
+    if a is None:
+        return None
+    for m1, m2 in ((a.inputs[0], a.inputs[1]), (a.inputs[1], a.inputs[0])):
+        p, q = _prod(m1, "Mul"), _prod(m2, "Mul")
+        if p is None or q is None:
+            continue
+        for x, cos in ((p.inputs[0], p.inputs[1]), (p.inputs[1], p.inputs[0])):
+            for r, sin in ((q.inputs[0], q.inputs[1]), (q.inputs[1], q.inputs[0])):
+                if _rotate_half_of(r) is x:
+                    d = dims_of(x)
+                    return Rotary(x, cos, sin, d[-1])
+    return None
+
+
+def _data_users(v: ir.Value) -> list[ir.Node]:
+    """Users of v other than Shape (shape-only users die with the Reshape targets they feed)."""
+    return [u for u, _ in v.uses() if u.op_type != "Shape"]
+
+
+def _same_heads_reshape(r: ir.Node) -> bool:
+    """Reshape(x (B, N, S, H), (B, -1, S', H)): a view the exporter re-states; S' is S unless the graph is broken."""
+    d, t = dims_of(r.inputs[0]), sym_value(r.inputs[1])
+    return d is not None and t is not None and len(d) == 4 and len(t) == 4 and t[0] in (d[0], 0) \
+        and t[1] in (-1, d[1]) and t[3] == d[3] and isinstance(d[3], int)
+
+
+def _heads_view(x: ir.Value, what: str) -> ir.Value:
+    """BNSH x = Transpose(x4, [0,2,1,3]) -> x4 (B, S, N, H)."""
+    t = _prod(x, "Transpose")
+    if t is None or _perm(t) != [0, 2, 1, 3]:
+        raise Refuse(f"{what} is not Transpose(BSNH, [0,2,1,3])")
+    return t.inputs[0]
+
+
+@dataclass
+class Site:
+    out: ir.Value             # (B, S, N*H) attention output, replaced
+    anchor: ir.Node           # the node producing `out`
+    q: ir.Value               # BSNH query (before rotary)
+    k: ir.Value
+    v: ir.Value
+    q_rot: ir.Value           # BNSH query as attention reads it (rotated)
+    k_rot: ir.Value
+    past_k: ir.Value | None
+    past_v: ir.Value | None
+    present_k: ir.Value
+    present_v: ir.Value
+    mask: ir.Value            # additive bias or boolean keep-mask
+    mask_kind: str            # "bias" | "keep" | "drop"
+    scale: float
+    num_heads: int
+    kv_heads: int
+    head: int
+    rotary: Rotary | None
+
+
+def _parse_site(sm: ir.Node) -> Site:
+    if attr_value(sm, "axis", default=-1) not in (-1, 3):
+        raise Refuse("Softmax is not over the last axis")
+    # consumers: [IsNaN guard] -> MatMul(P, V)
+    p = sm.outputs[0]
+    users = [u for u, _ in p.uses()]
+    where = next((u for u in users if u.op_type == "Where"), None)
+    if where is not None and len(users) == 2 and any(u.op_type == "IsNaN" for u in users):
+        p = where.outputs[0]
+    users = [u for u, _ in p.uses()]
+    while len(users) == 1 and users[0].op_type == "Cast":
+        p = users[0].outputs[0]
+        users = [u for u, _ in p.uses()]
+    if len(users) != 1 or users[0].op_type != "MatMul" or users[0].inputs[0] is not p:
+        raise Refuse("the softmax output does not feed MatMul(P, V) alone")
+    pv = users[0]
+    o = pv.outputs[0]
+    tr = _data_users(o)
+    if len(tr) == 1 and tr[0].op_type == "Reshape" and _same_heads_reshape(tr[0]):
+        o = tr[0].outputs[0]
+        tr = _data_users(o)
+    if len(tr) != 1 or tr[0].op_type != "Transpose" or _perm(tr[0]) != [0, 2, 1, 3]:
+        raise Refuse("the attention output is not transposed back to BSNH")
+    rs = _data_users(tr[0].outputs[0])
+    if len(rs) != 1 or rs[0].op_type != "Reshape":
+        raise Refuse("the attention output is not reshaped to (B, S, N*H)")
+    out = rs[0].outputs[0]
+    # scores and mask
+    s = _peel_cast(sm.inputs[0])
+    n = _prod(s, "Add", "Where")
+    if n is None:
+        raise Refuse("no mask before Softmax (a model without one is not causal self-attention)")
+    if n.op_type == "Add":
+        a, b = n.inputs
+        scores, mask = (a, b) if _prod(_peel_scale(a)[0], "MatMul") else (b, a)
+        kind = "bias"
+    else:
+        cond, x, y = n.inputs
+        if _prod(_peel_scale(x)[0], "MatMul"):
+            scores, mask, kind = x, cond, "keep"
+        else:
+            scores, mask, kind = y, cond, "drop"
+    scores, s_post = _peel_scale(scores)
+    mm = _prod(scores, "MatMul")
+    if mm is None:
+        raise Refuse("the scores are not MatMul(Q, K^T)")
+    q_rot, s_q = _peel_scale(mm.inputs[0])
+    kt, s_k = _peel_scale(mm.inputs[1])
+    k_full = _untranspose_k(kt)
+    present_k, rep_k = _unrepeat(k_full)
+    present_v, rep_v = _unrepeat(pv.inputs[1])
+    if rep_k != rep_v:
+        raise Refuse("K and V repeat their heads differently")
+    past_k, k_rot = _unconcat(present_k)
+    past_v, v_bnsh = _unconcat(present_v)
+    if (past_k is None) != (past_v is None):
+        raise Refuse("only one of K and V has a cache")
+    rq, rk = _parse_rotary(q_rot), _parse_rotary(k_rot)
+    if (rq is None) != (rk is None) or (rq and (rq.cos is not rk.cos or rq.sin is not rk.sin or rq.dim != rk.dim)):
+        raise Refuse("Q and K are not rotated by the same rotary tables")
+    q4 = _heads_view(rq.x if rq else q_rot, "Q")
+    k4 = _heads_view(rk.x if rk else k_rot, "K")
+    v4 = _heads_view(v_bnsh, "V")
+    dq, dk, dv = _dims(q4), _dims(k4), _dims(v4)
+    if dq is None or dk is None or dv is None or len(dq) != 4 or len(dk) != 4:
+        raise Refuse("Q/K/V shapes are unknown")
+    n_heads, head, kv = dq[2], dq[3], dk[2]
+    if not all(isinstance(x, int) for x in (n_heads, head, kv)) or dk[3] != head or dv[2:] != (kv, head):
+        raise Refuse("head counts or head size are not static and consistent")
+    if n_heads != kv * rep_k:
+        raise Refuse(f"{n_heads} query heads are not {kv} KV heads repeated {rep_k} times")
+    return Site(out, rs[0], q4, k4, v4, q_rot, k_rot, past_k, past_v, present_k, present_v, mask, kind,
+                s_q * s_k * s_post, n_heads, kv, head, rq)
+
+
+# -------------------------------------------------------------------------------------------------- probes
+def _mask_input(model: ir.Model, values: list[ir.Value]) -> ir.Value | None:
+    ins = [v for v in probe.cone_inputs(values) if _role(v) == "mask"]
+    return ins[0] if len(ins) == 1 and v_rank(ins[0]) == 2 else None
+
+
+def v_rank(v: ir.Value) -> int | None:
+    return len(v.shape) if v.shape is not None else None
+
+
+def _visible(arr: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "bias":
+        a = arr.astype(np.float64)
+        if not np.all((a == 0) | (a <= -1e4)):
+            raise Refuse("the additive mask holds values other than 0 and a large negative (a bias, not a mask)")
+        return a == 0
+    return arr.astype(bool) if kind == "keep" else ~arr.astype(bool)
+
+
+def _probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tuple[ir.Value, int]:
+    """Prove the mask is causal + right padding (+ a window); return (attention_mask input, window or -1)."""
+    mask_in = _mask_input(model, [site.mask])
+    if mask_in is None:
+        raise Refuse("the mask does not come from one 2-D attention_mask input")
+
+    def run(sc: Scenario, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        feeds = make_inputs(model, sc, seed=0)
+        m = feeds[mask_in.name]
+        if pad:
+            m[-1, m.shape[1] - pad:] = 0
+        try:
+            (arr,) = probe.evaluate(model, [site.mask], feeds)
+        except probe.ProbeError as exc:
+            raise Refuse(f"the mask cannot be evaluated: {exc}") from None
+        t = m.shape[1]
+        vis = np.broadcast_to(_visible(arr, site.mask_kind), (sc.batch, arr.shape[1], sc.seq, t))
+        if not (vis == vis[:, :1]).all():
+            raise Refuse("the mask differs between heads")
+        return vis[:, 0], m
+
+    scenarios = [(Scenario("prefill", 2, 6, 0), 2)]
+    if has_past:
+        scenarios += [(Scenario("decode", 2, 1, 5), 0), (Scenario("chunk", 1, 3, 4), 0)]
+    long = Scenario("window", 1, 1, max_len - 1) if has_past else Scenario("window", 1, min(max_len, 1024), 0)
+    vis, _ = run(long)
+    window = int(vis[0, -1].sum())
+    window = window if window < vis.shape[-1] else -1
+    for sc, pad in scenarios:
+        vis, m = run(sc, pad)
+        i = np.arange(sc.seq)[:, None] + sc.past
+        j = np.arange(sc.past + sc.seq)[None, :]
+        want = (j <= i) & ((j > i - window) if window > 0 else True)
+        want = want[None] & (m[:, None, :] != 0)
+        rows = m[:, sc.past:] != 0                     # non-padded query rows
+        if not (vis == want)[rows].all():
+            raise Refuse(f"the mask is not causal + padding{' + window' if window > 0 else ''} ({sc.name} probe)")
+    return mask_in, window
+
+
+def _probe_rotary(model: ir.Model, rot: Rotary, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin caches (max_len, dim/2) that reproduce the graph's cos/sin at every position."""
+    pos_ins = [v for v in probe.cone_inputs([rot.cos, rot.sin]) if _role(v) == "position"]
+
+    def run(sc: Scenario) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        feeds = make_inputs(model, sc, seed=1)
+        try:
+            cos, sin = probe.evaluate(model, [rot.cos, rot.sin], feeds)
+        except probe.ProbeError as exc:
+            raise Refuse(f"the rotary tables cannot be evaluated: {exc}") from None
+        pos = feeds[pos_ins[0].name] if pos_ins else np.arange(sc.past, sc.past + sc.seq)[None]
+        shape = (sc.batch, sc.seq, rot.dim)
+        try:
+            cos = np.broadcast_to(np.squeeze(cos, axis=1) if cos.ndim == 4 else cos, shape)
+            sin = np.broadcast_to(np.squeeze(sin, axis=1) if sin.ndim == 4 else sin, shape)
+        except ValueError:
+            raise Refuse(f"rotary tables of shape {cos.shape} do not broadcast to (B, 1, S, {rot.dim})") from None
+        return cos, sin, np.broadcast_to(pos, shape[:2])
+
+    cos, sin, _ = run(Scenario("tables", 1, max_len, 0))
+    half = rot.dim // 2
+    if not (np.allclose(cos[..., :half], cos[..., half:]) and np.allclose(sin[..., :half], sin[..., half:])):
+        raise Refuse("cos/sin are not two equal halves (not the rotate-half layout)")
+    cos_cache, sin_cache = cos[0, :, :half].astype(np.float32), sin[0, :, :half].astype(np.float32)
+    c2, s2, pos = run(Scenario("positions", 2, 4, 3))
+    if pos.max() >= max_len or not (np.allclose(c2[..., :half], cos_cache[pos], atol=1e-6)
+                                    and np.allclose(s2[..., :half], sin_cache[pos], atol=1e-6)):
+        raise Refuse("cos/sin are not a function of the position alone")
+    return cos_cache, sin_cache
+
+
+# -------------------------------------------------------------------------------------------------- rewrite
+class _Builder:
+    def __init__(self, graph: ir.Graph, prefix: str):
+        self.graph, self.prefix, self.count = graph, prefix, 0
+
+    def name(self, stem: str) -> str:
+        self.count += 1
+        return f"{self.prefix}/{stem}_{self.count}"
+
+    def const(self, arr: np.ndarray, stem: str) -> ir.Value:
+        v = ir.Value(name=self.name(stem), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+                     shape=ir.Shape(arr.shape), const_value=ir.tensor(arr))
+        self.graph.register_initializer(v)
+        return v
+
+    def node(self, op: str, inputs: list, before: ir.Node | None, domain: str = "", n_out: int = 1,
+             **attrs) -> ir.Node:
+        node = ir.node(op, inputs, attributes=attrs, domain=domain, num_outputs=n_out, name=self.name(op))
+        for o in node.outputs:
+            o.name = self.name(f"{op}_out")
+        if before is None:
+            self.graph.insert_before(self.graph[0], node) if len(self.graph) else self.graph.append(node)
+        else:
+            self.graph.insert_before(before, node)
+        return node
+
+
+def _flat(b: _Builder, x4: ir.Value, anchor: ir.Node) -> ir.Value:
+    """(B, S, N, H) -> (B, S, N*H): reuse the Reshape source when x4 is a Reshape of a 3-D value."""
+    r = _prod(x4, "Reshape")
+    dx = _dims(x4)
+    if r is not None and (d := _dims(r.inputs[0])) is not None and len(d) == 3:
+        if isinstance(d[2], int) and d[2] == dx[2] * dx[3] and d[:2] == dx[:2]:
+            return r.inputs[0]
+    shape = b.const(np.array([0, 0, -1], dtype=np.int64), "flat_shape")
+    out = b.node("Reshape", [x4, shape], anchor).outputs[0]
+    out.dtype = x4.dtype
+    out.shape = ir.Shape([dx[0], dx[1], dx[2] * dx[3]])
+    return out
+
+
+def _bnsh_to_flat(b: _Builder, x: ir.Value, anchor: ir.Node) -> ir.Value:
+    t = b.node("Transpose", [x], anchor, perm=[0, 2, 1, 3]).outputs[0]
+    t.dtype = x.dtype
+    dx = _dims(x)
+    t.shape = ir.Shape([dx[0], dx[2], dx[1], dx[3]])
+    return _flat(b, t, anchor)
+
+
+def _seq_inputs(b: _Builder, mask: ir.Value, opset: int) -> tuple[ir.Value, ir.Value]:
+    """seqlens_k = int32(ReduceSum(mask, 1) - 1), total = int32(mask.shape[1]), inserted at the graph's start."""
+    m64 = b.node("Cast", [mask], None, to=ir.DataType.INT64).outputs[0]
+    axes = b.const(np.array([1], dtype=np.int64), "axes")
+    total = b.node("ReduceSum", [m64, axes], None, keepdims=0).outputs[0]
+    one = b.const(np.array(1, dtype=np.int64), "one")
+    seqlens = b.node("Cast", [b.node("Sub", [total, one], None).outputs[0]], None, to=ir.DataType.INT32).outputs[0]
+    shp = b.node("Shape", [mask], None, start=1, end=2).outputs[0]
+    if opset >= 13:
+        sq = b.node("Squeeze", [shp, b.const(np.array([0], dtype=np.int64), "axes")], None).outputs[0]
+    else:
+        sq = b.node("Squeeze", [shp], None, axes=[0]).outputs[0]
+    tot = b.node("Cast", [sq], None, to=ir.DataType.INT32).outputs[0]
+    seqlens.dtype, seqlens.shape = ir.DataType.INT32, ir.Shape([mask.shape[0]])
+    tot.dtype, tot.shape = ir.DataType.INT32, ir.Shape([])
+    # The new nodes were each inserted at the front: put them back in dependency order.
+    return seqlens, tot
+
+
+def _replace(old: ir.Value, new: ir.Value) -> None:
+    name, was_output = old.name, old.is_graph_output()
+    if new.shape is None:
+        new.shape = old.shape
+    if new.type is None:
+        new.type = old.type
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if was_output:
+        old.name = None
+        new.name = name
+
+
+@register_pass
+class FuseGQA(Pass):
+    """Causal self-attention with rotary and KV cache -> com.microsoft GroupQueryAttention."""
+
+    name = "fuse-gqa"
+    level = 2
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        graph = model.graph
+        opset = model.opset_imports.get("", 17)
+        max_len = int(ctx.option("max_seq_len") or DEFAULT_MAX_SEQ_LEN)
+        has_past = any(_role(v) == "past" for v in graph.inputs)
+        b = _Builder(graph, "fuse-gqa")
+        seq_cache: dict[int, tuple[ir.Value, ir.Value]] = {}
+        mask_cache: dict[int, tuple[ir.Value, int]] = {}
+        rot_cache: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
+        counts: dict[str, int] = {}
+        for sm in [n for n in graph if n.op_type == "Softmax" and n.domain == ""]:
+            try:
+                site = _parse_site(sm)
+                if site.head % 8:
+                    raise Refuse(f"head size {site.head} is not a multiple of 8 (GroupQueryAttention)")
+                if site.past_k is not None and dims_of(site.past_k)[1] != site.kv_heads:
+                    raise Refuse("the past KV is not BNSH with the KV head count")
+                if id(site.mask) not in mask_cache:
+                    mask_cache[id(site.mask)] = _probe_mask(model, site, has_past, max_len)
+                mask_in, window = mask_cache[id(site.mask)]
+                do_rotary = site.rotary is not None and site.head % 16 == 0 and (site.rotary.dim // 2) % 8 == 0
+                caches = None
+                if do_rotary:
+                    key = (id(site.rotary.cos), id(site.rotary.sin))
+                    if key not in rot_cache:
+                        cos, sin = _probe_rotary(model, site.rotary, max_len)
+                        dt = site.q.dtype.numpy()
+                        rot_cache[key] = (b.const(cos.astype(dt), "cos_cache"), b.const(sin.astype(dt), "sin_cache"))
+                    caches = rot_cache[key]
+            except Refuse as exc:
+                if sm.outputs[0].uses():
+                    ctx.notes.append(f"fuse-gqa: attention at {sm.name} not fused: {exc}")
+                continue
+            if id(mask_in) not in seq_cache:
+                seq_cache[id(mask_in)] = _seq_inputs(b, mask_in, opset)
+            seqlens, total = seq_cache[id(mask_in)]
+            anchor = site.anchor
+            if do_rotary:
+                q, k = _flat(b, site.q, anchor), _flat(b, site.k, anchor)
+            else:
+                q, k = _bnsh_to_flat(b, site.q_rot, anchor), _bnsh_to_flat(b, site.k_rot, anchor)
+            v = _flat(b, site.v, anchor)
+            inputs = [q, k, v, site.past_k, site.past_v, seqlens, total]
+            attrs = dict(num_heads=site.num_heads, kv_num_heads=site.kv_heads, scale=float(site.scale),
+                         local_window_size=window, do_rotary=int(do_rotary), rotary_interleaved=0)
+            if caches:
+                inputs += list(caches)
+            node = b.node("GroupQueryAttention", inputs, anchor, domain=MS, n_out=3, **attrs)
+            out, pk, pv = node.outputs
+            out.dtype = site.out.dtype
+            for new, old in ((pk, site.present_k), (pv, site.present_v)):
+                new.dtype = old.dtype
+                new.shape = old.shape
+            _replace(site.out, out)
+            if site.past_k is not None or site.present_k.is_graph_output():
+                _replace(site.present_k, pk)
+                _replace(site.present_v, pv)
+            counts["fuse-gqa"] = counts.get("fuse-gqa", 0) + 1
+            counts["fuse-gqa/rotary-inside" if do_rotary else "fuse-gqa/rotary-outside"] = \
+                counts.get("fuse-gqa/rotary-inside" if do_rotary else "fuse-gqa/rotary-outside", 0) + \
+                (1 if site.rotary is not None else 0)
+        if counts:
+            if MS not in model.opset_imports:
+                model.opset_imports[MS] = 1
+            graph.sort()
+        counts = {k: v for k, v in counts.items() if v}
+        return PassResult(model, bool(counts), counts)
