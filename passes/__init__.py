@@ -7,3 +7,6 @@ from . import (  # noqa: F401  (imported for registration)
     remove_noops,
     sort_topologically,
 )
+from . import fuse_gqa  # noqa: F401
+from . import convert_fp16  # noqa: F401
+from . import quantize_int4  # noqa: F401
