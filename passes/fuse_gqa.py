@@ -405,6 +405,10 @@ def _probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tu
     vis, _ = run(long)
     window = int(vis[0, -1].sum())
     window = window if window < vis.shape[-1] else -1
+    if window > 0:   # the window's edge, crossed inside a prefill and by a decode step
+        scenarios.append((Scenario("window-prefill", 1, window + 5, 0), 0))
+        if has_past:
+            scenarios.append((Scenario("window-decode", 2, 1, window + 3), 0))
     for sc, pad in scenarios:
         vis, m = run(sc, pad)
         i = np.arange(sc.seq)[:, None] + sc.past
