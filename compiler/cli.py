@@ -92,10 +92,24 @@ def _load_plugins(plugins: tuple[str, ...]) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for verification inputs.")
 @click.option("--external-data/--no-external-data", default=None, help="Force weights into (or out of) a .data file.")
 @click.option("--max-seq-len", type=int, default=None, help="Maximum sequence length for rotary caches.")
+@click.option("--quantize", default=None, metavar="int4[:METHOD]",
+              help="Quantize linear layers to int4 MatMulNBits; METHOD rtn, lsq (default) or hqq.")
+@click.option("--block-size", type=int, default=None, help="Quantization block size (power of 2 >= 16; default 32).")
+@click.option("--symmetric/--asymmetric", default=None, help="Symmetric (no zero points) or asymmetric (default).")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="Keep in float the layers whose node or weight name matches this glob (repeatable).")
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None,
+              help="Calibration inputs (.npz) for methods that use activations.")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="MatMulNBits accuracy_level (default 4 on cpu: int8 compute; 0 on cuda).")
+@click.option("--io-fp16", is_flag=True, help="fp16 graph inputs and outputs (--target cuda).")
+@click.option("--approximate-gelu", is_flag=True, help="Allow erf GELU to become the tanh approximation (FastGelu).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or tables.")
 def compile_cmd(model: Path, level: int, target: str, output: Path | None, report: Path | None, passes: str | None,
                 disable: tuple[str, ...], plugin: tuple[str, ...], explain_rule: str | None, no_verify: bool,
                 verify_inputs: str | None, seed: int, external_data: bool | None, max_seq_len: int | None,
+                quantize: str | None, block_size: int | None, symmetric: bool | None, exclude: tuple[str, ...],
+                calibration: str | None, accuracy_level: int | None, io_fp16: bool, approximate_gelu: bool,
                 quiet: bool) -> int:
     """Compile MODEL and write a verified, optimized model."""
     from . import driver
@@ -109,6 +123,11 @@ def compile_cmd(model: Path, level: int, target: str, output: Path | None, repor
     options = {}
     if max_seq_len is not None:
         options["max_seq_len"] = max_seq_len
+    if io_fp16:
+        options["io_fp16"] = True
+    if approximate_gelu:
+        options["approximate_gelu"] = True
+    options.update(_quantize_options(quantize, block_size, symmetric, exclude, calibration, accuracy_level))
 
     def progress(rec) -> None:
         if not quiet:
@@ -127,6 +146,21 @@ def compile_cmd(model: Path, level: int, target: str, output: Path | None, repor
     if not quiet:
         _print_summary(rep)
     return 0
+
+
+def _quantize_options(quantize: str | None, block_size: int | None, symmetric: bool | None,
+                      exclude: tuple[str, ...], calibration: str | None, accuracy_level: int | None) -> dict:
+    """--quantize and its companions as options (checked by the quantize pass before anything runs)."""
+    given = {"--block-size": block_size, "--symmetric/--asymmetric": symmetric, "--exclude": exclude or None,
+             "--calibration": calibration, "--accuracy-level": accuracy_level}
+    if quantize is None:
+        stray = [k for k, v in given.items() if v is not None]
+        if stray:
+            raise UsageError(f"{stray[0]} needs --quantize")
+        return {}
+    opts = {"quantize": quantize, "block_size": block_size, "symmetric": symmetric,
+            "exclude": list(exclude) or None, "calibration": calibration, "accuracy_level": accuracy_level}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def _explain(model: Path, rule_name: str, level: int, target: str, passes: str | None,
@@ -173,8 +207,23 @@ def _print_summary(rep: dict) -> None:
     if v["status"] == "passed":
         worst = max((o["max_rel"] for s in v["scenarios"] for o in s["outputs"]), default=0.0)
         err.print(f"verified: {len(v['scenarios'])} scenarios, worst relative error {worst:.2e}", markup=False)
+        if any("quantized_outputs" in s for s in v["scenarios"]):
+            qw = max((o["max_rel"] for s in v["scenarios"] for o in s["quantized_outputs"]), default=0.0)
+            err.print(f"verified: quantized model == its dequantized-weights twin (accuracy_level 0), worst "
+                      f"relative error {qw:.2e}", markup=False)
     else:
         err.print(f"verification {v['status']}: {v.get('reason', '')}", markup=False)
+    q = rep.get("quantization")
+    if q:
+        err.print(f"quantized: {q['matmul_nbits']} MatMulNBits, {q['gather_block_quantized']} GatherBlockQuantized "
+                  f"({q['method']}, block {q['block_size']}, {'symmetric' if q['symmetric'] else 'asymmetric'}, "
+                  f"accuracy_level {q['accuracy_level']}); weights {q['weight_bytes_before'] / 2**20:.1f} -> "
+                  f"{q['weight_bytes_after'] / 2**20:.1f} MiB", markup=False)
+        s = q["error"].get("summary", {})
+        if s:
+            parts = [f"{k} {s[k]:.4f}" for k in ("cosine", "pooled_cosine", "top1_agreement") if k in s]
+            err.print(f"quantization error vs input ('{s['output']}'): max abs {s['max_abs']:.3g}, relative "
+                      f"{s['max_rel']:.3g}" + (", " + ", ".join(parts) if parts else ""), markup=False)
     for note in rep["notes"]:
         err.print(f"note: {note}", markup=False)
     err.print(f"wrote {', '.join(rep['written'])} in {rep['seconds']['total']:.2f} s", markup=False)

@@ -93,6 +93,10 @@ def compile(model: Any, level: int = 3, target: str = "cpu", *, output: str | os
 
         ctx = pm.PassContext(level=level, target=target, options=dict(options or {}))
         chosen = pipelines.build_pipeline(ctx, passes, tuple(disable))
+        quantize = ctx.option("quantize") is not None
+        if quantize:
+            chosen = _with_quantize(chosen, ctx, scratch)
+        input_external = irio.uses_external_data(ir_model)
         before = op_histogram(ir_model)
         nodes_before = sum(before.values())
         weights = irio.weight_bytes(ir_model)
@@ -102,15 +106,29 @@ def compile(model: Any, level: int = 3, target: str = "cpu", *, output: str | os
         compile_seconds = time.perf_counter() - t0
         _stamp(ir_model)
         after = op_histogram(ir_model)
+        weights_after = irio.weight_bytes(ir_model)
 
         destination = out_path if out_path is not None else scratch / "compiled.onnx"
+        if external_data is None and quantize and not input_external:
+            # Quantized tensors referenced from a scratch file are not the input's external data: keep the layout
+            # the input had unless the output is large.
+            external_data = irio.weight_bytes(ir_model) > irio.EXTERNAL_DATA_THRESHOLD_BYTES
         t0 = time.perf_counter()
         with irio.staged_save(ir_model, destination, external_data=external_data) as staged:
             save_seconds = time.perf_counter() - t0
             irio.release_weights(ir_model)  # the weights are on disk now; let their pages go before verifying
             verification: dict[str, Any] = {"status": "not run", "reason": "--no-verify"}
+            quality: dict[str, Any] = {}
             t0 = time.perf_counter()
-            if verify and reference is not None:
+            quantized = quantize and any(numeric.QUANT_META in n.meta for n in ir_model.graph)
+            if verify and reference is not None and quantized:
+                rep, quality = _verify_quantized(ir_model, reference, staged.model_file, scratch, seed=seed,
+                                                 inputs=feeds, weight_bytes=weights, memory_budget=memory_budget,
+                                                 tolerance_dtype=ctx.option("tolerance_dtype"))
+                verification = rep.to_dict()
+                if rep.status == "failed":
+                    raise VerificationError(f"verification failed: {rep.reason}; nothing was written")
+            elif verify and reference is not None:
                 rep = numeric.verify_files(reference, staged.model_file, ir_model, seed=seed, inputs=feeds,
                                            weight_bytes=weights, memory_budget=memory_budget,
                                            tolerance_dtype=ctx.option("tolerance_dtype"))
@@ -127,7 +145,8 @@ def compile(model: Any, level: int = 3, target: str = "cpu", *, output: str | os
             "written": [str(p) for p in written],
             "level": level,
             "target": target,
-            "pipeline": passes if passes is not None else pipelines.pipeline_text(level, target),
+            "pipeline": (",".join(p.name for p in chosen) if quantize else
+                         passes if passes is not None else pipelines.pipeline_text(level, target)),
             "disabled": list(disable),
             "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "modified": r.modified,
                         "counts": r.counts, "nodes_after": r.nodes_after} for r in manager.records],
@@ -139,11 +158,62 @@ def compile(model: Any, level: int = 3, target: str = "cpu", *, output: str | os
             "weight_bytes": weights,
             "notes": ctx.notes,
             "verification": verification,
+            **({"quantization": _quant_report(ctx, weights, weights_after, after, quality)}
+               if quantize else {}),
             "seconds": {"load": round(load_seconds, 3), "passes": round(compile_seconds, 3),
                         "save": round(save_seconds, 3), "verify": round(verify_seconds, 3),
                         "total": round(time.perf_counter() - started, 3)},
         }
     return CompileResult(report, out_path, proto)
+
+
+def _with_quantize(chosen: list[pm.Pass], ctx: pm.PassContext, scratch: Path) -> list[pm.Pass]:
+    """The pipeline with quantize-int4 (then eliminate-dead) before its final sort-topologically, or appended.
+
+    The quantize pass runs last so that it sees the fused (packed QKV, gate-up) MatMuls; quantized tensors are
+    written to the compile's scratch folder as they are made. Options are checked before any pass runs.
+    """
+    from onnxc.passes import quantize_int4
+
+    quantize_int4.options_of(ctx)  # a bad --quantize / --block-size fails now, not after the pipeline
+    ctx.options.setdefault("scratch_dir", str(scratch))
+    if any(p.name == quantize_int4.QuantizeInt4.name for p in pm.flatten(chosen)):
+        return chosen
+    tail = [pm.get_pass("quantize-int4"), pm.get_pass("eliminate-dead")]
+    if chosen and chosen[-1].name == "sort-topologically":
+        return chosen[:-1] + tail + chosen[-1:]
+    return chosen + tail + [pm.get_pass("sort-topologically")]
+
+
+def _verify_quantized(model: ir.Model, reference: Path, compiled: Path, scratch: Path, **kw: Any
+                      ) -> tuple[numeric.VerifyReport, dict[str, Any]]:
+    """Check the staged quantized model against its float twins (compiler/verify.py), one model at a time.
+
+    The in-memory model is rewritten into the twins here: it is already saved and not used after."""
+    exact = numeric.accuracy_level_zero_copy(compiled)
+    swaps = numeric.float_twins(model)
+    paths = {}
+    for which in ("dequantized", "unquantized"):
+        for value, deq, src in swaps:
+            value.const_value = deq if which == "dequantized" else src
+        path = scratch / f"{which}.onnx"
+        ir.save(model, path, external_data=path.name + ".data", size_threshold_bytes=irio.INLINE_TENSOR_MAX_BYTES)
+        irio.release_weights(model)
+        paths[which] = path
+    return numeric.verify_quantized(reference, compiled, exact, paths["dequantized"], paths["unquantized"], model,
+                                    **kw)
+
+
+def _quant_report(ctx: pm.PassContext, bytes_before: int, bytes_after: int, ops_after: dict[str, int],
+                  quality: dict[str, Any]) -> dict[str, Any]:
+    from onnxc.passes import quantize_int4
+
+    o = quantize_int4.options_of(ctx)
+    return {"method": f"int4:{o.method}", "block_size": o.block_size, "symmetric": o.symmetric,
+            "accuracy_level": o.accuracy_level, "exclude": list(o.exclude),
+            "matmul_nbits": ops_after.get("com.microsoft.MatMulNBits", 0),
+            "gather_block_quantized": ops_after.get("com.microsoft.GatherBlockQuantized", 0),
+            "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after, "error": quality}
 
 
 def _rule_totals(records: list[pm.PassRecord]) -> dict[str, int]:

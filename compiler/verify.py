@@ -94,6 +94,9 @@ def _gather_bound(v: ir.Value, depth: int = 4) -> int | None:
                         return int(t.shape[axis])
                 if node.op_type in ("GatherBlockQuantized",) and use.idx == 1:
                     t = node.inputs[0].const_value
+                    p = node.inputs[0].producer()
+                    if t is None and p is not None and p.op_type == "Reshape":  # a MatMulNBits B as its table
+                        t = p.inputs[0].const_value
                     if t is not None:
                         return int(t.shape[0])
                 if node.op_type == "EmbedLayerNormalization" and use.idx in (0, 1):
@@ -308,3 +311,189 @@ def load_inputs(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
             return [{k: data[k] for k in data.files}]
     except Exception as exc:
         raise UsageError(f"--verify-inputs {path}: cannot read ({first_line(exc)})") from None
+
+
+# ---------------------------------------------------------------------------------------------------- quantized
+# A quantized model is checked against two float twins built from it (float_twins): the same graph with each
+# quantized weight replaced by its dequantized values (must agree with the quantized model run at accuracy_level 0,
+# to float tolerance), and with each quantized weight replaced by the float weight it came from (must agree with
+# the input model: that checks every other pass). The error of the model as emitted against the input is reported,
+# never failed on.
+QUANT_META = "onnxc.quantize"   # node.meta key set by quantize passes: .weight (K, N) float tensor, .bias, .kind
+
+
+def float_twins(model: ir.Model) -> list[tuple[ir.Value, ir.TensorProtocol, ir.TensorProtocol]]:
+    """Rewrite, in place, every MatMulNBits / GatherBlockQuantized node that carries QUANT_META into
+    MatMul(A, W) (+ bias) / Gather(table, ids). Returns (weight value, dequantized tensor, source tensor) for each,
+    so the caller picks a twin with `value.const_value = ...`. Both tensors are lazy."""
+    from onnxc.kernels.matmul_nbits import dequantize
+
+    graph = model.graph
+    swaps = []
+
+    def lazy(fn, dtype, shape):
+        return ir.LazyTensor(lambda: ir.tensor(fn()), dtype=dtype, shape=ir.Shape(list(shape)))
+
+    for node in list(graph):
+        src = node.meta.get(QUANT_META)
+        if src is None or node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+            continue
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        bits, block = int(attrs.get("bits", 4)), int(attrs.get("block_size", 128 if node.op_type != "MatMulNBits"
+                                                                              else 32))
+        data = node.inputs[0] if node.op_type == "GatherBlockQuantized" else node.inputs[1]
+        reshape = data.producer() if data.const_value is None else None
+        b = (reshape.inputs[0] if reshape is not None else data).const_value
+        s = node.inputs[2].const_value
+        z = node.inputs[3].const_value if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        n, kb = (int(d) for d in s.shape)
+        k = int(attrs["K"]) if "K" in attrs else kb * block
+        dt = s.dtype
+
+        def deq(b=b, s=s, z=z, k=k, n=n):
+            return dequantize(b.numpy(), s.numpy(), None if z is None else z.numpy(), K=k, N=n, bits=bits,
+                              block_size=block).astype(dt.numpy())
+
+        if node.op_type == "MatMulNBits":
+            w = ir.Value(name=f"{node.name}_float_weight", shape=ir.Shape([k, n]), type=ir.TensorType(dt))
+            new = [ir.Node("", "MatMul", [node.inputs[0], w])]
+            if len(node.inputs) > 5 and node.inputs[5] is not None:
+                new.append(ir.Node("", "Add", [new[0].outputs[0], node.inputs[5]]))
+            swaps.append((w, lazy(deq, dt, (k, n)), src.weight))
+        else:
+            w = ir.Value(name=f"{node.name}_float_table", shape=ir.Shape([n, k]), type=ir.TensorType(dt))
+            new = [ir.Node("", "Gather", [w, node.inputs[1]], attributes=[ir.AttrInt64("axis", 0)])]
+            swaps.append((w, lazy(lambda f=deq: np.ascontiguousarray(f().T), dt, (n, k)),
+                          lazy(lambda t=src.weight: np.ascontiguousarray(np.asarray(t.numpy()).T), dt, (n, k))))
+        w.const_value = swaps[-1][1]
+        graph.register_initializer(w)
+        out = node.outputs[0]
+        new[-1].outputs[0].shape, new[-1].outputs[0].type = out.shape, out.type
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new, [out], [new[-1].outputs[0]])
+        if reshape is not None and not reshape.outputs[0].uses():
+            graph.remove(reshape, safe=True)
+    for v in list(graph.initializers.values()):
+        if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
+            graph.initializers.pop(v.name)
+    return swaps
+
+
+def accuracy_level_zero_copy(model_file: Path) -> Path:
+    """A copy of a saved model (beside it, sharing its external data) with every MatMulNBits at accuracy_level 0:
+    exact float compute, so it can be compared with the dequantized twin to float tolerance."""
+    import onnx
+
+    proto = onnx.load(str(model_file), load_external_data=False)
+    changed = False
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level" and a.i != 0:
+                    a.i, changed = 0, True
+    if not changed:
+        return model_file
+    out = model_file.with_name(".acc0." + model_file.name)
+    onnx.save(proto, str(out))
+    return out
+
+
+def quality(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Error of each float output against the reference: max abs, relative (to max |ref|), mean cosine over rows
+    of the last axis; for 3-D outputs the cosine of mean-pooled rows (sentence embeddings); for logits, the share
+    of positions whose top-1 token agrees."""
+    rows = []
+    for name, r in ref.items():
+        g = got[name]
+        if r.dtype.kind != "f" or r.shape != g.shape or r.size == 0:
+            continue
+        r64, g64 = r.astype(np.float64), g.astype(np.float64)
+        err = float(np.abs(r64 - g64).max())
+        row: dict[str, Any] = {"name": name, "max_abs": err, "max_rel": err / max(float(np.abs(r64).max()), 1e-30)}
+        if r.ndim >= 2:
+            row["cosine"] = _mean_cosine(r64.reshape(-1, r.shape[-1]), g64.reshape(-1, r.shape[-1]))
+        if r.ndim == 3:
+            row["pooled_cosine"] = _mean_cosine(r64.mean(axis=1), g64.mean(axis=1))
+        if "logits" in name.lower():
+            row["top1_agreement"] = float((r.argmax(-1) == g.argmax(-1)).mean())
+        rows.append(row)
+    return rows
+
+
+def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
+    ok = (na > 0) & (nb > 0)
+    return float(((a * b).sum(-1)[ok] / (na[ok] * nb[ok])).mean()) if ok.any() else 1.0
+
+
+def verify_quantized(reference: str | os.PathLike, compiled: str | os.PathLike, exact: str | os.PathLike,
+                     dequantized: str | os.PathLike, unquantized: str | os.PathLike, model: ir.Model, *,
+                     seed: int = 0, inputs: list[dict[str, np.ndarray]] | None = None, weight_bytes: int = 0,
+                     memory_budget: int | None = None, tolerance_dtype: str | None = None
+                     ) -> tuple[VerifyReport, dict[str, Any]]:
+    """Check a quantized model and measure its error (module section comment). `exact` is the compiled model at
+    accuracy_level 0, `dequantized` and `unquantized` its float twins. Returns (report, quality)."""
+    budget = memory_budget if memory_budget is not None else int(available_memory() * 0.7)
+    need = int(weight_bytes * 2.5)
+    if need > budget:
+        return VerifyReport("skipped", f"one model needs about {need >> 20} MiB, over the {budget >> 20} MiB "
+                            "memory budget; per-rewrite checks still ran", seed), {}
+    if inputs is None:
+        scenarios = scenarios_for(model)
+        feeds_list = [make_inputs(model, sc, seed + k) for k, sc in enumerate(scenarios)]
+        names = [asdict(sc) for sc in scenarios]
+    else:
+        feeds_list = inputs
+        names = [{"name": f"user-{k}"} for k in range(len(inputs))]
+
+    def run(path, what):
+        try:
+            return run_model(path, feeds_list)
+        except Exception as exc:
+            raise VerificationError(f"verification failed: onnxruntime cannot run the {what} ({first_line(exc)})"
+                                    ) from None
+
+    try:
+        refs = run_model(reference, feeds_list)
+    except Exception as exc:
+        raise VerificationError(f"cannot verify: onnxruntime cannot run the input model ({first_line(exc)}); "
+                                "use --no-verify to skip") from None
+    report = VerifyReport("passed", "", seed)
+    steps = (("outputs", run(unquantized, "compiled model with float weights"), refs,
+              "the compiled model with its float weights differs from the input"),
+             ("quantized_outputs", run(exact, "quantized model"), run(dequantized, "dequantized-weights model"),
+              "the quantized model (accuracy_level 0) differs from the same model with dequantized weights"))
+    for k, (sc, feeds) in enumerate(zip(names, feeds_list)):
+        entry: dict[str, Any] = {**sc, "inputs": {n: list(v.shape) for n, v in feeds.items()}}
+        for key, gots, wants, what in steps:
+            want, got = wants[k], gots[k]
+            if sc.get("pad"):
+                want, got = _valid_rows(want, sc), _valid_rows(got, sc)
+            checks = [compare(want[n], got[n], n, tolerance_dtype) for n in want]
+            entry[key] = [asdict(c) for c in checks]
+            bad = [c for c in checks if not c.ok]
+            if bad and report.status == "passed":
+                worst = max(bad, key=lambda c: c.max_rel)
+                report.status = "failed"
+                report.reason = (f"{what}: output '{worst.name}' in scenario '{sc['name']}', max abs error "
+                                 f"{worst.max_abs:.3g} (relative {worst.max_rel:.3g}), tolerance rtol={worst.rtol:g} "
+                                 f"atol={worst.atol:.3g}")
+        report.scenarios.append(entry)
+    emitted = run(compiled, "quantized model")
+    per = [{"name": sc["name"], "outputs": quality(_valid_rows(r, sc) if sc.get("pad") else r,
+                                                    _valid_rows(g, sc) if sc.get("pad") else g)}
+           for sc, r, g in zip(names, refs, emitted)]
+    return report, {"against": "input model", "scenarios": per, "summary": summarize_quality(per)}
+
+
+def summarize_quality(per: list[dict[str, Any]]) -> dict[str, float]:
+    """The first output's worst relative error, lowest cosine / pooled cosine / top-1 agreement over scenarios."""
+    out: dict[str, float] = {}
+    firsts = [s["outputs"][0] for s in per if s["outputs"]]
+    for key, pick in (("max_rel", max), ("max_abs", max), ("cosine", min), ("pooled_cosine", min),
+                      ("top1_agreement", min)):
+        vals = [o[key] for o in firsts if key in o]
+        if vals:
+            out[key] = pick(vals)
+    if firsts:
+        out["output"] = firsts[0]["name"]
+    return out

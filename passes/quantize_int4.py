@@ -1,0 +1,369 @@
+"""quantize-int4
+
+    MatMul(A, W)                          ->  MatMulNBits(A, B, s, z?)                  W constant (K, N)
+    MatMul(A, Transpose(Wt))              ->  MatMulNBits(A, B, s, z?)                  W = Wt^T
+    FusedMatMul(A, W; alpha, transB)      ->  MatMulNBits(A, B, s, z?)                  W = alpha op(W)
+    Gemm(A, W, C?; alpha, beta, transB)   ->  MatMulNBits(A, B, s, z?, bias = beta C)   W = alpha op(W)
+    MatMulNBits(A, ...) + b               ->  MatMulNBits(A, ..., bias = b)             b constant, N elements
+    Gather(E, ids), E^T == some W above   ->  GatherBlockQuantized(Reshape(B, [N, K/2]), ids, s, z?)
+
+with W[k, n] ~ (code[n, k] - z[n, k / block]) * s[n, k / block] (kernels/quantize.py: rtn, lsq, hqq), B the codes
+packed two per byte (N, ceil(K / block), block / 2). MatMulNBits computes A @ W for any rank of A, so every
+constant-weight linear layer is covered, packed QKV and gate-up MatMuls included (the pass runs after the fusions).
+A tied embedding (its table equal to the lm_head's weight transposed, compared by value) becomes a
+GatherBlockQuantized over the lm_head's own B, so the model stores the table once (needs K % block == 0).
+
+Requires: A float or float16 with rank >= 2 when known; Gemm transA = 0; FusedMatMul transA = transBatchA =
+transBatchB = 0; a Gemm C that is constant and broadcasts to (N,). Skipped, with a note: K < block_size (a block of
+mostly padding buys nothing), excluded names (--exclude globs, on node and weight names).
+
+Options (ctx.option): quantize ("int4", "int4:rtn|lsq|hqq"), block_size (32), symmetric (False), exclude (globs),
+accuracy_level (4 on cpu, 0 on cuda), tied_embedding (True), scratch_dir (where quantized tensors are written).
+Streaming: each weight is read alone (memory-mapped weights are released after), quantized, and its tensors of at
+least SPILL_BYTES go to a scratch file that the model references lazily; peak memory stays a few times the largest
+weight. Each new node keeps its float source in node.meta["onnxc.quantize"] for verification (compiler/verify.py).
+"""
+from __future__ import annotations
+
+import atexit
+import fnmatch
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxc.errors import UsageError
+from onnxc.kernels import quantize as kq
+from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
+from onnxc.rules import const_tensor
+from onnxc.verify import QUANT_META as META  # node.meta key: the QuantSource a node replaced
+
+MS = "com.microsoft"
+SPILL_BYTES = 1 << 20            # quantized tensors at least this large live in the scratch file
+DEFAULT_METHOD = "lsq"
+DEFAULT_BLOCK = {"cpu": 32, "cuda": 32}
+DEFAULT_ACCURACY = {"cpu": 4, "cuda": 0}
+FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    method: str
+    block_size: int
+    symmetric: bool
+    accuracy_level: int
+    exclude: tuple[str, ...]
+    tied_embedding: bool
+
+
+def parse_method(text: str | None) -> str:
+    """'int4' or 'int4:METHOD' -> METHOD (UsageError otherwise)."""
+    text = (text or "int4").strip().lower()
+    scheme, _, method = text.partition(":")
+    if scheme != "int4" or (method and method not in kq.METHODS):
+        raise UsageError(f"--quantize: unknown value '{text}'; use int4 or int4:{{{','.join(kq.METHODS)}}}")
+    return method or DEFAULT_METHOD
+
+
+def options_of(ctx: PassContext) -> QuantOptions:
+    """Validated quantization options from the context (UsageError on a bad value)."""
+    method = parse_method(ctx.option("quantize"))
+    block = ctx.option("block_size") or DEFAULT_BLOCK.get(ctx.target, 32)
+    if not isinstance(block, int) or block < 16 or block & (block - 1):
+        raise UsageError(f"--block-size: {block} is not a power of 2 >= 16 (MatMulNBits requires one)")
+    symmetric = bool(ctx.option("symmetric", False))
+    if method == "hqq" and symmetric:
+        raise UsageError("--quantize int4:hqq fits a zero point per block: it cannot be --symmetric")
+    if ctx.option("calibration"):
+        raise UsageError(f"--calibration: no selected method uses calibration data (int4:{method} is data-free)")
+    level = ctx.option("accuracy_level", DEFAULT_ACCURACY.get(ctx.target, 0))
+    if level not in (0, 1, 2, 3, 4):
+        raise UsageError(f"accuracy_level must be 0-4, got {level}")
+    exclude = ctx.option("exclude") or ()
+    return QuantOptions(method, block, symmetric, int(level), tuple([exclude] if isinstance(exclude, str) else exclude),
+                        bool(ctx.option("tied_embedding", True)))
+
+
+@dataclass
+class QuantSource:
+    """The float weight a quantized node stands for: `weight` (K, N) (lazy), `bias` (N,) or None."""
+
+    weight: ir.TensorProtocol
+    bias: np.ndarray | None
+    kind: str                     # "matmul" or "gather"
+
+
+@dataclass
+class _Site:
+    node: ir.Node                 # the MatMul / Gemm / FusedMatMul
+    a: ir.Value
+    key: tuple                    # identifies the weight view (tensor, transposed, alpha)
+    name: str                     # weight name (for --exclude and new initializer names)
+    shape: tuple[int, int]        # (K, N)
+    dtype: ir.DataType
+    load: Callable[[], np.ndarray]   # W (K, N)
+    bias: np.ndarray | None
+    add: ir.Node | None           # a following Add folded into bias
+    source: ir.TensorProtocol     # W (K, N) as a lazy tensor for the float reference
+
+
+def _attr(node: ir.Node, name: str, default: Any) -> Any:
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _read(t: ir.TensorProtocol) -> np.ndarray:
+    arr = np.asarray(t.numpy())
+    if isinstance(t, ir.ExternalTensor):
+        arr = np.array(arr)   # own the data, then drop the mapping so its pages can leave memory
+        t.release()
+    return arr
+
+
+def _view(t: ir.TensorProtocol, transpose: bool, alpha: float) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        w = _read(t)
+        w = np.ascontiguousarray(w.T) if transpose else w
+        return w if alpha == 1.0 else (w * np.asarray(alpha, w.dtype)).astype(w.dtype)
+    return load
+
+
+def _weight(node: ir.Node) -> tuple[ir.TensorProtocol, ir.Value, bool, float] | str:
+    """(tensor, value, transposed, alpha) of a linear node's weight, or why it has none."""
+    op = node.op_type
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    transpose, alpha = False, 1.0
+    if op == "Gemm":
+        if _attr(node, "transA", 0):
+            return "Gemm transA=1"
+        transpose, alpha = bool(_attr(node, "transB", 0)), float(_attr(node, "alpha", 1.0))
+    elif op == "FusedMatMul":
+        if _attr(node, "transA", 0) or _attr(node, "transBatchA", 0) or _attr(node, "transBatchB", 0):
+            return "FusedMatMul with transA or batch transposes"
+        transpose, alpha = bool(_attr(node, "transB", 0)), float(_attr(node, "alpha", 1.0))
+    t = const_tensor(w)
+    if t is None and w is not None and w.producer() is not None and w.producer().op_type == "Transpose":
+        p = w.producer()
+        perm = _attr(p, "perm", None)
+        inner = const_tensor(p.inputs[0])
+        if inner is not None and len(inner.shape) == 2 and (perm is None or list(perm) == [1, 0]):
+            t, transpose = inner, not transpose
+    if t is None:
+        return "weight is not constant"
+    if len(t.shape) != 2:
+        return f"weight has rank {len(t.shape)}, not 2"
+    return t, w, transpose, alpha
+
+
+def _bias_vector(t: ir.TensorProtocol | None, n: int, scale: float = 1.0) -> np.ndarray | None:
+    """A constant that broadcasts to (N,) as an (N,) array, else None."""
+    if t is None:
+        return None
+    shape = tuple(int(d) for d in t.shape)
+    if int(np.prod(shape)) not in (1, n) or any(d != 1 for d in shape[:-1]):
+        return None
+    b = np.asarray(t.numpy()).reshape(-1)
+    b = np.broadcast_to(b, (n,)) * np.asarray(scale, b.dtype)
+    return np.ascontiguousarray(b.astype(t.dtype.numpy()))
+
+
+def _following_add(node: ir.Node, n: int, dtype: ir.DataType) -> tuple[ir.Node, np.ndarray] | None:
+    """An Add of a constant (N,) bias that is the only use of the node's output."""
+    y = node.outputs[0]
+    uses = list(y.uses())
+    if len(uses) != 1 or y.is_graph_output() or uses[0].node.op_type != "Add" or uses[0].node.domain not in ("", "ai.onnx"):
+        return None
+    add = uses[0].node
+    other = add.inputs[1 - uses[0].idx]
+    t = const_tensor(other)
+    if t is None or t.dtype != dtype or len(t.shape) > 1 and (y.shape is None or len(t.shape) > len(y.shape)):
+        return None
+    b = _bias_vector(t, n)
+    return None if b is None or (len(t.shape) and int(t.shape[-1]) != n) else (add, b)
+
+
+def find_sites(graph: ir.Graph, opts: QuantOptions, notes: list[str]) -> list[_Site]:
+    """Every linear node with a constant 2-D weight that can become MatMulNBits (skips are noted)."""
+    sites = []
+    for node in graph:
+        if node.op_type not in ("MatMul", "Gemm", "FusedMatMul") or \
+                node.domain not in (("", "ai.onnx") if node.op_type != "FusedMatMul" else (MS,)):
+            continue
+        got = _weight(node)
+        if isinstance(got, str):
+            continue
+        t, w, transpose, alpha = got
+        a = node.inputs[0]
+        shape = tuple(int(d) for d in (t.shape[::-1] if transpose else t.shape))
+        k, n = shape
+        wname = (w.name if w.producer() is None else w.producer().inputs[0].name) or node.name or "weight"
+        why = None
+        if a.dtype not in FLOATS or t.dtype != a.dtype:
+            why = f"activation type {a.dtype} (MatMulNBits takes float or float16 matching the weight)"
+        elif a.shape is not None and len(a.shape) < 2:
+            why = "activation has rank 1"
+        elif k < opts.block_size:
+            why = f"K={k} < block size {opts.block_size}"
+        elif any(fnmatch.fnmatchcase(x, p) for p in opts.exclude for x in (node.name or "", wname)):
+            why = "excluded"
+        bias, add = None, None
+        if why is None and node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            bias = _bias_vector(const_tensor(node.inputs[2]), n, float(_attr(node, "beta", 1.0)))
+            if bias is None:
+                why = "Gemm C is not a constant that broadcasts to (N,)"
+        if why is not None:
+            notes.append(f"quantize-int4: kept {node.op_type} '{node.name}' ({wname}) in float: {why}")
+            continue
+        if bias is None:
+            found = _following_add(node, n, a.dtype)
+            if found is not None:
+                add, bias = found
+        load = _view(t, transpose, alpha)
+        source = t if not transpose and alpha == 1.0 else ir.LazyTensor(lambda f=load: ir.tensor(f()), dtype=t.dtype,
+                                                                         shape=ir.Shape(list(shape)))
+        sites.append(_Site(node, a, (id(t), transpose, alpha), wname, shape, t.dtype, load, bias, add, source))
+    return sites
+
+
+class _Store:
+    """Quantized tensors: small ones in memory, large ones appended to one scratch file and mapped on use."""
+
+    def __init__(self, scratch: str | None):
+        self.dir = Path(scratch) if scratch else None
+        self.file: Path | None = None
+        self.offset = 0
+
+    def tensor(self, arr: np.ndarray, name: str) -> ir.TensorProtocol:
+        arr = np.ascontiguousarray(arr)
+        if arr.nbytes < SPILL_BYTES:
+            return ir.tensor(arr, name=name)
+        if self.file is None:
+            self.dir = self.dir or _process_scratch()
+            self.file = Path(tempfile.mkstemp(prefix="quantized-", suffix=".bin", dir=self.dir)[1])
+        with open(self.file, "ab") as f:
+            f.write(arr.tobytes())
+        path, offset, dtype, shape = str(self.file), self.offset, arr.dtype, arr.shape
+        self.offset += arr.nbytes
+        return ir.LazyTensor(lambda: ir.tensor(np.memmap(path, dtype, "r", offset, shape), name=name),
+                             dtype=ir.DataType.from_numpy(dtype), shape=ir.Shape(list(shape)), name=name)
+
+
+_SCRATCH: list[str] = []
+
+
+def _process_scratch() -> Path:
+    """A scratch folder for this process (removed at exit), used when the driver gives none."""
+    if not _SCRATCH:
+        _SCRATCH.append(tempfile.mkdtemp(prefix="onnxc-quantize-"))
+        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+    return Path(_SCRATCH[0])
+
+
+def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol, name: str, taken: set[str]) -> ir.Value:
+    base, k = name, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    v = ir.Value(name=name, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(v)
+    return v
+
+
+def _tied_gathers(graph: ir.Graph, done: dict[tuple, tuple], sites_by_key: dict[tuple, _Site], block: int
+                  ) -> list[tuple[ir.Node, tuple, _Site]]:
+    """Gather(E, ids) nodes whose table E (V, H) equals the transposed weight of a quantized site."""
+    found = []
+    for node in graph:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or _attr(node, "axis", 0) != 0:
+            continue
+        e = const_tensor(node.inputs[0])
+        if e is None or len(e.shape) != 2 or e.dtype not in FLOATS:
+            continue
+        v, h = (int(d) for d in e.shape)
+        if h % block:
+            continue
+        for key, site in sites_by_key.items():
+            if site.shape == (h, v) and site.dtype == e.dtype and key in done:
+                if np.array_equal(_read(e).T, site.load()):
+                    found.append((node, key, site))
+                    break
+    return found
+
+
+@register_pass
+class QuantizeInt4(Pass):
+    """Linear layers with constant weights -> int4 MatMulNBits (tied embedding -> GatherBlockQuantized)."""
+
+    name = "quantize-int4"
+    level = 1
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        opts = options_of(ctx)
+        graph = model.graph
+        sites = find_sites(graph, opts, ctx.notes)
+        if not sites:
+            return PassResult(model, False, {})
+        store = _Store(ctx.option("scratch_dir"))
+        taken = {v.name for v in graph.initializers.values()} | {v.name for n in graph for v in n.outputs}
+        done: dict[tuple, tuple[ir.Value, ir.Value, ir.Value | None]] = {}
+        counts: dict[str, int] = {}
+        started = time.perf_counter()
+        for site in sites:
+            if site.key not in done:
+                w = site.load()
+                b, s, z = kq.quantize(w, opts.method, opts.block_size, opts.symmetric)
+                del w
+                done[site.key] = tuple(None if x is None else _initializer(graph, store.tensor(x, f"{site.name}_{tag}"),
+                                                                            f"{site.name}_{tag}", taken)
+                                       for x, tag in ((b, "q4"), (s, "scales"), (z, "zero_points")))
+            qb, qs, qz = done[site.key]
+            k, n = site.shape
+            bias = None
+            if site.bias is not None:
+                bias = _initializer(graph, ir.tensor(site.bias), f"{site.name}_bias", taken)
+            inputs = [site.a, qb, qs, qz, None, bias]
+            while inputs[-1] is None:
+                inputs.pop()
+            new = ir.Node(MS, "MatMulNBits", inputs, attributes=[
+                ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4),
+                ir.AttrInt64("block_size", opts.block_size), ir.AttrInt64("accuracy_level", opts.accuracy_level)],
+                name=f"{site.node.name or site.name}_MatMulNBits")
+            new.meta[META] = QuantSource(site.source, site.bias, "matmul")
+            old_nodes = [site.node] + ([site.add] if site.add is not None else [])
+            old_out = old_nodes[-1].outputs[0]
+            new.outputs[0].shape, new.outputs[0].type = old_out.shape, old_out.type
+            ir.convenience.replace_nodes_and_values(graph, site.node, old_nodes, [new], [old_out], [new.outputs[0]])
+            kind = f"{site.node.op_type}+bias" if site.bias is not None else site.node.op_type
+            counts[kind] = counts.get(kind, 0) + 1
+        if opts.tied_embedding:
+            by_key = {s.key: s for s in sites}
+            for gather, key, site in _tied_gathers(graph, done, by_key, opts.block_size):
+                qb, qs, qz = done[key]
+                k, n = site.shape
+                shape = _initializer(graph, ir.tensor(np.array([n, k // 2], np.int64)), f"{site.name}_table_shape",
+                                     taken)
+                table = ir.Node("", "Reshape", [qb, shape], name=f"{gather.name or site.name}_table")
+                inputs = [table.outputs[0], gather.inputs[1], qs] + ([qz] if qz is not None else [])
+                new = ir.Node(MS, "GatherBlockQuantized", inputs, attributes=[
+                    ir.AttrInt64("gather_axis", 0), ir.AttrInt64("quantize_axis", 1),
+                    ir.AttrInt64("block_size", opts.block_size), ir.AttrInt64("bits", 4)],
+                    name=f"{gather.name or site.name}_GatherBlockQuantized")
+                new.meta[META] = QuantSource(site.source, None, "gather")
+                old_out = gather.outputs[0]
+                new.outputs[0].shape, new.outputs[0].type = old_out.shape, old_out.type
+                ir.convenience.replace_nodes_and_values(graph, gather, [gather], [table, new], [old_out],
+                                                        [new.outputs[0]])
+                counts["Gather-tied"] = counts.get("Gather-tied", 0) + 1
+        model.opset_imports.setdefault(MS, 1)
+        ctx.notes.append(f"quantize-int4: {len(done)} weights, int4:{opts.method}, block {opts.block_size}, "
+                         f"{'symmetric' if opts.symmetric else 'asymmetric'}, accuracy_level {opts.accuracy_level}, "
+                         f"{time.perf_counter() - started:.2f} s")
+        for v in list(graph.initializers.values()):
+            if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
+                graph.initializers.pop(v.name)
+        return PassResult(model, True, counts)
