@@ -10,3 +10,4 @@ from . import (  # noqa: F401  (imported for registration)
 from . import fuse_gqa  # noqa: F401
 from . import convert_fp16  # noqa: F401
 from . import quantize_int4  # noqa: F401
+from . import fuse_rms_norm  # noqa: F401
