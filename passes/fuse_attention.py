@@ -1,0 +1,636 @@
+"""fuse-attention: BERT- and GPT-2-style multi-head self-attention -> com.microsoft Attention / MultiHeadAttention
+
+With heads(t) = Transpose(Reshape(t, (B, S, N, H)), perm=(0, 2, 1, 3)) and M the additive mask:
+
+    P = Softmax(s_q*heads(q) @ s_k*Kt * s + M),   out = P @ V
+    q, k, v = x Wq + bq, x Wk + bk, x Wv + bv           ->  Attention(x, [Wq|Wk|Wv], [bq|bk|bv], mask)   fuse-attention
+    q, k, v = Split(x W + b)  (MatMul+Add or Gemm)      ->  Attention(x, W, b, mask)                     fuse-attention-packed
+    K = Concat(past_k, heads(k)), V = Concat(past_v, heads(v)), present = (K, V)
+                                                        ->  MultiHeadAttention(q, k, v, mask, past_k, past_v)
+                                                            -> (out, present_k, present_v)                fuse-attention-past
+
+The fused node's output y (B, S, N*H) replaces `out` as Transpose(Reshape(y, (0, 0, N, H)), (0, 2, 1, 3)); the
+cleanup after this pass folds that into the exporter's own Transpose/Reshape back to (B, S, hidden).
+
+Variants inside one pattern: Kt = Transpose(heads(k), (0,1,3,2)) or Transpose(Reshape(k), (0,2,3,1)) (or, with
+past, Transpose(K, (0,1,3,2))); the scale as Mul or Div on Q, on Kt, on both, or on the scores (product checked
+against 1/sqrt(H); `scale` is set when it differs); M as Add(scores, bias), Where(cond, scores, neg), or both;
+optional Casts around Softmax; the SDPA NaN guard Where(IsNaN(P), 0, P). Dynamo's Kt,
+Reshape(Transpose(Reshape(K, (-1, T, H)), (0, 2, 1)), (B, N, H, T)), is first rewritten to Transpose(K, (0,1,3,2))
+(rule fuse-attention-key-transpose, only where it feeds an attention Softmax), and what it leaves dead is dropped.
+
+The mask is recognized by what it computes, not by how an exporter spells it: its producers (up to graph inputs
+and constants) are evaluated in onnxruntime on probe inputs (two sizes, random 0/1 masks) and must read the data of
+one 2-D graph input m (B, T) and give keep[b, i, j] = m[b, j] != 0, optionally AND j <= T - S + i (causal), with
+hidden entries >= 1e4 below zero (or -inf). Then mask_index = Cast(m, int32) and unidirectional = causal.
+ORT adds mask_filter_value (-10000) for padding instead of -inf: equal wherever a query sees at least one key.
+Fully masked rows (a query whose visible keys are all padding: an all-zero mask row, or left-padding before the
+first token with causal masks) can only occur at padded positions; there the original gives 0 (SDPA NaN guard) or a
+uniform average (finite large negative), ORT a softmax of the unmasked scores. For bidirectional masks with a finite
+hidden value c, mask_filter_value = c, which reproduces the original exactly; otherwise the default is kept.
+
+Requires: N equal for Q, K and V (grouped KV heads are refused), head split keeping (B, S), softmax on the last
+axis, scale factors scalar constants, q and k straight from a linear projection (rotary embeddings are refused).
+Reference: kernels/attention.py.
+"""
+from __future__ import annotations
+
+import math
+import types
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
+from onnxc.rules import Rule, apply_rules, const_tensor
+from onnxc.shapes import Unknown, dims_of, sym_value
+from onnxc.verify import Scenario, make_inputs
+
+MS = "com.microsoft"
+LARGE_NEGATIVE = -1e4          # a hidden mask entry must be at most this (or -inf)
+ORT_MASK_FILTER = -10000.0     # ORT's default mask_filter_value
+MASK_CONE_MAX_NODES = 400
+_MASK_KEY = "onnxc.fuse_attention.mask"
+
+
+# ---------------------------------------------------------------------------------------------------- patterns
+def _core(op, qh, kt, vh, q_mul, q_div, k_mul, k_div, s_mul, s_div, bias, cond, neg):
+    """softmax(scale(Q) @ scale(Kt) * s + M) @ V, with the SDPA NaN guard optional."""
+    qs = op.Or(op.Mul(qh, q_mul), op.Div(qh, q_div), qh)
+    ks = op.Or(op.Mul(kt, k_mul), op.Div(kt, k_div), kt)
+    scores = op.MatMul(qs, ks)
+    scaled = op.Or(op.Mul(scores, s_mul), op.Div(scores, s_div), scores)
+    where = op.Where(cond, scaled, neg)
+    masked = op.Or(op.Add(where, bias), op.Add(scaled, bias), where, scaled)
+    p = op.Cast(op.Softmax(op.Cast(masked, _optional=True, _name="cast_in"), _name="softmax"), _optional=True,
+                _name="cast_out")
+    p = op.Or(op.Where(op.IsNaN(p), 0.0, p), p)
+    return op.MatMul(p, vh)
+
+
+def _heads(op, t, shape, name):
+    return op.Transpose(op.Reshape(t, shape, _name=name), perm=[0, 2, 1, 3])
+
+
+def _key_t(op, k, k_shape):
+    """Kt (B, N, H, S) from k (B, S, N*H): through BNSH, or straight from BSNH."""
+    kr = op.Reshape(k, k_shape, _name="k_reshape")
+    return op.Or(op.Transpose(op.Transpose(kr, perm=[0, 2, 1, 3]), perm=[0, 1, 3, 2]),
+                 op.Transpose(kr, perm=[0, 2, 3, 1]))
+
+
+def pattern_separate(op, x, wq, bq, wk, bk, wv, bv, q_shape, k_shape, v_shape,
+                     q_mul, q_div, k_mul, k_div, s_mul, s_div, bias, cond, neg):
+    q = op.Add(op.MatMul(x, wq), bq, _optional=True)
+    k = op.Add(op.MatMul(x, wk), bk, _optional=True)
+    v = op.Add(op.MatMul(x, wv), bv, _optional=True)
+    return _core(op, _heads(op, q, q_shape, "q_reshape"), _key_t(op, k, k_shape), _heads(op, v, v_shape, "v_reshape"),
+                 q_mul, q_div, k_mul, k_div, s_mul, s_div, bias, cond, neg)
+
+
+def pattern_packed(op, x, w, b, x_shape, qkv_shape, q_shape, k_shape, v_shape,
+                   q_mul, q_div, k_mul, k_div, s_mul, s_div, bias, cond, neg):
+    qkv = op.Or(op.Add(op.MatMul(x, w), b, _optional=True),
+                op.Reshape(op.Gemm(op.Reshape(x, x_shape), w, b, _name="gemm"), qkv_shape))
+    q, k, v = op.Split(qkv, _outputs=3, _allow_other_inputs=True, _name="split")
+    return _core(op, _heads(op, q, q_shape, "q_reshape"), _key_t(op, k, k_shape), _heads(op, v, v_shape, "v_reshape"),
+                 q_mul, q_div, k_mul, k_div, s_mul, s_div, bias, cond, neg)
+
+
+def pattern_past(op, q, k, v, past_k, past_v, q_shape, k_shape, v_shape,
+                 q_mul, q_div, k_mul, k_div, s_mul, s_div, bias, cond, neg):
+    key = op.Concat(past_k, _heads(op, k, k_shape, "k_reshape"), _name="k_concat")
+    value = op.Concat(past_v, _heads(op, v, v_shape, "v_reshape"), _name="v_concat")
+    out = _core(op, _heads(op, q, q_shape, "q_reshape"), op.Transpose(key, perm=[0, 1, 3, 2]), value,
+                q_mul, q_div, k_mul, k_div, s_mul, s_div, bias, cond, neg)
+    return out, key, value
+
+
+def pattern_key_transpose(op, key, r1, r2):
+    return op.Reshape(op.Transpose(op.Reshape(key, r1, _name="r1"), perm=[0, 2, 1]), r2)
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+class _Refused(Exception):
+    """A check condition failed; the message is the reason."""
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Two dims (int, symbol name or Unknown) are provably equal."""
+    if isinstance(a, Unknown) or isinstance(b, Unknown):
+        return a is b
+    return a is not None and a == b
+
+
+def _split_heads(node: ir.Node, what: str) -> tuple[int, int, tuple]:
+    """(N, H, dims of the (B, S, D) input) for Reshape (B, S, D) -> (B, S, N, H)."""
+    xd, od = dims_of(node.inputs[0]), dims_of(node.outputs[0])
+    target = sym_value(node.inputs[1])
+    if xd is None or len(xd) != 3 or not isinstance(xd[2], int):
+        raise _Refused(f"{what} is not (batch, sequence, hidden) with a static hidden size")
+    if target is None or len(target) != 4:
+        raise _Refused(f"{what} head split target is not a known 4-element shape")
+    if od is None or len(od) != 4:
+        od = (None,) * 4
+    hidden = xd[2]
+    pick = [next((d for d in (od[i], target[i]) if isinstance(d, int) and d > 0), None) for i in (2, 3)]
+    n, h = pick
+    if h is None and n:
+        h = hidden // n
+    if n is None and h:
+        n = hidden // h
+    if not n or not h or n * h != hidden:
+        raise _Refused(f"{what} head split {target} does not divide hidden size {hidden}")
+    allowzero = node.attributes.get("allowzero")
+    for i in (0, 1):
+        if not (_same(od[i], xd[i]) or _same(target[i], xd[i]) or (target[i] == 0 and not (allowzero and
+                                                                                           allowzero.as_int()))):
+            raise _Refused(f"cannot prove the {what} head split keeps batch and sequence ({target})")
+    return n, h, xd
+
+
+def _heads_of(m) -> tuple[int, int, tuple]:
+    nq, hq, qd = _split_heads(m.node("q_reshape"), "query")
+    nk, hk, _ = _split_heads(m.node("k_reshape"), "key")
+    nv, hv, _ = _split_heads(m.node("v_reshape"), "value")
+    if nk != nq or nv != nq:
+        raise _Refused(f"grouped KV heads ({nq} query heads, {nk} key heads, {nv} value heads)")
+    if hk != hq or hv != hq:
+        raise _Refused(f"head sizes differ (query {hq}, key {hk}, value {hv})")
+    return nq, hq, qd
+
+
+def _scale(m, head_size: int) -> float | None:
+    """The product of the scale factors; None when it is ORT's default 1/sqrt(head_size)."""
+    s = 1.0
+    for var, divide in (("q_mul", False), ("q_div", True), ("k_mul", False), ("k_div", True), ("s_mul", False),
+                        ("s_div", True)):
+        if var in m.binds:
+            c = m.scalar(var)
+            if c is None or not math.isfinite(c) or c == 0:
+                raise _Refused(f"scale factor '{var}' is not a finite nonzero scalar constant")
+            s = s / c if divide else s * c
+    if s <= 0:
+        raise _Refused(f"scale {s} is not positive")
+    default = 1.0 / math.sqrt(head_size)
+    return None if abs(s - default) <= 1e-6 * default else s
+
+
+def _softmax_ok(m) -> None:
+    sm = m.node("softmax")
+    axis = m.attr("softmax", "axis", -1)
+    rank = len(dims_of(sm.inputs[0]) or ()) or 4
+    if axis not in (-1, rank - 1) or rank != 4:
+        raise _Refused(f"softmax axis {axis} is not the key axis of a 4-D score")
+    for name in ("cast_in", "cast_out"):
+        if name in m.named:
+            to = ir.DataType(m.attr(name, "to"))
+            if not to.is_floating_point():
+                raise _Refused(f"{name} casts the scores to {to.name}")
+
+
+def _linear(v: ir.Value | None, what: str) -> None:
+    """v comes from a MatMul/Gemm through Split/Reshape/bias Add/Cast only (no rotary or other transform)."""
+    for _ in range(6):
+        p = v.producer() if v is not None else None
+        if p is None:
+            break
+        if p.op_type in ("MatMul", "Gemm") and p.domain == "":
+            return
+        if p.op_type in ("Split", "Reshape", "Cast") and p.domain == "":
+            v = p.inputs[0]
+            continue
+        if p.op_type == "Add" and p.domain == "" and len(p.inputs) == 2:
+            consts = [const_tensor(i) is not None for i in p.inputs]
+            if consts.count(True) == 1:
+                v = p.inputs[consts.index(False)]
+                continue
+        break
+    raise _Refused(f"{what} is not a linear projection (rotary embedding or other transform in between)")
+
+
+# -- the mask
+def _cone(outputs: list[ir.Value], graph: ir.Graph) -> tuple[list[ir.Node], list[ir.Value], list[ir.Value]]:
+    """Nodes computing `outputs`, graph inputs whose data they read, and graph inputs they read only the shape of."""
+    mode: dict[int, bool] = {}
+    nodes: dict[int, ir.Node] = {}
+    inputs: dict[int, ir.Value] = {}
+    stack = [(v, True) for v in outputs]
+    while stack:
+        v, data = stack.pop()
+        if mode.get(id(v)) is True or (id(v) in mode and not data):
+            continue
+        mode[id(v)] = data
+        if v.is_graph_input():
+            inputs[id(v)] = v
+            continue
+        node = v.producer()
+        if node is None:
+            continue
+        if node.graph is not graph or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                                          for a in node.attributes.values()):
+            raise _Refused("mask is computed with subgraphs or outer-scope values")
+        nodes[id(node)] = node
+        if len(nodes) > MASK_CONE_MAX_NODES:
+            raise _Refused(f"mask computation has more than {MASK_CONE_MAX_NODES} nodes")
+        reads_data = data and not (node.op_type in ("Shape", "Size") and node.domain == "")
+        stack.extend((i, reads_data) for i in node.inputs if i is not None)
+    data_in = [v for k, v in inputs.items() if mode[k]]
+    shape_in = [v for k, v in inputs.items() if not mode[k]]
+    return list(nodes.values()), data_in, shape_in
+
+
+def _evaluate(graph: ir.Graph, opset: int, nodes: list[ir.Node], outputs: list[ir.Value],
+              feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    order = {id(n): i for i, n in enumerate(graph)}
+    protos, inits, seen = [], [], set()
+    for node in sorted(nodes, key=lambda n: order.get(id(n), 0)):
+        protos.append(ir.serde.serialize_node(node))
+        for v in node.inputs:
+            if v is not None and v.producer() is None and not v.is_graph_input() and v.name not in seen:
+                seen.add(v.name)
+                t = ir.serde.serialize_tensor(v.const_value)
+                t.name = v.name
+                inits.append(t)
+    g = onnx.helper.make_graph(
+        protos, "mask", [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+                         for k, a in feeds.items()],
+        [onnx.helper.make_empty_tensor_value_info(v.name) for v in outputs], inits)
+    model = onnx.helper.make_model(g, ir_version=8, opset_imports=[onnx.helper.make_opsetid("", opset),
+                                                                   onnx.helper.make_opsetid(MS, 1)])
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.log_severity_level = 4
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run([v.name for v in outputs], feeds)
+
+
+def _keep_table(values: list[np.ndarray], kinds: list[str]) -> tuple[np.ndarray, set[float]]:
+    """Combine the probed mask operands into a bool keep table and the set of hidden values."""
+    keep, hidden = None, set()
+    for arr, kind in zip(values, kinds):
+        if kind == "cond":
+            k = np.asarray(arr).astype(bool)
+        else:
+            a = np.asarray(arr, np.float64)
+            k = a == 0
+            bad = a[~k]
+            if bad.size and not np.all(bad <= LARGE_NEGATIVE):
+                raise _Refused("mask holds values other than 0 and large negatives (a position bias?)")
+            hidden |= {float(x) for x in np.unique(bad)}
+        keep = k if keep is None else keep & k
+    return keep, hidden
+
+
+def _analyze_mask(m, graph: ir.Graph, past: bool) -> dict[str, Any]:
+    """{mask_input, causal, hidden} for the matched mask operands, or _Refused."""
+    operands = [(m.binds[n], kind) for n, kind in (("bias", "bias"), ("cond", "cond")) if n in m.binds]
+    hidden_extra: set[float] = set()
+    if "neg" in m.binds:
+        neg = m.scalar("neg")
+        if neg is None or not neg <= LARGE_NEGATIVE:
+            raise _Refused("the Where mask fill is not a large negative constant")
+        hidden_extra.add(float(neg))
+    if not operands:
+        return {"mask_input": None, "causal": False, "hidden": hidden_extra}
+    primary = operands[0][0]
+    cache = primary.meta.setdefault(_MASK_KEY, {})
+    key = tuple(v.name for v, _ in operands) + (past,)
+    if key not in cache:
+        try:
+            cache[key] = _probe_mask([v for v, _ in operands], [k for _, k in operands], graph, m.opset, past)
+        except _Refused as exc:
+            cache[key] = str(exc)
+    result = cache[key]
+    if isinstance(result, str):
+        raise _Refused(result)
+    return {**result, "hidden": result["hidden"] | hidden_extra}
+
+
+def _probe_mask(values: list[ir.Value], kinds: list[str], graph: ir.Graph, opset: int, past: bool
+                ) -> dict[str, Any]:
+    nodes, data_in, shape_in = _cone(values, graph)
+    if len(data_in) > 1:
+        raise _Refused("mask reads the data of several graph inputs: "
+                       + ", ".join(sorted(v.name or "?" for v in data_in)))
+    mask_in = data_in[0] if data_in else None
+    if mask_in is not None and (mask_in.shape is None or len(mask_in.shape) != 2):
+        raise _Refused(f"mask input '{mask_in.name}' is not 2-D (batch, keys)")
+    scenarios = [Scenario("probe", 2, 4, 3), Scenario("probe", 3, 2, 5)] if past else \
+        [Scenario("probe", 2, 5, 0), Scenario("probe", 3, 3, 0)]
+    fake = types.SimpleNamespace(graph=graph)
+    candidates = [(p, c) for p in (True, False) for c in (True, False) if mask_in is not None or not p]
+    hidden: set[float] = set()
+    for seed, sc in enumerate(scenarios):
+        feeds = make_inputs(fake, sc, seed)  # type: ignore[arg-type]
+        feeds = {v.name: feeds[v.name] for v in data_in + shape_in}
+        pad = None
+        if mask_in is not None:
+            shape = feeds[mask_in.name].shape
+            pad = np.random.default_rng(100 + seed).random(shape) < 0.6
+            feeds[mask_in.name] = pad.astype(feeds[mask_in.name].dtype)
+        try:
+            arrays = _evaluate(graph, opset, nodes, values, feeds)
+        except Exception as exc:  # noqa: BLE001 - any failure to evaluate refuses the site
+            raise _Refused(f"mask could not be evaluated on probe inputs ({type(exc).__name__})") from None
+        keep, h = _keep_table(arrays, kinds)
+        hidden |= h
+        if keep.ndim != 4 or keep.shape[-1] < 2:
+            raise _Refused(f"mask of shape {keep.shape} is not (batch, heads, queries, keys)")
+        b, _, s, t = keep.shape
+        if pad is not None and (pad.shape[1] != t or b not in (1, pad.shape[0])):
+            raise _Refused(f"mask of shape {keep.shape} does not index keys by mask input '{mask_in.name}' "
+                           f"{pad.shape}")
+        batch = pad.shape[0] if pad is not None else b
+        i, j = np.arange(s)[:, None], np.arange(t)[None, :]
+        causal_table = j <= (t - s) + i
+        full = np.broadcast_to(keep, (batch, keep.shape[1], s, t))
+        candidates = [(p, c) for p, c in candidates if np.array_equal(
+            full, np.broadcast_to((pad[:, None, None, :] if p else True) & (causal_table if c else True),
+                                  full.shape))]
+        if not candidates:
+            raise _Refused("mask is neither key padding nor key padding + causal")
+        if s == 1:
+            candidates = [(p, c) for p, c in candidates if not c] or candidates
+    padding, causal = candidates[0]
+    return {"mask_input": mask_in if padding else None, "causal": causal, "hidden": hidden}
+
+
+def _attention_attrs(m, past: bool, head_size: int) -> dict[str, Any]:
+    _softmax_ok(m)
+    scale = _scale(m, head_size)
+    mask = _analyze_mask(m, m.graph, past)
+    mfv = None
+    finite = {h for h in mask["hidden"] if math.isfinite(h)}
+    if not mask["causal"] and len(mask["hidden"]) == 1 and finite and finite != {ORT_MASK_FILTER}:
+        mfv = finite.pop()
+    return {"scale": scale, "unidirectional": 1 if mask["causal"] else None, "mask_input": mask["mask_input"],
+            "mask_filter_value": mfv}
+
+
+def _checked(fn):
+    def check(m):
+        try:
+            return fn(m)
+        except _Refused as exc:
+            return m.fail(str(exc))
+    check.__name__ = fn.__name__
+    return check
+
+
+def _weight(m, name: str, rows: int | None, cols: int) -> None:
+    shape = m.shape(name)
+    if shape is None or len(shape) != 2 or shape[1] != cols or (rows is not None and shape[0] != rows):
+        raise _Refused(f"weight '{name}' shape {shape} is not ({rows}, {cols})")
+
+
+def _bias(m, name: str, size: int) -> None:
+    if name in m.binds and (m.shape(name) is None or tuple(m.shape(name)) != (size,)):
+        raise _Refused(f"bias '{name}' shape {m.shape(name)} is not ({size},)")
+
+
+@_checked
+def check_separate(m):
+    n, h, xd = _heads_of(m)
+    hidden = n * h
+    d_in = dims_of(m["x"])
+    if d_in is None or len(d_in) != 3 or not isinstance(d_in[2], int):
+        raise _Refused("input is not (batch, sequence, hidden) with a static hidden size")
+    for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")):
+        _weight(m, w, d_in[2], hidden)
+        _bias(m, b, hidden)
+    return {"num_heads": n, "head_size": h, "bsd": xd, **_attention_attrs(m, False, h)}
+
+
+@_checked
+def check_packed(m):
+    n, h, xd = _heads_of(m)
+    hidden = n * h
+    split = m.node("split")
+    if len(split.outputs) != 3:
+        raise _Refused(f"Split has {len(split.outputs)} outputs")
+    axis = m.attr("split", "axis", 0)
+    if axis not in (-1, 2):
+        raise _Refused(f"Split axis {axis} is not the hidden axis")
+    sizes = split.attributes.get("split")
+    sizes = list(sizes.value) if sizes is not None else None
+    if len(split.inputs) > 1 and split.inputs[1] is not None:
+        sizes = sym_value(split.inputs[1])
+    if sizes is not None and list(sizes) != [hidden] * 3:
+        raise _Refused(f"Split sizes {sizes} are not three equal parts of {3 * hidden}")
+    d_in = dims_of(m["x"])
+    if d_in is None or len(d_in) != 3 or not isinstance(d_in[2], int):
+        raise _Refused("input is not (batch, sequence, hidden) with a static hidden size")
+    trans_b = 0
+    if "gemm" in m.named:
+        if m.attr("gemm", "alpha", 1.0) != 1.0 or m.attr("gemm", "beta", 1.0) != 1.0 or m.attr("gemm", "transA", 0):
+            raise _Refused("Gemm has alpha/beta != 1 or transA")
+        trans_b = m.attr("gemm", "transB", 0)
+        out = dims_of(m.node("split").inputs[0])
+        if out is None or len(out) != 3 or not (_same(out[0], d_in[0]) and _same(out[1], d_in[1])):
+            raise _Refused("cannot prove the Gemm reshapes restore (batch, sequence)")
+    ws = m.shape("w")
+    want = (3 * hidden, d_in[2]) if trans_b else (d_in[2], 3 * hidden)
+    if ws is None or tuple(ws) != want:
+        raise _Refused(f"packed weight shape {ws} is not {want}")
+    _bias(m, "b", 3 * hidden)
+    return {"num_heads": n, "head_size": h, "bsd": xd, "trans_b": trans_b, **_attention_attrs(m, False, h)}
+
+
+@_checked
+def check_past(m):
+    n, h, xd = _heads_of(m)
+    for name in ("k_concat", "v_concat"):
+        axis = m.attr(name, "axis")
+        if axis not in (2, -2):
+            raise _Refused(f"{name} concatenates on axis {axis}, not the sequence axis")
+    for name in ("past_k", "past_v"):
+        pd = dims_of(m[name])
+        if pd is None or len(pd) != 4 or pd[1] != n or pd[3] != h:
+            raise _Refused(f"{name} shape {pd} is not (batch, {n}, past, {h})")
+    _linear(m["q"], "query")
+    _linear(m["k"], "key")
+    return {"num_heads": n, "head_size": h, "bsd": xd, **_attention_attrs(m, True, h)}
+
+
+@_checked
+def check_key_transpose(m):
+    kd, mid, out = dims_of(m["key"]), dims_of(m.node("r1").outputs[0]), dims_of(m.outputs[0])
+    if kd is None or len(kd) != 4:
+        raise _Refused("key is not 4-D")
+    want = (kd[0], kd[1], kd[3], kd[2])
+    ok_mid = mid is not None and len(mid) == 3 and _same(mid[1], kd[2]) and _same(mid[2], kd[3])
+    t1, t2 = sym_value(m["r1"]), sym_value(m["r2"])
+    if not ok_mid and t1 is not None and len(t1) == 3:
+        ok_mid = t1[0] == -1 and _same(t1[1], kd[2]) and _same(t1[2], kd[3])
+    ok_out = out is not None and len(out) == 4 and all(_same(a, b) for a, b in zip(out, want))
+    if not ok_out and t2 is not None and len(t2) == 4:
+        ok_out = sum(x == -1 for x in t2) <= 1 and all(x == -1 or _same(x, w) for x, w in zip(t2, want))
+    if not (ok_mid and ok_out):
+        raise _Refused("cannot prove the reshapes around the transpose swap the last two axes of the key")
+    key = m["key"].producer()
+    if key is not None and key.op_type == "Concat" and len(key.inputs) == 2:
+        key = key.inputs[1].producer() if key.inputs[1] is not None else None
+    if key is None or key.op_type != "Transpose" or list(key.attributes["perm"].value) != [0, 2, 1, 3] \
+            or key.inputs[0] is None or key.inputs[0].producer() is None \
+            or key.inputs[0].producer().op_type != "Reshape":
+        raise _Refused("key is not a head split of a projection (rotary, grouped KV heads or other transform)")
+    if not _feeds_softmax(m.outputs[0]):
+        raise _Refused("the transposed key does not feed an attention Softmax")
+    return None
+
+
+def _feeds_softmax(v: ir.Value) -> bool:
+    """v -> [Mul|Div] -> MatMul (as B) -> [Mul|Div] -> [Where|Add]* -> [Cast] -> Softmax."""
+    frontier, seen_matmul = [v], False
+    for _ in range(7):
+        nxt = []
+        for val in frontier:
+            for use in val.uses():
+                op = use.node.op_type
+                if op == "Softmax" and seen_matmul:
+                    return True
+                if op == "MatMul" and not seen_matmul and use.idx == 1:
+                    seen_matmul = True
+                    nxt.extend(use.node.outputs)
+                elif op in ("Mul", "Div", "Add", "Where", "Cast"):
+                    nxt.extend(use.node.outputs)
+        frontier = nxt
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------- rewrites
+def _shape(dims: tuple) -> ir.Shape:
+    return ir.Shape([d if isinstance(d, int) else (d if isinstance(d, str) else None) for d in dims])
+
+
+def _mask_index(op, mask_input: ir.Value | None) -> ir.Value | None:
+    if mask_input is None or mask_input.dtype == ir.DataType.INT32:
+        return mask_input
+    return op.Cast(mask_input, to=int(ir.DataType.INT32))
+
+
+def _bnsh(op, y: ir.Value, like: ir.Value, num_heads: int, head_size: int, bsd: tuple) -> ir.Value:
+    """(B, S, N*H) -> (B, N, S, H), with the shapes written out so the cleanup can fold the exporter's tail."""
+    b, s, d = bsd
+    r = op.Reshape(y, op.const(np.array([0, 0, num_heads, head_size], np.int64), "heads"))
+    t = op.Transpose(r, perm=[0, 2, 1, 3])
+    for v, dims in ((y, (b, s, d)), (r, (b, s, num_heads, head_size)), (t, (b, num_heads, s, head_size))):
+        v.shape = _shape(dims)
+        if like.dtype is not None:
+            v.type = ir.TensorType(like.dtype)
+    return t
+
+
+def _lazy_concat(op, parts: list[ir.Value], axis: int, name: str) -> ir.Value:
+    """Concat of constants as one lazily computed initializer (a Concat node when some part is not constant)."""
+    tensors = [const_tensor(p) for p in parts]
+    if any(t is None for t in tensors):
+        return op.Concat(*parts, axis=axis)
+    shapes = [list(t.shape) for t in tensors]
+    shape = list(shapes[0])
+    shape[axis] = sum(s[axis] for s in shapes)
+    lazy = ir.LazyTensor(lambda ts=tensors: ir.tensor(np.concatenate([t.numpy() for t in ts], axis=axis)),
+                         dtype=tensors[0].dtype, shape=ir.Shape(shape))
+    v = ir.Value(name=f"{op.prefix}/{name}", shape=ir.Shape(shape), type=ir.TensorType(tensors[0].dtype),
+                 const_value=lazy)
+    op.initializers.append(v)
+    return v
+
+
+def _zeros(op, like: ir.Value, size: int) -> ir.Value:
+    return op.const(np.zeros(size, dtype=like.dtype.numpy()), "zero_bias")
+
+
+def _unique_names(op) -> None:
+    """Name new nodes and values `prefix/k`: the builder's `prefix_k` can equal another rewrite's prefix."""
+    for k, node in enumerate(op.nodes):
+        node.name = f"{op.prefix}/{k}"
+        for out in node.outputs:
+            out.name = f"{op.prefix}/{k}:{out.index()}"
+
+
+def _attention(op, x, weights, bias, kw) -> ir.Value:
+    y = op.Attention(x, weights, bias, _mask_index(op, kw["mask_input"]), _domain=MS, num_heads=kw["num_heads"],
+                     scale=kw["scale"], unidirectional=kw["unidirectional"], mask_filter_value=kw["mask_filter_value"])
+    out = _bnsh(op, y, x, kw["num_heads"], kw["head_size"], kw["bsd"])
+    _unique_names(op)
+    return out
+
+
+def rewrite_separate(op, **kw):
+    hidden = kw["num_heads"] * kw["head_size"]
+    w = _lazy_concat(op, [kw["wq"], kw["wk"], kw["wv"]], 1, "qkv_weight")
+    b = _lazy_concat(op, [kw.get(n) or _zeros(op, kw["x"], hidden) for n in ("bq", "bk", "bv")], 0, "qkv_bias")
+    return _attention(op, kw["x"], w, b, kw)
+
+
+def rewrite_packed(op, **kw):
+    w = op.Transpose(kw["w"], perm=[1, 0]) if kw["trans_b"] else kw["w"]
+    b = kw.get("b") or _zeros(op, kw["x"], 3 * kw["num_heads"] * kw["head_size"])
+    return _attention(op, kw["x"], w, b, kw)
+
+
+def rewrite_past(op, **kw):
+    y, present_k, present_v = op.MultiHeadAttention(
+        kw["q"], kw["k"], kw["v"], None, _mask_index(op, kw["mask_input"]), None, kw["past_k"], kw["past_v"],
+        _domain=MS, _outputs=3, num_heads=kw["num_heads"], scale=kw["scale"], unidirectional=kw["unidirectional"],
+        mask_filter_value=kw["mask_filter_value"])
+    out = _bnsh(op, y, kw["q"], kw["num_heads"], kw["head_size"], kw["bsd"])
+    _unique_names(op)
+    return out, present_k, present_v
+
+
+# ---------------------------------------------------------------------------------------------------- the pass
+separate = Rule("fuse-attention", pattern_separate, rewrite_separate, check_separate,
+                summary="q/k/v MatMul+Add projections, softmax(QK^T*s + M)V -> Attention (packed QKV)")
+packed = Rule("fuse-attention-packed", pattern_packed, rewrite_packed, check_packed,
+              summary="Split of one QKV projection (MatMul+Add or Gemm), softmax(QK^T*s + M)V -> Attention")
+past = Rule("fuse-attention-past", pattern_past, rewrite_past, check_past,
+            summary="Concat(past, new) K/V, softmax(QK^T*s + M)V -> MultiHeadAttention with present outputs")
+def rewrite_key_transpose(op, key):
+    out = op.Transpose(key, perm=[0, 1, 3, 2])
+    _unique_names(op)
+    return out
+
+
+key_transpose = Rule("fuse-attention-key-transpose", pattern_key_transpose, rewrite_key_transpose,
+                     check_key_transpose,
+                     summary="Reshape(Transpose(Reshape(K, (-1,T,H)), (0,2,1)), (B,N,H,T)) -> Transpose(K, (0,1,3,2))")
+
+PREPARE = [key_transpose]
+RULES = [separate, packed, past]
+
+
+def _drop_dead(graph: ir.Graph) -> None:
+    """Remove nodes none of whose outputs is used (what the key-transpose rewrite leaves behind)."""
+    for node in reversed(list(graph)):
+        if not any(o.uses() or o.is_graph_output() for o in node.outputs):
+            graph.remove(node, safe=True)
+
+
+@register_pass
+class FuseAttention(Pass):
+    """BERT/GPT-2 self-attention -> com.microsoft Attention (packed QKV) or MultiHeadAttention (with past)"""
+
+    name = "fuse-attention"
+    level = 2
+    targets = ("cpu", "cuda")
+
+    def rules(self):
+        return PREPARE + RULES
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        counts: dict[str, int] = {}
+        prepared = apply_rules(model, PREPARE, disabled=ctx.disabled_rules).applied
+        if prepared:
+            _drop_dead(model.graph)
+        fused = apply_rules(model, RULES, disabled=ctx.disabled_rules).applied
+        counts.update(prepared)
+        counts.update(fused)
+        return PassResult(model, bool(counts), counts)
