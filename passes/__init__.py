@@ -10,9 +10,5 @@ from . import (  # noqa: F401  (imported for registration)
 from . import fuse_gqa  # noqa: F401
 from . import convert_fp16  # noqa: F401
 from . import quantize_int4  # noqa: F401
-from . import fuse_gelu  # noqa: F401
-from . import pack_projections  # noqa: F401
 from . import fuse_rms_norm  # noqa: F401
-from . import fuse_layer_norm  # noqa: F401
 from . import fuse_attention  # noqa: F401
-from . import fuse_skip_norm  # noqa: F401
