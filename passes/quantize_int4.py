@@ -203,8 +203,8 @@ def find_sites(graph: ir.Graph, opts: QuantOptions, notes: list[str]) -> list[_S
         k, n = shape
         wname = (w.name if w.producer() is None else w.producer().inputs[0].name) or node.name or "weight"
         why = None
-        if a.dtype not in FLOATS or t.dtype != a.dtype:
-            why = f"activation type {a.dtype} (MatMulNBits takes float or float16 matching the weight)"
+        if t.dtype not in FLOATS or a.dtype not in (None, t.dtype):  # MatMul's own typing makes them equal
+            why = f"activation type {a.dtype or t.dtype} (MatMulNBits takes float or float16 matching the weight)"
         elif a.shape is not None and len(a.shape) < 2:
             why = "activation has rank 1"
         elif k < opts.block_size:
@@ -220,7 +220,7 @@ def find_sites(graph: ir.Graph, opts: QuantOptions, notes: list[str]) -> list[_S
             notes.append(f"quantize-int4: kept {node.op_type} '{node.name}' ({wname}) in float: {why}")
             continue
         if bias is None:
-            found = _following_add(node, n, a.dtype)
+            found = _following_add(node, n, t.dtype)
             if found is not None:
                 add, bias = found
         load = _view(t, transpose, alpha)
@@ -312,6 +312,7 @@ class QuantizeInt4(Pass):
         taken = {v.name for v in graph.initializers.values()} | {v.name for n in graph for v in n.outputs}
         done: dict[tuple, tuple[ir.Value, ir.Value, ir.Value | None]] = {}
         counts: dict[str, int] = {}
+        transposes: list[ir.Node] = []   # Transpose(weight) nodes the rewrite may leave unused
         started = time.perf_counter()
         for site in sites:
             if site.key not in done:
@@ -323,6 +324,9 @@ class QuantizeInt4(Pass):
                                        for x, tag in ((b, "q4"), (s, "scales"), (z, "zero_points")))
             qb, qs, qz = done[site.key]
             k, n = site.shape
+            w_in = site.node.inputs[1]
+            if w_in.producer() is not None and w_in.producer().op_type == "Transpose":
+                transposes.append(w_in.producer())
             bias = None
             if site.bias is not None:
                 bias = _initializer(graph, ir.tensor(site.bias), f"{site.name}_bias", taken)
@@ -363,6 +367,9 @@ class QuantizeInt4(Pass):
         ctx.notes.append(f"quantize-int4: {len(done)} weights, int4:{opts.method}, block {opts.block_size}, "
                          f"{'symmetric' if opts.symmetric else 'asymmetric'}, accuracy_level {opts.accuracy_level}, "
                          f"{time.perf_counter() - started:.2f} s")
+        for t in transposes:
+            if t.graph is graph and not t.outputs[0].uses() and not t.outputs[0].is_graph_output():
+                graph.remove(t, safe=True)
         for v in list(graph.initializers.values()):
             if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
                 graph.initializers.pop(v.name)

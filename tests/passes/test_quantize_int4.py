@@ -1,0 +1,370 @@
+"""quantize-int4: structure before/after, quantized == dequantized-weights twin in onnxruntime, refusals with
+their reasons, a property over shapes/blocks/methods/layouts, and every fixture quantized fully and verified."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxc
+import pytest
+from helpers import assert_valid, canonical, parse, parse_proto, run_pass, run_passes, session, to_bytes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnxc.kernels import quantize as kq
+from onnxc.kernels.matmul_nbits import dequantize, quantize_rtn
+from onnxc.passes import quantize_int4 as qi
+from onnxc.pipeline import O1
+from onnxc.verify import QUANT_META, float_twins
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "models"
+HDR = '<ir_version: 8, opset_import: ["" : 18, "com.microsoft" : 1]>'
+RNG = np.random.default_rng(0)
+
+
+def w(*shape, dtype=np.float32, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def quantize(model: ir.Model, **options):
+    return run_pass(model, "quantize-int4", **{"quantize": "int4", **options})
+
+
+def ops(model: ir.Model) -> list[str]:
+    return sorted(n.op_type for n in model.graph)
+
+
+def twin_outputs(model: ir.Model, feeds: dict, accuracy_level: int = 0):
+    """Outputs of the quantized model (at `accuracy_level`) and of its dequantized-weights twin."""
+    for n in model.graph:
+        if n.op_type == "MatMulNBits":
+            n.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", accuracy_level)
+    q = session(to_bytes(model)).run(None, feeds)
+    for value, deq, _ in float_twins(model):
+        value.const_value = deq
+    assert not any(n.domain == "com.microsoft" for n in model.graph)
+    return q, session(to_bytes(model)).run(None, feeds)
+
+
+def assert_twins_agree(model: ir.Model, feeds: dict, rtol=1e-4, accuracy_level: int = 0) -> None:
+    q, d = twin_outputs(model, feeds, accuracy_level)
+    for a, b in zip(q, d):
+        scale = float(np.abs(b).max()) or 1.0
+        np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), rtol=rtol, atol=rtol * scale)
+
+
+# ------------------------------------------------------------------------------------------------ before / after
+def test_quantize_int4_matmul_structure():
+    W = w(64, 48)
+    model = parse("""
+    g (float[N, 64] x) => (float[N, 48] y) {
+      y = MatMul(x, W)
+    }""", {"W": W})
+    counts = quantize(model).counts
+    assert counts == {"MatMul": 1}
+    assert_valid(model)
+    b, s, z = kq.quantize(W, "lsq", 32, False)
+    want = parse(HDR + """
+    g (float[N, 64] x) => (float[N, 48] y) {
+      y = com.microsoft.MatMulNBits <K = 64, N = 48, bits = 4, block_size = 32, accuracy_level = 4> (x, B, S, Z)
+    }""", {"B": b, "S": s, "Z": z})
+    assert canonical(model) == canonical(want)
+    assert model.opset_imports["com.microsoft"] == 1
+    assert QUANT_META in next(iter(model.graph)).meta
+
+
+def test_quantize_int4_rtn_symmetric_is_ort_layout_without_zero_points():
+    W = w(64, 16)
+    model = parse("g (float[N, 64] x) => (float[N, 16] y) { y = MatMul(x, W) }", {"W": W})
+    quantize(model, quantize="int4:rtn", symmetric=True, block_size=16, accuracy_level=0)
+    (node,) = list(model.graph)
+    b, s, z = quantize_rtn(W, 16, True)
+    assert len(node.inputs) == 3 and z is None
+    np.testing.assert_array_equal(node.inputs[1].const_value.numpy(), b)
+    np.testing.assert_array_equal(node.inputs[2].const_value.numpy(), s)
+    assert node.attributes["block_size"].value == 16 and node.attributes["accuracy_level"].value == 0
+
+
+def test_quantize_int4_transposed_weight_node():
+    Wt = w(40, 64)  # (N, K)
+    model = parse("""
+    g (float[2, 3, 64] x) => (float[2, 3, 40] y) {
+      t = Transpose <perm = [1, 0]> (Wt)
+      y = MatMul(x, t)
+    }""", {"Wt": Wt})
+    feeds = {"x": w(2, 3, 64, seed=1)}
+    assert quantize(model).counts == {"MatMul": 1}
+    assert ops(model) == ["MatMulNBits"]
+    src = next(iter(model.graph)).meta[QUANT_META].weight
+    np.testing.assert_array_equal(np.asarray(src.numpy()), Wt.T)
+    assert_twins_agree(model, feeds)
+
+
+def test_quantize_int4_gemm_trans_b_alpha_beta_bias():
+    W, C = w(24, 64), w(24, seed=2)
+    model = parse("""
+    g (float[5, 64] x) => (float[5, 24] y) {
+      y = Gemm <transB = 1, alpha = 0.5, beta = 2.0> (x, W, C)
+    }""", {"W": W, "C": C})
+    assert quantize(model).counts == {"Gemm+bias": 1}
+    (node,) = list(model.graph)
+    np.testing.assert_allclose(node.inputs[5].const_value.numpy(), 2 * C)
+    np.testing.assert_allclose(np.asarray(node.meta[QUANT_META].weight.numpy()), 0.5 * W.T, rtol=1e-6)
+    proto = parse_proto("""
+    g (float[5, 64] x) => (float[5, 24] y) {
+      y = Gemm <transB = 1, alpha = 0.5, beta = 2.0> (x, W, C)
+    }""", {"W": W, "C": C})
+    feeds = {"x": w(5, 64, seed=3)}
+    # the float twin (source weights) is the original Gemm to float tolerance
+    for value, _, src in float_twins(model):
+        value.const_value = src
+    np.testing.assert_allclose(session(to_bytes(model)).run(None, feeds)[0], session(proto.SerializeToString()).run(
+        None, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_int4_fused_matmul_trans_b():
+    W = w(32, 64)
+    model = parse(HDR + """
+    g (float[3, 64] x) => (float[3, 32] y) {
+      y = com.microsoft.FusedMatMul <transB = 1, alpha = 2.0> (x, W)
+    }""", {"W": W})
+    assert quantize(model).counts == {"FusedMatMul": 1}
+    np.testing.assert_allclose(np.asarray(next(iter(model.graph)).meta[QUANT_META].weight.numpy()), 2 * W.T)
+    assert_twins_agree(model, {"x": w(3, 64, seed=4)})
+
+
+def test_quantize_int4_folds_following_bias_add_either_order():
+    W, b = w(64, 32), w(32, seed=5)
+    for expr in ("y = Add(m, b)", "y = Add(b, m)"):
+        model = parse(f"g (float[N, 7, 64] x) => (float[N, 7, 32] y) {{ m = MatMul(x, W)\n {expr} }}",
+                      {"W": W, "b": b})
+        assert quantize(model).counts == {"MatMul+bias": 1}
+        assert ops(model) == ["MatMulNBits"]
+        assert_twins_agree(model, {"x": w(2, 7, 64, seed=6)})
+
+
+def test_quantize_int4_keeps_add_when_matmul_output_has_other_users():
+    W, b = w(64, 32), w(32, seed=5)
+    model = parse("""
+    g (float[N, 64] x) => (float[N, 32] y, float[N, 32] z) {
+      m = MatMul(x, W)
+      y = Add(m, b)
+      z = Relu(m)
+    }""", {"W": W, "b": b})
+    assert quantize(model).counts == {"MatMul": 1}
+    assert ops(model) == ["Add", "MatMulNBits", "Relu"]
+
+
+def test_quantize_int4_shared_weight_quantized_once():
+    W = w(64, 32)
+    model = parse("""
+    g (float[N, 64] x, float[N, 64] x2) => (float[N, 32] y, float[N, 32] z) {
+      y = MatMul(x, W)
+      z = MatMul(x2, W)
+    }""", {"W": W})
+    assert quantize(model).counts == {"MatMul": 2}
+    a, b = list(model.graph)
+    assert a.inputs[1] is b.inputs[1] and a.inputs[2] is b.inputs[2]
+    assert len(model.graph.initializers) == 3
+
+
+def test_quantize_int4_tied_embedding_becomes_gather_block_quantized():
+    E = w(96, 64)
+    model = parse("""
+    g (int64[B, S] ids) => (float[B, S, 96] logits) {
+      h = Gather(E, ids)
+      r = Relu(h)
+      logits = MatMul(r, Et)
+    }""", {"E": E, "Et": np.ascontiguousarray(E.T)})
+    assert quantize(model).counts == {"MatMul": 1, "Gather-tied": 1}
+    assert ops(model) == ["GatherBlockQuantized", "MatMulNBits", "Relu", "Reshape"]
+    gbq = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+    mnb = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    assert gbq.inputs[0].producer().inputs[0] is mnb.inputs[1]  # one stored table
+    assert gbq.inputs[2] is mnb.inputs[2] and gbq.inputs[3] is mnb.inputs[3]
+    assert "E" not in model.graph.initializers and "Et" not in model.graph.initializers
+    assert_twins_agree(model, {"ids": np.array([[0, 5, 95], [7, 1, 3]], np.int64)})
+
+
+def test_quantize_int4_untied_gather_and_untied_tail_are_left_alone():
+    E = w(96, 64)
+    model = parse("""
+    g (int64[B, S] ids) => (float[B, S, 96] logits) {
+      h = Gather(E, ids)
+      logits = MatMul(h, Et)
+    }""", {"E": E, "Et": w(64, 96, seed=9)})
+    assert quantize(model).counts == {"MatMul": 1}
+    model = parse("""
+    g (int64[B, S] ids) => (float[B, S, 80] logits) {
+      h = Gather(E, ids)
+      logits = MatMul(h, Et)
+    }""", {"E": w(80, 48), "Et": np.ascontiguousarray(w(80, 48).T)})
+    assert quantize(model).counts == {"MatMul": 1}  # H = 48 is not a multiple of the block: no shared table
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("small_k", "K=16 < block size 32"),
+    ("excluded", "excluded"),
+    ("int", "activation type"),
+    ("gemm_c", "Gemm C is not a constant"),
+])
+def test_quantize_int4_refusals_are_noted(case, reason):
+    texts = {
+        "small_k": ("g (float[N, 16] x) => (float[N, 8] y) { y = MatMul(x, W) }", {"W": w(16, 8)}),
+        "excluded": ("g (float[N, 64] x) => (float[N, 8] y) { y = MatMul(x, lm_head_weight) }",
+                     {"lm_head_weight": w(64, 8)}),
+        "int": ("g (int32[N, 64] x) => (int32[N, 8] y) { y = MatMul(x, W) }", {"W": np.ones((64, 8), np.int32)}),
+        "gemm_c": ("g (float[4, 64] x, float[4, 8] c) => (float[4, 8] y) { y = Gemm(x, W, c) }", {"W": w(64, 8)}),
+    }
+    text, inits = texts[case]
+    model = parse(text, inits)
+    before = to_bytes(model)
+    ctx = onnxc.PassContext(options={"quantize": "int4", "exclude": ["lm_head*"]})
+    result = qi.QuantizeInt4().run(model, ctx)
+    assert not result.modified and to_bytes(model) == before
+    assert any(reason in note for note in ctx.notes), ctx.notes
+
+
+def test_quantize_int4_exclude_matches_node_names():
+    model = parse("""
+    g (float[N, 64] x) => (float[N, 8] y) {
+      h = MatMul(x, W1)
+      y = MatMul(h, W2)
+    }""", {"W1": w(64, 64), "W2": w(64, 8)})
+    for k, n in enumerate(model.graph):
+        n.name = f"/model/layers.{k}/mlp/MatMul"
+    assert quantize(model, exclude=["*/layers.1/*"]).counts == {"MatMul": 1}
+    assert ops(model) == ["MatMul", "MatMulNBits"]
+
+
+@pytest.mark.parametrize("opts,message", [
+    ({"quantize": "int8"}, "unknown value 'int8'"),
+    ({"quantize": "int4:gptq"}, "unknown value"),
+    ({"quantize": "int4", "block_size": 24}, "not a power of 2"),
+    ({"quantize": "int4", "block_size": 8}, "not a power of 2"),
+    ({"quantize": "int4:hqq", "symmetric": True}, "cannot be --symmetric"),
+    ({"quantize": "int4", "calibration": "c.npz"}, "no selected method uses calibration"),
+])
+def test_quantize_int4_rejects_bad_options(opts, message):
+    model = parse("g (float[N, 64] x) => (float[N, 8] y) { y = MatMul(x, W) }", {"W": w(64, 8)})
+    with pytest.raises(onnxc.UsageError, match=message):
+        run_pass(model, "quantize-int4", **opts)
+
+
+def test_quantize_int4_fp16_scales_and_cuda_defaults():
+    W = w(64, 32, dtype=np.float16)
+    model = parse("g (float16[N, 64] x) => (float16[N, 32] y) { y = MatMul(x, W) }", {"W": W})
+    ctx = onnxc.PassContext(target="cuda", options={"quantize": "int4"})
+    qi.QuantizeInt4().run(model, ctx)
+    (node,) = list(model.graph)
+    assert node.inputs[2].const_value.dtype == ir.DataType.FLOAT16
+    assert node.attributes["accuracy_level"].value == 0
+    assert_twins_agree(model, {"x": w(3, 64, dtype=np.float16, seed=1)}, rtol=2e-3)
+
+
+def test_quantize_int4_is_idempotent_and_spills_large_tensors(monkeypatch, tmp_path):
+    monkeypatch.setattr(qi, "SPILL_BYTES", 0)
+    model = parse("g (float[N, 64] x) => (float[N, 32] y) { y = MatMul(x, W) }", {"W": w(64, 32)})
+    quantize(model, scratch_dir=str(tmp_path))
+    (node,) = list(model.graph)
+    assert all(isinstance(v.const_value, ir.LazyTensor) for v in node.inputs[1:])
+    assert len(list(tmp_path.iterdir())) == 1
+    assert not quantize(model).modified
+    assert_twins_agree(model, {"x": w(3, 64, seed=1)})
+
+
+def test_quantize_int4_accuracy_level_4_stays_close():
+    model = parse("g (float[N, 256] x) => (float[N, 64] y) { y = MatMul(x, W) }", {"W": w(256, 64)})
+    quantize(model)
+    assert_twins_agree(model, {"x": w(4, 256, seed=1)}, rtol=3e-2, accuracy_level=4)
+
+
+# ------------------------------------------------------------------------------------------------ property
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(k=st.integers(16, 150), n=st.integers(1, 40), block=st.sampled_from([16, 32, 64]),
+       method=st.sampled_from(["rtn", "lsq", "hqq"]), symmetric=st.booleans(),
+       layout=st.sampled_from(["matmul", "transpose", "gemm", "fused"]), rank=st.sampled_from([2, 3]),
+       fp16=st.booleans(), seed=st.integers(0, 1000))
+def test_quantize_int4_property_quantized_equals_dequantized(k, n, block, method, symmetric, layout, rank, fp16,
+                                                             seed):
+    symmetric = symmetric and method != "hqq"
+    dt, npdt = ("float16", np.float16) if fp16 else ("float", np.float32)
+    x_shape = "[2, 3, K]" if rank == 3 else "[3, K]"
+    y_shape = x_shape.replace("K", str(n))
+    x_shape = x_shape.replace("K", str(k))
+    if layout == "gemm" or layout == "fused":
+        rank = 2
+        x_shape, y_shape = f"[3, {k}]", f"[3, {n}]"
+    body = {"matmul": "y = MatMul(x, W)", "transpose": "t = Transpose(W)\n y = MatMul(x, t)",
+            "gemm": "y = Gemm <transB = 1> (x, W)", "fused": "y = com.microsoft.FusedMatMul <transB = 1> (x, W)"}
+    weight = w(*((n, k) if layout != "matmul" else (k, n)), dtype=npdt, seed=seed)
+    model = parse(HDR + f"g ({dt}{x_shape} x) => ({dt}{y_shape} y) {{ {body[layout]} }}", {"W": weight})
+    result = quantize(model, quantize=f"int4:{method}", block_size=block, symmetric=symmetric)
+    assert result.modified == (k >= block)
+    assert_valid(model)
+    if k < block:
+        return
+    assert ops(model) == ["MatMulNBits"]
+    assert not quantize(model, quantize=f"int4:{method}", block_size=block, symmetric=symmetric).modified
+    feeds = {"x": w(*((2, 3, k) if rank == 3 else (3, k)), dtype=npdt, seed=seed + 1)}
+    assert_twins_agree(model, feeds, rtol=3e-3 if fp16 else 1e-4)
+
+
+@settings(max_examples=20, deadline=None)
+@given(k=st.integers(16, 100), n=st.integers(1, 30), block=st.sampled_from([16, 32]), symmetric=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_quantize_lsq_never_worse_than_rtn_per_block(k, n, block, symmetric, seed):
+    W = np.random.default_rng(seed).standard_t(4, (k, n)).astype(np.float32)
+    errs = {}
+    for method in ("rtn", "lsq"):
+        b, s, z = kq.quantize(W, method, block, symmetric)
+        d = dequantize(b, s, z, K=k, N=n, block_size=block)
+        pad = -(-k // block) * block - k
+        e = np.pad((d - W) ** 2, ((0, pad), (0, 0))).reshape(-1, block, n).sum(1)
+        errs[method] = e
+    assert np.all(errs["lsq"] <= errs["rtn"] * (1 + 1e-5) + 1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def _linear_with_const_weight(model: ir.Model) -> list[str]:
+    left = []
+    for n in model.graph:
+        if n.op_type in ("MatMul", "Gemm", "FusedMatMul") and len(n.inputs) > 1:
+            got = qi._weight(n)
+            if not isinstance(got, str):
+                left.append(n.name)
+    return left
+
+
+ALL = sorted(p.name for p in FIXTURES.glob("*.onnx"))
+FAST = ["llama_dynamo_past.onnx", "gpt2_ts.onnx", "bert_dynamo.onnx", "qwen3_ts.onnx"]
+
+
+def _compile_quantized(name, tmp_path, **opts):
+    from onnxc import pipeline
+    r = onnxc.compile(FIXTURES / name, 1, "cpu", output=tmp_path / "q.onnx",
+                      passes=pipeline.O1, options={"quantize": "int4", **opts})
+    rep = r.report
+    assert rep["verification"]["status"] == "passed", rep["verification"]
+    assert all("quantized_outputs" in s for s in rep["verification"]["scenarios"])
+    q = onnxc.ir.load(tmp_path / "q.onnx")
+    assert _linear_with_const_weight(q) == []
+    assert rep["quantization"]["matmul_nbits"] > 0
+    return rep
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_quantize_int4_fixture_quantizes_fully_and_verifies(name, tmp_path):
+    rep = _compile_quantized(name, tmp_path)
+    tied = name.startswith(("gpt2", "qwen3", "gemma"))
+    assert rep["quantization"]["gather_block_quantized"] == (1 if tied else 0)
+    assert rep["quantization"]["weight_bytes_after"] < rep["quantization"]["weight_bytes_before"]
+    summary = rep["quantization"]["error"]["summary"]
+    assert summary["cosine"] > 0.8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALL)
+def test_quantize_int4_every_fixture_quantizes_fully_and_verifies(name, tmp_path):
+    _compile_quantized(name, tmp_path)
+    _compile_quantized(name, tmp_path, quantize="int4:rtn", symmetric=True)
