@@ -128,3 +128,85 @@ def test_console_script_runs(model_path, tmp_path):
                         "-q"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "s.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------------------ quantization
+@pytest.fixture()
+def linear_path(tmp_path):
+    """A model with two linear layers (K = 64) and a bias Add."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    proto = onnx.parser.parse_model(textwrap.dedent("""\
+        <ir_version: 8, opset_import: ["" : 17]> g (float[N, 64] x) => (float[N, 16] y) {
+          h = MatMul(x, W1)
+          r = Relu(h)
+          m = MatMul(r, W2)
+          y = Add(m, b)
+        }"""))
+    rng = np.random.default_rng(0)
+    for name, shape in (("W1", (64, 64)), ("W2", (64, 16)), ("b", (16,))):
+        proto.graph.initializer.append(numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    p = tmp_path / "lin.onnx"
+    onnx.save(proto, str(p))
+    return p
+
+
+def test_quantize_flags_reach_the_report(linear_path, tmp_path):
+    out, rep_path = tmp_path / "q.onnx", tmp_path / "q.json"
+    r = run("compile", linear_path, "-O1", "--quantize", "int4:rtn", "--block-size", "16", "--symmetric",
+            "--exclude", "W1", "--accuracy-level", "1", "-o", out, "--report", rep_path)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(rep_path.read_text())
+    q = rep["quantization"]
+    assert (q["method"], q["block_size"], q["symmetric"], q["accuracy_level"]) == ("int4:rtn", 16, True, 1)
+    assert q["matmul_nbits"] == 1 and rep["ops_after"]["MatMul"] == 1   # W1 excluded
+    assert rep["verification"]["status"] == "passed"
+    assert {"max_abs", "max_rel", "cosine"} <= set(q["error"]["summary"])
+    assert "quantization error vs input" in r.output and "dequantized-weights twin" in r.output
+    nodes = [n for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 1 and len(nodes[0].input) == 6   # bias folded into the 6th input
+
+
+def test_quantize_default_is_lsq_asymmetric_accuracy_4(linear_path, tmp_path):
+    rep_path = tmp_path / "q.json"
+    r = run("compile", linear_path, "--quantize", "int4", "-o", tmp_path / "q.onnx", "--report", rep_path, "-q")
+    assert r.exit_code == 0, r.output
+    q = json.loads(rep_path.read_text())["quantization"]
+    assert (q["method"], q["block_size"], q["symmetric"], q["accuracy_level"]) == ("int4:lsq", 32, False, 4)
+    assert q["matmul_nbits"] == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--quantize", "int3"], "unknown value 'int3'"),
+    (["--quantize", "int4:awq"], "unknown value 'int4:awq'"),
+    (["--quantize", "int4", "--block-size", "48"], "not a power of 2"),
+    (["--quantize", "int4", "--block-size", "8"], "not a power of 2"),
+    (["--quantize", "int4:hqq", "--symmetric"], "cannot be --symmetric"),
+    (["--quantize", "int4", "--calibration", "c.npz"], "no selected method uses calibration"),
+    (["--block-size", "32"], "--block-size needs --quantize"),
+    (["--exclude", "x*"], "--exclude needs --quantize"),
+])
+def test_quantize_usage_errors_exit_2_one_line(linear_path, tmp_path, args, message):
+    out = tmp_path / "q.onnx"
+    r = run("compile", linear_path, "-o", out, *args)
+    assert r.exit_code == 2, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("onnxc: error")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_io_fp16_and_approximate_gelu_are_plumbed_into_options(linear_path, tmp_path, monkeypatch):
+    from onnxc import driver
+
+    seen = {}
+    real = driver.compile
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs["options"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "compile", spy)
+    r = run("compile", linear_path, "-O1", "--io-fp16", "--approximate-gelu", "-o", tmp_path / "o.onnx", "-q")
+    assert r.exit_code == 0, r.output
+    assert seen["io_fp16"] is True and seen["approximate_gelu"] is True and "quantize" not in seen
