@@ -12,3 +12,4 @@ from . import convert_fp16  # noqa: F401
 from . import quantize_int4  # noqa: F401
 from . import fuse_rms_norm  # noqa: F401
 from . import fuse_attention  # noqa: F401
+from . import fuse_gelu  # noqa: F401
