@@ -13,3 +13,5 @@ from . import quantize_int4  # noqa: F401
 from . import fuse_rms_norm  # noqa: F401
 from . import fuse_attention  # noqa: F401
 from . import fuse_gelu  # noqa: F401
+from . import fuse_layer_norm  # noqa: F401
+from . import fuse_skip_norm  # noqa: F401

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxc.pass_manager import RulePass, register_pass
 from onnxc.rules import Attr, Rule, const_array
 from onnxc.shapes import dims_of
@@ -101,6 +100,8 @@ def _check(m):
         if cin_dt not in _WIDER or _WIDER[cin_dt] < _WIDER[x_dt]:
             return m.fail(f"the input Cast narrows {x_dt.name} to {cin_dt.name}", "x")
         dtype = x_dt if out_dt == x_dt else cin_dt
+    if _WIDER[dtype] < _WIDER[out_dt]:
+        return m.fail(f"the result ({out_dt.name}) is wider than the normalization ({dtype.name})", "x")
     found = {"epsilon": float(eps), "dtype": dtype, "x_dtype": x_dt, "out_dtype": out_dt}
     if "w" not in m.binds:
         found["scale"] = np.ones(hidden, dtype=dtype.numpy())

@@ -1,0 +1,232 @@
+"""fuse-skip-norm
+
+    s = a + b                         (optionally a = h + bias, bias a constant vector: the projection's bias)
+    LayerNormalization(s, g, beta?)       ->  SkipLayerNormalization(input, skip, g, beta?, bias?, epsilon)
+    SimplifiedLayerNormalization(s, g)    ->  SkipSimplifiedLayerNormalization(input, skip, g, bias?, epsilon)
+    rules: skip-layer-norm(-bias), skip-simplified-layer-norm(-bias)
+
+When s is used elsewhere (the next residual Add) it becomes the fused op's 4th output, input_skip_bias_sum; the
+2nd and 3rd outputs (mean, inv_std_var) are then unnamed placeholders, which ORT leaves unwritten. In a decoder layer,
+r1 = x + attn_out; n1 = RMSNorm(r1); r2 = r1 + mlp_out; n2 = RMSNorm(r2) ...: every norm after the first of the model
+becomes a skip norm exporting its sum. Run after fuse-layer-norm and fuse-rms-norm.
+
+Requires (what ORT's kernels accept, checked on onnxruntime 1.31.1 CPU; docs/kernels.md):
+  - the norm normalizes the last axis only; s is 2-D or 3-D (the kernels reject other ranks);
+  - a, b and s share one static hidden size H (the kernels never broadcast H); g, beta are 1-D of size H; the bias
+    is a constant with H elements (made 1-D);
+  - skip broadcasts to input: ORT's output has input's shape and reads skip modulo its size, so a skip larger than
+    input silently gives a wrong result. Accepted: the leading dims are proved equal (the same dims, or both values
+    computed row-wise from one value: MatMul by a matrix, elementwise ops with per-channel constants, slices of the
+    last axis, norms), or skip is (1, S, H) / (S, H) under an input (B, S, H). Unprovable sites are refused;
+  - one dtype for a, b, g, beta, bias and the result;
+  - a sum of embedding lookups (Gather of a constant table, e.g. BERT's word + position + token type) is left for
+    EmbedLayerNormalization.
+Epsilon is always written (the Skip kernels default to 1e-12, LayerNormalization to 1e-5).
+Reference: kernels/norms.skip_layer_norm, kernels/norms.skip_simplified_layer_norm.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxc.pass_manager import RulePass, register_pass
+from onnxc.rules import Attr, Rule, const_array, const_tensor
+from onnxc.shapes import dims_of
+
+MS = "com.microsoft"
+_UNARY = frozenset({"Cast", "Identity", "Relu", "Sigmoid", "Tanh", "Erf", "Neg", "Abs", "Sqrt", "Reciprocal", "Exp",
+                    "Log", "Softmax", "LogSoftmax", "Gelu", "Elu", "LeakyRelu", "Softplus", "HardSigmoid", "Sin",
+                    "Cos"})
+_MS_UNARY = frozenset({"Gelu", "FastGelu", "QuickGelu", "BiasGelu"})
+_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
+_NORMS = {("", "LayerNormalization"): (0,), ("", "SimplifiedLayerNormalization"): (0,),
+          (MS, "SkipLayerNormalization"): (0, 3), (MS, "SkipSimplifiedLayerNormalization"): (0, 3)}
+_CHAIN_STEPS = 32
+
+
+# ---------------------------------------------------------------------------------------------------- shape proofs
+def _lead(v: ir.Value) -> tuple | None:
+    d = dims_of(v)
+    return None if d is None or not d else d[:-1]
+
+
+def _last_axis_only(axes, rank: int) -> bool:
+    return axes is not None and len(axes) > 0 and all(int(a) % rank == rank - 1 for a in axes)
+
+
+def _row_input(v: ir.Value, depth: int) -> ir.Value | None:
+    """A value with provably the same rank and leading dims as v (all dims but the last), or None."""
+    p, d = v.producer(), dims_of(v)
+    if p is None or d is None or not d:
+        return None
+    rank, op, ins = len(d), (p.domain, p.op_type), list(p.inputs)
+    if (p.domain == "" and p.op_type in _UNARY) or (p.domain == MS and p.op_type in _MS_UNARY):
+        return ins[0]
+    if op == ("", "MatMul") and len(dims_of(ins[1]) or ()) == 2 and len(dims_of(ins[0]) or ()) >= 2:
+        return ins[0]
+    if op in _NORMS and v.index() in _NORMS[op]:
+        axis = p.attributes["axis"].as_int() if "axis" in p.attributes else -1
+        return ins[0] if p.domain == MS or axis % rank == rank - 1 else None
+    if op == ("", "Split"):
+        axis = p.attributes["axis"].as_int() if "axis" in p.attributes else 0
+        return ins[0] if axis % rank == rank - 1 else None
+    if op == ("", "Slice"):
+        axes = const_array(ins[3], 8) if len(ins) > 3 and ins[3] is not None else None
+        return ins[0] if _last_axis_only(None if axes is None else axes.reshape(-1), rank) else None
+    if p.domain == "" and p.op_type in _BINARY and len(ins) == 2:
+        (a, da), (b, db) = ((x, dims_of(x)) for x in ins)
+        if da is None or db is None:
+            return None
+        for x, dx, dy in ((a, da, db), (b, db, da)):  # the other operand is per-channel: (H,), (1, 1, H), scalar
+            if len(dx) == rank and len(dy) <= rank and all(e == 1 for e in dy[:-1]):
+                return x
+        if len(da) == len(db) == rank and depth > 0 and same_rows(a, b, depth - 1):
+            return a
+    return None
+
+
+def _chain(v: ir.Value, depth: int) -> list[ir.Value]:
+    out = [v]
+    for _ in range(_CHAIN_STEPS):
+        nxt = _row_input(out[-1], depth)
+        if nxt is None:
+            break
+        out.append(nxt)
+    return out
+
+
+def same_rows(a: ir.Value, b: ir.Value, depth: int = 3) -> bool:
+    """a and b provably have the same rank and leading dims: equal dims, or row-wise chains that meet."""
+    la, lb = _lead(a), _lead(b)
+    if la is not None and la == lb:
+        return True
+    ca, cb = _chain(a, depth), _chain(b, depth)
+    ids = {id(x) for x in ca}
+    leads = {_lead(x) for x in ca} - {None}
+    return any(id(y) in ids or _lead(y) in leads for y in cb)
+
+
+def _orient(a: ir.Value, b: ir.Value) -> tuple[ir.Value, ir.Value] | str:
+    """(input, skip) such that skip broadcasts to input the way ORT's Skip kernels allow, or why not."""
+    da, db = dims_of(a), dims_of(b)
+    if da is None or db is None:
+        return "rank of an operand of the sum is unknown"
+    if len(da) == len(db) and same_rows(a, b):
+        return a, b
+    for x, y, dx, dy in ((a, b, da, db), (b, a, db, da)):
+        if len(dx) == 3 and dy[:-1] in ((1, dx[1]), (dx[1],)):
+            return x, y
+    return f"cannot prove that one operand broadcasts to the other as skip (dims {da} and {db})"
+
+
+def _embedding(v: ir.Value, depth: int = 3) -> bool:
+    """v is an embedding lookup (Gather from a constant table) or a sum of them."""
+    p = v.producer()
+    if p is None or p.domain != "" or depth == 0:
+        return False
+    if p.op_type == "Gather":
+        return const_tensor(p.inputs[0]) is not None
+    return p.op_type == "Add" and all(x is not None and _embedding(x, depth - 1) for x in p.inputs)
+
+
+# ---------------------------------------------------------------------------------------------------- patterns
+def _ln(op, a, b, g):
+    s = op.Add(a, b)
+    return op.LayerNormalization(s, g, _allow_other_inputs=True, _name="norm", axis=Attr("axis", -1),
+                                 epsilon=Attr("epsilon", 1e-5)), s
+
+
+def _ln_bias(op, a, bias, b, g):
+    s = op.Add(op.Add(a, bias), b)
+    return op.LayerNormalization(s, g, _allow_other_inputs=True, _name="norm", axis=Attr("axis", -1),
+                                 epsilon=Attr("epsilon", 1e-5)), s
+
+
+def _sln(op, a, b, g):
+    s = op.Add(a, b)
+    return op.SimplifiedLayerNormalization(s, g, _name="norm", axis=Attr("axis", -1),
+                                           epsilon=Attr("epsilon", 1e-5)), s
+
+
+def _sln_bias(op, a, bias, b, g):
+    s = op.Add(op.Add(a, bias), b)
+    return op.SimplifiedLayerNormalization(s, g, _name="norm", axis=Attr("axis", -1),
+                                           epsilon=Attr("epsilon", 1e-5)), s
+
+
+# ---------------------------------------------------------------------------------------------------- check
+def _check(m):
+    s, y = m.outputs[1], m.outputs[0]
+    ds = dims_of(s)
+    if ds is None or len(ds) not in (2, 3):
+        return m.fail(f"ORT's skip norms take 2-D or 3-D input, the sum has dims {ds}")
+    hidden, rank = ds[-1], len(ds)
+    if not isinstance(hidden, int):
+        return m.fail(f"hidden size (last dim {hidden}) is not static")
+    if m["axis"] % rank != rank - 1:
+        return m.fail(f"the norm's axis {m['axis']} is not the last")
+    for name in ("a", "b"):
+        d = dims_of(m[name])
+        if d is None or not d or d[-1] != hidden:
+            return m.fail(f"operand's last dim is not the hidden size {hidden} (dims {d})", name)
+    norm = m.node("norm")
+    beta = norm.inputs[2] if len(norm.inputs) > 2 else None
+    for v, what in ((m["g"], "gamma"), (beta, "beta")):
+        if v is not None and dims_of(v) != (hidden,):
+            return m.fail(f"{what} of dims {dims_of(v)} is not 1-D of size {hidden}")
+    found = {"epsilon": float(m["epsilon"]), "beta": beta, "bias_array": None}
+    if "bias" in m.binds:
+        bias = m.const("bias")
+        if bias is None or bias.size != hidden or any(d != 1 for d in bias.shape[:-1]):
+            return m.fail("bias is not a constant vector of the hidden size", "bias")
+        if dims_of(m["bias"]) != (hidden,):
+            found["bias_array"] = np.ascontiguousarray(bias.reshape(-1))
+    dtypes = {v.dtype for v in (m["a"], m["b"], m["g"], beta, m.binds.get("bias"), y) if v is not None}
+    if len(dtypes) != 1 or None in dtypes:
+        return m.fail(f"operands have different or unknown dtypes {sorted(str(d) for d in dtypes)}")
+    if _embedding(m["a"]) and _embedding(m["b"]):
+        return m.fail("a sum of embedding lookups is left for EmbedLayerNormalization")
+    oriented = _orient(m["a"], m["b"])
+    if isinstance(oriented, str):
+        return m.fail(oriented, "a", "b")
+    found["input"], found["skip"] = oriented
+    found["export"] = s.is_graph_output() or any(u.node is not norm for u in s.uses())
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------- rewrites
+def _fused(op, op_type: str, inputs: list, epsilon: float, export: bool):
+    while inputs[-1] is None:
+        inputs.pop()
+    if not export:
+        return getattr(op, op_type)(*inputs, epsilon=epsilon, _domain=MS), None
+    y, mean, inv_std, total = getattr(op, op_type)(*inputs, epsilon=epsilon, _domain=MS, _outputs=4)
+    mean.name = inv_std.name = ""  # optional outputs left out
+    return y, total
+
+
+def _bias(op, bias, bias_array):
+    return op.const(bias_array, "bias") if bias_array is not None else bias
+
+
+def _rewrite_ln(op, input, skip, g, beta, epsilon, export, bias=None, bias_array=None):
+    return _fused(op, "SkipLayerNormalization", [input, skip, g, beta, _bias(op, bias, bias_array)], epsilon, export)
+
+
+def _rewrite_sln(op, input, skip, g, epsilon, export, bias=None, bias_array=None):
+    return _fused(op, "SkipSimplifiedLayerNormalization", [input, skip, g, _bias(op, bias, bias_array)], epsilon,
+                  export)
+
+
+RULES = [
+    Rule("skip-layer-norm", _ln, _rewrite_ln, _check, summary="LayerNorm(a + b) -> SkipLayerNormalization"),
+    Rule("skip-layer-norm-bias", _ln_bias, _rewrite_ln, _check,
+         summary="LayerNorm(a + bias + b) -> SkipLayerNormalization(a, b, bias=bias)"),
+    Rule("skip-simplified-layer-norm", _sln, _rewrite_sln, _check,
+         summary="RMSNorm(a + b) -> SkipSimplifiedLayerNormalization"),
+    Rule("skip-simplified-layer-norm-bias", _sln_bias, _rewrite_sln, _check,
+         summary="RMSNorm(a + bias + b) -> SkipSimplifiedLayerNormalization(a, b, bias=bias)"),
+]
+
+register_pass(RulePass("fuse-skip-norm", RULES, level=2, targets=("cpu", "cuda"),
+                       summary="residual Add (+ bias) + LayerNorm/RMSNorm -> Skip(Simplified)LayerNormalization, "
+                               "exporting the sum"))
