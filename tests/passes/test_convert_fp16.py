@@ -457,3 +457,242 @@ def test_convert_fp16_sets_fp16_tolerance_for_verification():
 def test_convert_fp16_is_level_3_cuda_only():
     p = cf.ConvertFp16()
     assert (p.name, p.level, p.targets) == ("convert-fp16", 3, ("cuda",))
+
+
+# ------------------------------------------------------------------------------------------------ fused ORT ops
+def _rand(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed + len(shape)).standard_normal(shape).astype(np.float32)
+
+
+def test_convert_fp16_skip_simplified_layer_norm():
+    """input/skip/gamma and output/sum become float16; mean and inv_std_var (type U) stay float32."""
+    text = MS_HEADER + """
+    g (float[B, S, 64] x, float[B, S, 64] skip) => (float[B, S, 64] y, float[B, S, 1] inv, float[B, S, 64] s) {
+      y, mean, inv, s = com.microsoft.SkipSimplifiedLayerNormalization<epsilon: float = 1e-6>(x, skip, gamma)
+    }"""
+    inits = {"gamma": 1 + 0.1 * _rand(64)}
+    model = parse(text, inits)
+    run_pass(model, "convert-fp16")
+    ins, outs = dtypes(model, "SkipSimplifiedLayerNormalization")
+    assert ins == [F16, F16, F16] and outs[0] == outs[3] == F16 and outs[2] == F32 and outs[1] != F16
+    node = next(n for n in model.graph if n.op_type == "SkipSimplifiedLayerNormalization")
+    assert node.attributes["epsilon"].value == pytest.approx(1e-6)
+    assert [v.dtype for v in model.graph.outputs] == [F32, F32, F32]
+    fp16_close(parse(text, inits), model, {"x": _rand(2, 3, 64), "skip": _rand(2, 3, 64, seed=1)})
+
+
+def test_convert_fp16_simplified_and_skip_layer_norm():
+    text = MS_HEADER + """
+    g (float[B, S, 64] x, float[B, S, 64] skip) => (float[B, S, 64] y) {
+      n, inv = SimplifiedLayerNormalization<axis: int = -1, epsilon: float = 1e-5>(x, gamma)
+      y, m, i, s = com.microsoft.SkipLayerNormalization<epsilon: float = 1e-5>(n, skip, gamma, beta, bias)
+    }"""
+    inits = {"gamma": 1 + 0.1 * _rand(64), "beta": 0.1 * _rand(64, seed=2), "bias": 0.1 * _rand(64, seed=3)}
+    model = parse(text, inits)
+    run_pass(model, "convert-fp16")
+    assert dtypes(model, "SimplifiedLayerNormalization")[0] == [F16, F16]
+    assert dtypes(model, "SimplifiedLayerNormalization")[1][0] == F16
+    assert dtypes(model, "SkipLayerNormalization")[0] == [F16] * 5
+    fp16_close(parse(text, inits), model, {"x": _rand(2, 3, 64), "skip": _rand(2, 3, 64, seed=1)})
+
+
+GQA = MS_HEADER + """
+g (float[B, S, 64] q, float[B, S, 32] k, float[B, S, 32] v, float[B, 2, P, 16] pk, float[B, 2, P, 16] pv,
+   int32[B] seqlens_k, int32 total) => (float[B, S, 64] y, float[B, 2, T, 16] ok, float[B, 2, T, 16] ov) {
+  y, ok, ov = com.microsoft.GroupQueryAttention<num_heads: int = 4, kv_num_heads: int = 2, do_rotary: int = 1>(
+      q, k, v, pk, pv, seqlens_k, total, cos, sin)
+}"""
+
+
+def _gqa_inputs() -> tuple[dict, dict]:
+    angle = np.arange(32)[:, None] * (10000.0 ** (-np.arange(8) / 8))[None]
+    inits = {"cos": np.cos(angle).astype(np.float32), "sin": np.sin(angle).astype(np.float32)}
+    b, p = 2, 4
+    feeds = {"q": _rand(b, 1, 64), "k": _rand(b, 1, 32, seed=1), "v": _rand(b, 1, 32, seed=2),
+             "pk": _rand(b, 2, p, 16), "pv": _rand(b, 2, p, 16, seed=5), "seqlens_k": np.full(b, p, np.int32),
+             "total": np.array(p + 1, np.int32)}
+    return inits, feeds
+
+
+@pytest.mark.parametrize("io_fp16", [False, True])
+def test_convert_fp16_group_query_attention(io_fp16):
+    """Query/key/value/past and the cos/sin caches become float16; seqlens_k and total_sequence_length stay int32."""
+    inits, feeds = _gqa_inputs()
+    model = parse(GQA, inits)
+    run_pass(model, "convert-fp16", io_fp16=io_fp16)
+    ins, outs = dtypes(model, "GroupQueryAttention")
+    assert ins == [F16] * 5 + [ir.DataType.INT32] * 2 + [F16] * 2 and outs == [F16] * 3
+    node = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert {k: a.value for k, a in node.attributes.items()} == {"num_heads": 4, "kv_num_heads": 2, "do_rotary": 1}
+    assert [n.op_type for n in model.graph].count("Cast") == (0 if io_fp16 else 8)
+    fp16_close(parse(GQA, inits), model, feeds, io_fp16=io_fp16)
+
+
+def test_convert_fp16_matmul_nbits_scales_and_bias():
+    """A, scales and bias become float16; B and packed uint8 zero points stay uint8; attributes unchanged."""
+    b, scales, zp = quantize_rtn(_rand(64, 32), block_size=16, symmetric=False)
+    text = MS_HEADER + """
+    g (float[B, S, 64] a) => (float[B, S, 32] y) {
+      y = com.microsoft.MatMulNBits<K: int = 64, N: int = 32, bits: int = 4, block_size: int = 16,
+                                    accuracy_level: int = 4>(a, qb, scales, zp, , bias)
+    }"""
+    inits = {"qb": b, "scales": scales, "zp": zp, "bias": 0.1 * _rand(32)}
+    model = parse(text, inits)
+    run_pass(model, "convert-fp16")
+    assert dtypes(model, "MatMulNBits") == ([F16, ir.DataType.UINT8, F16, ir.DataType.UINT8, None, F16], [F16])
+    assert model.graph.initializers["qb"].const_value.numpy().tobytes() == b.tobytes()
+    node = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    assert node.attributes["accuracy_level"].value == 4 and node.attributes["block_size"].value == 16
+    fp16_close(parse(text, inits), model, {"a": _rand(2, 3, 64)})
+
+
+def test_convert_fp16_other_contrib_ops():
+    """MultiHeadAttention, RotaryEmbedding, FastGelu, BiasGelu and Gelu run in float16 (ORT CPU casts where it has
+    no float16 kernel); position_ids stay int64."""
+    angle = np.arange(16)[:, None] * (10000.0 ** (-np.arange(8) / 8))[None]
+    text = MS_HEADER + """
+    g (float[B, S, 64] x, int64[B, S] pos) => (float[B, S, 64] y) {
+      r = com.microsoft.RotaryEmbedding<num_heads: int = 4>(x, pos, cos, sin)
+      a = com.microsoft.MultiHeadAttention<num_heads: int = 4>(r, x, x)
+      g1 = com.microsoft.FastGelu(a, bias)
+      g2 = com.microsoft.BiasGelu(g1, bias)
+      y = com.microsoft.Gelu(g2)
+    }"""
+    inits = {"cos": np.cos(angle).astype(np.float32), "sin": np.sin(angle).astype(np.float32),
+             "bias": 0.1 * _rand(64)}
+    model = parse(text, inits)
+    counts = run_pass(model, "convert-fp16").counts
+    assert counts["convert-node"] == 5
+    assert dtypes(model, "RotaryEmbedding") == ([F16, ir.DataType.INT64, F16, F16], [F16])
+    for op in ("MultiHeadAttention", "FastGelu", "BiasGelu", "Gelu"):
+        assert set(dtypes(model, op)[0] + dtypes(model, op)[1]) == {F16}, op
+    fp16_close(parse(text, inits), model, {"x": _rand(2, 3, 64), "pos": np.array([[0, 1, 2], [4, 5, 6]])})
+
+
+def test_convert_fp16_unlisted_contrib_op_stays_fp32():
+    text = MS_HEADER + """
+    g (float[B, 8] x) => (float[B, 8] y) {
+      a = Relu(x)
+      y = com.microsoft.QOrderedGelu(a)
+    }"""
+    model = parse(text)
+    next(n for n in model.graph if n.op_type == "QOrderedGelu").outputs[0].dtype = F32
+    run_pass(model, "convert-fp16")
+    assert dtypes(model, "QOrderedGelu") == ([F32], [F32])
+    assert cf.ORT_OPS.get(("com.microsoft", "QOrderedGelu"), "absent") == "absent"
+
+
+# ------------------------------------------------------------------------------------------------ property
+BIG = [-3.4e38, float(np.finfo(np.float32).min), -np.inf, -1e5]
+
+
+@st.composite
+def random_graph(draw) -> tuple[str, dict[str, np.ndarray]]:
+    """Elementwise/MatMul/Softmax chains over two inputs with constants, including out-of-range ones used where
+    their clamping cannot matter (masked Softmax, Min/Max bounds)."""
+    dim = draw(st.sampled_from(["N", "2"]))
+    pool, lines, inits = ["x", "z"], [], {}
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    for k in range(draw(st.integers(1, 7))):
+        a, b = draw(st.sampled_from(pool)), draw(st.sampled_from(pool))
+        kind = draw(st.sampled_from(["bin", "const", "unary", "matmul", "softmax", "bound"]))
+        out = f"v{k}"
+        if kind == "bin":
+            lines.append(f"{out} = {draw(st.sampled_from(['Add', 'Sub', 'Mul', 'Max']))}({a}, {b})")
+        elif kind == "const":
+            inits[f"c{k}"] = rng.standard_normal(draw(st.sampled_from([(1,), (4,), (2, 4)]))).astype(np.float32)
+            args = (a, f"c{k}") if draw(st.booleans()) else (f"c{k}", a)
+            lines.append(f"{out} = {draw(st.sampled_from(['Add', 'Mul', 'Sub']))}({args[0]}, {args[1]})")
+        elif kind == "unary":
+            lines.append(f"{out} = {draw(st.sampled_from(['Relu', 'Tanh', 'Sigmoid', 'Neg', 'Abs']))}({a})")
+        elif kind == "matmul":
+            inits[f"w{k}"] = (0.5 * rng.standard_normal((4, 4))).astype(np.float32)
+            lines.append(f"{out} = MatMul({a}, w{k})")
+        elif kind == "softmax":
+            inits[f"m{k}"] = np.array([draw(st.sampled_from(BIG))], np.float32)
+            lines += [f"t{k} = Where(mask, {a}, m{k})", f"{out} = Softmax<axis=-1>(t{k})"]
+        else:
+            inits[f"b{k}"] = np.array([draw(st.sampled_from([1e5, 3.4e38, np.inf]))], np.float32)
+            lines.append(f"{out} = Min({a}, b{k})" if draw(st.booleans()) else f"n{k} = Neg(b{k})\n{out} = Max({a}, n{k})")
+        pool.append(out)
+    outs = [pool[-1]] + ([draw(st.sampled_from(pool[2:]))] if draw(st.booleans()) and len(pool) > 3 else [])
+    outs = list(dict.fromkeys(outs))
+    body = "\n".join(lines + [f"y{i} = Identity({o})" for i, o in enumerate(outs)])
+    sig = ", ".join(f"float[{dim}, 4] y{i}" for i in range(len(outs)))
+    return f"g (float[{dim}, 4] x, float[{dim}, 4] z, bool[{dim}, 4] mask) => ({sig}) {{\n{body}\n}}", inits
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graph=random_graph(), io_fp16=st.booleans())
+def test_convert_fp16_property_random_graphs(graph, io_fp16):
+    text, inits = graph
+    model = parse(text, inits)
+    run_pass(model, "infer-shapes")
+    run_pass(model, "convert-fp16", io_fp16=io_fp16)
+    assert check_model(model) == []
+    if not io_fp16:
+        assert_valid(model, parse(text, inits))
+    assert [v.dtype for v in model.graph.outputs] == [F16 if io_fp16 else F32] * len(model.graph.outputs)
+    for n in model.graph:           # every float value inside runs in float16; Casts only at the graph boundary
+        if n.op_type != "Cast":
+            assert all(v.dtype == F16 for v in [*n.inputs, *n.outputs] if v is not None and v.dtype
+                       and v.dtype.is_floating_point()), n
+    for name, arr in inits.items():
+        got = model.graph.initializers[name].const_value.numpy()
+        assert got.dtype == np.float16 and np.array_equal(np.isinf(got), np.isinf(arr))
+    assert_unchanged_by(model, "convert-fp16", io_fp16=io_fp16)
+    feeds = random_feeds(parse_proto(text, inits), 0, {"N": 2})
+    feeds["mask"][:, 0] = True                                     # no fully masked Softmax row
+    fp16_close(parse(text, inits), model, feeds, io_fp16=io_fp16)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+KEPT_FP32 = {"Cast", "Cos", "Sin", "Mul", "Concat", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Reciprocal"}
+
+
+def expected_casts(name: str) -> int:
+    """Casts the pass inserts: 2 per unfused norm (x in, 1/rms out), cos and sin, every float I/O value."""
+    if name.endswith("_fp16"):
+        return 5                          # 1/rms back to float16 for the scaling Mul, 5 norms
+    family, past = name.split("_")[0], name.endswith("_past")
+    if family in ("gpt2", "bert"):
+        return 1 + 8 * past               # LayerNormalization runs in float16 (float32 statistics inside)
+    norms = 5 + 4 * (family == "qwen3")   # 2 layers x 2 + final; qwen3 adds q/k norms
+    return 2 * norms + 2 + 1 + 8 * past
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: os.path.basename(p)[:-5])
+def test_convert_fp16_fixture_compiles_and_verifies(path):
+    name = os.path.basename(path)[:-5]
+    result = onnxc.compile(path, 3, "cuda", passes=PIPELINE)
+    report = result.report
+    assert report["verification"]["status"] == "passed"
+    assert all(o["rtol"] == 2e-2 for sc in report["verification"]["scenarios"] for o in sc["outputs"]
+               if o["dtype"].startswith("float"))
+    counts = report["rule_counts"]
+    assert counts.get("convert-fp16:insert-cast") == expected_casts(name), counts
+    model = ir.serde.deserialize_model(result.model)
+    assert cast_pairs(model) == []
+    f32 = {n.op_type for n in model.graph if any(o.dtype == F32 for o in n.outputs)}
+    assert f32 <= KEPT_FP32, f32 - KEPT_FP32
+    if name.split("_")[0] not in ("gpt2", "bert"):
+        assert {"Cos", "Sin", "Pow", "ReduceMean"} <= f32
+    heavy = [n for n in model.graph if n.op_type in ("MatMul", "Gemm", "Softmax", "LayerNormalization")]
+    assert heavy and all(n.outputs[0].dtype == F16 for n in heavy)
+
+
+@pytest.mark.parametrize("name", ["llama_dynamo_past", "gpt2_ts_past", "bert_ts"])
+def test_convert_fp16_fixture_io_fp16(name):
+    """With io_fp16 the float inputs/outputs (KV cache too) are float16 and no boundary Cast is left."""
+    path = next(p for p in FIXTURES if os.path.basename(p) == f"{name}.onnx")
+    reference = irio.load(path)
+    model = PassManager(parse_pipeline(O1)).run(irio.load(path), PassContext())
+    counts = cf.convert(model, io_fp16=True)
+    model = PassManager(parse_pipeline(CLEANUP)).run(model, PassContext())
+    assert "insert-cast" not in counts or counts["insert-cast"] == expected_casts(name) - (
+        1 + 8 * name.endswith("_past"))
+    floats = [v for v in [*model.graph.inputs, *model.graph.outputs] if v.dtype.is_floating_point()]
+    assert floats and all(v.dtype == F16 for v in floats)
+    for k, sc in enumerate(verify.scenarios_for(reference)):
+        feeds = verify.make_inputs(reference, sc, k)
+        fp16_close(reference, model, feeds, io_fp16=True)
