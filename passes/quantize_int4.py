@@ -344,7 +344,7 @@ class QuantizeInt4(Pass):
             ir.convenience.replace_nodes_and_values(graph, site.node, old_nodes, [new], [old_out], [new.outputs[0]])
             kind = f"{site.node.op_type}+bias" if site.bias is not None else site.node.op_type
             counts[kind] = counts.get(kind, 0) + 1
-        if opts.tied_embedding:
+        if opts.tied_embedding and opts.method != "hqq":  # GatherBlockQuantized takes no float zero points
             by_key = {s.key: s for s in sites}
             for gather, key, site in _tied_gathers(graph, done, by_key, opts.block_size):
                 qb, qs, qz = done[key]
