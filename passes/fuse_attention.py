@@ -108,6 +108,11 @@ def pattern_past(op, q, k, v, past_k, past_v, q_shape, k_shape, v_shape,
     return out, key, value
 
 
+def pattern_output(op, y, heads, target):
+    return op.Reshape(op.Transpose(op.Transpose(op.Reshape(y, heads), perm=[0, 2, 1, 3]), perm=[0, 2, 1, 3]), target,
+                      _name="out")
+
+
 def pattern_key_transpose(op, key, r1, r2):
     return op.Reshape(op.Transpose(op.Reshape(key, r1, _name="r1"), perm=[0, 2, 1]), r2)
 
@@ -485,6 +490,30 @@ def check_key_transpose(m):
     return None
 
 
+@_checked
+def check_output(m):
+    fused = m["y"].producer()
+    if fused is None or fused.domain != MS or fused.op_type not in ("Attention", "MultiHeadAttention"):
+        raise _Refused("not the output of a fused attention")
+    heads, target = sym_value(m["heads"]), sym_value(m["target"])
+    if heads is None or len(heads) != 4 or list(heads[:2]) != [0, 0]:
+        raise _Refused(f"head split {heads} is not (0, 0, N, H)")
+    if target is None or len(target) < 2 or any(t == 0 for t in target[2:]) or m.attr("out", "allowzero", 0):
+        raise _Refused(f"target {target} copies a dim past batch and sequence")
+    yd = dims_of(m["y"])
+    if target[:2] == (0, 0) and len(target) == 3 and (target[2] == -1 or (yd and target[2] == yd[-1])):
+        return {"direct": True}
+    return {"direct": False}
+
+
+def rewrite_output(op, y, target, direct):
+    if direct:
+        return y
+    out = op.Reshape(y, target)
+    _unique_names(op)
+    return out
+
+
 def _feeds_softmax(v: ir.Value) -> bool:
     """v -> [Mul|Div] -> MatMul (as B) -> [Mul|Div] -> [Where|Add]* -> [Cast] -> Softmax."""
     frontier, seen_matmul = [v], False
@@ -603,8 +632,12 @@ key_transpose = Rule("fuse-attention-key-transpose", pattern_key_transpose, rewr
                      check_key_transpose,
                      summary="Reshape(Transpose(Reshape(K, (-1,T,H)), (0,2,1)), (B,N,H,T)) -> Transpose(K, (0,1,3,2))")
 
+output = Rule("fuse-attention-output", pattern_output, rewrite_output, check_output,
+              summary="Reshape(Transpose(Transpose(Reshape(y, (0,0,N,H)))), t) -> Reshape(y, t) for a fused y")
+
 PREPARE = [key_transpose]
 RULES = [separate, packed, past]
+FINISH = [output]
 
 
 def _drop_dead(graph: ir.Graph) -> None:
@@ -623,7 +656,7 @@ class FuseAttention(Pass):
     targets = ("cpu", "cuda")
 
     def rules(self):
-        return PREPARE + RULES
+        return PREPARE + RULES + FINISH
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         counts: dict[str, int] = {}
@@ -631,6 +664,8 @@ class FuseAttention(Pass):
         if prepared:
             _drop_dead(model.graph)
         fused = apply_rules(model, RULES, disabled=ctx.disabled_rules).applied
+        if fused:
+            counts.update(apply_rules(model, FINISH, disabled=ctx.disabled_rules).applied)
         counts.update(prepared)
         counts.update(fused)
         return PassResult(model, bool(counts), counts)
