@@ -168,7 +168,15 @@ def _infer_dtypes(graph: ir.Graph, opset: int) -> None:
         if s is None:
             continue
         if node.op_type == "Cast" and "to" in node.attributes:
-            node.outputs[0].dtype = node.outputs[0].dtype or ir.DataType(node.attributes["to"].value)
+            node.outputs[0].dtype = ir.DataType(node.attributes["to"].value)
+            continue
+        if node.op_type in ("Constant", "ConstantOfShape"):
+            a = node.attributes.get("value")
+            if a is not None and a.type == ir.AttributeType.TENSOR:
+                node.outputs[0].dtype = a.value.dtype
+            elif a is None and (node.op_type == "ConstantOfShape" or {"value_float", "value_floats"} & set(
+                    node.attributes)):
+                node.outputs[0].dtype = F32
             continue
         known = {}
         for i, v in enumerate(node.inputs):
@@ -313,8 +321,15 @@ def _fp16_tensor(t: ir.TensorProtocol, lazy_bytes: int) -> ir.TensorProtocol:
 
 
 def _convert_attr_tensor(node: ir.Node) -> None:
+    """The float32 `value` a Constant / ConstantOfShape creates becomes float16 (value_float(s) included)."""
+    for key in ("value_float", "value_floats"):
+        if key in node.attributes:
+            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(np.array(node.attributes.pop(key).value,
+                                                                                 np.float32)))
     a = node.attributes.get("value")
-    if a is not None and a.type == ir.AttributeType.TENSOR and a.value.dtype == F32:
+    if a is None and node.op_type == "ConstantOfShape":
+        node.attributes["value"] = ir.AttrTensor("value", ir.tensor(np.zeros(1, np.float16)))
+    elif a is not None and a.type == ir.AttributeType.TENSOR and a.value.dtype == F32:
         node.attributes["value"] = ir.AttrTensor("value", ir.tensor(to_fp16(a.value.numpy())))
 
 
@@ -342,19 +357,23 @@ class _Rewriter:
             self.graph.register_initializer(out)
             self.count("convert-initializer")
         else:
-            out = ir.Value(name=self.name(f"{v.name}_{'fp16' if to == F16 else 'fp32'}"), shape=v.shape,
-                           type=ir.TensorType(to))
-            node = ir.Node("", "Cast", [v], [ir.AttrInt64("to", int(to))], outputs=[out],
-                           name=self.name(f"{v.name}_cast"))
-            producer = v.producer()
-            if producer is not None and producer.graph is self.graph:
-                self.graph.insert_after(producer, node)
-            elif self.anchor is None:
-                self.graph.append(node)
-            else:
-                self.graph.insert_before(self.anchor, node)
-            self.count("insert-cast")
+            out = self.cast_node(v, to, self.name(f"{v.name}_{'fp16' if to == F16 else 'fp32'}"))
         self.cache[key] = out
+        return out
+
+    def cast_node(self, v: ir.Value, to: ir.DataType, name: str) -> ir.Value:
+        """A new Cast(v, to) named `name`, placed right after v's producer (graph inputs: at the top)."""
+        out = ir.Value(name=name, shape=v.shape, type=ir.TensorType(to))
+        node = ir.Node("", "Cast", [v], [ir.AttrInt64("to", int(to))], outputs=[out],
+                       name=self.name(f"{v.name}_cast"))
+        producer = v.producer()
+        if producer is not None and producer.graph is self.graph:
+            self.graph.insert_after(producer, node)
+        elif self.anchor is None:
+            self.graph.append(node)
+        else:
+            self.graph.insert_before(self.anchor, node)
+        self.count("insert-cast")
         return out
 
 
@@ -405,16 +424,17 @@ def convert(model: ir.Model, *, io_fp16: bool = False, lazy_bytes: int = DEFAULT
         for use, want in uses:
             if want is not None and want != v.dtype:
                 use.node.replace_input_with(use.idx, rw.cast(v, want))
-    # Graph outputs keep their names and (without io_fp16) their float32 type.
+    # Graph outputs keep their names and (without io_fp16) their float32 type; with io_fp16 a graph input or
+    # initializer that is also an output keeps its type (its name cannot move to a Cast).
+    done: dict[int, ir.Value] = {}
     for i, v in outputs:
         want = F16 if io_fp16 else F32
-        if v.dtype == want:
-            continue
-        name = v.name
-        v.name = rw.name(f"{name}_{'fp32' if want == F16 else 'fp16'}")
-        out = rw.cast(v, want)
-        out.name = name
-        graph.outputs[i] = out
+        if id(v) in done:                              # one value in several output slots
+            graph.outputs[i] = done[id(v)]
+        elif v.dtype != want and not v.is_graph_input() and not v.is_initializer():
+            name = v.name
+            v.name = rw.name(f"{name}_{'fp32' if want == F16 else 'fp16'}")
+            graph.outputs[i] = done[id(v)] = rw.cast_node(v, want, name)
     return rw.counts
 
 

@@ -420,6 +420,48 @@ def test_convert_fp16_subgraph_captures_stay_fp32():
     fp16_close(parse(text), model, {"x": np.array([-1, 2, -3, 4], np.float32), "c": np.array(True)})
 
 
+def test_convert_fp16_constant_nodes_and_constant_of_shape():
+    """Nodes that create float32 values from attributes create float16 ones (default ConstantOfShape value too)."""
+    text = """
+    g (float[N, 4] x) => (float[N, 4] y) {
+      s = Shape(x)
+      z = ConstantOfShape(s)
+      o = ConstantOfShape<value = float[1] {1.5}>(s)
+      c = Constant<value_float = 1e9>()
+      d = Constant<value_floats = [0.5, -1e9, 2.0, 3.0]>()
+      a = Add(x, z)
+      b = Mul(a, o)
+      e = Min(b, c)
+      y = Max(e, d)
+    }"""
+    model = parse(text)
+    run_pass(model, "convert-fp16")
+    assert check_model(model) == []
+    for n in model.graph:
+        if n.op_type in ("Constant", "ConstantOfShape"):
+            assert list(n.attributes) == ["value"] and n.attributes["value"].value.dtype == F16
+            assert n.outputs[0].dtype == F16
+    consts = [n.attributes["value"].value.numpy() for n in model.graph if n.op_type == "Constant"]
+    assert consts[0] == np.finfo(np.float16).max and consts[1][1] == np.finfo(np.float16).min
+    fp16_close(parse(text), model)
+
+
+def test_convert_fp16_one_value_in_two_graph_outputs():
+    text = """
+    g (float[N, 4] x) => (float[N, 4] y1, float[N, 4] y2) {
+      a = Relu(x)
+      y1 = Identity(a)
+      y2 = Identity(a)
+    }"""
+    model = parse(text)
+    run_pass(model, "remove-noops")
+    model.graph.outputs[1] = model.graph.outputs[0]      # one value, two output slots
+    before = ir.serde.serialize_model(model)
+    run_pass(model, "convert-fp16")
+    assert [v.name for v in model.graph.outputs] == [v.name for v in ir.serde.deserialize_model(before).graph.outputs]
+    assert [v.dtype for v in model.graph.outputs] == [F32, F32] and check_model(model) == []
+
+
 def test_convert_fp16_second_run_changes_nothing():
     for text, inits in ((ROTARY, {"inv_freq": INV_FREQ, "axis2": np.array([2])}), (NORM, NORM_INITS),
                         (MATMUL_RELU, {"w": W})):
