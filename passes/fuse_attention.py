@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
@@ -217,8 +218,10 @@ def _linear(v: ir.Value | None, what: str) -> None:
 
 
 # -- the mask
-def _cone(outputs: list[ir.Value], graph: ir.Graph) -> tuple[list[ir.Node], list[ir.Value], list[ir.Value]]:
-    """Nodes computing `outputs`, graph inputs whose data they read, and graph inputs they read only the shape of."""
+def _cone(outputs: list[ir.Value], graph: ir.Graph
+          ) -> tuple[list[ir.Node], list[ir.Value], list[ir.Value], set[int]]:
+    """Nodes computing `outputs`, the graph inputs whose data they read, those they read only the shape of, and the
+    ids of all values read only for their shape (through Shape/Size)."""
     mode: dict[int, bool] = {}
     nodes: dict[int, ir.Node] = {}
     inputs: dict[int, ir.Value] = {}
@@ -244,11 +247,14 @@ def _cone(outputs: list[ir.Value], graph: ir.Graph) -> tuple[list[ir.Node], list
         stack.extend((i, reads_data) for i in node.inputs if i is not None)
     data_in = [v for k, v in inputs.items() if mode[k]]
     shape_in = [v for k, v in inputs.items() if not mode[k]]
-    return list(nodes.values()), data_in, shape_in
+    shape_only = {k for k, data in mode.items() if not data}
+    return list(nodes.values()), data_in, shape_in, shape_only
 
 
 def _evaluate(graph: ir.Graph, opset: int, nodes: list[ir.Node], outputs: list[ir.Value],
-              feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+              feeds: dict[str, np.ndarray], shape_only: set[int]) -> list[np.ndarray]:
+    """Run `nodes` in onnxruntime. Large constants read only for their shape (an embedding table before a Shape)
+    become ConstantOfShape zeros, so the probe never copies weights."""
     import onnxruntime as ort
 
     order = {id(n): i for i, n in enumerate(graph)}
@@ -256,11 +262,19 @@ def _evaluate(graph: ir.Graph, opset: int, nodes: list[ir.Node], outputs: list[i
     for node in sorted(nodes, key=lambda n: order.get(id(n), 0)):
         protos.append(ir.serde.serialize_node(node))
         for v in node.inputs:
-            if v is not None and v.producer() is None and not v.is_graph_input() and v.name not in seen:
-                seen.add(v.name)
-                t = ir.serde.serialize_tensor(v.const_value)
-                t.name = v.name
-                inits.append(t)
+            if v is None or v.producer() is not None or v.is_graph_input() or v.name in seen:
+                continue
+            seen.add(v.name)
+            t = v.const_value
+            if id(v) in shape_only and t.size > 1024 and t.dtype.numpy() is not None:
+                dims = onnx.numpy_helper.from_array(np.array(list(t.shape), np.int64), f"{v.name}/shape")
+                zero = onnx.numpy_helper.from_array(np.zeros(1, t.dtype.numpy()))
+                inits.append(dims)
+                protos.append(onnx.helper.make_node("ConstantOfShape", [dims.name], [v.name], value=zero))
+                continue
+            proto = ir.serde.serialize_tensor(t)
+            proto.name = v.name
+            inits.append(proto)
     g = onnx.helper.make_graph(
         protos, "mask", [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
                          for k, a in feeds.items()],
@@ -319,7 +333,7 @@ def _analyze_mask(m, graph: ir.Graph, past: bool) -> dict[str, Any]:
 
 def _probe_mask(values: list[ir.Value], kinds: list[str], graph: ir.Graph, opset: int, past: bool
                 ) -> dict[str, Any]:
-    nodes, data_in, shape_in = _cone(values, graph)
+    nodes, data_in, shape_in, shape_only = _cone(values, graph)
     if len(data_in) > 1:
         raise _Refused("mask reads the data of several graph inputs: "
                        + ", ".join(sorted(v.name or "?" for v in data_in)))
@@ -340,7 +354,7 @@ def _probe_mask(values: list[ir.Value], kinds: list[str], graph: ir.Graph, opset
             pad = np.random.default_rng(100 + seed).random(shape) < 0.6
             feeds[mask_in.name] = pad.astype(feeds[mask_in.name].dtype)
         try:
-            arrays = _evaluate(graph, opset, nodes, values, feeds)
+            arrays = _evaluate(graph, opset, nodes, values, feeds, shape_only)
         except Exception as exc:  # noqa: BLE001 - any failure to evaluate refuses the site
             raise _Refused(f"mask could not be evaluated on probe inputs ({type(exc).__name__})") from None
         keep, h = _keep_table(arrays, kinds)
