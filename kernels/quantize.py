@@ -36,7 +36,7 @@ from ._common import round_half_away
 from .matmul_nbits import pack_bits, quantize_rtn
 
 METHODS = ("rtn", "lsq", "hqq")
-GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+GRID = (1.0, 0.9, 0.8)
 CHUNK_ELEMENTS = 1 << 18
 
 
@@ -140,7 +140,7 @@ def _fit_hqq(x: np.ndarray, bits: int, iters: int = 20, p: float = 0.7, beta: fl
 
 
 def quantize(w, method: str = "lsq", block_size: int = 32, symmetric: bool = False, bits: int = 4,
-             iters: int = 4):
+             iters: int = 3):
     """Quantize W (K, N) into MatMulNBits' layout.
 
     Returns (B uint8 (N, k_blocks, blob_size), scales (N, k_blocks) in W's float dtype, zero_points): packed uint8
