@@ -346,14 +346,14 @@ def _probe_mask(values: list[ir.Value], kinds: list[str], graph: ir.Graph, opset
     candidates = [(p, c) for p in (True, False) for c in (True, False) if mask_in is not None or not p]
     hidden: set[float] = set()
     for seed, sc in enumerate(scenarios):
-        feeds = make_inputs(fake, sc, seed)  # type: ignore[arg-type]
-        feeds = {v.name: feeds[v.name] for v in data_in + shape_in}
         pad = None
-        if mask_in is not None:
-            shape = feeds[mask_in.name].shape
-            pad = np.random.default_rng(100 + seed).random(shape) < 0.6
-            feeds[mask_in.name] = pad.astype(feeds[mask_in.name].dtype)
         try:
+            feeds = make_inputs(fake, sc, seed)  # type: ignore[arg-type]
+            feeds = {v.name: feeds[v.name] for v in data_in + shape_in}
+            if mask_in is not None:
+                shape = feeds[mask_in.name].shape
+                pad = np.random.default_rng(100 + seed).random(shape) < 0.6
+                feeds[mask_in.name] = pad.astype(feeds[mask_in.name].dtype)
             arrays = _evaluate(graph, opset, nodes, values, feeds, shape_only)
         except Exception as exc:  # noqa: BLE001 - any failure to evaluate refuses the site
             raise _Refused(f"mask could not be evaluated on probe inputs ({type(exc).__name__})") from None
@@ -470,7 +470,7 @@ def check_past(m):
             raise _Refused(f"{name} concatenates on axis {axis}, not the sequence axis")
     for name in ("past_k", "past_v"):
         pd = dims_of(m[name])
-        if pd is None or len(pd) != 4 or pd[1] != n or pd[3] != h:
+        if pd is None or len(pd) != 4 or any(isinstance(d, int) and d != want for d, want in ((pd[1], n), (pd[3], h))):
             raise _Refused(f"{name} shape {pd} is not (batch, {n}, past, {h})")
     _linear(m["q"], "query")
     _linear(m["k"], "key")
@@ -495,7 +495,8 @@ def check_key_transpose(m):
     key = m["key"].producer()
     if key is not None and key.op_type == "Concat" and len(key.inputs) == 2:
         key = key.inputs[1].producer() if key.inputs[1] is not None else None
-    if key is None or key.op_type != "Transpose" or list(key.attributes["perm"].value) != [0, 2, 1, 3] \
+    perm = key.attributes.get("perm") if key is not None else None
+    if key is None or key.op_type != "Transpose" or perm is None or list(perm.value) != [0, 2, 1, 3] \
             or key.inputs[0] is None or key.inputs[0].producer() is None \
             or key.inputs[0].producer().op_type != "Reshape":
         raise _Refused("key is not a head split of a projection (rotary, grouped KV heads or other transform)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from helpers import assert_unchanged_by, assert_valid, canonical, counting, parse, parse_proto, run_ort, run_passes
@@ -493,3 +494,19 @@ def test_fuse_attention_leaves_rotary_gqa_models_alone(name):
     run_passes(model, ["infer-shapes", *CLEAN])
     result = run_passes(model, ["fuse-attention"])
     assert result == {}
+
+
+@pytest.mark.parametrize("name, dims", [("bert_ts", {"batch_size": 1, "sequence_length": 7}),
+                                        ("gpt2_dynamo_past", {"batch_size": 2, "sequence_length": 5,
+                                                              "past_sequence_length": 3, "total_sequence_length": 8})])
+def test_fuse_attention_fixture_with_static_dims(name, dims):
+    proto = onnx.load(FIXTURES / f"{name}.onnx")
+    for v in [*proto.graph.input, *proto.graph.output]:
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param in dims:
+                d.dim_value = dims[d.dim_param]
+    result = onnxc.compile(proto, 2, "cpu", passes=f"{O1},fuse-attention,{CLEANUP}")
+    assert result.report["verification"]["status"] == "passed"
+    ops_after = result.report["ops_after"]
+    assert "Softmax" not in ops_after
+    assert ops_after.get("com.microsoft.Attention", 0) + ops_after.get("com.microsoft.MultiHeadAttention", 0) == 2
