@@ -78,7 +78,8 @@ def _vector(m, name: str, hidden: int, rank: int, dtype: ir.DataType):
         vec = np.broadcast_to(arr.reshape(-1), (hidden,)).astype(dtype.numpy())
         if np.all(np.isfinite(arr)) and not np.all(np.isfinite(vec)):
             return None, m.fail(f"{name} overflows {dtype.name}", name)
-        return vec, None
+        keep = arr.shape == (hidden,) and m.dtype(name) == dtype  # used as it is (keeps its name)
+        return (None if keep else vec), None
     if dims_of(m[name]) != (hidden,):
         return None, m.fail(f"non-constant {name} of shape {dims_of(m[name])} is not 1-D of size {hidden}", name)
     return None, None

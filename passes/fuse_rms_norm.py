@@ -113,7 +113,8 @@ def _check(m):
         scale = np.broadcast_to(w.reshape(-1), (hidden,)).astype(dtype.numpy())
         if not np.all(np.isfinite(scale)) and np.all(np.isfinite(w)):
             return m.fail(f"weight overflows {dtype.name}", "w")
-        found["scale"] = scale
+        if w.shape != (hidden,) or m.dtype("w") != dtype:  # else the weight is used as it is (keeps its name)
+            found["scale"] = scale
         return found
     if dims_of(m["w"]) != (hidden,):
         return m.fail(f"non-constant weight of shape {dims_of(m['w'])} is not 1-D of size {hidden}", "w")

@@ -331,8 +331,9 @@ def test_fuse_rms_norm_property(kw, broken):
 
 # ------------------------------------------------------------------------------------------------ fixtures
 ROOT = Path(__file__).resolve().parents[2] / "fixtures"
+# Without a KV cache, plus the fp16 model (test_fuse_skip_norm compiles every fixture through all three passes).
 DECODERS = [e for e in json.loads((ROOT / "manifest.json").read_text())["models"]
-            if e.get("kind") == "decoder" and e["family"] != "gpt2"]
+            if e.get("kind") == "decoder" and e["family"] != "gpt2" and (not e["past"] or e["dtype"] != "float32")]
 
 
 @pytest.mark.parametrize("entry", DECODERS, ids=lambda e: Path(e["file"]).stem)
