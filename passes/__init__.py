@@ -15,3 +15,4 @@ from . import fuse_attention  # noqa: F401
 from . import fuse_gelu  # noqa: F401
 from . import fuse_layer_norm  # noqa: F401
 from . import fuse_skip_norm  # noqa: F401
+from . import fuse_embed_layer_norm  # noqa: F401

@@ -1,22 +1,23 @@
 """fuse-gelu
 
-    0.5 · x · (1 + erf(x / √2))                                ->  Gelu(x)                         fuse-gelu-erf[-factored]
-    0.5 · x · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))         ->  FastGelu(x)                     fuse-gelu-tanh[-factored]
-    Gelu(a + bias)                                             ->  BiasGelu(a, bias)               fuse-bias-gelu
-    FastGelu(a + bias)                                         ->  FastGelu(a, bias)               fuse-fast-gelu-bias
-    onnx Gelu(a + bias, approximate="none" | "tanh")           ->  BiasGelu(a, bias) | FastGelu(a, bias)
-                                                                                                   fuse-onnx-gelu-bias
+    0.5 · x · (1 + erf(x / √2))                          ->  Gelu(x)                  fuse-gelu-erf[-factored]
+    0.5 · x · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))   ->  FastGelu(x)              fuse-gelu-tanh[-factored]
+    Gelu(a + bias)                                       ->  BiasGelu(a, bias)        fuse-bias-gelu
+    FastGelu(a + bias)                                   ->  FastGelu(a, bias)        fuse-fast-gelu-bias
+    onnx Gelu(a + bias, approximate="none" | "tanh")     ->  BiasGelu(a, bias) | FastGelu(a, bias)
+                                                                                      fuse-onnx-gelu-bias
   only with the option `approximate_gelu` (erf GELU becomes the tanh approximation, |error| < 5e-4):
-    Gelu(x)                                                    ->  FastGelu(x)                     approximate-gelu
-    onnx Gelu(x, approximate="none")                           ->  FastGelu(x)                     approximate-onnx-gelu
-    BiasGelu(a, bias)                                          ->  FastGelu(a, bias)               approximate-bias-gelu
+    Gelu(x)                                              ->  FastGelu(x)              approximate-gelu
+    onnx Gelu(x, approximate="none")                     ->  FastGelu(x)              approximate-onnx-gelu
+    BiasGelu(a, bias)                                    ->  FastGelu(a, bias)        approximate-bias-gelu
 
 Gelu, BiasGelu and FastGelu are com.microsoft ops. Without the option the flavour never changes: erf stays erf.
 
 The expanded forms match in the arrangements exporters write: the product 0.5 · x · (1 + t) as (0.5·x)·(1+t) or
-(x·(1+t))·0.5 (fuse-gelu-*), x·(0.5·(1+t)) or x·(0.5 + 0.5·t) (fuse-gelu-*-factored), any operand order; x/√2 or x·(1/√2); x³ as Pow(x, 3) or x·x·x;
-the tanh argument as √(2/π)·(x + 0.044715·x³) or √(2/π)·x·(1 + 0.044715·x²) in any association; a Cast around the
-Erf/Tanh (computing it in a type at least as wide as x's).
+(x·(1+t))·0.5 (fuse-gelu-*), x·(0.5·(1+t)) or x·(0.5 + 0.5·t) (fuse-gelu-*-factored), any operand order;
+x/√2 or x·(1/√2); x³ as Pow(x, 3) or x·x·x; the tanh argument as √(2/π)·(x + 0.044715·x³) or
+√(2/π)·x·(1 + 0.044715·x²) in any association; a Cast around the Erf/Tanh (computing it in a type at least as wide
+as x's).
 
 Requires: the constants are one-element and equal to 0.5, √2 (or 1/√2), √(2/π) and 0.044715 within the rounding of
 their dtype (relative 1e-6 for float32/double, 1e-3 for float16); they do not broadcast x to a higher rank; x is
@@ -31,7 +32,6 @@ import math
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import Attr, Rule, apply_rules, const_array, const_tensor
 from onnxc.shapes import dims_of
@@ -76,8 +76,8 @@ def _tanh(op, x, c, k):
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-def _dtype_ok(m, name: str):
-    dt = m.dtype(name)
+def _dtype_ok(m, name: str, value: ir.Value | None = None):
+    dt = (value if value is not None else m[name]).dtype
     if dt not in FUSABLE:
         return m.fail(f"{dt.name if dt is not None else 'unknown'} input: ORT's GELU kernels take float (and "
                       "float16 through inserted Casts)", name)
@@ -132,9 +132,9 @@ def _check_bias(m):
     arr = const_array(bias)
     if arr is None:
         return m.fail("bias is not a constant", "bias")
-    if a.dtype not in FUSABLE:
-        return m.fail(f"{a.dtype.name if a.dtype else 'unknown'} input: ORT's GELU kernels take float (and float16 "
-                      "through inserted Casts)", "a")
+    failure = _dtype_ok(m, "a", a)
+    if failure:
+        return failure
     dims = dims_of(a)
     if dims is None or not dims or not isinstance(dims[-1], int):
         return m.fail("the last dim of the biased input is not static", "a")

@@ -149,7 +149,8 @@ def assert_accurate(model: ir.Model, case: Gelu, approximate: str | None = None,
     feeds = random_feeds(ir.serde.serialize_model(model), seed, {"N": 3, "S": 5})
     x = feeds["a"].astype(np.float64) + case.text()[1]["bias"].reshape(-1) if case.bias else feeds["x"]
     want = gelu_reference(case, x, approximate).astype(NP[case.dtype])
-    assert_close(run_ort(model, feeds)[0], want, "vs reference", precision=np.float16 if case.dtype == "float16" else None)
+    precision = np.float16 if case.dtype == "float16" else None
+    assert_close(run_ort(model, feeds)[0], want, "vs reference", precision=precision)
 
 
 # ------------------------------------------------------------------------------------------------ arrangements
@@ -253,7 +254,7 @@ def test_fuse_gelu_absorbs_a_bias(flavour, op, rule):
 def test_fuse_gelu_flattens_a_broadcast_bias():
     case = Gelu(product="hp", bias=(1, 1, 8), dims="N, S, 8")
     text, inits = case.text()
-    model, counts = check_before_after(text, GELU, expected(case, "BiasGelu"), initializers=inits,
+    _model, counts = check_before_after(text, GELU, expected(case, "BiasGelu"), initializers=inits,
                                        expected_initializers={"bias": inits["bias"].reshape(-1)}, dims={"N": 2, "S": 3})
     assert counts == {"fuse-gelu-erf-factored": 1, "fuse-bias-gelu": 1}
 
@@ -262,7 +263,7 @@ def test_fuse_gelu_flattens_a_broadcast_bias():
 def test_fuse_gelu_onnx_gelu_with_bias(approximate, op):
     bias = np.linspace(-1, 1, 8).astype(np.float32)
     attr = "" if approximate == "none" else f'<approximate = "{approximate}">'
-    model, counts = check_before_after(f"""<ir_version: 10, opset_import: ["" : 20]>
+    _model, counts = check_before_after(f"""<ir_version: 10, opset_import: ["" : 20]>
     g (float[N, 8] a) => (float[N, 8] y) {{
       x = Add(bias, a)
       y = Gelu{attr}(x)
@@ -315,7 +316,7 @@ def test_fuse_gelu_bias_add_with_other_users_is_kept():
     case = Gelu(product="hp", bias=(8,))
     text, inits = case.text()
     text = text.replace("=> (float[N, 8] y)", "=> (float[N, 8] y, float[N, 8] z)").replace("\n}", "\n  z = Neg(x)\n}")
-    model, counts = check_before_after(text, GELU, f"""{MS_HEADER}
+    _model, counts = check_before_after(text, GELU, f"""{MS_HEADER}
     g (float[N, 8] a) => (float[N, 8] y, float[N, 8] z) {{
       x = Add(a, bias)
       y = com.microsoft.Gelu(x)
