@@ -19,16 +19,26 @@ CLEANUP = "fixpoint(fold-constants,remove-noops,eliminate-cse,eliminate-dead)"
 # Level 1: exporter noise out, with shapes refreshed once between two cleanup rounds.
 O1 = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},sort-topologically"
 
+# Fusions, on the cleaned graph. Each pass orders its own rules by pattern size; between passes the order is:
+# norms first (attention and skip-norm patterns read fused norms), attention before the residual/skip norms that
+# consume its output projection, packing last (it reads the attention ops' Q/K/V inputs).
+FUSE = "fuse-gelu,fuse-gqa,pack-projections"
+
+O2 = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},{FUSE},{CLEANUP},sort-topologically"
+
+# Level 3 on CUDA computes in float16 (CUDA's GroupQueryAttention has no float32 kernel); graph I/O keeps its types
+# unless --io-fp16.
+O3_CUDA = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},{FUSE},{CLEANUP},convert-fp16,{CLEANUP},sort-topologically"
+
 PIPELINES: dict[tuple[int, str], str] = {
     (0, "cpu"): "",
     (0, "cuda"): "",
     (1, "cpu"): O1,
     (1, "cuda"): O1,
-    # Levels 2 and 3 run level 1 until fusion passes join their rows.
-    (2, "cpu"): O1,
-    (2, "cuda"): O1,
-    (3, "cpu"): O1,
-    (3, "cuda"): O1,
+    (2, "cpu"): O2,
+    (2, "cuda"): O2,
+    (3, "cpu"): O2,
+    (3, "cuda"): O3_CUDA,
 }
 
 

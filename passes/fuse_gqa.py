@@ -56,7 +56,11 @@ def _ints(v: ir.Value | None) -> list[int] | None:
     return None if a is None else [int(x) for x in a.reshape(-1)]
 
 
-def _dims(v: ir.Value | None, depth: int = 4) -> tuple | None:
+_ELEMENTWISE = frozenset({"Add", "Mul", "Sub", "Div", "Cast", "Neg", "Pow", "Sqrt", "Reciprocal", "Where", "Sigmoid",
+                          "SimplifiedLayerNormalization", "LayerNormalization", "Tanh", "Erf"})
+
+
+def _dims(v: ir.Value | None, depth: int = 10) -> tuple | None:
     """dims_of(v), with static sizes filled in from a producing Reshape's target, Expand's shape or Transpose."""
     d = dims_of(v)
     n = v.producer() if v is not None and depth > 0 else None
@@ -68,10 +72,25 @@ def _dims(v: ir.Value | None, depth: int = 4) -> tuple | None:
             derived = derived if derived is not None else t
         elif n.op_type == "Expand":
             derived = sym_value(n.inputs[1])
-        elif n.op_type in ("Add", "Mul", "Sub", "Div", "Cast", "Neg"):
-            ranks = [x for x in n.inputs if x is not None and d is not None and (dims_of(x) or ()) and
-                     len(dims_of(x)) == len(d)]
-            derived = _dims(ranks[0], depth - 1) if ranks else None
+        elif n.op_type in _ELEMENTWISE:
+            derived = None
+            for x in n.inputs:
+                dx = _dims(x, depth - 1) if x is not None else None
+                if dx is None or (d is not None and len(dx) != len(d)):
+                    continue
+                derived = dx if derived is None else tuple(
+                    a if isinstance(a, int) and a != 1 else (b if b != 1 else a) for a, b in zip(derived, dx))
+        elif n.op_type == "Slice" and len(n.inputs) > 3 and _ints(n.inputs[3]) is not None:
+            dx = _dims(n.inputs[0], depth - 1)
+            if dx is not None:
+                axes = {a % len(dx) for a in _ints(n.inputs[3])}
+                derived = tuple((d[i] if d is not None else "?") if i in axes else x for i, x in enumerate(dx))
+        elif n.op_type == "Concat" and len(n.inputs) >= 1:
+            dx = _dims(n.inputs[0], depth - 1)
+            ax = attr_value(n, "axis")
+            if dx is not None and ax is not None:
+                ax = ax % len(dx)
+                derived = tuple(x if i != ax else d[i] if d is not None else "?" for i, x in enumerate(dx))
         elif n.op_type == "Transpose" and (p := _perm(n)) is not None:
             di = _dims(n.inputs[0], depth - 1)
             derived = tuple(di[i] for i in p) if di is not None and len(di) == len(p) else None
@@ -122,14 +141,18 @@ def _untranspose_k(kt: ir.Value) -> ir.Value:
     t = _prod(r2.inputs[0], "Transpose") if r2 else None
     r1 = _prod(t.inputs[0], "Reshape") if t else None
     if r1 is not None and _perm(t) == [0, 2, 1]:
-        k, dk, dkt = r1.inputs[0], dims_of(r1.inputs[0]), dims_of(kt)
+        k, dk, dkt = r1.inputs[0], _dims(r1.inputs[0]), _dims(kt)
         if dk is None or dkt is None or len(dkt) != 4:
             raise Refuse("K's transposition has unknown shapes")
-        if len(dk) == 4 and dk[:2] == dkt[:2] and dk[2] == dkt[3] and dk[3] == dkt[2]:
+        flat = _dims(r1.outputs[0])
+        if flat is None or len(flat) != 3 or flat[-1] != dk[-1] or not isinstance(dk[-1], int):
+            raise Refuse("K's 3-D view does not keep the head size last")
+        # (B, N, T, H) -> (B*N, T, H) -> (B*N, H, T) -> (B, N, H, T): equal counts make T the same on both ends
+        if len(dk) == 4 and dk[:2] == dkt[:2] and dk[3] == dkt[2]:
             return k
         # the repeat chain's own Reshape merged into the 3-D view: K is Expand(...) of rank 5
         if len(dk) == 5 and dk[0] == dkt[0] and isinstance(dk[1], int) and isinstance(dk[2], int) \
-                and dk[1] * dk[2] == dkt[1] and dk[3] == dkt[3] and dk[4] == dkt[2]:
+                and dk[1] * dk[2] == dkt[1] and dk[4] == dkt[2]:
             return k
     raise Refuse("K is not transposed by Transpose([0,1,3,2]) or a Reshape/Transpose/Reshape triple")
 
@@ -158,7 +181,7 @@ def _unrepeat(v: ir.Value) -> tuple[ir.Value, int]:
 def _unconcat(v: ir.Value) -> tuple[ir.Value | None, ir.Value]:
     """present = Concat(past, new, axis=2) -> (past, new); no Concat -> (None, v)."""
     n = _prod(v, "Concat")
-    if n is None:
+    if n is None or attr_value(n, "axis") in (-1, 3):     # a partial-rotary Concat over channels, not a cache
         return None, v
     ins = [i for i in n.inputs]
     while len(ins) == 2 and (c := _prod(ins[0], "Concat")) is not None and len(c.inputs) == 1:
@@ -331,20 +354,27 @@ def _parse_site(sm: ir.Node) -> Site:
         raise Refuse("the scores are not MatMul(Q, K^T)")
     q_rot, s_q = _peel_scale(mm.inputs[0])
     kt, s_k = _peel_scale(mm.inputs[1])
-    k_full = _untranspose_k(kt)
-    present_k, rep_k = _unrepeat(k_full)
     present_v, rep_v = _unrepeat(pv.inputs[1])
+    past_v, v_bnsh = _unconcat(present_v)
+    tn = _prod(kt, "Transpose")
+    if tn is not None and _perm(tn) == [0, 2, 3, 1]:
+        # Transpose(Transpose(k4, [0,2,1,3]), [0,1,3,2]) merged: K^T straight from the BSNH view, no cache
+        if rep_v != 1 or past_v is not None or tn.inputs[0].is_graph_output():
+            raise Refuse("K is transposed from BSNH while V is cached or repeated")
+        present_k, rep_k, past_k, k_rot = tn.inputs[0], 1, None, None
+    else:
+        k_full = _untranspose_k(kt)
+        present_k, rep_k = _unrepeat(k_full)
+        past_k, k_rot = _unconcat(present_k)
     if rep_k != rep_v:
         raise Refuse("K and V repeat their heads differently")
-    past_k, k_rot = _unconcat(present_k)
-    past_v, v_bnsh = _unconcat(present_v)
     if (past_k is None) != (past_v is None):
         raise Refuse("only one of K and V has a cache")
-    rq, rk = _parse_rotary(q_rot), _parse_rotary(k_rot)
+    rq, rk = _parse_rotary(q_rot), (_parse_rotary(k_rot) if k_rot is not None else None)
     if (rq is None) != (rk is None) or (rq and (rq.cos is not rk.cos or rq.sin is not rk.sin or rq.dim != rk.dim)):
         raise Refuse("Q and K are not rotated by the same rotary tables")
     q4 = _heads_view(rq.x if rq else q_rot, "Q")
-    k4 = _heads_view(rk.x if rk else k_rot, "K")
+    k4 = present_k if k_rot is None else _heads_view(rk.x if rk else k_rot, "K")
     v4 = _heads_view(v_bnsh, "V")
     dq, dk, dv = _dims(q4), _dims(k4), _dims(v4)
     if dq is None or dk is None or dv is None or len(dq) != 4 or len(dk) != 4:
@@ -576,7 +606,7 @@ class FuseGQA(Pass):
                 seq_cache[id(mask_in)] = _seq_inputs(b, mask_in, opset)
             seqlens, total = seq_cache[id(mask_in)]
             anchor = site.anchor
-            if do_rotary:
+            if do_rotary or site.rotary is None:
                 q, k = _flat(b, site.q, anchor), _flat(b, site.k, anchor)
             else:
                 q, k = _bnsh_to_flat(b, site.q_rot, anchor), _bnsh_to_flat(b, site.k_rot, anchor)

@@ -1,0 +1,151 @@
+"""Build small decoder self-attention graphs in the variants exporters produce (for fuse-gqa's tests).
+
+One layer: x (B, S, hidden) -> Q/K/V projections -> BSNH views -> BNSH -> rotary -> [KV cache Concat] ->
+[repeat KV] -> scaled scores -> causal + padding mask -> Softmax -> @ V -> BSNH -> (B, S, N*H). The graph's
+inputs follow a Hugging Face decoder: x stands for the embedded tokens, attention_mask (B, past + S) and
+position_ids (B, S), past_key_values.0.key/value when cached.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+@dataclass(frozen=True)
+class Variant:
+    heads: int = 4
+    kv_heads: int = 2
+    head: int = 16
+    past: bool = True
+    rotary: bool = True
+    scale_on: str = "qk"          # "qk": sqrt(scale) on Q and on K; "scores": Div of the scores; "q": Mul on Q
+    mask_form: str = "add"        # "add": Add(scores, Where(keep, 0, min)); "where": Where(keep, scores, min)
+    k_transpose: str = "perm"     # "perm": Transpose(0,1,3,2); "reshape": Reshape/Transpose(0,2,1)/Reshape
+    window: int = 0               # sliding window (keys a query sees), 0 = none
+    nan_guard: bool = True
+    dtype: int = TensorProto.FLOAT
+    bias_value: float = 0.0       # a non-zero value makes the mask a bias that GQA cannot express
+    noncausal: bool = False
+
+
+def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    hidden = 32
+    n, kv, h = v.heads, v.kv_heads, v.head
+    npdt = helper.tensor_dtype_to_np_dtype(v.dtype)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    count = [0]
+
+    def const(arr, name=None) -> str:
+        count[0] += 1
+        name = name or f"c{count[0]}"
+        inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def op(kind, *ins, **attrs) -> str:
+        count[0] += 1
+        out = f"{kind.lower()}{count[0]}"
+        nodes.append(helper.make_node(kind, list(ins), [out], **attrs))
+        return out
+
+    def i64(*xs):
+        return const(np.array(xs, dtype=np.int64))
+
+    def scalar(x):
+        return const(np.array(x, dtype=npdt))
+
+    x, mask, pos = "x", "attention_mask", "position_ids"
+    b = op("Gather", op("Shape", x), const(np.array(0, dtype=np.int64)), axis=0)
+    s = op("Gather", op("Shape", x), const(np.array(1, dtype=np.int64)), axis=0)
+    t = op("Gather", op("Shape", mask), const(np.array(1, dtype=np.int64)), axis=0)
+    p = op("Sub", t, s)
+
+    def proj(width, heads):
+        w = const((rng.standard_normal((hidden, width)) * 0.2).astype(npdt))
+        y = op("MatMul", x, w)
+        shape = op("Concat", op("Unsqueeze", b, i64(0)), op("Unsqueeze", s, i64(0)), i64(heads, h), axis=0)
+        return op("Transpose", op("Reshape", y, shape), perm=[0, 2, 1, 3])
+
+    q, k, val = proj(n * h, n), proj(kv * h, kv), proj(kv * h, kv)
+    if v.rotary:
+        inv = const((1.0 / (10000 ** (np.arange(0, h, 2) / h))).astype(np.float32))
+        f = op("Mul", op("Cast", op("Unsqueeze", pos, i64(2)), to=TensorProto.FLOAT), inv)
+        emb = op("Concat", f, f, axis=-1)
+        cos = op("Unsqueeze", op("Cast", op("Cos", emb), to=v.dtype), i64(1))
+        sin = op("Unsqueeze", op("Cast", op("Sin", emb), to=v.dtype), i64(1))
+
+        def rot(z):
+            lo = op("Slice", z, i64(0), i64(h // 2), i64(-1))
+            hi = op("Slice", z, i64(h // 2), i64(2 ** 62), i64(-1))
+            half = op("Concat", op("Neg", hi), lo, axis=-1)
+            return op("Add", op("Mul", z, cos), op("Mul", half, sin))
+
+        q, k = rot(q), rot(k)
+    present_k, present_v = k, val
+    if v.past:
+        present_k = op("Concat", "past_key_values.0.key", k, axis=-2)
+        present_v = op("Concat", "past_key_values.0.value", val, axis=-2)
+        nodes.append(helper.make_node("Identity", [present_k], ["present.0.key"]))
+        nodes.append(helper.make_node("Identity", [present_v], ["present.0.value"]))
+
+    def repeat(z):
+        if n == kv:
+            return z
+        shape5 = op("Concat", op("Unsqueeze", b, i64(0)), i64(kv, n // kv), op("Unsqueeze", t, i64(0)), i64(h), axis=0)
+        shape4 = op("Concat", op("Unsqueeze", b, i64(0)), i64(n), op("Unsqueeze", t, i64(0)), i64(h), axis=0)
+        return op("Reshape", op("Expand", op("Unsqueeze", z, i64(2)), shape5), shape4)
+
+    kf, vf = repeat(present_k), repeat(present_v)
+    if v.k_transpose == "perm":
+        kt = op("Transpose", kf, perm=[0, 1, 3, 2])
+    else:
+        flat = op("Reshape", kf, op("Concat", i64(-1), op("Unsqueeze", t, i64(0)), i64(h), axis=0))
+        tr = op("Transpose", flat, perm=[0, 2, 1])
+        kt = op("Reshape", tr, op("Concat", op("Unsqueeze", b, i64(0)), i64(n, h), op("Unsqueeze", t, i64(0)),
+                                  axis=0))
+    scale = 1.0 / np.sqrt(h)
+    if v.scale_on == "qk":
+        q, kt = op("Mul", q, scalar(np.sqrt(scale))), op("Mul", kt, scalar(np.sqrt(scale)))
+        scores = op("MatMul", q, kt)
+    elif v.scale_on == "q":
+        scores = op("MatMul", op("Mul", q, scalar(scale)), kt)
+    else:
+        scores = op("Div", op("MatMul", q, kt), scalar(np.sqrt(h)))
+    # mask: keys j <= past + i, inside the window, not padded
+    zero, one = const(np.array(0, dtype=np.int64)), const(np.array(1, dtype=np.int64))
+    qi = op("Unsqueeze", op("Add", op("Range", zero, s, one), p), i64(1))            # (S, 1)
+    kj = op("Unsqueeze", op("Range", zero, t, one), i64(0))                          # (1, T)
+    keep = op("LessOrEqual", kj, qi) if not v.noncausal else op("LessOrEqual", kj, op("Add", qi, t))
+    if v.window:
+        keep = op("And", keep, op("Greater", kj, op("Sub", qi, i64(v.window))))
+    padm = op("Unsqueeze", op("Cast", mask, to=TensorProto.BOOL), i64(1, 2))           # (B, 1, 1, T)
+    keep = op("And", op("Unsqueeze", keep, i64(0, 1)), padm)                          # (B, 1, S, T)
+    lowest = float(np.finfo(npdt).min)
+    if v.mask_form == "add":
+        bias = op("Where", keep, scalar(v.bias_value), scalar(lowest))
+        logits = op("Add", scores, bias)
+    else:
+        logits = op("Where", keep, scores, scalar(lowest))
+    probs = op("Softmax", logits, axis=-1)
+    if v.nan_guard:
+        probs = op("Where", op("IsNaN", probs), scalar(0.0), probs)
+    o = op("Transpose", op("MatMul", probs, vf), perm=[0, 2, 1, 3])
+    o = op("Reshape", o, op("Concat", op("Unsqueeze", b, i64(0)), op("Unsqueeze", s, i64(0)), i64(n * h), axis=0))
+    wo = const((rng.standard_normal((n * h, hidden)) * 0.2).astype(npdt))
+    nodes.append(helper.make_node("MatMul", [o, wo], ["out"]))
+
+    inputs = [helper.make_tensor_value_info("x", v.dtype, ["batch", "seq", hidden]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
+    outputs = [helper.make_tensor_value_info("out", v.dtype, ["batch", "seq", hidden])]
+    if v.past:
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.0.{kind}", v.dtype,
+                                                        ["batch", kv, "past", h]))
+            outputs.append(helper.make_tensor_value_info(f"present.0.{kind}", v.dtype, ["batch", kv, "total", h]))
+    graph = helper.make_graph(nodes, "attention", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)

@@ -1,0 +1,233 @@
+"""fuse-gqa and pack-projections: synthetic attention variants, refusals with reasons, properties, fixtures."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import onnxc
+from onnxc import pass_manager as pm
+from onnxc.pipeline import CLEANUP, O1
+from attention_graphs import Variant, build
+from helpers import run_ort
+
+ROOT = Path(__file__).resolve().parents[2] / "fixtures"
+MANIFEST = json.loads((ROOT / "manifest.json").read_text())["models"]
+DECODERS = [e for e in MANIFEST if e["kind"] == "decoder" and e["family"] != "gpt2"]
+PIPE = f"{O1},fuse-gqa,pack-projections,{CLEANUP},sort-topologically"
+
+
+def fuse(proto: onnx.ModelProto, passes: str = PIPE, **options) -> tuple[ir.Model, pm.PassContext]:
+    model = ir.from_proto(proto)
+    ctx = pm.PassContext(level=2, options=options)
+    for p in pm.flatten(pm.parse_pipeline(passes)):
+        model = p.run(model, ctx).model
+    return model, ctx
+
+
+def ops(model: ir.Model) -> Counter:
+    return Counter(n.op_type for n in model.graph)
+
+
+def feeds_for(v: Variant, batch: int, seq: int, past: int, pad: int = 0, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    dt = onnx.helper.tensor_dtype_to_np_dtype(v.dtype)
+    mask = np.ones((batch, past + seq), dtype=np.int64)
+    if pad:
+        mask[-1, past + seq - pad:] = 0
+    f = {"x": rng.standard_normal((batch, seq, 32)).astype(dt), "attention_mask": mask,
+         "position_ids": np.broadcast_to(np.arange(past, past + seq), (batch, seq)).astype(np.int64).copy()}
+    if v.past:
+        for kind in ("key", "value"):
+            f[f"past_key_values.0.{kind}"] = rng.standard_normal((batch, v.kv_heads, past, v.head)).astype(dt)
+    return f
+
+
+def assert_equivalent(v: Variant, before: onnx.ModelProto, after: ir.Model) -> None:
+    tol = 2e-2 if v.dtype == onnx.TensorProto.FLOAT16 else 2e-4
+    cases = [(2, 5, 0, 0), (2, 6, 0, 2)]
+    if v.past:
+        cases += [(2, 1, 7, 0), (1, 3, 4, 0)]
+    if v.window:
+        cases += [(1, v.window + 3, 0, 0)] + ([(2, 1, v.window + 4, 0)] if v.past else [])
+    for batch, seq, past, pad in cases:
+        if not v.past and past:
+            continue
+        feeds = feeds_for(v, batch, seq, past, pad)
+        want = run_ort(before, feeds)
+        got = run_ort(after, feeds)
+        for w, g in zip(want, got):
+            w, g = w.astype(np.float64), g.astype(np.float64)
+            if pad and w.shape[:2] == (batch, seq):
+                w[-1, seq - pad:] = 0
+                g[-1, seq - pad:] = 0
+            np.testing.assert_allclose(g, w, rtol=tol, atol=tol * max(1.0, np.abs(w).max()),
+                                       err_msg=f"{v} batch={batch} seq={seq} past={past} pad={pad}")
+
+
+# --------------------------------------------------------------------------------------------- before / after
+def test_fuse_gqa_replaces_the_attention_core():
+    v = Variant()
+    model, ctx = fuse(build(v))
+    c = ops(model)
+    assert c["GroupQueryAttention"] == 1 and c["Softmax"] == 0 and c["Expand"] == 0 and c["Concat"] == 0
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    attrs = {k: a.value for k, a in gqa.attributes.items()}
+    assert attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2 and attrs["do_rotary"] == 1
+    assert attrs["local_window_size"] == -1
+    assert attrs["scale"] == pytest.approx(0.25, rel=1e-6)
+    # packed QKV: one MatMul feeds the query input, key/value are absent
+    assert gqa.inputs[0].producer().op_type == "MatMul" and gqa.inputs[1] is None and gqa.inputs[2] is None
+    assert [o.name for o in model.graph.outputs] == ["out", "present.0.key", "present.0.value"]
+    assert gqa.outputs[1].name == "present.0.key"
+    assert_equivalent(v, build(v), model)
+
+
+def test_fuse_gqa_without_cache_keeps_the_signature():
+    v = Variant(past=False)
+    model, _ = fuse(build(v))
+    assert ops(model)["GroupQueryAttention"] == 1
+    assert [i.name for i in model.graph.inputs] == ["x", "attention_mask", "position_ids"]
+    assert_equivalent(v, build(v), model)
+
+
+def test_fuse_gqa_finds_the_sliding_window():
+    v = Variant(window=5)
+    model, _ = fuse(build(v))
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert gqa.attributes["local_window_size"].value == 5
+    assert_equivalent(v, build(v), model)
+
+
+def test_fuse_gqa_rotary_outside_when_the_kernel_cannot_take_it():
+    v = Variant(head=8)          # ORT's rotary inside GQA needs a head size that is a multiple of 16
+    model, _ = fuse(build(v))
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert gqa.attributes["do_rotary"].value == 0 and ops(model)["Cos"] == 1
+    assert_equivalent(v, build(v), model)
+
+
+def test_fuse_gqa_rotary_tables_cover_max_seq_len():
+    model, _ = fuse(build(Variant()), max_seq_len=64)
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    cos = gqa.inputs[7].const_value.numpy()
+    assert cos.shape == (64, 8)
+    np.testing.assert_allclose(cos[10], np.cos(10 / 10000 ** (np.arange(0, 16, 2) / 16)), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("variant, reason", [
+    (Variant(bias_value=0.5), "values other than 0 and a large negative"),
+    (Variant(noncausal=True), "not causal"),
+])
+def test_fuse_gqa_refuses_masks_it_cannot_express(variant, reason):
+    model, ctx = fuse(build(variant))
+    assert ops(model)["GroupQueryAttention"] == 0 and ops(model)["Softmax"] == 1
+    assert any(reason in note for note in ctx.notes), ctx.notes
+
+
+def test_fuse_gqa_refuses_rotary_that_depends_on_more_than_position():
+    proto = build(Variant())
+    # scale cos by the attention mask's length: no longer a function of the position alone
+    g = proto.graph
+    cos_node = next(n for n in g.node if n.op_type == "Cos")
+    t = onnx.helper.make_node("Shape", ["attention_mask"], ["t_len"], start=1, end=2)
+    tf = onnx.helper.make_node("Cast", ["t_len"], ["t_len_f"], to=onnx.TensorProto.FLOAT)
+    old = cos_node.output[0]
+    cos_node.output[0] = "cos_raw"
+    mul = onnx.helper.make_node("Mul", ["cos_raw", "t_len_f"], [old])
+    idx = list(g.node).index(cos_node)
+    for k, n in enumerate([t, tf, mul]):
+        g.node.insert(idx + 1 + k, n)
+    model, ctx = fuse(proto)
+    assert ops(model)["GroupQueryAttention"] == 0
+    assert any("not a function of the position alone" in n or "not two equal halves" in n for n in ctx.notes)
+
+
+# --------------------------------------------------------------------------------------------- property
+variants = st.builds(
+    Variant,
+    heads=st.sampled_from([4, 2]),
+    kv_heads=st.sampled_from([2, 1]),
+    head=st.sampled_from([16, 8]),
+    past=st.booleans(),
+    rotary=st.booleans(),
+    scale_on=st.sampled_from(["qk", "scores", "q"]),
+    mask_form=st.sampled_from(["add", "where"]),
+    k_transpose=st.sampled_from(["perm", "reshape"]),
+    window=st.sampled_from([0, 0, 4]),
+    nan_guard=st.booleans(),
+    dtype=st.sampled_from([onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16]),
+)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(v=variants)
+def test_fuse_gqa_property_every_variant_fuses_and_agrees(v):
+    proto = build(v)
+    model, ctx = fuse(proto)
+    c = ops(model)
+    assert c["GroupQueryAttention"] == 1 and c["Softmax"] == 0, ctx.notes
+    assert_equivalent(v, proto, model)
+    # idempotent: a second run finds nothing to do
+    again = pm.get_pass("fuse-gqa").run(model, pm.PassContext(level=2))
+    assert not again.modified
+
+
+# --------------------------------------------------------------------------------------------- pack-projections
+def test_pack_projections_packs_biased_and_unbiased_projections():
+    text = """
+    <ir_version: 10, opset_import: ["" : 18]>
+    g (float[2, 3, 8] x) => (float[2, 3, 4] a, float[2, 3, 6] b, float[2, 3, 4] c) {
+        a = MatMul(x, wa)
+        mb = MatMul(x, wb)
+        b = Add(mb, bb)
+        c = MatMul(x, wc)
+    }"""
+    rng = np.random.default_rng(0)
+    inits = {"wa": rng.standard_normal((8, 4)).astype(np.float32), "wb": rng.standard_normal((8, 6)).astype(np.float32),
+             "bb": rng.standard_normal(6).astype(np.float32), "wc": rng.standard_normal((8, 4)).astype(np.float32)}
+    from helpers import parse_proto
+    proto = parse_proto(text, inits)
+    model, _ = fuse(proto, "pack-projections")
+    c = ops(model)
+    assert c["MatMul"] == 1 and c["Split"] == 1 and c["Add"] == 1
+    feeds = {"x": rng.standard_normal((2, 3, 8)).astype(np.float32)}
+    for w, g in zip(run_ort(proto, feeds), run_ort(model, feeds)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_projections_leaves_different_inputs_alone():
+    text = """
+    <ir_version: 10, opset_import: ["" : 18]>
+    g (float[2, 8] x, float[2, 8] y) => (float[2, 4] a, float[2, 4] b) {
+        a = MatMul(x, wa)
+        b = MatMul(y, wb)
+    }"""
+    from helpers import parse_proto
+    inits = {"wa": np.ones((8, 4), np.float32), "wb": np.ones((8, 4), np.float32)}
+    model, _ = fuse(parse_proto(text, inits), "pack-projections")
+    assert ops(model)["MatMul"] == 2 and ops(model)["Split"] == 0
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+@pytest.mark.parametrize("entry", DECODERS, ids=[e["file"].split("/")[-1][:-5] for e in DECODERS])
+def test_fuse_gqa_fixture(entry, tmp_path):
+    res = onnxc.compile(ROOT / entry["file"], level=1, output=tmp_path / "out.onnx", passes=PIPE)
+    c = Counter(n.op_type for n in res.model.graph.node)
+    layers = entry["config"]["num_layers"]
+    assert c["GroupQueryAttention"] == layers and c["Softmax"] == 0, res.report["notes"]
+    assert res.report["verification"]["status"] == "passed"
+    assert {s["name"] for s in res.report["verification"]["scenarios"]} >= {"padded"}
+    gqa = [n for n in res.model.graph.node if n.op_type == "GroupQueryAttention"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+    assert attrs["local_window_size"] == entry["config"].get("sliding_window", -1) or -1
+    rotary_dim = entry["config"].get("rotary_dim", entry["config"]["head_dim"])
+    assert attrs["do_rotary"] == int((rotary_dim // 2) % 8 == 0)
