@@ -90,7 +90,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import const_array
 
@@ -159,7 +158,7 @@ def _schema(op: str, opset: int) -> onnx.defs.OpSchema | None:
     if (op, opset) not in _schemas:
         try:
             _schemas[(op, opset)] = onnx.defs.get_schema(op, opset, "")
-        except Exception:
+        except onnx.defs.SchemaError:
             _schemas[(op, opset)] = None
     return _schemas[(op, opset)]
 
@@ -170,7 +169,7 @@ def _schema_fp16(op: str, opset: int) -> tuple[list[bool], list[bool]] | None:
     if s is None:
         return None
     allowed = {c.type_param_str: set(c.allowed_type_strs) for c in s.type_constraints}
-    ok = lambda p: "tensor(float16)" in allowed.get(p.type_str, {p.type_str})  # noqa: E731
+    ok = lambda p: "tensor(float16)" in allowed.get(p.type_str, {p.type_str})
     return [ok(p) for p in s.inputs], [ok(p) for p in s.outputs]
 
 
@@ -482,5 +481,5 @@ class ConvertFp16(Pass):
         return PassResult(model, bool(counts), counts)
 
 
-__all__ = ["ConvertFp16", "convert", "to_fp16", "ORT_OPS"]
+__all__ = ["ORT_OPS", "ConvertFp16", "convert", "to_fp16"]
 

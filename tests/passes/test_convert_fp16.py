@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import onnx_ir as ir
+import onnxc
 import pytest
 from helpers import (
     assert_unchanged_by,
@@ -18,7 +19,6 @@ from helpers import (
     random_feeds,
     run_ort,
     run_pass,
-    to_bytes,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -29,8 +29,6 @@ from onnxc.pass_manager import PassContext, PassManager, parse_pipeline
 from onnxc.passes import convert_fp16 as cf
 from onnxc.pipeline import CLEANUP, O1
 from onnxc.verifier import check_model
-
-import onnxc
 
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 MS_HEADER = '<ir_version: 8, opset_import: ["" : 18, "com.microsoft" : 1]>'
@@ -163,7 +161,7 @@ def test_convert_fp16_masked_softmax_matches():
 
 
 def test_convert_fp16_leaves_integer_computations_and_casts_int_to_fp16():
-    model, counts = check_before_after("""
+    _, counts = check_before_after("""
     g (float[N, 4] x, int64[N, 4] mask) => (float[N, 4] y, int64[1] n) {
       sh = Shape(x)
       n = Gather(sh, zero_i)
