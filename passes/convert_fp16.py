@@ -478,6 +478,7 @@ class ConvertFp16(Pass):
                          lazy_bytes=int(ctx.option("fold_limit_bytes", DEFAULT_LAZY_BYTES)))
         if counts and ctx.option("tolerance_dtype") in (None, "float32", "float64"):
             ctx.options["tolerance_dtype"] = "float16"
+            ctx.notes.append("convert-fp16: compute runs in float16; verified with float16 tolerances")
         return PassResult(model, bool(counts), counts)
 
 

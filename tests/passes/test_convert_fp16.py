@@ -491,6 +491,7 @@ def test_convert_fp16_sets_fp16_tolerance_for_verification():
     report = onnxc.compile(proto, 3, "cuda", passes="convert-fp16").report
     checks = report["verification"]["scenarios"][0]["outputs"]
     assert report["verification"]["status"] == "passed" and checks[0]["rtol"] == 2e-2
+    assert any("float16 tolerances" in n for n in report["notes"])
     assert checks[0]["max_rel"] > 1e-4                     # would have failed float32 tolerance
 
 
