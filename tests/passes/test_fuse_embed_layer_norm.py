@@ -50,8 +50,9 @@ class Emb:
     dims: str = "B, S"
     eps: float = 1e-12
     axis: int = -1
-    seg_table: tuple = (T, H)
+    seg_table: tuple | None = None
     seg_dims: str | None = None
+    hidden: int = H
 
     def text(self) -> tuple[str, dict[str, np.ndarray]]:
         it, dt = self.ids, self.dtype
@@ -79,19 +80,20 @@ class Emb:
         lines += sums[self.order]
         lines.append(f"y = LayerNormalization <axis = {self.axis}, epsilon = {self.eps!r}> "
                      f"(e, gamma{', beta' if self.beta else ''})")
-        outs = [f"{dt}[{self.dims}, {H}] y"]
+        h = self.hidden
+        outs = [f"{dt}[{self.dims}, {h}] y"]
         if self.sum_used:
             lines.append("z = Neg(e)")
-            outs.append(f"{dt}[{self.dims}, {H}] z")
+            outs.append(f"{dt}[{self.dims}, {h}] z")
         text = f"g ({', '.join(ins)}) => ({', '.join(outs)}) {{\n  " + "\n  ".join(lines) + "\n}"
         rng = np.random.default_rng(7)
         f = NP[dt]
-        inits = {"W": rng.standard_normal((V, H)).astype(f), "P": rng.standard_normal((P, H)).astype(f),
-                 "TT": rng.standard_normal(self.seg_table).astype(f),
-                 "gamma": (1 + 0.1 * rng.standard_normal(H)).astype(f), "buf": np.arange(P)[None, :],
+        inits = {"W": rng.standard_normal((V, h)).astype(f), "P": rng.standard_normal((P, h)).astype(f),
+                 "TT": rng.standard_normal(self.seg_table or (T, h)).astype(f),
+                 "gamma": (1 + 0.1 * rng.standard_normal(h)).astype(f), "buf": np.arange(P)[None, :],
                  "zero": np.array([0]), "one1": np.array([1]), "zs": np.array(0), "os": np.array(1)}
         if self.beta:
-            inits["beta"] = (0.1 * rng.standard_normal(H)).astype(f)
+            inits["beta"] = (0.1 * rng.standard_normal(h)).astype(f)
         if self.positions == "const":
             inits["arange"] = np.arange(int(seq))[None, :]
         return text, {k: v for k, v in inits.items() if f"{k})" in text or f"({k}," in text or f", {k}," in text}
@@ -260,6 +262,14 @@ def test_fuse_embed_layer_norm_static_dims_and_distilbert():
     assert counts == {"fuse-embed-layer-norm": 1}
     assert len(eln_node(model).inputs) == 9 and eln_node(model).inputs[1] is None   # no segment
     assert_same(before, model)
+
+
+@pytest.mark.parametrize("hidden", [1, 5, 7, 96])
+def test_fuse_embed_layer_norm_any_hidden_size(hidden):
+    """ORT's kernels take any hidden size (checked: 1 to 1000 on CPU); nothing to refuse there."""
+    model, counts, before = fuse(Emb(hidden=hidden, eps=1e-5))
+    assert counts == {"fuse-embed-layer-norm": 1}
+    assert_same(before, model, seeds=(0,))
 
 
 def test_fuse_embed_layer_norm_matches_reference_kernel():
