@@ -38,8 +38,11 @@ _UNARY = frozenset({"Cast", "Identity", "Relu", "Sigmoid", "Tanh", "Erf", "Neg",
                     "Cos"})
 _MS_UNARY = frozenset({"Gelu", "FastGelu", "QuickGelu", "BiasGelu"})
 _BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
-_NORMS = {("", "LayerNormalization"): (0,), ("", "SimplifiedLayerNormalization"): (0,),
-          (MS, "SkipLayerNormalization"): (0, 3), (MS, "SkipSimplifiedLayerNormalization"): (0, 3)}
+# Fused ops whose listed outputs have the rank and leading dims of input 0 (attention: query (B, S, D) -> (B, S, D')).
+_ROWWISE = {("", "LayerNormalization"): (0,), ("", "SimplifiedLayerNormalization"): (0,),
+            (MS, "SkipLayerNormalization"): (0, 3), (MS, "SkipSimplifiedLayerNormalization"): (0, 3),
+            (MS, "GroupQueryAttention"): (0,), (MS, "MultiHeadAttention"): (0,), (MS, "Attention"): (0,),
+            (MS, "MatMulNBits"): (0,), (MS, "RotaryEmbedding"): (0,)}
 _CHAIN_STEPS = 32
 
 
@@ -63,7 +66,7 @@ def _row_input(v: ir.Value, depth: int) -> ir.Value | None:
         return ins[0]
     if op == ("", "MatMul") and len(dims_of(ins[1]) or ()) == 2 and len(dims_of(ins[0]) or ()) >= 2:
         return ins[0]
-    if op in _NORMS and v.index() in _NORMS[op]:
+    if op in _ROWWISE and v.index() in _ROWWISE[op] and len(dims_of(ins[0]) or ()) == rank:
         axis = p.attributes["axis"].as_int() if "axis" in p.attributes else -1
         return ins[0] if p.domain == MS or axis % rank == rank - 1 else None
     if op == ("", "Split"):
