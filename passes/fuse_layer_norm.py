@@ -156,4 +156,4 @@ layer_norm_unscaled_div = Rule("layer-norm-unscaled-div", _divided, _rewrite, _c
 RULES = [layer_norm, layer_norm_no_bias, layer_norm_unscaled, layer_norm_unscaled_div]
 
 register_pass(RulePass("fuse-layer-norm", RULES, level=2, targets=("cpu", "cuda"),
-                       summary="decomposed LayerNorm (Div/Reciprocal, fp16 Casts, optional affine) -> LayerNormalization"))
+                       summary="Decomposed LayerNorm (Div/Reciprocal, fp16 Casts, optional affine) -> LayerNormalization"))

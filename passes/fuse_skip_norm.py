@@ -231,5 +231,5 @@ RULES = [
 ]
 
 register_pass(RulePass("fuse-skip-norm", RULES, level=2, targets=("cpu", "cuda"),
-                       summary="residual Add (+ bias) + LayerNorm/RMSNorm -> Skip(Simplified)LayerNormalization, "
+                       summary="Residual Add (+ bias) + LayerNorm/RMSNorm -> Skip(Simplified)LayerNormalization, "
                                "exporting the sum"))

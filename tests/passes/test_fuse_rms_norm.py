@@ -223,6 +223,20 @@ def test_fuse_rms_norm_non_constant_weight():
     assert any(n.op_type == "SimplifiedLayerNormalization" and n.inputs[1].name == "w" for n in model.graph)
 
 
+def test_fuse_rms_norm_gemma_unfolded_one_plus_weight():
+    # Before fold-constants Gemma's scale is Add(1, w): a computed 1-D scale is taken as it is.
+    text, inits = rms_model(weight_first=True)
+    text = text.replace("y = Mul(w, n)", "wp = Add(one, w)\n  y = Mul(wp, n)")
+    _, counts = check_before_after(text, FUSE, f"""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[N, S, {H}] x) => (float[N, S, {H}] y) {{
+      xc = Identity(x)
+      wp = Add(one, w)
+      y = SimplifiedLayerNormalization<axis=-1, epsilon=1e-6>(xc, wp)
+    }}""", initializers=inits, expected_initializers={"w": W, "one": np.array(1.0, np.float32)})
+    assert counts == {"rms-norm": 1}
+
+
 def test_fuse_rms_norm_is_idempotent():
     text, inits = rms_model()
     model, _ = fused(text, inits)

@@ -92,6 +92,18 @@ def test_fuse_skip_norm_rms_exports_the_sum():
     assert [v.name for v in node.outputs[1:3]] == ["", ""]   # mean / inv_std_var left out
 
 
+def test_fuse_skip_norm_sum_that_is_a_graph_output_is_exported():
+    text, inits = skip_model(norm="ln")
+    text = text.replace(f"=> (float[N, S, {H}] y)", f"=> (float[N, S, {H}] s, float[N, S, {H}] y)")
+    model, counts = check_before_after(text, FUSE, f"""
+    {HEADER}
+    g (float[N, S, {H}] x, float[N, S, {H}] h) => (float[N, S, {H}] s, float[N, S, {H}] y) {{
+      y, mean, inv, s = com.microsoft.SkipLayerNormalization<epsilon=1e-5>(h, x, g, beta)
+    }}""", initializers=inits, expected_initializers={"g": G, "beta": BETA})
+    assert counts == {"skip-layer-norm": 1}
+    assert [v.name for v in model.graph.outputs] == ["s", "y"]
+
+
 def test_fuse_skip_norm_rms_without_other_use_has_one_output():
     text, inits = skip_model(residual_first=True)
     _model, counts = check_before_after(text, FUSE, f"""
