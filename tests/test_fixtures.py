@@ -1,4 +1,6 @@
-"""Every bundled fixture compiles at -O1, verifies numerically, and loses its exporter noise."""
+"""Every bundled fixture compiles at -O1, verifies numerically, and loses its exporter noise; at -O2 (CPU) and
+-O3 (CUDA, float16 compute) each reaches full fusion and verifies (prefill, decode on a non-empty past, a chunked
+prefill, a right-padded batch of two)."""
 from __future__ import annotations
 
 import json
@@ -36,8 +38,8 @@ def test_fixture_compiles_at_O1_and_verifies(entry, compiled):
     report, model = compiled(entry)
     v = report["verification"]
     assert v["status"] == "passed", v
-    expected_scenarios = 2 if entry["past"] else 1
-    assert len(v["scenarios"]) == expected_scenarios
+    names = [sc["name"] for sc in v["scenarios"]]
+    assert names == (["prefill", "decode", "chunk", "padded"] if entry["past"] else ["forward", "padded"])
     if entry["past"]:
         decode = v["scenarios"][1]
         past_inputs = [s for k, s in decode["inputs"].items() if "past" in k]
@@ -71,3 +73,52 @@ def test_fixture_exporter_noise_is_gone(entry, compiled):
 def test_torchscript_fixture_shrinks_by_half(entry, compiled):
     report, _ = compiled(entry)
     assert report["nodes_after"] <= 0.5 * report["nodes_before"], (report["nodes_before"], report["nodes_after"])
+
+
+def _full_fusion(entry: dict) -> dict[str, int]:
+    """Per model: the fused ops a full fusion leaves (layers L)."""
+    layers = entry["config"]["num_layers"]
+    if entry["family"] == "bert":
+        return {"Attention": layers, "SkipLayerNormalization": 2 * layers, "BiasGelu": layers,
+                "EmbedLayerNormalization": 1}
+    if entry["family"] == "gpt2":
+        # layer 0's first LayerNorm reads the embeddings (EmbedLayerNormalization); ln_f is a skip norm
+        attention = "MultiHeadAttention" if entry["past"] else "Attention"
+        return {attention: layers, "SkipLayerNormalization": 2 * layers, "FastGelu": layers,
+                "EmbedLayerNormalization": 1}
+    fused = {"GroupQueryAttention": layers, "SkipSimplifiedLayerNormalization": 2 * layers}
+    if entry["family"] == "gemma":
+        fused["FastGelu"] = layers
+    return fused
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory):
+    cache: dict[tuple[str, int, str], dict] = {}
+
+    def get(entry: dict, level: int, target: str) -> dict:
+        key = (entry["file"], level, target)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("fused") / (Path(entry["file"]).stem + ".onnx")
+            cache[key] = onnxc.compile(ROOT / entry["file"], level=level, target=target, output=out).report
+        return cache[key]
+    return get
+
+
+# TorchScript GPT-2 reshapes the attention projection's Gemm output with a target computed from the attention's
+# internal shapes; the skip-norm fusion cannot prove it row-aligned with the residual, so ln_2 stays unfused.
+_GPT2_TS_GAP = pytest.mark.xfail(strict=True, reason="gpt2 TorchScript: attention-output Reshape target not proven")
+FUSION_ENTRIES = [pytest.param(e, marks=_GPT2_TS_GAP, id=_id(e)) if e["family"] == "gpt2" and e["exporter"] == "ts"
+                  else pytest.param(e, id=_id(e)) for e in ENTRIES]
+
+
+@pytest.mark.parametrize("level, target", [(2, "cpu"), (3, "cuda")])
+@pytest.mark.parametrize("entry", FUSION_ENTRIES)
+def test_fixture_reaches_full_fusion(entry, level, target, fused):
+    report = fused(entry, level, target)
+    assert report["verification"]["status"] == "passed", report["verification"]
+    ops = {k.split(".")[-1]: v for k, v in report["ops_after"].items()}
+    for op, count in _full_fusion(entry).items():
+        assert ops.get(op, 0) == count, (op, ops, report["notes"])
+    for gone in ("Softmax", "ReduceMean", "Erf", "Tanh", "Expand"):
+        assert gone not in ops, (gone, ops)
