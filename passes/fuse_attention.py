@@ -45,7 +45,7 @@ import onnx.numpy_helper
 import onnx_ir as ir
 
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
-from onnxc.rules import Rule, apply_rules, const_tensor
+from onnxc.rules import Rule, apply_rules, attr_value, const_tensor
 from onnxc.shapes import Unknown, dims_of, sym_value
 from onnxc.verify import Scenario, make_inputs
 
@@ -259,9 +259,12 @@ def _evaluate(graph: ir.Graph, opset: int, nodes: list[ir.Node], outputs: list[i
 
     order = {id(n): i for i, n in enumerate(graph)}
     protos, inits, seen = [], [], set()
-    for node in sorted(nodes, key=lambda n: order.get(id(n), 0)):
-        protos.append(ir.serde.serialize_node(node))
-        for v in node.inputs:
+    reads = [(ir.serde.serialize_node(n), n.inputs) for n in sorted(nodes, key=lambda n: order.get(id(n), 0))]
+    reads.append((None, outputs))   # an output may itself be a constant
+    for proto, inputs in reads:
+        if proto is not None:
+            protos.append(proto)
+        for v in inputs:
             if v is None or v.producer() is not None or v.is_graph_input() or v.name in seen:
                 continue
             seen.add(v.name)
@@ -275,10 +278,12 @@ def _evaluate(graph: ir.Graph, opset: int, nodes: list[ir.Node], outputs: list[i
             proto = ir.serde.serialize_tensor(t)
             proto.name = v.name
             inits.append(proto)
+    names = [f"{v.name}/probe" for v in outputs]
+    protos += [onnx.helper.make_node("Identity", [v.name], [n]) for v, n in zip(outputs, names)]
     g = onnx.helper.make_graph(
         protos, "mask", [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
                          for k, a in feeds.items()],
-        [onnx.helper.make_empty_tensor_value_info(v.name) for v in outputs], inits)
+        [onnx.helper.make_empty_tensor_value_info(n) for n in names], inits)
     model = onnx.helper.make_model(g, ir_version=8, opset_imports=[onnx.helper.make_opsetid("", opset),
                                                                    onnx.helper.make_opsetid(MS, 1)])
     so = ort.SessionOptions()
@@ -286,7 +291,7 @@ def _evaluate(graph: ir.Graph, opset: int, nodes: list[ir.Node], outputs: list[i
     so.intra_op_num_threads = so.inter_op_num_threads = 1
     so.log_severity_level = 4
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run([v.name for v in outputs], feeds)
+    return sess.run(names, feeds)
 
 
 def _keep_table(values: list[np.ndarray], kinds: list[str]) -> tuple[np.ndarray, set[float]]:
@@ -492,17 +497,85 @@ def check_key_transpose(m):
         ok_out = sum(x == -1 for x in t2) <= 1 and all(x == -1 or _same(x, w) for x, w in zip(t2, want))
     if not (ok_mid and ok_out):
         raise _Refused("cannot prove the reshapes around the transpose swap the last two axes of the key")
-    key = m["key"].producer()
-    if key is not None and key.op_type == "Concat" and len(key.inputs) == 2:
-        key = key.inputs[1].producer() if key.inputs[1] is not None else None
-    perm = key.attributes.get("perm") if key is not None else None
-    if key is None or key.op_type != "Transpose" or perm is None or list(perm.value) != [0, 2, 1, 3] \
-            or key.inputs[0] is None or key.inputs[0].producer() is None \
-            or key.inputs[0].producer().op_type != "Reshape":
-        raise _Refused("key is not a head split of a projection (rotary, grouped KV heads or other transform)")
+    _key_parts(m["key"])
     if not _feeds_softmax(m.outputs[0]):
         raise _Refused("the transposed key does not feed an attention Softmax")
     return None
+
+
+def _key_parts(key: ir.Value) -> tuple[ir.Value, ir.Node, ir.Value | None]:
+    """(k, head-split Reshape, past or None) for key = heads(k) or Concat(past, heads(k)) on the sequence axis."""
+    node, past = key.producer(), None
+    if node is not None and node.op_type == "Concat" and len(node.inputs) == 2 and node.inputs[1] is not None:
+        axis = node.attributes.get("axis")
+        if axis is None or axis.as_int() not in (2, -2):
+            raise _Refused("key Concat is not on the sequence axis")
+        past, node = node.inputs[0], node.inputs[1].producer()
+    perm = node.attributes.get("perm") if node is not None else None
+    reshape = node.inputs[0].producer() if node is not None and node.inputs[0] is not None else None
+    if node is None or node.op_type != "Transpose" or perm is None or list(perm.value) != [0, 2, 1, 3] \
+            or reshape is None or reshape.op_type != "Reshape":
+        raise _Refused("key is not a head split of a projection (rotary, grouped KV heads or other transform)")
+    return reshape.inputs[0], reshape, past
+
+
+def _source(v: ir.Value) -> ir.Value:
+    """The activation (B, S, D_in) a projection output (B, S, D) was computed from: back through a bias Add, MatMul
+    by a 2-D weight, Split on the last axis, Cast, and Reshape(Gemm(Reshape(x))) restoring (B, S)."""
+    for _ in range(8):
+        p = v.producer()
+        if p is None or p.domain != "":
+            break
+        if p.op_type == "Add" and len(p.inputs) == 2:
+            consts = [const_tensor(i) for i in p.inputs]
+            if sum(t is not None for t in consts) != 1 or len(next(t for t in consts if t is not None).shape) != 1:
+                break
+            v = p.inputs[0] if consts[1] is not None else p.inputs[1]
+        elif p.op_type == "MatMul" and p.inputs[1] is not None and p.inputs[1].shape is not None \
+                and len(p.inputs[1].shape) == 2:
+            v = p.inputs[0]
+        elif p.op_type == "Split" and attr_value(p, "axis", default=0) in (-1, 2) or p.op_type == "Cast":
+            v = p.inputs[0]
+        elif p.op_type == "Reshape" and p.inputs[0] is not None and p.inputs[0].producer() is not None \
+                and p.inputs[0].producer().op_type == "Gemm":
+            inner = p.inputs[0].producer().inputs[0]
+            x = inner.producer().inputs[0] if inner is not None and inner.producer() is not None \
+                and inner.producer().op_type == "Reshape" else None
+            od, xd = dims_of(v), dims_of(x)
+            if x is None or od is None or xd is None or len(od) != 3 or len(xd) != 3 \
+                    or not (_same(od[0], xd[0]) and _same(od[1], xd[1])):
+                break
+            v = x
+        else:
+            break
+    return v
+
+
+@_checked
+def check_key_shape(m):
+    k, reshape, past = _key_parts(m["key"])
+    n, h, _ = _split_heads(reshape, "key")
+    k = _source(k)
+    if len(dims_of(k) or ()) != 3:
+        raise _Refused("the key's projection input is not (batch, sequence, hidden)")
+    if not any(_feeds_softmax(u.node.outputs[0]) for u in m["key"].uses() if u.node.op_type == "Transpose") \
+            and not any(_feeds_softmax(v) for u in m["key"].uses() for v in u.node.outputs
+                        if u.node.op_type == "Reshape"):
+        raise _Refused("the key does not feed an attention Softmax")
+    start, end = m.attr("shape", "start", 0), m.attr("shape", "end", None)
+    return {"k": k, "past": past, "num_heads": n, "head_size": h, "start": start, "end": end}
+
+
+def rewrite_key_shape(op, k, past, num_heads, head_size, start, end):
+    """Shape(key) = (B, N, [P +] S, H) from Shape(k) = (B, S, D) (and Shape(past) = (B, N, P, H))."""
+    seq = op.Shape(k, start=1, end=2)
+    if past is not None:
+        seq = op.Add(op.Shape(past, start=2, end=3), seq)
+    parts = [op.Shape(k, start=0, end=1), op.const(np.array([num_heads], np.int64)), seq,
+             op.const(np.array([head_size], np.int64))]
+    out = op.Concat(*parts[slice(start, end)], axis=0)
+    _unique_names(op)
+    return out
 
 
 @_checked
@@ -650,7 +723,11 @@ key_transpose = Rule("fuse-attention-key-transpose", pattern_key_transpose, rewr
 output = Rule("fuse-attention-output", pattern_output, rewrite_output, check_output,
               summary="Reshape(Transpose(Transpose(Reshape(y, (0,0,N,H)))), t) -> Reshape(y, t) for a fused y")
 
-PREPARE = [key_transpose]
+key_shape = Rule("fuse-attention-key-shape", lambda op, key: op.Shape(key, _name="shape"), rewrite_key_shape,
+                 check_key_shape, summary="Shape(heads(k)) -> (B, N, S, H) from Shape(k), so the key's shape is "
+                                          "read outside the attention (exporters size masks and Kt from it)")
+
+PREPARE = [key_transpose, key_shape]
 RULES = [separate, packed, past]
 FINISH = [output]
 
