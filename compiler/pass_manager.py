@@ -8,6 +8,8 @@ name is an error, never silently ignored. Third-party passes register with `onnx
 """
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.metadata
 import importlib.util
 import sys
@@ -125,7 +127,7 @@ class PassManager:
         self.records: list[PassRecord] = []
 
     def run(self, model: ir.Model, ctx: PassContext) -> ir.Model:
-        signature = Signature.of(model)
+        signature = dataclasses.replace(Signature.of(model), narrow_float=bool(ctx.option("io_fp16")))
         done: list[str] = []
         for p in self.passes:
             model = self._run_one(p, model, ctx, signature, done)

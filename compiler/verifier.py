@@ -21,6 +21,7 @@ class Signature:
 
     inputs: tuple[tuple[str, int | None, int | None], ...]
     outputs: tuple[tuple[str, int | None, int | None], ...]
+    narrow_float: bool = False   # float32 I/O may become float16 (--io-fp16)
 
     @staticmethod
     def of(model: ir.Model) -> Signature:
@@ -36,7 +37,9 @@ class Signature:
                 problems.append(f"graph {kind}s changed: {[r[0] for r in a]} -> {[r[0] for r in b]}")
                 continue
             for ra, rb in zip(a, b):
-                if ra[1] != rb[1] and None not in (ra[1], rb[1]):
+                if self.narrow_float and (ra[1], rb[1]) == (1, 10):
+                    pass
+                elif ra[1] != rb[1] and None not in (ra[1], rb[1]):
                     problems.append(f"graph {kind} '{ra[0]}' changed element type {ra[1]} -> {rb[1]}")
                 if ra[2] != rb[2] and None not in (ra[2], rb[2]):
                     problems.append(f"graph {kind} '{ra[0]}' changed rank {ra[2]} -> {rb[2]}")

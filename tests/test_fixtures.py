@@ -122,3 +122,13 @@ def test_fixture_reaches_full_fusion(entry, level, target, fused):
         assert ops.get(op, 0) == count, (op, ops, report["notes"])
     for gone in ("Softmax", "ReduceMean", "Erf", "Tanh", "Expand"):
         assert gone not in ops, (gone, ops)
+
+
+@pytest.mark.parametrize("name", ["llama_dynamo_past", "gpt2_ts_past", "bert_dynamo"])
+def test_fixture_io_fp16_verifies_against_the_float32_input(name, tmp_path):
+    res = onnxc.compile(ROOT / "models" / f"{name}.onnx", level=3, target="cuda", output=tmp_path / "m.onnx",
+                        options={"io_fp16": True})
+    assert res.report["verification"]["status"] == "passed"
+    model = ir.load(tmp_path / "m.onnx")
+    floats = [v for v in [*model.graph.inputs, *model.graph.outputs] if v.dtype is not None and v.dtype.is_floating_point()]
+    assert floats and all(v.dtype == ir.DataType.FLOAT16 for v in floats)
