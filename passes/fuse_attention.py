@@ -9,18 +9,26 @@ With heads(t) = Transpose(Reshape(t, (B, S, N, H)), perm=(0, 2, 1, 3)) and M the
                                                         ->  MultiHeadAttention(q, k, v, mask, past_k, past_v)
                                                             -> (out, present_k, present_v)                fuse-attention-past
 
-The fused node's output y (B, S, N*H) replaces `out` as Transpose(Reshape(y, (0, 0, N, H)), (0, 2, 1, 3)); the
-cleanup after this pass folds that into the exporter's own Transpose/Reshape back to (B, S, hidden).
+The fused node's output y (B, S, N*H) replaces `out` as Transpose(Reshape(y, (0, 0, N, H)), (0, 2, 1, 3)), with
+its shapes written out; rule fuse-attention-output folds that into the exporter's Transpose/Reshape back to
+(B, S, hidden), and the cleanup after this pass does the rest (e.g. TorchScript's no-op Reshape sized by Shape(out)).
+
+Before the fusion rules, two preparations make exporter shape plumbing stop reading attention internals (the rule
+engine refuses a match whose intermediate values have outside users): fuse-attention-key-transpose (below) and
+fuse-attention-key-shape, Shape(heads(k)) = (B, N, S, H) and Shape(Concat(past, heads(k))) = (B, N, P + S, H)
+rebuilt from Shape(x) of the projection input x (and Shape(past)); dead nodes they leave are dropped.
 
 Variants inside one pattern: Kt = Transpose(heads(k), (0,1,3,2)) or Transpose(Reshape(k), (0,2,3,1)) (or, with
 past, Transpose(K, (0,1,3,2))); the scale as Mul or Div on Q, on Kt, on both, or on the scores (product checked
 against 1/sqrt(H); `scale` is set when it differs); M as Add(scores, bias), Where(cond, scores, neg), or both;
-optional Casts around Softmax; the SDPA NaN guard Where(IsNaN(P), 0, P). Dynamo's Kt,
-Reshape(Transpose(Reshape(K, (-1, T, H)), (0, 2, 1)), (B, N, H, T)), is first rewritten to Transpose(K, (0,1,3,2))
-(rule fuse-attention-key-transpose, only where it feeds an attention Softmax), and what it leaves dead is dropped.
+optional Casts around Softmax; the SDPA NaN guard Where(IsNaN(P), 0, P); bias Adds optional; Split sizes as input,
+attribute or equal default; Reshape targets constant or computed (proved from inferred or symbolic shapes). Dynamo's
+Kt, Reshape(Transpose(Reshape(K, (-1, T, H)), (0, 2, 1)), (B, N, H, T)), is first rewritten to
+Transpose(K, (0,1,3,2)) (rule fuse-attention-key-transpose, only where K is a head split feeding a Softmax).
 
 The mask is recognized by what it computes, not by how an exporter spells it: its producers (up to graph inputs
-and constants) are evaluated in onnxruntime on probe inputs (two sizes, random 0/1 masks) and must read the data of
+and constants) are evaluated in onnxruntime on probe inputs (two sizes, random 0/1 masks; other inputs sized as
+onnxc.verify sizes them; constants read only for their shape replaced by zeros) and must read the data of
 one 2-D graph input m (B, T) and give keep[b, i, j] = m[b, j] != 0, optionally AND j <= T - S + i (causal), with
 hidden entries >= 1e4 below zero (or -inf). Then mask_index = Cast(m, int32) and unidirectional = causal.
 ORT adds mask_filter_value (-10000) for padding instead of -inf: equal wherever a query sees at least one key.
@@ -43,7 +51,6 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnx_ir as ir
-
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import Rule, apply_rules, attr_value, const_tensor
 from onnxc.shapes import Unknown, dims_of, sym_value
@@ -500,7 +507,6 @@ def check_key_transpose(m):
     _key_parts(m["key"])
     if not _feeds_softmax(m.outputs[0]):
         raise _Refused("the transposed key does not feed an attention Softmax")
-    return None
 
 
 def _key_parts(key: ir.Value) -> tuple[ir.Value, ir.Node, ir.Value | None]:
@@ -532,9 +538,7 @@ def _source(v: ir.Value) -> ir.Value:
                 break
             v = p.inputs[0] if consts[1] is not None else p.inputs[1]
         elif p.op_type == "MatMul" and p.inputs[1] is not None and p.inputs[1].shape is not None \
-                and len(p.inputs[1].shape) == 2:
-            v = p.inputs[0]
-        elif p.op_type == "Split" and attr_value(p, "axis", default=0) in (-1, 2) or p.op_type == "Cast":
+                and len(p.inputs[1].shape) == 2 or p.op_type == "Split" and attr_value(p, "axis", default=0) in (-1, 2) or p.op_type == "Cast":
             v = p.inputs[0]
         elif p.op_type == "Reshape" and p.inputs[0] is not None and p.inputs[0].producer() is not None \
                 and p.inputs[0].producer().op_type == "Gemm":

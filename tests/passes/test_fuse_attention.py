@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxc
 import pytest
-from helpers import assert_unchanged_by, assert_valid, canonical, counting, parse, parse_proto, run_ort, run_passes
+from helpers import assert_unchanged_by, assert_valid, canonical, counting, parse, run_ort, run_passes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import onnxc
 from onnxc.passes import fuse_attention as fa
 from onnxc.pipeline import CLEANUP, O1
 from onnxc.rules import explain
@@ -56,7 +55,7 @@ def bert(dtype="float", dims=("B", "S"), scale="scores_div", mask="add", kt="bsn
         lines.append("kt = Transpose <perm = [0, 2, 3, 1]> (kr)")
     else:
         lines += ["kh = Transpose <perm = [0, 2, 1, 3]> (kr)", "kt = Transpose <perm = [0, 1, 3, 2]> (kh)"]
-    q, k, sc = "qh", "kt", None
+    q, k = "qh", "kt"
     c = 1.0 / np.sqrt(H)
     if scale == "scores_div":
         inits["c"] = np.array(np.sqrt(H), npd)
