@@ -511,7 +511,8 @@ class RewriteBuilder:
             attrs = {k: v for k, v in attrs.items() if v is not None}
             node = ir.Node(_domain, op_type, inputs, attributes=ir.convenience.convert_attributes(attrs),
                            num_outputs=_outputs, version=_version,
-                           name=f"{self.prefix}" + (f"_{len(self.nodes)}" if self.nodes else ""))
+                           # "/k" (not "_k"): the namer hands out "base_k" to other rewrites
+                           name=f"{self.prefix}" + (f"/{len(self.nodes)}" if self.nodes else ""))
             for i, out in enumerate(node.outputs):
                 out.name = f"{node.name}:{i}"
             self.nodes.append(node)
