@@ -21,12 +21,10 @@ multiple of 8); otherwise the rotated q/k stay outside and the op gets them rota
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxc import probe
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import attr_value, const_array
@@ -389,13 +387,9 @@ def _parse_site(sm: ir.Node) -> Site:
 
 
 # -------------------------------------------------------------------------------------------------- probes
-def _mask_input(model: ir.Model, values: list[ir.Value]) -> ir.Value | None:
+def _mask_input(values: list[ir.Value]) -> ir.Value | None:
     ins = [v for v in probe.cone_inputs(values) if _role(v) == "mask"]
-    return ins[0] if len(ins) == 1 and v_rank(ins[0]) == 2 else None
-
-
-def v_rank(v: ir.Value) -> int | None:
-    return len(v.shape) if v.shape is not None else None
+    return ins[0] if len(ins) == 1 and ins[0].shape is not None and len(ins[0].shape) == 2 else None
 
 
 def _visible(arr: np.ndarray, kind: str) -> np.ndarray:
@@ -409,7 +403,7 @@ def _visible(arr: np.ndarray, kind: str) -> np.ndarray:
 
 def _probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tuple[ir.Value, int]:
     """Prove the mask is causal + right padding (+ a window); return (attention_mask input, window or -1)."""
-    mask_in = _mask_input(model, [site.mask])
+    mask_in = _mask_input([site.mask])
     if mask_in is None:
         raise Refuse("the mask does not come from one 2-D attention_mask input")
 
@@ -486,6 +480,7 @@ def _probe_rotary(model: ir.Model, rot: Rotary, max_len: int) -> tuple[np.ndarra
 class _Builder:
     def __init__(self, graph: ir.Graph, prefix: str):
         self.graph, self.prefix, self.count = graph, prefix, 0
+        self.front = graph[0] if len(graph) else None   # nodes with no anchor go before it, in creation order
 
     def name(self, stem: str) -> str:
         self.count += 1
@@ -502,10 +497,8 @@ class _Builder:
         node = ir.node(op, inputs, attributes=attrs, domain=domain, num_outputs=n_out, name=self.name(op))
         for o in node.outputs:
             o.name = self.name(f"{op}_out")
-        if before is None:
-            self.graph.insert_before(self.graph[0], node) if len(self.graph) else self.graph.append(node)
-        else:
-            self.graph.insert_before(before, node)
+        anchor = before or self.front
+        self.graph.insert_before(anchor, node) if anchor is not None else self.graph.append(node)
         return node
 
 
@@ -513,9 +506,9 @@ def _flat(b: _Builder, x4: ir.Value, anchor: ir.Node) -> ir.Value:
     """(B, S, N, H) -> (B, S, N*H): reuse the Reshape source when x4 is a Reshape of a 3-D value."""
     r = _prod(x4, "Reshape")
     dx = _dims(x4)
-    if r is not None and (d := _dims(r.inputs[0])) is not None and len(d) == 3:
-        if isinstance(d[2], int) and d[2] == dx[2] * dx[3] and d[:2] == dx[:2]:
-            return r.inputs[0]
+    d = _dims(r.inputs[0]) if r is not None else None
+    if d is not None and len(d) == 3 and isinstance(d[2], int) and d[2] == dx[2] * dx[3] and d[:2] == dx[:2]:
+        return r.inputs[0]
     shape = b.const(np.array([0, 0, -1], dtype=np.int64), "flat_shape")
     out = b.node("Reshape", [x4, shape], anchor).outputs[0]
     out.dtype = x4.dtype
@@ -546,7 +539,6 @@ def _seq_inputs(b: _Builder, mask: ir.Value, opset: int) -> tuple[ir.Value, ir.V
     tot = b.node("Cast", [sq], None, to=ir.DataType.INT32).outputs[0]
     seqlens.dtype, seqlens.shape = ir.DataType.INT32, ir.Shape([mask.shape[0]])
     tot.dtype, tot.shape = ir.DataType.INT32, ir.Shape([])
-    # The new nodes were each inserted at the front: put them back in dependency order.
     return seqlens, tot
 
 
@@ -627,12 +619,11 @@ class FuseGQA(Pass):
                 _replace(site.present_k, pk)
                 _replace(site.present_v, pv)
             counts["fuse-gqa"] = counts.get("fuse-gqa", 0) + 1
-            counts["fuse-gqa/rotary-inside" if do_rotary else "fuse-gqa/rotary-outside"] = \
-                counts.get("fuse-gqa/rotary-inside" if do_rotary else "fuse-gqa/rotary-outside", 0) + \
-                (1 if site.rotary is not None else 0)
+            if site.rotary is not None:
+                key = "fuse-gqa/rotary-inside" if do_rotary else "fuse-gqa/rotary-outside"
+                counts[key] = counts.get(key, 0) + 1
         if counts:
             if MS not in model.opset_imports:
                 model.opset_imports[MS] = 1
             graph.sort()
-        counts = {k: v for k, v in counts.items() if v}
         return PassResult(model, bool(counts), counts)

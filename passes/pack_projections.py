@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
-
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import attr_value, const_array
 from onnxc.shapes import dims_of
@@ -99,7 +98,7 @@ def _pack(graph: ir.Graph, x: ir.Value, group: list[ir.Node], opset: int, tag: s
             old.name, out.name = None, name
 
 
-def _unsplit_gqa(graph: ir.Graph, node: ir.Node) -> bool:
+def _unsplit_gqa(node: ir.Node) -> bool:
     q, k, v = (list(node.inputs) + [None] * 3)[:3]
     if q is None or k is None or v is None:
         return False
@@ -151,7 +150,7 @@ class PackProjections(Pass):
         if "pack-gqa-qkv" not in ctx.disabled_rules:
             RemoveUnusedNodesPass()(model)   # the unpacked projections' old users must not count as users
             for n in graph:
-                if n.op_type == "GroupQueryAttention" and n.domain == MS and _unsplit_gqa(graph, n):
+                if n.op_type == "GroupQueryAttention" and n.domain == MS and _unsplit_gqa(n):
                     counts["pack-gqa-qkv"] = counts.get("pack-gqa-qkv", 0) + 1
         if counts:
             graph.sort()
