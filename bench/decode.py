@@ -4,13 +4,16 @@
 Variants: the unoptimized export, onnxscript's `optimize` + `optimize_for_ort` fusions, onnxc -O3 --target cpu,
 and (with --int4) onnxc -O3 --quantize int4 and onnxscript's fusions + ORT's MatMulNBitsQuantizer (RTN, block 32,
 symmetric, accuracy_level 4). Every model runs with onnxruntime's default graph optimizations, as a user would run
-it, with the same inputs; the table reports the median of --runs timed steps after --warmup untimed ones.
+it, with the same inputs. All models are loaded at once and timed in turn, a few steps each (round robin), so load
+from other processes falls on every variant alike; the table reports the median of --runs timed steps after
+--warmup untimed ones. int4 rows also report their logits' error against onnxc's float model.
 
     python bench/make_llama.py                          # bench/out/llama30/model.onnx (30 layers, KV cache)
     python bench/decode.py                              # prints the table
+    python bench/decode.py --int4 --grid                # + onnxc int4 at block 32/64/128, sym/asym, logit error
     python bench/decode.py --model other.onnx --past 512 --threads 4
 
-Needs the bench extra (onnxscript); the onnxc variants are compiled here (with verification) unless present.
+Needs the bench extra (onnxscript); every variant is built here (onnxc's with verification) unless --reuse finds it.
 """
 from __future__ import annotations
 
@@ -56,10 +59,10 @@ def _onnxc(src: Path, dst: Path, extra: dict) -> dict:
     return r.report
 
 
-def _feeds(path: Path, past: int) -> dict[str, np.ndarray]:
+def _feeds(path: Path, past: int, seed: int = 0) -> dict[str, np.ndarray]:
     m = onnx.load(str(path), load_external_data=False)
     feeds: dict[str, np.ndarray] = {}
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     init = {i.name for i in m.graph.initializer}
     for vi in m.graph.input:
         if vi.name in init:
@@ -74,29 +77,52 @@ def _feeds(path: Path, past: int) -> dict[str, np.ndarray]:
         elif "position" in vi.name:
             feeds[vi.name] = np.array([[past]], dtype=dt)
         else:
-            feeds[vi.name] = np.array([[7]], dtype=dt)
+            feeds[vi.name] = rng.integers(0, 100, (1, 1)).astype(dt) if seed else np.array([[7]], dtype=dt)
     return feeds
 
 
-def time_decode(path: Path, past: int, threads: int, warmup: int, runs: int) -> tuple[float, float]:
+def _session(path: Path, threads: int):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    feeds = _feeds(path, past)
-    for _ in range(warmup):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t)
-    del sess
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def time_round_robin(paths: list[Path], past: int, threads: int, warmup: int, runs: int, chunk: int = 5
+                     ) -> list[tuple[float, float]]:
+    """(median, best) ms per model: every model loaded at once and timed `chunk` steps at a time in turn, so load
+    from other processes falls on every variant alike."""
+    sessions = [_session(p, threads) for p in paths]
+    feeds = [_feeds(p, past) for p in paths]
+    for s, f in zip(sessions, feeds):
+        for _ in range(warmup):
+            s.run(None, f)
+    times: list[list[float]] = [[] for _ in paths]
+    while len(times[0]) < runs:
+        for s, f, t in zip(sessions, feeds, times):
+            for _ in range(min(chunk, runs - len(t))):
+                t0 = time.perf_counter()
+                s.run(None, f)
+                t.append(time.perf_counter() - t0)
+    del sessions
     gc.collect()
-    return statistics.median(times) * 1e3, min(times) * 1e3
+    return [(statistics.median(t) * 1e3, min(t) * 1e3) for t in times]
+
+
+def logit_error(path: Path, ref: Path, past: int, threads: int, samples: int) -> tuple[float, float]:
+    """(relative L2 error of the logits, top-1 agreement) of `path` against `ref` over `samples` decode steps with
+    random past and token."""
+    a, b = _session(path, threads), _session(ref, threads)
+    err, agree = [], 0
+    for seed in range(1, samples + 1):
+        fa, fb = _feeds(path, past, seed), _feeds(ref, past, seed)
+        la, lb = a.run(None, fa)[0].reshape(-1), b.run(None, fb)[0].reshape(-1)
+        err.append(float(np.linalg.norm(la - lb) / np.linalg.norm(lb)))
+        agree += int(np.argmax(la) == np.argmax(lb))
+    return float(np.mean(err)), agree / samples
 
 
 def _ops(path: Path) -> str:
@@ -107,6 +133,10 @@ def _ops(path: Path) -> str:
     return f"{len(m.graph.node)} nodes; " + ", ".join(f"{k} {c[k]}" for k in keep if c[k])
 
 
+def _data_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(path.name)) / 2**20
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -115,6 +145,10 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--int4", action="store_true", help="also time the int4 variants")
+    ap.add_argument("--grid", action="store_true",
+                    help="with --int4: also onnxc int4 at block 32/64/128, symmetric and not, with logit error")
+    ap.add_argument("--samples", type=int, default=16, help="decode steps for the logit-error columns")
+    ap.add_argument("--reuse", action="store_true", help="time models already built in --work instead of rebuilding")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "decode")
     args = ap.parse_args()
     if not args.model.exists():
@@ -125,26 +159,43 @@ def main() -> int:
     builds = [("onnxscript optimize_for_ort", "os", lambda d: _onnxscript(args.model, d)),
               ("onnxc -O3 --target cpu", "onnxc", lambda d: _onnxc(args.model, d, {}))]
     if args.int4:
-        builds += [("onnxscript fusions + ORT RTN int4 (block 32, acc 4)", "os_int4",
+        builds += [("onnxscript fusions + ORT RTN int4 (block 32, sym, acc 4)", "os_int4",
                     lambda d: _onnxscript(args.model, d, int4=True)),
-                   ("onnxc -O3 --quantize int4", "onnxc_int4", lambda d: _onnxc(args.model, d, {"quantize": "int4"}))]
+                   ("onnxc -O3 --quantize int4 (defaults)", "onnxc_int4",
+                    lambda d: _onnxc(args.model, d, {"quantize": "int4"}))]
+        if args.grid:
+            for block in (32, 64, 128):
+                for sym in (False, True):
+                    opts = {"quantize": "int4", "block_size": block, "symmetric": sym}
+                    builds.append((f"onnxc int4 block {block} {'sym' if sym else 'asym'}",
+                                   f"onnxc_int4_b{block}{'s' if sym else 'a'}",
+                                   lambda d, o=opts: _onnxc(args.model, d, o)))
     for label, stem, build in builds:
         dst = args.work / stem / "model.onnx"
         dst.parent.mkdir(parents=True, exist_ok=True)
+        if args.reuse and dst.exists():
+            variants.append((label, dst, float("nan")))
+            continue
         t = time.perf_counter()
         build(dst)
         variants.append((label, dst, time.perf_counter() - t))
-    rows = []
-    for label, path, build_s in variants:
-        med, best = time_decode(path, args.past, args.threads, args.warmup, args.runs)
-        rows.append((label, med, best, build_s, _ops(path)))
-    base = rows[0][1]
-    ref = next((r[1] for r in rows if r[0].startswith("onnxscript optimize")), base)
-    print(f"decode 1 token after {args.past} cached, CPU EP, {args.threads} threads, median of {args.runs}")
-    print("| variant | ms/token (median) | best | vs unoptimized | vs onnxscript | build s | graph |")
-    print("|---|---|---|---|---|---|---|")
-    for label, med, best, build_s, ops in rows:
-        print(f"| {label} | {med:.2f} | {best:.2f} | {med / base:.2f}x | {med / ref:.2f}x | {build_s:.1f} | {ops} |")
+    timed = time_round_robin([p for _, p, _ in variants], args.past, args.threads, args.warmup, args.runs)
+    fp32 = next(p for label, p, _ in variants if label.startswith("onnxc -O3"))
+    base = timed[0][0]
+    ref = next((t[0] for (label, _, _), t in zip(variants, timed) if label.startswith("onnxscript optimize")), base)
+    anchor = next((t[0] for (label, _, _), t in zip(variants, timed) if "ORT RTN" in label), None)
+    print(f"decode 1 token after {args.past} cached, CPU EP, {args.threads} threads, median of {args.runs} "
+          f"(round robin, {args.warmup} warm-up); logit error against onnxc fp32 over {args.samples} decode steps")
+    print("| variant | ms/token (median) | best | vs unoptimized | vs onnxscript | vs int4 anchor | logits rel. err "
+          "| top-1 agree | MB | build s | graph |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for (label, path, build_s), (med, best) in zip(variants, timed):
+        quant = "int4" in label
+        err = logit_error(path, fp32, args.past, args.threads, args.samples) if quant else None
+        vs_anchor = f"{med / anchor:.2f}x" if anchor and quant else "–"
+        cols = f"{err[0]:.4f} | {err[1]:.2f}" if err else "– | –"
+        print(f"| {label} | {med:.2f} | {best:.2f} | {med / base:.2f}x | {med / ref:.2f}x | {vs_anchor} | {cols} "
+              f"| {_data_mb(path):.0f} | {build_s:.1f} | {_ops(path)} |")
     return 0
 
 
