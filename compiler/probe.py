@@ -1,80 +1,167 @@
-"""Evaluate a small part of a graph on concrete inputs.
+"""Evaluate a small part of a graph on concrete inputs: the one subgraph evaluator of onnxc.
 
-Fusions that replace computed tensors by what an ORT kernel derives itself (an attention mask by sequence lengths,
-run-time cos/sin by caches) prove the replacement by evaluation: the cone of producers of the values in question is
-cut out as a model of its own and run by onnxruntime on chosen inputs. A cone that reads large weights is refused,
-so a probe never pulls a model's weights into memory.
+Fusions that replace computed tensors by what an ORT kernel derives itself (an attention mask by sequence lengths
+or a mask index, run-time cos/sin by caches) prove the replacement by evaluation: the cone of producers of the
+values in question is cut out as a model of its own and run by onnxruntime (CPU, its graph optimizations off) on
+chosen inputs.
+
+    c = cone(graph, values)            # nodes, graph inputs read (data or shape only), constants, or ProbeError
+    arrays = evaluate(graph, values, feeds)
+
+What is read for its data and what only for its shape is told apart: Shape and Size read their input's shape, and
+a value read only for its shape reads its producer's inputs only for their shape too when the producer's output
+shape follows from its input shapes (elementwise ops, MatMul, Gather, Concat, ...; the data operand of Reshape,
+Expand, Slice, Split, (Un)Squeeze, Tile, Pad and Reduce*, whose other operands are read for their data). Any
+other producer reads its inputs' data. A constant of more than STANDIN_MIN_ELEMENTS read only for its shape (an embedding table
+before a Shape) is replaced by ConstantOfShape zeros, so the probe copies no weights for it.
+
+Refused with ProbeError: a cone holding a node with a subgraph or one from another graph (outer-scope values),
+more than `max_nodes` nodes, more than MAX_DATA_BYTES of constants read for their data, a graph input without a
+value in `feeds`, or anything onnxruntime rejects.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 
-PROBE_MAX_CONST_BYTES = 1 << 22   # a cone may read at most 4 MiB of initializers
+MAX_DATA_BYTES = 1 << 22        # a cone may read at most 4 MiB of constants for their data
+MAX_NODES = 400                 # nodes in a cone
+STANDIN_MIN_ELEMENTS = 1024     # shape-only constants larger than this become ConstantOfShape zeros
+
+# Output shape is a function of the input shapes (and attributes): every input is read only for its shape.
+_SHAPE_OF_ALL = frozenset({
+    "Abs", "Add", "And", "Cast", "CastLike", "Ceil", "Concat", "Cos", "Div", "Dropout", "Equal", "Erf", "Exp",
+    "Flatten", "Floor", "Gather", "Gelu", "Gemm", "Greater", "GreaterOrEqual", "Identity", "IsInf", "IsNaN",
+    "LayerNormalization", "Less", "LessOrEqual", "Log", "LogSoftmax", "MatMul", "Max", "Min", "Mod", "Mul", "Neg",
+    "Not", "Or", "Pow", "Reciprocal", "Relu", "Round", "Sigmoid", "Sign", "SimplifiedLayerNormalization", "Sin",
+    "Softmax", "Sqrt", "Sub", "Tanh", "Transpose", "Trilu", "Where", "Xor"})
+# Output shape is a function of input 0's shape and the other inputs' data (target shape, axes, starts, repeats).
+_SHAPE_OF_FIRST = frozenset({
+    "Expand", "Pad", "ReduceL2", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "Reshape",
+    "Slice", "Split", "Squeeze", "Tile", "Unsqueeze"})
 
 
 class ProbeError(Exception):
-    """The cone cannot be evaluated (it reads big weights, a subgraph, or onnxruntime refused it)."""
+    """The cone cannot be evaluated; the message says why."""
 
 
-def cone(values: list[ir.Value]) -> tuple[list[ir.Node], list[ir.Value], list[ir.Value]]:
-    """(nodes in graph order, graph inputs read, initializers read) of the producers of `values`."""
-    seen: set[int] = set()
-    inputs: dict[int, ir.Value] = {}
-    inits: dict[int, ir.Value] = {}
-    stack = list(values)
+@dataclass(frozen=True)
+class Cone:
+    """The producers of some values, up to graph inputs and constants."""
+
+    nodes: list[ir.Node]            # in graph order
+    inputs: list[ir.Value]          # graph inputs read (for their data or only their shape), in discovery order
+    data_inputs: list[ir.Value]     # the graph inputs among them whose data is read
+    constants: list[ir.Value]       # constants (initializers) read
+    shape_only: frozenset[int]      # ids of the values read only for their shape
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of the constants the probe copies: those read for their data and small shape-only ones."""
+        return sum(v.const_value.nbytes for v in self.constants if not _stands_in(v, self.shape_only))
+
+
+def _shape_only_inputs(node: ir.Node, reads_data: bool) -> int:
+    """How many leading inputs of `node` are read only for their shape, its outputs being read for their data
+    (`reads_data`) or only for their shape."""
+    if node.domain not in ("", "ai.onnx"):
+        return 0
+    if node.op_type in ("Shape", "Size"):
+        return 1
+    if reads_data:
+        return 0
+    if node.op_type in _SHAPE_OF_ALL:
+        return len(node.inputs)
+    return 1 if node.op_type in _SHAPE_OF_FIRST else 0
+
+
+def cone(graph: ir.Graph, values: Sequence[ir.Value], max_nodes: int = MAX_NODES) -> Cone:
+    """The cone of producers of `values` in `graph`, or ProbeError (subgraphs, outer-scope values, size)."""
+    data: dict[int, bool] = {}       # value id -> read for its data (True) or only its shape (False)
     nodes: dict[int, ir.Node] = {}
+    leaves: dict[int, ir.Value] = {}
+    stack = [(v, True) for v in reversed(values)]
     while stack:
-        v = stack.pop()
-        if v is None or id(v) in seen:
+        v, reads_data = stack.pop()
+        if id(v) in data and (data[id(v)] or not reads_data):
             continue
-        seen.add(id(v))
-        n = v.producer()
-        if n is None:
-            (inits if v.const_value is not None else inputs)[id(v)] = v
+        data[id(v)] = reads_data
+        node = v.producer()
+        if node is None:
+            if v.const_value is None and not v.is_graph_input():
+                raise ProbeError(f"value '{v.name}' comes from an outer scope")
+            leaves[id(v)] = v
             continue
-        if id(n) not in nodes:
-            nodes[id(n)] = n
-            stack.extend(n.inputs)
-    graph = values[0].graph or next(iter(nodes.values())).graph
-    order = {id(n): i for i, n in enumerate(graph)} if graph is not None else {}
-    ordered = sorted(nodes.values(), key=lambda n: order.get(id(n), 0))
-    return ordered, list(inputs.values()), list(inits.values())
+        if node.graph is not graph or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                                          for a in node.attributes.values()):
+            raise ProbeError(f"the cone holds a subgraph or outer-scope values ({node.op_type} '{node.name}')")
+        nodes[id(node)] = node
+        if len(nodes) > max_nodes:
+            raise ProbeError(f"the cone has more than {max_nodes} nodes")
+        shape_only = _shape_only_inputs(node, reads_data)
+        stack.extend((i, k >= shape_only) for k, i in reversed(list(enumerate(node.inputs))) if i is not None)
+    order = {id(n): i for i, n in enumerate(graph)}
+    inputs = [v for v in leaves.values() if v.const_value is None]
+    return Cone(nodes=sorted(nodes.values(), key=lambda n: order[id(n)]), inputs=inputs,
+                data_inputs=[v for v in inputs if data[id(v)]],
+                constants=[v for v in leaves.values() if v.const_value is not None],
+                shape_only=frozenset(k for k, d in data.items() if not d))
 
 
-def cone_inputs(values: list[ir.Value]) -> list[ir.Value]:
-    return cone(values)[1]
+def _stands_in(v: ir.Value, shape_only: frozenset[int]) -> bool:
+    t = v.const_value
+    return id(v) in shape_only and t.size > STANDIN_MIN_ELEMENTS and t.dtype.numpy() is not None
 
 
-def evaluate(model: ir.Model, values: list[ir.Value], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The arrays `values` take when the graph inputs are `feeds` (only the cone's inputs are read)."""
-    nodes, inputs, inits = cone(values)
-    if any(n.op_type in ("If", "Loop", "Scan") for n in nodes):
-        raise ProbeError("the cone holds a control-flow node")
-    size = sum(v.const_value.nbytes for v in inits)
-    if size > PROBE_MAX_CONST_BYTES:
-        raise ProbeError(f"the cone reads {size} bytes of initializers")
-    missing = [v.name for v in inputs if v.name not in feeds]
+def _constant(v: ir.Value, shape_only: frozenset[int]) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """The initializers and nodes that define constant `v` in the probe model."""
+    t = v.const_value
+    if _stands_in(v, shape_only):
+        dims = onnx.numpy_helper.from_array(np.array(list(t.shape), np.int64), f"{v.name}/shape")
+        zero = onnx.numpy_helper.from_array(np.zeros(1, t.dtype.numpy()))
+        return [dims], [onnx.helper.make_node("ConstantOfShape", [dims.name], [v.name], value=zero)]
+    proto = ir.serde.serialize_tensor(t)
+    proto.name = v.name
+    return [proto], []
+
+
+def evaluate(graph: ir.Graph, values: Sequence[ir.Value], feeds: Mapping[str, np.ndarray],
+             max_nodes: int = MAX_NODES) -> list[np.ndarray]:
+    """The arrays `values` take when the graph inputs the cone reads take `feeds` (other feeds are ignored)."""
+    c = cone(graph, values, max_nodes)
+    if c.data_bytes > MAX_DATA_BYTES:
+        raise ProbeError(f"the cone reads {c.data_bytes} bytes of constants for their data")
+    missing = [v.name for v in c.inputs if v.name not in feeds]
     if missing:
-        raise ProbeError(f"no probe value for input {missing[0]}")
-    graph = onnx.helper.make_graph(
-        [ir.serde.serialize_node(n) for n in nodes], "probe",
-        [onnx.helper.make_tensor_value_info(v.name, int(v.dtype), None) for v in inputs],
-        [onnx.helper.make_tensor_value_info(v.name, int(v.dtype) if v.dtype else 0, None) for v in values],
-        [ir.serde.serialize_tensor(v.const_value) for v in inits])
-    for v, t in zip(inits, graph.initializer):
-        t.name = v.name
-    opsets = [onnx.helper.make_opsetid(d, ver) for d, ver in model.opset_imports.items()]
-    proto = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=10)
+        raise ProbeError(f"no probe value for input '{missing[0]}'")
+    inits, nodes = [], []
+    for v in c.constants:
+        i, n = _constant(v, c.shape_only)
+        inits += i
+        nodes += n
+    nodes += [ir.serde.serialize_node(n) for n in c.nodes]
+    names = [f"{v.name}/probe{k}" for k, v in enumerate(values)]    # an output may be an input or a constant
+    nodes += [onnx.helper.make_node("Identity", [v.name], [n]) for v, n in zip(values, names)]
+    domains = {""} | {n.domain for n in c.nodes}
+    opsets = [onnx.helper.make_opsetid(d, graph.opset_imports.get(d, 1)) for d in sorted(domains)]
+    proto = onnx.helper.make_model(
+        onnx.helper.make_graph(nodes, "probe",
+                               [onnx.helper.make_tensor_value_info(v.name, int(v.dtype or 0), None) for v in c.inputs],
+                               [onnx.helper.make_empty_tensor_value_info(n) for n in names], inits),
+        opset_imports=opsets, ir_version=onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True))
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.log_severity_level = 4
     try:
         sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        return sess.run([v.name for v in values], {v.name: feeds[v.name] for v in inputs})
+        return sess.run(names, {v.name: feeds[v.name] for v in c.inputs})
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise ProbeError(str(exc).splitlines()[0]) from exc
+        raise ProbeError(f"onnxruntime: {str(exc).splitlines()[0]}") from exc

@@ -27,8 +27,8 @@ Kt, Reshape(Transpose(Reshape(K, (-1, T, H)), (0, 2, 1)), (B, N, H, T)), is firs
 Transpose(K, (0,1,3,2)) (rule fuse-attention-key-transpose, only where K is a head split feeding a Softmax).
 
 The mask is recognized by what it computes, not by how an exporter spells it: its producers (up to graph inputs
-and constants) are evaluated in onnxruntime on probe inputs (two sizes, random 0/1 masks; other inputs sized as
-onnxc.verify sizes them; constants read only for their shape replaced by zeros) and must read the data of
+and constants) are evaluated by compiler/probe.py on probe inputs (two sizes, random 0/1 masks; other inputs sized
+as onnxc.verify sizes them; large constants read only for their shape replaced by zeros) and must read the data of
 one 2-D graph input m (B, T) and give keep[b, i, j] = m[b, j] != 0, optionally AND j <= T - S + i (causal), with
 hidden entries >= 1e4 below zero (or -inf). Then mask_index = Cast(m, int32) and unidirectional = causal.
 ORT adds mask_filter_value (-10000) for padding instead of -inf: equal wherever a query sees at least one key.
@@ -48,9 +48,8 @@ import types
 from typing import Any
 
 import numpy as np
-import onnx
-import onnx.numpy_helper
 import onnx_ir as ir
+from onnxc import probe
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import Rule, apply_rules, attr_value, const_tensor
 from onnxc.shapes import Unknown, dims_of, sym_value
@@ -59,7 +58,6 @@ from onnxc.verify import Scenario, make_inputs
 MS = "com.microsoft"
 LARGE_NEGATIVE = -1e4          # a hidden mask entry must be at most this (or -inf)
 ORT_MASK_FILTER = -10000.0     # ORT's default mask_filter_value
-MASK_CONE_MAX_NODES = 400
 _MASK_KEY = "onnxc.fuse_attention.mask"
 
 
@@ -225,82 +223,6 @@ def _linear(v: ir.Value | None, what: str) -> None:
 
 
 # -- the mask
-def _cone(outputs: list[ir.Value], graph: ir.Graph
-          ) -> tuple[list[ir.Node], list[ir.Value], list[ir.Value], set[int]]:
-    """Nodes computing `outputs`, the graph inputs whose data they read, those they read only the shape of, and the
-    ids of all values read only for their shape (through Shape/Size)."""
-    mode: dict[int, bool] = {}
-    nodes: dict[int, ir.Node] = {}
-    inputs: dict[int, ir.Value] = {}
-    stack = [(v, True) for v in outputs]
-    while stack:
-        v, data = stack.pop()
-        if mode.get(id(v)) is True or (id(v) in mode and not data):
-            continue
-        mode[id(v)] = data
-        if v.is_graph_input():
-            inputs[id(v)] = v
-            continue
-        node = v.producer()
-        if node is None:
-            continue
-        if node.graph is not graph or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-                                          for a in node.attributes.values()):
-            raise _Refused("mask is computed with subgraphs or outer-scope values")
-        nodes[id(node)] = node
-        if len(nodes) > MASK_CONE_MAX_NODES:
-            raise _Refused(f"mask computation has more than {MASK_CONE_MAX_NODES} nodes")
-        reads_data = data and not (node.op_type in ("Shape", "Size") and node.domain == "")
-        stack.extend((i, reads_data) for i in node.inputs if i is not None)
-    data_in = [v for k, v in inputs.items() if mode[k]]
-    shape_in = [v for k, v in inputs.items() if not mode[k]]
-    shape_only = {k for k, data in mode.items() if not data}
-    return list(nodes.values()), data_in, shape_in, shape_only
-
-
-def _evaluate(graph: ir.Graph, opset: int, nodes: list[ir.Node], outputs: list[ir.Value],
-              feeds: dict[str, np.ndarray], shape_only: set[int]) -> list[np.ndarray]:
-    """Run `nodes` in onnxruntime. Large constants read only for their shape (an embedding table before a Shape)
-    become ConstantOfShape zeros, so the probe never copies weights."""
-    import onnxruntime as ort
-
-    order = {id(n): i for i, n in enumerate(graph)}
-    protos, inits, seen = [], [], set()
-    reads = [(ir.serde.serialize_node(n), n.inputs) for n in sorted(nodes, key=lambda n: order.get(id(n), 0))]
-    reads.append((None, outputs))   # an output may itself be a constant
-    for proto, inputs in reads:
-        if proto is not None:
-            protos.append(proto)
-        for v in inputs:
-            if v is None or v.producer() is not None or v.is_graph_input() or v.name in seen:
-                continue
-            seen.add(v.name)
-            t = v.const_value
-            if id(v) in shape_only and t.size > 1024 and t.dtype.numpy() is not None:
-                dims = onnx.numpy_helper.from_array(np.array(list(t.shape), np.int64), f"{v.name}/shape")
-                zero = onnx.numpy_helper.from_array(np.zeros(1, t.dtype.numpy()))
-                inits.append(dims)
-                protos.append(onnx.helper.make_node("ConstantOfShape", [dims.name], [v.name], value=zero))
-                continue
-            proto = ir.serde.serialize_tensor(t)
-            proto.name = v.name
-            inits.append(proto)
-    names = [f"{v.name}/probe" for v in outputs]
-    protos += [onnx.helper.make_node("Identity", [v.name], [n]) for v, n in zip(outputs, names)]
-    g = onnx.helper.make_graph(
-        protos, "mask", [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
-                         for k, a in feeds.items()],
-        [onnx.helper.make_empty_tensor_value_info(n) for n in names], inits)
-    model = onnx.helper.make_model(g, ir_version=8, opset_imports=[onnx.helper.make_opsetid("", opset),
-                                                                   onnx.helper.make_opsetid(MS, 1)])
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
-    so.log_severity_level = 4
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(names, feeds)
-
-
 def _keep_table(values: list[np.ndarray], kinds: list[str]) -> tuple[np.ndarray, set[float]]:
     """Combine the probed mask operands into a bool keep table and the set of hidden values."""
     keep, hidden = None, set()
@@ -334,7 +256,7 @@ def _analyze_mask(m, graph: ir.Graph, past: bool) -> dict[str, Any]:
     key = tuple(v.name for v, _ in operands) + (past,)
     if key not in cache:
         try:
-            cache[key] = _probe_mask([v for v, _ in operands], [k for _, k in operands], graph, m.opset, past)
+            cache[key] = _probe_mask([v for v, _ in operands], [k for _, k in operands], graph, past)
         except _Refused as exc:
             cache[key] = str(exc)
     result = cache[key]
@@ -343,9 +265,11 @@ def _analyze_mask(m, graph: ir.Graph, past: bool) -> dict[str, Any]:
     return {**result, "hidden": result["hidden"] | hidden_extra}
 
 
-def _probe_mask(values: list[ir.Value], kinds: list[str], graph: ir.Graph, opset: int, past: bool
-                ) -> dict[str, Any]:
-    nodes, data_in, shape_in, shape_only = _cone(values, graph)
+def _probe_mask(values: list[ir.Value], kinds: list[str], graph: ir.Graph, past: bool) -> dict[str, Any]:
+    try:
+        data_in = probe.cone(graph, values).data_inputs
+    except probe.ProbeError as exc:
+        raise _Refused(f"mask cannot be evaluated: {exc}") from None
     if len(data_in) > 1:
         raise _Refused("mask reads the data of several graph inputs: "
                        + ", ".join(sorted(v.name or "?" for v in data_in)))
@@ -354,21 +278,19 @@ def _probe_mask(values: list[ir.Value], kinds: list[str], graph: ir.Graph, opset
         raise _Refused(f"mask input '{mask_in.name}' is not 2-D (batch, keys)")
     scenarios = [Scenario("probe", 2, 4, 3), Scenario("probe", 3, 2, 5)] if past else \
         [Scenario("probe", 2, 5, 0), Scenario("probe", 3, 3, 0)]
-    fake = types.SimpleNamespace(graph=graph)
     candidates = [(p, c) for p in (True, False) for c in (True, False) if mask_in is not None or not p]
     hidden: set[float] = set()
     for seed, sc in enumerate(scenarios):
         pad = None
+        feeds = make_inputs(types.SimpleNamespace(graph=graph), sc, seed)  # type: ignore[arg-type]
+        if mask_in is not None:
+            shape = feeds[mask_in.name].shape
+            pad = np.random.default_rng(100 + seed).random(shape) < 0.6
+            feeds[mask_in.name] = pad.astype(feeds[mask_in.name].dtype)
         try:
-            feeds = make_inputs(fake, sc, seed)  # type: ignore[arg-type]
-            feeds = {v.name: feeds[v.name] for v in data_in + shape_in}
-            if mask_in is not None:
-                shape = feeds[mask_in.name].shape
-                pad = np.random.default_rng(100 + seed).random(shape) < 0.6
-                feeds[mask_in.name] = pad.astype(feeds[mask_in.name].dtype)
-            arrays = _evaluate(graph, opset, nodes, values, feeds, shape_only)
-        except Exception as exc:  # noqa: BLE001 - any failure to evaluate refuses the site
-            raise _Refused(f"mask could not be evaluated on probe inputs ({type(exc).__name__})") from None
+            arrays = probe.evaluate(graph, values, feeds)
+        except probe.ProbeError as exc:
+            raise _Refused(f"mask could not be evaluated on probe inputs: {exc}") from None
         keep, h = _keep_table(arrays, kinds)
         hidden |= h
         if keep.ndim != 4 or keep.shape[-1] < 2:

@@ -387,8 +387,15 @@ def _parse_site(sm: ir.Node) -> Site:
 
 
 # -------------------------------------------------------------------------------------------------- probes
-def _mask_input(values: list[ir.Value]) -> ir.Value | None:
-    ins = [v for v in probe.cone_inputs(values) if _role(v) == "mask"]
+def _cone_inputs(graph: ir.Graph, values: list[ir.Value], what: str) -> list[ir.Value]:
+    try:
+        return probe.cone(graph, values).inputs
+    except probe.ProbeError as exc:
+        raise Refuse(f"the {what} cannot be evaluated: {exc}") from None
+
+
+def _mask_input(graph: ir.Graph, values: list[ir.Value]) -> ir.Value | None:
+    ins = [v for v in _cone_inputs(graph, values, "mask") if _role(v) == "mask"]
     return ins[0] if len(ins) == 1 and ins[0].shape is not None and len(ins[0].shape) == 2 else None
 
 
@@ -403,7 +410,7 @@ def _visible(arr: np.ndarray, kind: str) -> np.ndarray:
 
 def _probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tuple[ir.Value, int]:
     """Prove the mask is causal + right padding (+ a window); return (attention_mask input, window or -1)."""
-    mask_in = _mask_input([site.mask])
+    mask_in = _mask_input(model.graph, [site.mask])
     if mask_in is None:
         raise Refuse("the mask does not come from one 2-D attention_mask input")
 
@@ -413,7 +420,7 @@ def _probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tu
         if pad:
             m[-1, m.shape[1] - pad:] = 0
         try:
-            (arr,) = probe.evaluate(model, [site.mask], feeds)
+            (arr,) = probe.evaluate(model.graph, [site.mask], feeds)
         except probe.ProbeError as exc:
             raise Refuse(f"the mask cannot be evaluated: {exc}") from None
         t = m.shape[1]
@@ -447,12 +454,13 @@ def _probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tu
 
 def _probe_rotary(model: ir.Model, rot: Rotary, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin caches (max_len, dim/2) that reproduce the graph's cos/sin at every position."""
-    pos_ins = [v for v in probe.cone_inputs([rot.cos, rot.sin]) if _role(v) == "position"]
+    pos_ins = [v for v in _cone_inputs(model.graph, [rot.cos, rot.sin], "rotary tables")
+               if _role(v) == "position"]
 
     def run(sc: Scenario) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         feeds = make_inputs(model, sc, seed=1)
         try:
-            cos, sin = probe.evaluate(model, [rot.cos, rot.sin], feeds)
+            cos, sin = probe.evaluate(model.graph, [rot.cos, rot.sin], feeds)
         except probe.ProbeError as exc:
             raise Refuse(f"the rotary tables cannot be evaluated: {exc}") from None
         pos = feeds[pos_ins[0].name] if pos_ins else np.arange(sc.past, sc.past + sc.seq)[None]
@@ -604,8 +612,8 @@ class FuseGQA(Pass):
                 q, k = _bnsh_to_flat(b, site.q_rot, anchor), _bnsh_to_flat(b, site.k_rot, anchor)
             v = _flat(b, site.v, anchor)
             inputs = [q, k, v, site.past_k, site.past_v, seqlens, total]
-            attrs = dict(num_heads=site.num_heads, kv_num_heads=site.kv_heads, scale=float(site.scale),
-                         local_window_size=window, do_rotary=int(do_rotary), rotary_interleaved=0)
+            attrs = {"num_heads": site.num_heads, "kv_num_heads": site.kv_heads, "scale": float(site.scale),
+                     "local_window_size": window, "do_rotary": int(do_rotary), "rotary_interleaved": 0}
             if caches:
                 inputs += list(caches)
             node = b.node("GroupQueryAttention", inputs, anchor, domain=MS, n_out=3, **attrs)

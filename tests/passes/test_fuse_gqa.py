@@ -8,15 +8,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 import onnxc
-from onnxc import pass_manager as pm
-from onnxc.pipeline import CLEANUP, O1
+import pytest
 from attention_graphs import Variant, build
 from helpers import run_ort
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnxc import pass_manager as pm
+from onnxc.pipeline import CLEANUP, O1
 
 ROOT = Path(__file__).resolve().parents[2] / "fixtures"
 MANIFEST = json.loads((ROOT / "manifest.json").read_text())["models"]
@@ -24,8 +23,8 @@ DECODERS = [e for e in MANIFEST if e["kind"] == "decoder" and e["family"] != "gp
 PIPE = f"{O1},fuse-gqa,pack-projections,{CLEANUP},sort-topologically"
 
 
-def fuse(proto: onnx.ModelProto, passes: str = PIPE, **options) -> tuple[ir.Model, pm.PassContext]:
-    model = ir.from_proto(proto)
+def fuse(proto: onnx.ModelProto | ir.Model, passes: str = PIPE, **options) -> tuple[ir.Model, pm.PassContext]:
+    model = proto if isinstance(proto, ir.Model) else ir.from_proto(proto)
     ctx = pm.PassContext(level=2, options=options)
     for p in pm.flatten(pm.parse_pipeline(passes)):
         model = p.run(model, ctx).model
@@ -75,7 +74,7 @@ def assert_equivalent(v: Variant, before: onnx.ModelProto, after: ir.Model) -> N
 # --------------------------------------------------------------------------------------------- before / after
 def test_fuse_gqa_replaces_the_attention_core():
     v = Variant()
-    model, ctx = fuse(build(v))
+    model, _ = fuse(build(v))
     c = ops(model)
     assert c["GroupQueryAttention"] == 1 and c["Softmax"] == 0 and c["Expand"] == 0 and c["Concat"] == 0
     gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
@@ -120,6 +119,41 @@ def test_fuse_gqa_rotary_tables_cover_max_seq_len():
     cos = gqa.inputs[7].const_value.numpy()
     assert cos.shape == (64, 8)
     np.testing.assert_allclose(cos[10], np.cos(10 / 10000 ** (np.arange(0, 16, 2) / 16)), rtol=1e-5, atol=1e-6)
+
+
+def test_fuse_gqa_probes_a_mask_sized_through_a_large_table_without_loading_it():
+    """The mask's size comes from Shape(Gather(embedding, ids)) with a 5 MB table: read only for its shape, so
+    the probe evaluates zeros of its shape in its place (a cone reading that much weight data is refused)."""
+    proto = build(Variant(past=False))
+    g = proto.graph
+    g.input.remove(next(i for i in g.input if i.name == "x"))
+    g.input.insert(0, onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["batch", "seq"]))
+    g.initializer.append(onnx.numpy_helper.from_array(np.zeros((1, 32), np.float32), "embed"))
+    g.node.insert(0, onnx.helper.make_node("Gather", ["embed", "input_ids"], ["x"]))
+    table = (np.random.default_rng(0).standard_normal((40000, 32)) * 0.1).astype(np.float32)
+    loads: list[int] = []
+
+    def load() -> ir.TensorProtocol:
+        loads.append(1)
+        return ir.tensor(table)
+
+    model = ir.from_proto(proto)
+    embed = model.graph.initializers["embed"]
+    embed.const_value = ir.LazyTensor(load, dtype=ir.DataType.FLOAT, shape=ir.Shape(table.shape))
+    embed.shape = ir.Shape(table.shape)
+    before = ir.to_proto(model)
+    loads.clear()
+    model, ctx = fuse(model, "infer-shapes,fuse-gqa,eliminate-dead")
+    assert ops(model)["GroupQueryAttention"] == 1 and ops(model)["Softmax"] == 0, ctx.notes
+    assert not loads
+    rng = np.random.default_rng(1)
+    for batch, seq, pad in ((2, 5, 0), (2, 6, 2)):
+        feeds = feeds_for(Variant(past=False), batch, seq, 0, pad)
+        del feeds["x"]
+        feeds["input_ids"] = rng.integers(0, len(table), (batch, seq))
+        want, got = run_ort(before, feeds)[0], run_ort(model, feeds)[0]
+        rows = feeds["attention_mask"].astype(bool)
+        np.testing.assert_allclose(got[rows], want[rows], rtol=2e-4, atol=2e-4 * np.abs(want).max())
 
 
 # --------------------------------------------------------------------------------------------- refusals
