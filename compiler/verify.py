@@ -109,7 +109,10 @@ def _gather_bound(v: ir.Value, depth: int = 4) -> int | None:
     return None
 
 
-def _role(v: ir.Value) -> str:
+def input_role(v: ir.Value) -> str:
+    """What graph input `v` is in a language model's signature, read from its name, then from how the graph uses it:
+    "past" (a past key/value), "mask" (an attention mask), "position" (position ids), "ids" (integers that index a
+    constant table through Gather) or "other". Inputs are sized and filled by role (see make_inputs)."""
     name = (v.name or "").lower()
     if "past" in name or name.startswith("cache") or ".key" in name or ".value" in name:
         return "past"
@@ -130,10 +133,10 @@ def _assign_dims(inputs: list[ir.Value], sc: Scenario, has_past: bool) -> dict[s
         if isinstance(d, ir.SymbolicDim) and d.value is not None:
             sizes.setdefault(d.value, n)
 
-    for v in sorted(inputs, key=lambda v: ["ids", "past", "mask", "position", "other"].index(_role(v))):
+    for v in sorted(inputs, key=lambda v: ["ids", "past", "mask", "position", "other"].index(input_role(v))):
         if v.shape is None:
             continue
-        role, dims = _role(v), list(v.shape)
+        role, dims = input_role(v), list(v.shape)
         if not dims:
             continue
         put(dims[0], sc.batch)
@@ -149,14 +152,16 @@ def _assign_dims(inputs: list[ir.Value], sc: Scenario, has_past: bool) -> dict[s
     return sizes
 
 
-def make_inputs(model: ir.Model, sc: Scenario, seed: int) -> dict[str, np.ndarray]:
+def make_inputs(model: ir.Model | ir.Graph, sc: Scenario, seed: int) -> dict[str, np.ndarray]:
+    """Seeded inputs for the graph inputs of `model` (or of a graph) in scenario `sc`, each filled by its role."""
     rng = np.random.default_rng(seed)
-    inputs = [v for v in model.graph.inputs if not v.is_initializer()]
-    has_past = any(_role(v) == "past" for v in inputs)
+    graph = model if isinstance(model, ir.Graph) else model.graph
+    inputs = [v for v in graph.inputs if not v.is_initializer()]
+    has_past = any(input_role(v) == "past" for v in inputs)
     sizes = _assign_dims(inputs, sc, has_past)
     feeds: dict[str, np.ndarray] = {}
     for v in inputs:
-        role = _role(v)
+        role = input_role(v)
         shape = []
         for i, d in enumerate(v.shape or []):
             if isinstance(d, int):
@@ -185,7 +190,7 @@ def make_inputs(model: ir.Model, sc: Scenario, seed: int) -> dict[str, np.ndarra
 
 
 def scenarios_for(model: ir.Model) -> tuple[Scenario, ...]:
-    has_past = any(_role(v) == "past" for v in model.graph.inputs)
+    has_past = any(input_role(v) == "past" for v in model.graph.inputs)
     return DEFAULT_SCENARIOS if has_past else NO_CACHE_SCENARIOS
 
 

@@ -44,7 +44,6 @@ Reference: kernels/attention.py.
 from __future__ import annotations
 
 import math
-import types
 from typing import Any
 
 import numpy as np
@@ -282,7 +281,7 @@ def _probe_mask(values: list[ir.Value], kinds: list[str], graph: ir.Graph, past:
     hidden: set[float] = set()
     for seed, sc in enumerate(scenarios):
         pad = None
-        feeds = make_inputs(types.SimpleNamespace(graph=graph), sc, seed)  # type: ignore[arg-type]
+        feeds = make_inputs(graph, sc, seed)
         if mask_in is not None:
             shape = feeds[mask_in.name].shape
             pad = np.random.default_rng(100 + seed).random(shape) < 0.6

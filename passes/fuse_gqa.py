@@ -29,7 +29,7 @@ from onnxc import probe
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import attr_value, const_array
 from onnxc.shapes import dims_of, reshape_target, sym_value
-from onnxc.verify import Scenario, _role, make_inputs
+from onnxc.verify import Scenario, input_role, make_inputs
 
 MS = "com.microsoft"
 DEFAULT_MAX_SEQ_LEN = 4096
@@ -395,7 +395,7 @@ def _cone_inputs(graph: ir.Graph, values: list[ir.Value], what: str) -> list[ir.
 
 
 def _mask_input(graph: ir.Graph, values: list[ir.Value]) -> ir.Value | None:
-    ins = [v for v in _cone_inputs(graph, values, "mask") if _role(v) == "mask"]
+    ins = [v for v in _cone_inputs(graph, values, "mask") if input_role(v) == "mask"]
     return ins[0] if len(ins) == 1 and ins[0].shape is not None and len(ins[0].shape) == 2 else None
 
 
@@ -455,7 +455,7 @@ def _probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tu
 def _probe_rotary(model: ir.Model, rot: Rotary, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin caches (max_len, dim/2) that reproduce the graph's cos/sin at every position."""
     pos_ins = [v for v in _cone_inputs(model.graph, [rot.cos, rot.sin], "rotary tables")
-               if _role(v) == "position"]
+               if input_role(v) == "position"]
 
     def run(sc: Scenario) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         feeds = make_inputs(model, sc, seed=1)
@@ -573,7 +573,7 @@ class FuseGQA(Pass):
         graph = model.graph
         opset = model.opset_imports.get("", 17)
         max_len = int(ctx.option("max_seq_len") or DEFAULT_MAX_SEQ_LEN)
-        has_past = any(_role(v) == "past" for v in graph.inputs)
+        has_past = any(input_role(v) == "past" for v in graph.inputs)
         b = _Builder(graph, "fuse-gqa")
         seq_cache: dict[int, tuple[ir.Value, ir.Value]] = {}
         mask_cache: dict[int, tuple[ir.Value, int]] = {}
