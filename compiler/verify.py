@@ -359,7 +359,7 @@ def float_twins(model: ir.Model) -> list[tuple[ir.Value, ir.TensorProtocol, ir.T
         k = int(attrs["K"]) if "K" in attrs else kb * block
         dt = s.dtype
 
-        def deq(b=b, s=s, z=z, k=k, n=n):
+        def deq(b=b, s=s, z=z, k=k, n=n, bits=bits, block=block, dt=dt):
             return dequantize(b.numpy(), s.numpy(), None if z is None else z.numpy(), K=k, N=n, bits=bits,
                               block_size=block).astype(dt.numpy())
 
