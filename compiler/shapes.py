@@ -1,9 +1,16 @@
-"""Symbolic shape values: what a 1-D int64 shape tensor holds, element by element, when only part is known.
+"""Symbolic shape values, and proofs that two dims are equal.
 
 Exporters compute Reshape/Expand targets at run time with Shape -> Gather -> Unsqueeze -> Concat chains. Where a
 dim is static the element is an int; where it is symbolic it is the dim's name (a str); where nothing is known it is
 a unique `Unknown` token that equals only itself. fold-constants stores these tuples in `value.meta[SYM_KEY]`, and
 rules use `sym_value` to prove, e.g., that a Reshape target equals its input's shape.
+
+Names alone do not always meet: shape inference names a broadcast dim afresh (an attention output's batch is the
+broadcast of the hidden states' and the mask's), and a rewrite may give a value new dims while shape vectors computed
+from its old ones keep the old names. `shape_source` says which dim of which value an element of a shape vector was
+read from, and `same_dim` proves dim i of a equals dim j of b by walking producers that keep a dim (elementwise and
+row-wise ops, MatMul by a matrix, fused norms and attention, Transpose, Reshape elements that copy or read a dim)
+until the two walks meet or reach a shared name.
 """
 from __future__ import annotations
 
@@ -14,9 +21,11 @@ import onnx_ir as ir
 
 from .rules import const_array
 
+_MS = "com.microsoft"
 SYM_KEY = "onnxc.sym_value"          # flat tuple of elements
 SYM_ARRAY_KEY = "onnxc.sym_array"    # the same as a numpy object array with the value's shape
 Dim = "int | str | Unknown"
+_INT_TYPES = frozenset({int(ir.DataType.INT64), int(ir.DataType.INT32)})
 
 
 class Unknown:
@@ -115,3 +124,161 @@ def _numeric(input_dims: tuple, out: list) -> tuple | None:
     if known == 0 or total % known:
         return None
     return tuple(total // known if t == -1 else t for t in out)
+
+
+def shape_source(v: ir.Value | None, i: int, depth: int = 8) -> tuple[ir.Value, int] | None:
+    """(u, j) when element i of the int vector (or scalar) v is provably dim j of u: read through Shape, Gather,
+    Slice (step 1), Concat, Unsqueeze/Squeeze of one element, Cast and Identity. Where a shape is assembled from
+    Shape -> Gather -> Unsqueeze -> Concat pieces this names the dim behind each element, whatever its symbol."""
+    p = v.producer() if v is not None else None
+    if p is None or p.domain != "" or depth == 0 or i < 0:
+        return None
+    op, ins = p.op_type, list(p.inputs)
+
+    def attr(name: str, default: int | None) -> int | None:
+        a = p.attributes.get(name)
+        return a.as_int() if a is not None else default
+
+    def length(x: ir.Value | None) -> int | None:
+        d = dims_of(x)
+        return d[0] if d is not None and len(d) == 1 and isinstance(d[0], int) else (1 if d == () else None)
+
+    if op == "Shape":
+        rank = len(d) if (d := dims_of(ins[0])) is not None else None
+        start, end = attr("start", 0), attr("end", None)
+        if start < 0 or (end is not None and end < 0):
+            if rank is None:
+                return None
+            start = start % rank if start < 0 else start
+            end = None if end is None else (end % rank if end < 0 else end)
+        j = start + i
+        return (ins[0], j) if (end is None or j < end) and (rank is None or j < rank) else None
+    if op == "Identity" or op == "Cast" and attr("to", 0) in _INT_TYPES or \
+            op in ("Unsqueeze", "Squeeze") and length(ins[0]) == 1 and i == 0:
+        return shape_source(ins[0], i, depth - 1)
+    if op == "Gather" and attr("axis", 0) == 0:
+        idx = const_array(ins[1], 16)
+        if idx is None or i >= idx.size:
+            return None
+        k = int(idx.reshape(-1)[i])
+        if k < 0:
+            n = length(ins[0])
+            k = k + n if n is not None else -1
+        return shape_source(ins[0], k, depth - 1)
+    if op == "Concat":
+        for x in ins:
+            n = length(x)
+            if n is None:
+                return None
+            if i < n:
+                return shape_source(x, i, depth - 1)
+            i -= n
+        return None
+    if op == "Slice" and len(ins) >= 3:
+        starts = const_array(ins[1], 1)
+        steps = const_array(ins[4], 1) if len(ins) > 4 and ins[4] is not None else np.ones(1, np.int64)
+        if starts is None or steps is None or int(steps.reshape(-1)[0]) != 1:
+            return None
+        s = int(starts.reshape(-1)[0])
+        if s < 0:
+            n = length(ins[0])
+            if n is None:
+                return None
+            s = max(s + n, 0)
+        return shape_source(ins[0], s + i, depth - 1)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- dim proofs
+_UNARY = frozenset({"Cast", "Identity", "Relu", "Sigmoid", "Tanh", "Erf", "Neg", "Abs", "Sqrt", "Reciprocal", "Exp",
+                    "Log", "Softmax", "LogSoftmax", "Gelu", "Elu", "LeakyRelu", "Softplus", "HardSigmoid", "Sin",
+                    "Cos"})
+_MS_UNARY = frozenset({"Gelu", "FastGelu", "QuickGelu", "BiasGelu"})
+_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
+# Fused ops whose listed outputs have the rank and leading dims of input 0 (attention: query (B, S, D) -> (B, S, D')).
+_ROWWISE = {("", "LayerNormalization"): (0,), ("", "SimplifiedLayerNormalization"): (0,),
+            (_MS, "SkipLayerNormalization"): (0, 3), (_MS, "SkipSimplifiedLayerNormalization"): (0, 3),
+            (_MS, "GroupQueryAttention"): (0,), (_MS, "MultiHeadAttention"): (0,), (_MS, "Attention"): (0,),
+            (_MS, "MatMulNBits"): (0,), (_MS, "RotaryEmbedding"): (0,)}
+_CHAIN_PLACES = 64
+
+
+def _dim_inputs(v: ir.Value, axis: int, depth: int, memo: dict) -> list[tuple[ir.Value, int]]:
+    """Every (u, j), one producer back, such that dim `axis` of v provably has the size of dim j of u."""
+    p, d = v.producer(), dims_of(v)
+    if p is None or d is None or not 0 <= axis < len(d):
+        return []
+    rank, op, ins = len(d), (p.domain, p.op_type), list(p.inputs)
+    lead = axis < rank - 1
+    if (p.domain == "" and p.op_type in _UNARY) or (p.domain == _MS and p.op_type in _MS_UNARY):
+        return [(ins[0], axis)]
+    if op == ("", "MatMul") and lead and len(dims_of(ins[1]) or ()) == 2 and len(dims_of(ins[0]) or ()) == rank:
+        return [(ins[0], axis)]
+    if op in _ROWWISE and lead and v.index() in _ROWWISE[op] and len(dims_of(ins[0]) or ()) == rank:
+        norm_axis = p.attributes["axis"].as_int() if "axis" in p.attributes else -1
+        return [(ins[0], axis)] if p.domain == _MS or norm_axis % rank == rank - 1 else []
+    if op == ("", "Split"):
+        split_axis = p.attributes["axis"].as_int() if "axis" in p.attributes else 0
+        return [(ins[0], axis)] if split_axis % rank != axis else []
+    if op == ("", "Slice"):
+        axes = const_array(ins[3], 8) if len(ins) > 3 and ins[3] is not None else None
+        return [(ins[0], axis)] if axes is not None and axis not in {int(a) % rank for a in axes.reshape(-1)} else []
+    if op == ("", "Transpose"):
+        perm = p.attributes["perm"].as_ints() if "perm" in p.attributes else list(range(rank))[::-1]
+        return [(ins[0], perm[axis])] if len(perm) == rank else []
+    if op == ("", "Reshape"):
+        # A target element 0 copies the input's dim; one read from Shape(u)[j] is dim j of u; a known one equal to
+        # the input's dim keeps it.
+        target, dx = sym_value(ins[1]), dims_of(ins[0])
+        allowzero = p.attributes["allowzero"].as_int() if "allowzero" in p.attributes else 0
+        found = []
+        t = target[axis] if target is not None and len(target) == rank else None
+        if t is not None and dx is not None and axis < len(dx) and (
+                isinstance(t, int) and t == 0 and not allowzero or _known(t) and t == dx[axis]):
+            found.append((ins[0], axis))
+        src = shape_source(ins[1], axis)
+        if src is not None and not (allowzero and t == 0):
+            found.append(src)
+        return found
+    if p.domain == "" and p.op_type in _BINARY and len(ins) == 2:
+        (a, da), (b, db) = ((x, dims_of(x)) for x in ins)
+        if da is None or db is None:
+            return []
+        ia, ib = axis - (rank - len(da)), axis - (rank - len(db))
+        for x, ix, iy, dy in ((a, ia, ib, db), (b, ib, ia, da)):  # the other operand has no such dim, or 1
+            if ix >= 0 and (iy < 0 or dy[iy] == 1):
+                return [(x, ix)]
+        if ia >= 0 and ib >= 0 and depth > 0 and same_dim(a, ia, b, ib, depth - 1, memo):
+            return [(a, ia)]
+    return []
+
+
+def _known(d) -> bool:
+    return isinstance(d, str) or isinstance(d, int) and d >= 0
+
+
+def _dim_chain(v: ir.Value, axis: int, depth: int, memo: dict) -> tuple[set, set]:
+    """Every (value, axis) whose size provably equals dim `axis` of v, searching producers back, and their known
+    dims (ints and symbol names)."""
+    key = (id(v), axis, depth)
+    if key not in memo:
+        memo[key] = (set(), set())   # a cycle back here proves nothing
+        places, labels, todo = set(), set(), [(v, axis)]
+        while todo and len(places) < _CHAIN_PLACES:
+            u, j = todo.pop(0)
+            if (id(u), j) in places:
+                continue
+            places.add((id(u), j))
+            d = dims_of(u)
+            if d is not None and j < len(d) and _known(d[j]):
+                labels.add(d[j])
+            todo.extend(_dim_inputs(u, j, depth, memo))
+        memo[key] = (places, labels)
+    return memo[key]
+
+
+def same_dim(a: ir.Value, ia: int, b: ir.Value, ib: int, depth: int = 3, memo: dict | None = None) -> bool:
+    """Dim ia of a and dim ib of b provably have the same size: their producer chains meet or share a named dim."""
+    memo = {} if memo is None else memo
+    (pa, la), (pb, lb) = _dim_chain(a, ia, depth, memo), _dim_chain(b, ib, depth, memo)
+    return bool(pa & pb or la & lb)

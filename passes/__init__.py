@@ -12,6 +12,7 @@ from . import (  # noqa: F401  (imported for registration)
     fuse_rms_norm,
     fuse_skip_norm,
     infer_shapes,
+    lower_gemm,
     pack_projections,
     quantize_int4,
     remove_noops,

@@ -29,83 +29,21 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from onnxc.pass_manager import RulePass, register_pass
-from onnxc.rules import Attr, Rule, const_array, const_tensor
-from onnxc.shapes import dims_of
+from onnxc.rules import Attr, Rule, const_tensor
+from onnxc.shapes import dims_of, same_dim
 
 MS = "com.microsoft"
-_UNARY = frozenset({"Cast", "Identity", "Relu", "Sigmoid", "Tanh", "Erf", "Neg", "Abs", "Sqrt", "Reciprocal", "Exp",
-                    "Log", "Softmax", "LogSoftmax", "Gelu", "Elu", "LeakyRelu", "Softplus", "HardSigmoid", "Sin",
-                    "Cos"})
-_MS_UNARY = frozenset({"Gelu", "FastGelu", "QuickGelu", "BiasGelu"})
-_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
-# Fused ops whose listed outputs have the rank and leading dims of input 0 (attention: query (B, S, D) -> (B, S, D')).
-_ROWWISE = {("", "LayerNormalization"): (0,), ("", "SimplifiedLayerNormalization"): (0,),
-            (MS, "SkipLayerNormalization"): (0, 3), (MS, "SkipSimplifiedLayerNormalization"): (0, 3),
-            (MS, "GroupQueryAttention"): (0,), (MS, "MultiHeadAttention"): (0,), (MS, "Attention"): (0,),
-            (MS, "MatMulNBits"): (0,), (MS, "RotaryEmbedding"): (0,)}
-_CHAIN_STEPS = 32
 
 
 # ---------------------------------------------------------------------------------------------------- shape proofs
-def _lead(v: ir.Value) -> tuple | None:
-    d = dims_of(v)
-    return None if d is None or not d else d[:-1]
-
-
-def _last_axis_only(axes, rank: int) -> bool:
-    return axes is not None and len(axes) > 0 and all(int(a) % rank == rank - 1 for a in axes)
-
-
-def _row_input(v: ir.Value, depth: int) -> ir.Value | None:
-    """A value with provably the same rank and leading dims as v (all dims but the last), or None."""
-    p, d = v.producer(), dims_of(v)
-    if p is None or d is None or not d:
-        return None
-    rank, op, ins = len(d), (p.domain, p.op_type), list(p.inputs)
-    if (p.domain == "" and p.op_type in _UNARY) or (p.domain == MS and p.op_type in _MS_UNARY):
-        return ins[0]
-    if op == ("", "MatMul") and len(dims_of(ins[1]) or ()) == 2 and len(dims_of(ins[0]) or ()) >= 2:
-        return ins[0]
-    if op in _ROWWISE and v.index() in _ROWWISE[op] and len(dims_of(ins[0]) or ()) == rank:
-        axis = p.attributes["axis"].as_int() if "axis" in p.attributes else -1
-        return ins[0] if p.domain == MS or axis % rank == rank - 1 else None
-    if op == ("", "Split"):
-        axis = p.attributes["axis"].as_int() if "axis" in p.attributes else 0
-        return ins[0] if axis % rank == rank - 1 else None
-    if op == ("", "Slice"):
-        axes = const_array(ins[3], 8) if len(ins) > 3 and ins[3] is not None else None
-        return ins[0] if _last_axis_only(None if axes is None else axes.reshape(-1), rank) else None
-    if p.domain == "" and p.op_type in _BINARY and len(ins) == 2:
-        (a, da), (b, db) = ((x, dims_of(x)) for x in ins)
-        if da is None or db is None:
-            return None
-        for x, dx, dy in ((a, da, db), (b, db, da)):  # the other operand is per-channel: (H,), (1, 1, H), scalar
-            if len(dx) == rank and len(dy) <= rank and all(e == 1 for e in dy[:-1]):
-                return x
-        if len(da) == len(db) == rank and depth > 0 and same_rows(a, b, depth - 1):
-            return a
-    return None
-
-
-def _chain(v: ir.Value, depth: int) -> list[ir.Value]:
-    out = [v]
-    for _ in range(_CHAIN_STEPS):
-        nxt = _row_input(out[-1], depth)
-        if nxt is None:
-            break
-        out.append(nxt)
-    return out
-
-
-def same_rows(a: ir.Value, b: ir.Value, depth: int = 3) -> bool:
-    """a and b provably have the same rank and leading dims: equal dims, or row-wise chains that meet."""
-    la, lb = _lead(a), _lead(b)
-    if la is not None and la == lb:
-        return True
-    ca, cb = _chain(a, depth), _chain(b, depth)
-    ids = {id(x) for x in ca}
-    leads = {_lead(x) for x in ca} - {None}
-    return any(id(y) in ids or _lead(y) in leads for y in cb)
+def same_rows(a: ir.Value, b: ir.Value) -> bool:
+    """a and b provably have the same rank and leading dims (all but the last), dim by dim (onnxc.shapes.same_dim:
+    equal named dims, or chains of shape-keeping producers that meet)."""
+    da, db = dims_of(a), dims_of(b)
+    if da is None or db is None or len(da) != len(db) or not da:
+        return False
+    memo: dict = {}
+    return all(same_dim(a, i, b, i, memo=memo) for i in range(len(da) - 1))
 
 
 def _orient(a: ir.Value, b: ir.Value) -> tuple[ir.Value, ir.Value] | str:

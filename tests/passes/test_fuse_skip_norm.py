@@ -358,12 +358,13 @@ def expected_counts(entry: dict) -> tuple[dict[str, int], int]:
     layers = entry["config"]["num_layers"]
     if entry["family"] == "bert":   # post-LN: both norms of a layer follow the bias Add of a projection
         return {"skip-layer-norm-bias": 2 * layers}, 1               # the embedding LayerNorm is left
-    if entry["family"] == "gpt2":
+    if entry["family"] == "gpt2":   # lower-gemm (in the cleanup) leaves each projection's bias Add visible
         if entry["exporter"] == "ts":
-            # ln_2's residual Add: the attention output's batch dim is the broadcast of the mask's and the
-            # hidden states' (shape inference names it afresh), so skip-broadcasts-to-input is unprovable.
-            return {"skip-layer-norm": 2 * layers - 2}, 3
-        return {"skip-layer-norm": 2 * layers}, 1                    # ln_1 of layer 0 sums embeddings
+            # ln_2's residual Add, with attention unfused: the attention output's batch dim is the broadcast of the
+            # mask's and the hidden states' (MatMul(P, V), P's batch named afresh), so skip-broadcasts-to-input is
+            # unprovable here; after fuse-attention it is (test_fuse_skip_norm_gpt2_ts_after_attention).
+            return {"skip-layer-norm-bias": 2 * layers - 2}, 3
+        return {"skip-layer-norm-bias": 2 * layers}, 1               # ln_1 of layer 0 sums embeddings
     per_head = 2 * layers if entry["family"] == "qwen3" else 0        # qwen3's q/k norms have no residual
     return {"skip-simplified-layer-norm": 2 * layers}, 1 + per_head
 
