@@ -10,9 +10,10 @@
 
 This is what torch exports for nn.LayerNorm below opset 17 (TorchScript: Div form; fp16: Cast to float around n).
 
-Requires: eps is a scalar constant; both ReduceMeans keep dims and reduce the last axis only; the hidden size H is
-static; g and b broadcast along the last axis only (1-D of size H, (1, .., 1, H), or scalar constants, made 1-D);
-an input Cast only widens. Dtypes as in fuse-rms-norm: the fused op runs in x's dtype when the Casts cancel.
+Requires (compiler/norms.py, shared with fuse-rms-norm): eps is a scalar constant; both ReduceMeans keep dims and
+reduce the last axis only; the hidden size H is static; g and b broadcast along the last axis only (1-D of size H,
+(1, .., 1, H), or scalar constants, made 1-D); an input Cast only widens. The fused op runs in x's dtype when the
+Casts cancel.
 
 Opset: LayerNormalization is ONNX from opset 17; for older default-domain opsets it is still emitted, because
 onnxruntime registers LayerNormalization in the default domain from version 1 (its own fusions emit it at any
@@ -22,12 +23,9 @@ below 17), like every contrib op this compiler emits. Reference: kernels/norms.l
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
+from onnxc import norms
 from onnxc.pass_manager import RulePass, register_pass
-from onnxc.rules import Attr, Rule, const_array
-from onnxc.shapes import dims_of
-
-_WIDTH = {ir.DataType.FLOAT16: 2, ir.DataType.BFLOAT16: 2, ir.DataType.FLOAT: 4, ir.DataType.DOUBLE: 8}
+from onnxc.rules import Attr, Failure, Rule
 
 
 # ---------------------------------------------------------------------------------------------------- patterns
@@ -59,89 +57,27 @@ def _affine(op, x, g, b, eps):
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-def _reduce_axes(node: ir.Node) -> list[int] | None:
-    """ReduceMean's axes: the attribute (opset < 18) or the constant second input (opset 18+)."""
-    if "axes" in node.attributes:
-        return list(node.attributes["axes"].as_ints())
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        arr = const_array(node.inputs[1], 16)
-        return None if arr is None else [int(a) for a in arr.reshape(-1)]
-    return None
-
-
-def _vector(m, name: str, hidden: int, rank: int, dtype: ir.DataType):
-    """A per-channel parameter as (constant array | None, failure | None): constants become 1-D of `dtype`."""
-    arr = m.const(name)
-    if arr is not None:
-        if arr.size not in (1, hidden) or arr.ndim > rank or any(d != 1 for d in arr.shape[:-1]):
-            return None, m.fail(f"{name} of shape {list(arr.shape)} does not broadcast along the last axis only", name)
-        vec = np.broadcast_to(arr.reshape(-1), (hidden,)).astype(dtype.numpy())
-        if np.all(np.isfinite(arr)) and not np.all(np.isfinite(vec)):
-            return None, m.fail(f"{name} overflows {dtype.name}", name)
-        keep = arr.shape == (hidden,) and m.dtype(name) == dtype  # used as it is (keeps its name)
-        return (None if keep else vec), None
-    if dims_of(m[name]) != (hidden,):
-        return None, m.fail(f"non-constant {name} of shape {dims_of(m[name])} is not 1-D of size {hidden}", name)
-    return None, None
-
-
 def _check(m):
-    x, out = m["x"], m.outputs[0]
-    dims = dims_of(x)
-    if dims is None or not dims:
-        return m.fail("rank of the input is unknown", "x")
-    hidden, rank = dims[-1], len(dims)
-    if not isinstance(hidden, int):
-        return m.fail(f"hidden size (last dim {hidden}) is not static", "x")
-    for pname in ("rm1", "rm2"):
-        axes = _reduce_axes(m.node(pname))
-        if axes is None or [a % rank for a in axes] != [rank - 1]:
-            return m.fail(f"ReduceMean axes {axes} are not the last axis only", "x")
-        if m.attr(pname, "keepdims", 1) != 1:
-            return m.fail("ReduceMean does not keep dims", "x")
-    eps, eps_arr = m.scalar("eps"), m.const("eps", 1)
-    if eps is None or eps_arr is None or eps_arr.ndim > rank:
-        return m.fail("epsilon is not a scalar constant", "eps")
-    x_dt, out_dt = x.dtype, out.dtype
-    if x_dt not in _WIDTH or out_dt not in _WIDTH:
-        return m.fail(f"dtypes {x_dt} -> {out_dt} are not float", "x")
-    dtype = x_dt
-    if "cin" in m.named:
-        cin_dt = ir.DataType(m["cin_to"])
-        if cin_dt not in _WIDTH or _WIDTH[cin_dt] < _WIDTH[x_dt]:
-            return m.fail(f"the input Cast narrows {x_dt.name} to {cin_dt.name}", "x")
-        dtype = x_dt if out_dt == x_dt else cin_dt
-    if _WIDTH[dtype] < _WIDTH[out_dt]:
-        return m.fail(f"the result ({out_dt.name}) is wider than the normalization ({dtype.name})", "x")
-    found = {"epsilon": float(eps), "dtype": dtype, "x_dtype": x_dt, "out_dtype": out_dt,
-             "scale": None, "bias": None}
-    if "g" not in m.binds:
-        found["scale"] = np.ones(hidden, dtype=dtype.numpy())
+    found = norms.check_norm(m, ("rm1", "rm2"))
+    if isinstance(found, Failure):
+        return found
+    found, hidden, rank = found
+    found["scale"] = None if "g" in m.binds else np.ones(hidden, dtype=found["dtype"].numpy())
+    found["bias"] = None
     for name, key in (("g", "scale"), ("b", "bias")):
         if name in m.binds:
-            found[key], failure = _vector(m, name, hidden, rank, dtype)
-            if failure is not None:
-                return failure
+            found[key] = norms.per_channel(m, name, hidden, rank, found["dtype"])
+            if isinstance(found[key], Failure):
+                return found[key]
     return found
 
 
 # ---------------------------------------------------------------------------------------------------- rewrite
-def _rewrite(op, x, epsilon, dtype, x_dtype, out_dtype, scale, bias, g=None, b=None):
-    def param(arr, v, name):
-        if arr is not None:
-            return op.const(arr, name)
-        if v is None:
-            return None
-        return v if v.dtype == dtype else op.Cast(v, to=dtype)
-
-    xin = x if dtype == x_dtype else op.Cast(x, to=dtype)
-    beta = param(bias, b, "bias")
-    inputs = (xin, param(scale, g, "scale")) + ((beta,) if beta is not None else ())
-    y = op.LayerNormalization(*inputs, axis=-1, epsilon=epsilon)
-    if dtype == out_dtype:
-        return y
-    y.type, y.shape = ir.TensorType(dtype), x.shape
-    return op.Cast(y, to=out_dtype)
+def _rewrite(op, x, epsilon, dtype, out_dtype, scale, bias, g=None, b=None):
+    xin = norms.in_dtype(op, x, dtype)
+    beta = norms.param(op, bias, b, dtype, "bias")
+    inputs = (xin, norms.param(op, scale, g, dtype, "scale")) + ((beta,) if beta is not None else ())
+    return norms.cast_out(op, op.LayerNormalization(*inputs, axis=-1, epsilon=epsilon), x, dtype, out_dtype)
 
 
 layer_norm = Rule("layer-norm", _affine, _rewrite, _check,

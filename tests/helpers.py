@@ -3,6 +3,8 @@
     model = parse(TEXT)                                   # onnx_ir.Model from ONNX text syntax
     check_before_after(BEFORE, "remove-noops", AFTER)     # run, verify, compare structure and numbers
     assert_same_outputs(before_proto, after_model)        # seeded random inputs, tolerance by dtype
+    assert_refused("fuse-rms-norm", TEXT, inits, REASON)  # a rule says why it does not fire; nothing changes
+    check_fusion(TEXT, inits, transform, "fuse-rms-norm", fires=True, removed_op="ReduceMean")   # property body
 
 Structure is compared after normalizing value names away: a node is (domain, op type, attributes, inputs) where
 an input is a graph input's position, another node's position and output index, or a constant's value. Node
@@ -22,6 +24,7 @@ import onnxc.pipeline  # noqa: F401  (registers the built-in passes)
 import onnxruntime as ort
 import pytest
 from onnxc.pass_manager import PassContext, PassResult, get_pass
+from onnxc.rules import explain
 from onnxc.verifier import Signature, check_model
 
 HEADER = '<ir_version: 8, opset_import: ["" : 18]>'
@@ -285,3 +288,51 @@ def check_before_after(before: str, transform: Transform, expected: str | type[B
     if numeric:
         assert_same_outputs(proto, model, dims=dims)
     return model, result
+
+
+# ------------------------------------------------------------------------------------------------ fusions
+def assert_refused(name: str, text: str, initializers: dict[str, np.ndarray], reason: str,
+                   fallback: dict[str, int] | None = None, precision: Any = None) -> None:
+    """After infer-shapes, a rule of pass `name` refuses with `reason` (explain); the pass then changes nothing, or
+    applies only the rules counted in `fallback` (and the outputs still agree)."""
+    model = parse(text, initializers)
+    run_passes(model, ["infer-shapes"])
+    rows = [r for rule in get_pass(name).rules() for _, r in explain(model, rule)]
+    assert any(reason in r for r in rows), rows
+    before = to_bytes(model)
+    assert run_pass(model, name).counts == (fallback or {})
+    if fallback:
+        assert_same_outputs(parse_proto(text, initializers), model, precision=precision)
+    else:
+        assert to_bytes(model) == before
+
+
+def check_fusion(text: str, initializers: dict[str, np.ndarray], transform: Callable[[ir.Model], dict[str, int]],
+                 name: str, *, fires: bool, removed_op: str, dims: dict[str, int] | None = None,
+                 precision: Any = None) -> ir.Model:
+    """A property test's body: `transform` (which runs pass `name`) fires exactly once when `fires` (else never),
+    `removed_op` is left exactly when it does not fire, the verifier passes, outputs agree, and a second run of the
+    pass changes nothing."""
+    proto = parse_proto(text, initializers)
+    model = parse(text, initializers)
+    counts = transform(model)
+    assert sum(counts.values()) == int(fires), counts
+    assert (removed_op in op_types(model)) != fires, op_types(model)
+    assert_valid(model, proto)
+    assert_same_outputs(proto, model, dims=dims, precision=precision)
+    assert_unchanged_by(model, name)
+    return model
+
+
+def break_norm(text: str, initializers: dict[str, np.ndarray], how: str | None, hidden: int) -> tuple[str, dict]:
+    """A norm graph over `hidden` channels that no norm rule may fuse: "eps" makes epsilon (initializer `eps`) a
+    vector, "axes" reduces axis 0 (initializer `axes`, or the ReduceMean attribute below opset 18); None leaves it."""
+    initializers = dict(initializers)
+    if how == "eps":
+        initializers["eps"] = np.full(hidden, initializers["eps"], initializers["eps"].dtype)
+    elif how == "axes":
+        initializers["axes"] = np.array([0], np.int64)
+        text = text.replace("ReduceMean<axes=[-1], keepdims=1>", "ReduceMean<axes=[0], keepdims=1>")
+    elif how is not None:
+        raise ValueError(f"unknown way to break a norm: {how}")
+    return text, initializers

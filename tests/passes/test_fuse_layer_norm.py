@@ -10,25 +10,22 @@ import onnx.numpy_helper
 import onnxc
 import pytest
 from helpers import (
+    assert_refused,
     assert_same_outputs,
     assert_unchanged_by,
-    assert_valid,
+    break_norm,
     check_before_after,
+    check_fusion,
     counting,
-    op_types,
     parse,
     parse_proto,
-    run_pass,
-    run_passes,
-    to_bytes,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnxc.passes import fuse_layer_norm as fl
 from onnxc.pipeline import CLEANUP, O1
-from onnxc.rules import explain
 
-FUSE = counting("fuse-layer-norm", before=("infer-shapes",), after=("eliminate-dead",))
+PASS = "fuse-layer-norm"
+FUSE = counting(PASS, before=("infer-shapes",), after=("eliminate-dead",))
 H = 8
 rng = np.random.default_rng(0)
 G = (1 + 0.1 * rng.standard_normal(H)).astype(np.float32)
@@ -70,20 +67,6 @@ def ln_model(*, opset=17, square="pow", inv="div", affine="both", gamma_first=Fa
 def fused(text: str, inits: dict):
     model = parse(text, inits)
     return model, FUSE(model)
-
-
-def assert_refused(text: str, inits: dict, reason: str, fallback: dict | None = None) -> None:
-    """A rule refuses with `reason`; the pass then changes nothing, or only applies `fallback` (still exact)."""
-    model = parse(text, inits)
-    run_passes(model, ["infer-shapes"])
-    rows = [r for rule in fl.RULES for _, r in explain(model, rule)]
-    assert any(reason in r for r in rows), rows
-    before = to_bytes(model)
-    assert run_pass(model, "fuse-layer-norm").counts == (fallback or {})
-    if fallback:
-        assert_same_outputs(parse_proto(text, inits), model)
-    else:
-        assert to_bytes(model) == before
 
 
 # ------------------------------------------------------------------------------------------------ before/after
@@ -182,7 +165,7 @@ def test_fuse_layer_norm_is_idempotent():
 def test_fuse_layer_norm_rejects_non_constant_epsilon():
     text, inits = ln_model()
     del inits["eps"]
-    assert_refused(text.replace("g (float[N, S", "g (float eps, float[N, S"), inits,
+    assert_refused(PASS, text.replace("g (float[N, S", "g (float eps, float[N, S"), inits,
                    "epsilon is not a scalar constant")
 
 
@@ -190,26 +173,26 @@ def test_fuse_layer_norm_rejects_mean_over_other_axis():
     text, inits = ln_model(opset=18)
     text = text.replace("mean = ReduceMean<keepdims=1>(xc, axes)", "mean = ReduceMean<keepdims=1>(xc, ax0)")
     inits["ax0"] = np.array([0], np.int64)
-    assert_refused(text, inits, "ReduceMean axes [0] are not the last axis only")
+    assert_refused(PASS, text, inits, "ReduceMean axes [0] are not the last axis only")
 
 
 def test_fuse_layer_norm_rejects_dynamic_hidden_size():
     text, inits = ln_model(affine="none")
-    assert_refused(text.replace(f"N, S, {H}]", "N, S, H]"), inits, "hidden size (last dim H) is not static")
+    assert_refused(PASS, text.replace(f"N, S, {H}]", "N, S, H]"), inits, "hidden size (last dim H) is not static")
 
 
 def test_fuse_layer_norm_rejects_per_row_bias():
     text, inits = ln_model(dims="3")
     inits["b"] = np.ones((3, H), np.float32)
     # Scale and normalization still fuse; the per-row Add stays outside.
-    assert_refused(text, inits, "b of shape [3, 8] does not broadcast along the last axis only",
+    assert_refused(PASS, text, inits, "b of shape [3, 8] does not broadcast along the last axis only",
                    {"layer-norm-no-bias": 1})
 
 
 def test_fuse_layer_norm_rejects_centered_value_used_elsewhere():
     text, inits = ln_model()
     text = text.replace(f"=> (float[N, S, {H}] y)", f"=> (float[N, S, {H}] y, float[N, S, {H}] d)")
-    assert_refused(text, inits, "intermediate value 'd' is a graph output")
+    assert_refused(PASS, text, inits, "intermediate value 'd' is a graph output")
 
 
 # ------------------------------------------------------------------------------------------------ property
@@ -227,20 +210,9 @@ def ln_cases(draw):
 @given(ln_cases(), st.sampled_from([None, None, None, "eps", "axes"]))
 def test_fuse_layer_norm_property(kw, broken):
     """Verifier, numbers, idempotence; fires exactly once, or never when epsilon is a vector or the axis not last."""
-    text, inits = ln_model(**kw)
-    if broken == "eps":
-        inits["eps"] = np.full(H, inits["eps"], inits["eps"].dtype)
-    elif broken == "axes":
-        inits["axes"] = np.array([0], np.int64)
-        text = text.replace("ReduceMean<axes=[-1], keepdims=1>", "ReduceMean<axes=[0], keepdims=1>")
-    proto = parse_proto(text, inits)
-    model, counts = fused(text, inits)
-    assert sum(counts.values()) == (0 if broken else 1), (kw, broken, counts)
-    assert ("ReduceMean" in op_types(model)) == bool(broken)
-    assert_valid(model, proto)
-    assert_same_outputs(proto, model, dims={"N": 2, "S": 3, "B": 2},
-                        precision=np.float16 if kw["dtype"] == "float16" else None)
-    assert_unchanged_by(model, "fuse-layer-norm")
+    text, inits = break_norm(*ln_model(**kw), broken, H)
+    check_fusion(text, inits, FUSE, PASS, fires=not broken, removed_op="ReduceMean",
+                 dims={"N": 2, "S": 3, "B": 2}, precision=np.float16 if kw["dtype"] == "float16" else None)
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

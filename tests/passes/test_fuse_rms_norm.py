@@ -9,25 +9,23 @@ import onnx_ir as ir
 import onnxc
 import pytest
 from helpers import (
+    assert_refused,
     assert_same_outputs,
     assert_unchanged_by,
     assert_valid,
+    break_norm,
     check_before_after,
+    check_fusion,
     counting,
-    op_types,
     parse,
     parse_proto,
-    run_pass,
-    run_passes,
-    to_bytes,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnxc.passes import fuse_rms_norm as fr
 from onnxc.pipeline import CLEANUP, O1
-from onnxc.rules import explain
 
-FUSE = counting("fuse-rms-norm", before=("infer-shapes",), after=("eliminate-dead",))
+PASS = "fuse-rms-norm"
+FUSE = counting(PASS, before=("infer-shapes",), after=("eliminate-dead",))
 H = 8
 EPS = np.float32(1e-6)
 W = (1 + 0.1 * np.random.default_rng(0).standard_normal(H)).astype(np.float32)
@@ -81,20 +79,6 @@ def fused(text: str, inits: dict) -> tuple[ir.Model, dict]:
     model = parse(text, inits)
     counts = FUSE(model)
     return model, counts
-
-
-def assert_refused(text: str, inits: dict, reason: str, fallback: dict | None = None, precision=None) -> None:
-    """A rule refuses with `reason`; the pass then changes nothing, or only applies `fallback` (still exact)."""
-    model = parse(text, inits)
-    run_passes(model, ["infer-shapes"])
-    rows = [r for rule in fr.RULES for _, r in explain(model, rule)]
-    assert any(reason in r for r in rows), rows
-    before = to_bytes(model)
-    assert run_pass(model, "fuse-rms-norm").counts == (fallback or {})
-    if fallback:
-        assert_same_outputs(parse_proto(text, inits), model, precision=precision)
-    else:
-        assert to_bytes(model) == before
 
 
 # ------------------------------------------------------------------------------------------------ before/after
@@ -248,45 +232,45 @@ def test_fuse_rms_norm_rejects_non_constant_epsilon():
     text, inits = rms_model()
     del inits["eps"]
     text = text.replace(f"g (float[N, S, {H}] x)", f"g (float[N, S, {H}] x, float eps)")
-    assert_refused(text, inits, "epsilon is not a scalar constant")
+    assert_refused(PASS, text, inits, "epsilon is not a scalar constant")
 
 
 def test_fuse_rms_norm_rejects_vector_epsilon():
     text, inits = rms_model()
     inits["eps"] = np.full(H, 1e-6, np.float32)
-    assert_refused(text, inits, "epsilon is not a scalar constant")
+    assert_refused(PASS, text, inits, "epsilon is not a scalar constant")
 
 
 def test_fuse_rms_norm_rejects_reduction_over_other_axis():
     text, inits = rms_model()
     inits["axes"] = np.array([1], np.int64)
-    assert_refused(text.replace(f"float[N, S, {H}]", f"float[N, {H}, {H}]"), inits,
+    assert_refused(PASS, text.replace(f"float[N, S, {H}]", f"float[N, {H}, {H}]"), inits,
                    "ReduceMean axes [1] are not the last axis only")
 
 
 def test_fuse_rms_norm_rejects_reduction_over_two_axes():
     text, inits = rms_model()
     inits["axes"] = np.array([-2, -1], np.int64)
-    assert_refused(text, inits, "are not the last axis only")
+    assert_refused(PASS, text, inits, "are not the last axis only")
 
 
 def test_fuse_rms_norm_rejects_dynamic_hidden_size():
     text, inits = rms_model(weight="none")
-    assert_refused(text.replace(f"N, S, {H}]", "N, S, H]"), inits, "hidden size (last dim H) is not static")
+    assert_refused(PASS, text.replace(f"N, S, {H}]", "N, S, H]"), inits, "hidden size (last dim H) is not static")
 
 
 def test_fuse_rms_norm_rejects_per_row_weight():
     text, inits = rms_model(dims="3")
     inits["w"] = np.ones((3, H), np.float32)
     # The normalization alone still fuses; the per-row Mul stays outside.
-    assert_refused(text, inits, "does not broadcast along the last axis only", {"rms-norm-unscaled": 1})
+    assert_refused(PASS, text, inits, "does not broadcast along the last axis only", {"rms-norm-unscaled": 1})
 
 
 def test_fuse_rms_norm_rejects_2d_runtime_weight():
     text, inits = rms_model()
     del inits["w"]
     text = text.replace(f"g (float[N, S, {H}] x)", f"g (float[N, S, {H}] x, float[S, {H}] w)")
-    assert_refused(text, inits, "non-constant weight of shape ('S', 8) is not 1-D of size 8",
+    assert_refused(PASS, text, inits, "non-constant weight of shape ('S', 8) is not 1-D of size 8",
                    {"rms-norm-unscaled": 1})
 
 
@@ -300,14 +284,14 @@ def test_fuse_rms_norm_rejects_narrowing_input_cast():
     inits["w"] = inits["w"].astype(np.float32)
     # The narrowing Cast is refused; without it (x := the fp16 Cast) the fp32 weight Mul is refused too, so only the
     # fp16 normalization fuses and the weight Mul stays outside.
-    assert_refused(text, inits, "the result (FLOAT) is wider than the normalization (FLOAT16)",
+    assert_refused(PASS, text, inits, "the result (FLOAT) is wider than the normalization (FLOAT16)",
                    {"rms-norm-unscaled": 1}, np.float16)
 
 
 def test_fuse_rms_norm_rejects_intermediate_used_elsewhere():
     text, inits = rms_model()
     text = text.replace(f"=> (float[N, S, {H}] y)", f"=> (float[N, S, {H}] y, float[N, S, 1] s)")
-    assert_refused(text, inits, "intermediate value 's' is a graph output")
+    assert_refused(PASS, text, inits, "intermediate value 's' is a graph output")
 
 
 # ------------------------------------------------------------------------------------------------ property
@@ -327,20 +311,9 @@ def rms_cases(draw):
 @given(rms_cases(), st.sampled_from([None, None, None, "eps", "axes"]))
 def test_fuse_rms_norm_property(kw, broken):
     """Verifier, numbers, idempotence; fires exactly once, or never when epsilon is a vector or the axis not last."""
-    text, inits = rms_model(**kw)
-    if broken == "eps":
-        inits["eps"] = np.full(H, inits["eps"], inits["eps"].dtype)
-    elif broken == "axes":
-        inits["axes"] = np.array([0], np.int64)
-        text = text.replace("ReduceMean<axes=[-1], keepdims=1>", "ReduceMean<axes=[0], keepdims=1>")
-    proto = parse_proto(text, inits)
-    model, counts = fused(text, inits)
-    assert sum(counts.values()) == (0 if broken else 1), (kw, broken, counts)
-    assert ("ReduceMean" in op_types(model)) == bool(broken)
-    assert_valid(model, proto)
-    assert_same_outputs(proto, model, dims={"N": 2, "S": 3, "B": 2},
-                        precision=np.float16 if kw["dtype"] == "float16" else None)
-    assert_unchanged_by(model, "fuse-rms-norm")
+    text, inits = break_norm(*rms_model(**kw), broken, H)
+    check_fusion(text, inits, FUSE, PASS, fires=not broken, removed_op="ReduceMean",
+                 dims={"N": 2, "S": 3, "B": 2}, precision=np.float16 if kw["dtype"] == "float16" else None)
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
