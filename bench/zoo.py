@@ -1,0 +1,856 @@
+#!/usr/bin/env python
+"""Model-zoo sweep: how onnxc generalizes beyond the fixtures.
+
+Builds tiny random-weight Hugging Face models (hidden 64, 4 heads, head_dim 16, 2 layers, vocab 128; from config,
+never from_pretrained) for many architectures and graph variants, exports each with both exporters (TorchScript,
+opset 17, and dynamo, opset 18; the export code of fixtures/generate.py), with and without a KV cache for decoders,
+checks the export against PyTorch on one shape other than the export example, then compiles each export with
+`onnxc.compile(path, 2, "cpu")` and `onnxc.compile(path, 3, "cuda")` (both verify numerically on onnxruntime's CPU
+execution provider). Every export group (one architecture) and every compile runs in its own child process with a
+time limit, so a crash, hang or exporter failure is recorded and the sweep goes on.
+
+The table gives, per export: nodes before -> after at -O2 cpu and -O3 cuda, the fused ops -O2 emits, the Softmax
+nodes left, the verification outcome of both compiles, and the first line of any error (with the onnxc source line
+it came from) or the fusion passes' refusal notes. Where attention, a norm or a GELU is left unfused, the child
+replays the pipeline up to the fusion pass and asks the pass's rules why each leftover site does not match
+(the fuse-gqa notes of the compile report; fuse-attention, fuse-layer-norm, fuse-rms-norm and fuse-gelu rules
+matched at the site, as `onnxc compile --explain` does).
+
+    python bench/zoo.py                       # everything: exports (cached) + compiles, table + bench/out/zoo/zoo.md
+    python bench/zoo.py --only 'gemma*,bert*' # a glob (comma list) on architecture or export names
+    python bench/zoo.py --list                # the architectures and exports
+    python bench/zoo.py --jobs 2 --no-doc     # two architectures at a time; print only
+    python bench/zoo.py --report-only         # re-render the table from the saved results
+
+Exports land in bench/out/zoo/<export>/model.onnx (with meta.json: config, export check, failure) and are reused
+on later runs unless --fresh; compiles always run again (results in result-O2-cpu.json / result-O3-cuda.json).
+Needs torch and transformers (pip install -e '.[fixtures]').
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out" / "zoo"
+COMPILES = ((2, "cpu"), (3, "cuda"))
+FUSED = {"GroupQueryAttention": "GQA", "Attention": "Attn", "MultiHeadAttention": "MHA",
+         "SkipSimplifiedLayerNormalization": "SkipSLN", "SkipLayerNormalization": "SkipLN",
+         "SimplifiedLayerNormalization": "SLN", "LayerNormalization": "LN", "BiasGelu": "BiasGelu",
+         "FastGelu": "FastGelu", "Gelu": "Gelu", "EmbedLayerNormalization": "EmbedLN"}
+LEFT = ("Softmax", "ReduceMean", "Erf", "Tanh")   # ops whose survival means an unfused attention / norm / GELU
+
+# ---------------------------------------------------------------------------------------------------- the zoo
+V, H, N, KV, HD, L, FF, P = 128, 64, 4, 2, 16, 2, 128, 128   # vocab, hidden, heads, kv heads, head dim, ...
+
+
+def _dec(**kw: Any) -> dict[str, Any]:
+    """The llama-style config keys most decoders share, with overrides."""
+    cfg = {"vocab_size": V, "hidden_size": H, "intermediate_size": FF, "num_hidden_layers": L,
+           "num_attention_heads": N, "num_key_value_heads": KV, "head_dim": HD, "max_position_embeddings": P,
+           "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "attention_dropout": 0.0,
+           "tie_word_embeddings": False}
+    cfg.update(kw)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def _enc(**kw: Any) -> dict[str, Any]:
+    cfg = {"vocab_size": V, "hidden_size": H, "num_hidden_layers": L, "num_attention_heads": N,
+           "intermediate_size": FF, "max_position_embeddings": P, "pad_token_id": 0, "hidden_dropout_prob": 0.0,
+           "attention_probs_dropout_prob": 0.0}
+    cfg.update(kw)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+@dataclass
+class Arch:
+    name: str
+    kind: str                           # "decoder" or "encoder"
+    config_cls: str
+    model_cls: str
+    config: dict[str, Any]
+    attn: str = "sdpa"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    notes: str = ""
+    exporters: tuple[str, ...] = ("ts", "dynamo")
+    opsets: dict[str, int] = field(default_factory=dict)   # exporter -> opset (default 17 / 18)
+    dtype: str = "float32"
+    static: bool = False                # batch 1, every dim fixed
+    pasts: tuple[bool, ...] | None = None
+
+
+@dataclass
+class Export:
+    arch: Arch
+    exporter: str
+    past: bool
+
+    @property
+    def opset(self) -> int:
+        return self.arch.opsets.get(self.exporter, 17 if self.exporter == "ts" else 18)
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch.name}_{self.exporter}" + ("_past" if self.past else "")
+
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+             "short_factor": [1.0 + 0.05 * i for i in range(HD // 2)],
+             "long_factor": [1.0 + 0.5 * i for i in range(HD // 2)]}
+_GPT2 = {"vocab_size": V, "n_embd": H, "n_layer": L, "n_head": N, "n_inner": FF, "n_positions": P,
+         "bos_token_id": V - 1, "eos_token_id": V - 1, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+         "tie_word_embeddings": True}
+_BERT = _enc(type_vocab_size=2)
+_NO_POOL = {"add_pooling_layer": False}
+
+ARCHS: list[Arch] = [
+    # decoders
+    Arch("llama3", "decoder", "LlamaConfig", "LlamaForCausalLM", _dec(rope_parameters=_LLAMA3_ROPE),
+         notes="llama3 rope scaling"),
+    Arch("llama_eager", "decoder", "LlamaConfig", "LlamaForCausalLM", _dec(), attn="eager", notes="eager attention"),
+    Arch("mistral", "decoder", "MistralConfig", "MistralForCausalLM", _dec(sliding_window=32),
+         notes="sliding window 32"),
+    Arch("qwen2", "decoder", "Qwen2Config", "Qwen2ForCausalLM", _dec(use_sliding_window=False), notes="qkv bias"),
+    Arch("qwen3", "decoder", "Qwen3Config", "Qwen3ForCausalLM", _dec(use_sliding_window=False, tie_word_embeddings=True),
+         notes="q/k RMSNorm per head"),
+    Arch("phi3_longrope", "decoder", "Phi3Config", "Phi3ForCausalLM",
+         _dec(rope_parameters=_LONGROPE, original_max_position_embeddings=64),
+         notes="packed qkv_proj, longrope scaling"),
+    Arch("gemma", "decoder", "GemmaConfig", "GemmaForCausalLM",
+         _dec(num_key_value_heads=1, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True),
+         notes="MQA, (1 + w) RMSNorm, GeGLU"),
+    Arch("gemma2", "decoder", "Gemma2Config", "Gemma2ForCausalLM",
+         _dec(hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, sliding_window=32,
+              query_pre_attn_scalar=HD, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+              layer_types=["sliding_attention", "full_attention"]),
+         attn="eager", notes="logit softcapping, alternating sliding window, sandwich norms"),
+    Arch("gemma3", "decoder", "Gemma3TextConfig", "Gemma3ForCausalLM",
+         _dec(hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, sliding_window=32,
+              query_pre_attn_scalar=HD, layer_types=["sliding_attention", "full_attention"]),
+         notes="q/k norm, local/global rope bases, sliding window"),
+    Arch("smollm3", "decoder", "SmolLM3Config", "SmolLM3ForCausalLM",
+         _dec(head_dim=None, tie_word_embeddings=True, no_rope_layer_interval=2, use_sliding_window=False),
+         notes="NoPE every 2nd layer"),
+    Arch("granite", "decoder", "GraniteConfig", "GraniteForCausalLM",
+         _dec(head_dim=None, embedding_multiplier=12.0, attention_multiplier=0.2, residual_multiplier=0.22,
+              logits_scaling=8.0), notes="embedding/residual/attention/logit multipliers"),
+    Arch("olmo", "decoder", "OlmoConfig", "OlmoForCausalLM", _dec(head_dim=None, clip_qkv=8.0),
+         notes="non-parametric LayerNorm, clip_qkv"),
+    Arch("olmo2", "decoder", "Olmo2Config", "Olmo2ForCausalLM", _dec(head_dim=None),
+         notes="post-norms, q/k RMSNorm over all heads"),
+    Arch("stablelm", "decoder", "StableLmConfig", "StableLmForCausalLM",
+         _dec(head_dim=None, use_qkv_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                 "partial_rotary_factor": 0.5}),
+         notes="partial rotary 0.5, LayerNorm, qkv bias"),
+    Arch("gpt_neox", "decoder", "GPTNeoXConfig", "GPTNeoXForCausalLM",
+         _dec(head_dim=None, num_key_value_heads=None, use_parallel_residual=True,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+         notes="Pythia: packed qkv, parallel residual, partial rotary 0.5"),
+    Arch("gptj", "decoder", "GPTJConfig", "GPTJForCausalLM",
+         {**{k: _GPT2[k] for k in ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions",
+                                   "resid_pdrop", "embd_pdrop", "attn_pdrop")},
+          "rotary_dim": 8, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False},
+         attn="eager", notes="interleaved rotary (rotary_dim 8), parallel attn+MLP, gelu_new"),
+    Arch("falcon", "decoder", "FalconConfig", "FalconForCausalLM",
+         {"vocab_size": V, "hidden_size": H, "num_hidden_layers": L, "num_attention_heads": N,
+          "max_position_embeddings": P, "bos_token_id": 1, "eos_token_id": 2, "hidden_dropout": 0.0,
+          "attention_dropout": 0.0, "multi_query": True, "parallel_attn": True, "bias": False,
+          "new_decoder_architecture": False, "alibi": False},
+         notes="falcon-7b style: MQA, packed qkv, parallel attn+MLP, exact gelu"),
+    Arch("opt", "decoder", "OPTConfig", "OPTForCausalLM",
+         {"vocab_size": V, "hidden_size": H, "num_hidden_layers": L, "num_attention_heads": N, "ffn_dim": FF,
+          "max_position_embeddings": P, "word_embed_proj_dim": H, "do_layer_norm_before": True, "dropout": 0.0,
+          "attention_dropout": 0.0, "pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 2},
+         notes="ReLU, learned positions from the mask cumsum, pre-LayerNorm"),
+    Arch("bloom", "decoder", "BloomConfig", "BloomForCausalLM",
+         {"vocab_size": V, "hidden_size": H, "n_layer": L, "n_head": N, "hidden_dropout": 0.0,
+          "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3},
+         attn="eager", notes="alibi, embedding LayerNorm, packed qkv"),
+    Arch("gpt2_eager", "decoder", "GPT2Config", "GPT2LMHeadModel", dict(_GPT2), attn="eager",
+         notes="eager attention (the fixture is sdpa)"),
+    Arch("gpt2_sdpa", "decoder", "GPT2Config", "GPT2LMHeadModel", dict(_GPT2), notes="as the fixture"),
+    Arch("codegen", "decoder", "CodeGenConfig", "CodeGenForCausalLM",
+         {**{k: _GPT2[k] for k in ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions",
+                                   "resid_pdrop", "embd_pdrop", "attn_pdrop")},
+          "n_ctx": P, "rotary_dim": 8, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False},
+         attn="eager", notes="packed qkv in mp_num blocks, interleaved rotary, parallel attn+MLP"),
+    # variants of llama
+    Arch("llama_fp16", "decoder", "LlamaConfig", "LlamaForCausalLM", _dec(), dtype="float16",
+         notes="model cast to float16 before export"),
+    Arch("llama_static", "decoder", "LlamaConfig", "LlamaForCausalLM", _dec(), static=True,
+         notes="batch 1, every dim static"),
+    Arch("llama_op14", "decoder", "LlamaConfig", "LlamaForCausalLM", _dec(), exporters=("ts",), opsets={"ts": 14},
+         notes="TorchScript opset 14"),
+    Arch("llama_op23", "decoder", "LlamaConfig", "LlamaForCausalLM", _dec(), exporters=("dynamo",),
+         opsets={"dynamo": 23}, notes="dynamo opset 23"),
+    # encoders
+    Arch("bert_eager", "encoder", "BertConfig", "BertModel", dict(_BERT), attn="eager", model_kwargs=_NO_POOL),
+    Arch("bert_sdpa", "encoder", "BertConfig", "BertModel", dict(_BERT), model_kwargs=_NO_POOL, notes="as the fixture"),
+    Arch("bert_op14", "encoder", "BertConfig", "BertModel", dict(_BERT), model_kwargs=_NO_POOL, exporters=("ts",),
+         opsets={"ts": 14}, notes="TorchScript opset 14"),
+    Arch("bert_op23", "encoder", "BertConfig", "BertModel", dict(_BERT), model_kwargs=_NO_POOL,
+         exporters=("dynamo",), opsets={"dynamo": 23}, notes="dynamo opset 23"),
+    Arch("roberta", "encoder", "RobertaConfig", "RobertaModel",
+         _enc(type_vocab_size=1, pad_token_id=1, max_position_embeddings=P + 2), model_kwargs=_NO_POOL,
+         notes="positions from the ids (cumsum of non-pad), one token type"),
+    Arch("xlm_roberta", "encoder", "XLMRobertaConfig", "XLMRobertaModel",
+         _enc(type_vocab_size=1, pad_token_id=1, max_position_embeddings=P + 2), model_kwargs=_NO_POOL),
+    Arch("distilbert", "encoder", "DistilBertConfig", "DistilBertModel",
+         {"vocab_size": V, "dim": H, "n_layers": L, "n_heads": N, "hidden_dim": FF, "max_position_embeddings": P,
+          "dropout": 0.0, "attention_dropout": 0.0, "pad_token_id": 0}, notes="no token types"),
+    Arch("albert", "encoder", "AlbertConfig", "AlbertModel", _enc(type_vocab_size=2, embedding_size=32),
+         model_kwargs=_NO_POOL, notes="factorized embedding (32 -> 64), shared layers, gelu_new"),
+    Arch("electra", "encoder", "ElectraConfig", "ElectraModel", _enc(type_vocab_size=2, embedding_size=32),
+         notes="embeddings_project 32 -> 64"),
+    Arch("deberta_v2", "encoder", "DebertaV2Config", "DebertaV2Model",
+         _enc(type_vocab_size=0, relative_attention=True, position_buckets=32, max_relative_positions=-1,
+              pos_att_type=["p2c", "c2p"], position_biased_input=False, norm_rel_ebd="layer_norm", share_att_key=True),
+         attn="eager", notes="disentangled relative attention"),
+    Arch("modernbert", "encoder", "ModernBertConfig", "ModernBertModel",
+         {"vocab_size": V, "hidden_size": H, "intermediate_size": FF, "num_hidden_layers": L,
+          "num_attention_heads": N, "max_position_embeddings": P, "pad_token_id": 0, "bos_token_id": 1,
+          "eos_token_id": 2, "cls_token_id": 1, "sep_token_id": 2, "local_attention": 8,
+          "layer_types": ["full_attention", "sliding_attention"]},
+         notes="rotary, GeGLU, bias-free LayerNorm, local attention window 8"),
+    Arch("mpnet", "encoder", "MPNetConfig", "MPNetModel", _enc(relative_attention_num_buckets=32, pad_token_id=1,
+                                                             max_position_embeddings=P + 2),
+         model_kwargs=_NO_POOL, notes="relative position bias, no token types"),
+]
+ARCH_BY_NAME = {a.name: a for a in ARCHS}
+
+
+def exports_of(a: Arch) -> list[Export]:
+    pasts = a.pasts or ((False, True) if a.kind == "decoder" else (False,))
+    return [Export(a, e, p) for e in a.exporters for p in pasts]
+
+
+def select(only: str | None) -> list[Export]:
+    every = [x for a in ARCHS for x in exports_of(a)]
+    if not only:
+        return every
+    pats = [p.strip() for p in only.split(",") if p.strip()]
+    return [x for x in every if any(fnmatch.fnmatchcase(x.name, p) or fnmatch.fnmatchcase(x.arch.name, p)
+                                    for p in pats)]
+
+
+# ---------------------------------------------------------------------------------------------------- export child
+def _export_child(arch_name: str, names: list[str], fresh: bool, per_export_s: int) -> int:
+    """Build one architecture and write each requested export's model.onnx + meta.json (failures in meta.json)."""
+    sys.path.insert(0, str(ROOT / "fixtures"))
+    import generate as gen
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    a = ARCH_BY_NAME[arch_name]
+    todo = [x for x in exports_of(a) if x.name in names
+            and (fresh or not (OUT / x.name / "meta.json").exists())]
+    if not todo:
+        return 0
+    dtype = torch.float16 if a.dtype == "float16" else torch.float32
+    state: dict[str, Any] = {}
+
+    def build() -> None:
+        cfg = getattr(transformers, a.config_cls)(**a.config)
+        cfg._attn_implementation = a.attn
+        cfg.use_cache = True
+        torch.manual_seed(gen.SEED)
+        model = getattr(transformers, a.model_cls)(cfg, **a.model_kwargs)
+        try:
+            gen.randomize_weights(model, gen.SEED)
+        except RuntimeError:
+            _randomize_any(model, gen.SEED)
+        if getattr(cfg, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+            model.tie_weights()
+        model.eval().to(dtype)
+        state.update(cfg=cfg, model=model)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"export took longer than {per_export_s} s")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    for x in todo:
+        d = OUT / x.name
+        d.mkdir(parents=True, exist_ok=True)
+        for stale in ("model.onnx", "meta.json"):
+            (d / stale).unlink(missing_ok=True)
+        meta: dict[str, Any] = {"export": x.name, "arch": a.name, "kind": a.kind, "exporter": x.exporter,
+                                "opset": x.opset, "past": x.past, "dtype": a.dtype, "static": a.static,
+                                "attn": a.attn, "hf_class": a.model_cls, "notes": a.notes,
+                                "versions": {"torch": torch.__version__.split("+")[0],
+                                             "transformers": transformers.__version__}}
+        stage = "build"
+        t0 = time.time()
+        signal.alarm(per_export_s)
+        try:
+            if "model" not in state:
+                build()
+            model, cfg = state["model"], state["cfg"]
+            stage = "probe"
+            io = _io(a, model, cfg, x.past)
+            meta["io"] = {k: v for k, v in io.items() if k != "wrap"}
+            stage = "export"
+            wrapper = io["wrap"](model)
+            spec = _spec(gen, a, io, x.past)
+            shp = (1, 3, 4) if a.static else (2, 3, 4) if x.past else (2, 5, 0)
+            args = _inputs(gen, a, io, *shp, x.past, dtype, seed=3)
+            if x.exporter == "ts":
+                proto = gen.export_torchscript(wrapper, args, spec, x.opset)
+            else:
+                with gen.quiet(), torch.no_grad():
+                    proto = torch.onnx.export(wrapper, tuple(args), dynamo=True, opset_version=x.opset,
+                                              dynamic_shapes=None if a.static else _dynamic(a, io, x.past),
+                                              input_names=spec.input_names, output_names=spec.output_names,
+                                              optimize=True, verbose=False).model_proto
+            stage = "finalize"
+            proto = gen.finalize(proto, spec)
+            gen.check_symbolic(proto, spec)
+            data = proto.SerializeToString(deterministic=True)
+            meta["export_seconds"] = round(time.time() - t0, 1)
+            stage = "check"
+            chk = (1, 3, 4) if a.static else (2, 2, 5) if x.past else (2, 6, 0)
+            args = _inputs(gen, a, io, *chk, x.past, dtype, seed=7)
+            with torch.no_grad():
+                ref = wrapper(*args)
+            ref = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.intra_op_num_threads = 1
+            sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+            feeds = {n: t.numpy() for n, t in zip(spec.input_names, gen.flatten_args(args))}
+            got = sess.run(spec.output_names, feeds)
+            worst = 0.0
+            for r, g in zip(ref, got):
+                r, g = r.float().numpy(), g.astype(np.float32)
+                if r.shape != g.shape:
+                    raise AssertionError(f"shape {g.shape} != torch {r.shape}")
+                worst = max(worst, float(np.max(np.abs(r - g)) / max(1e-6, float(np.max(np.abs(r))))))
+            tol = 2e-2 if a.dtype == "float16" else 1e-4
+            meta["check"] = {"shape": chk, "max_rel": worst, "ok": worst <= tol}
+            (d / "model.onnx").write_bytes(data)
+            hist = gen.op_histogram(proto)
+            meta.update(nodes=sum(hist.values()), ops=hist)
+        except BaseException as exc:  # noqa: BLE001 - every failure is the sweep's data
+            meta["failed"] = {"stage": stage, "error": f"{type(exc).__name__}: {_first(exc)}",
+                              "where": _where(exc, ("transformers", "torch"))}
+        finally:
+            signal.alarm(0)
+        meta["seconds"] = round(time.time() - t0, 1)
+        (d / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+        print(f"  exported {x.name}: " + (f"FAILED at {meta['failed']['stage']}: {meta['failed']['error']}"
+                                          if "failed" in meta else f"{meta['nodes']} nodes, {meta['seconds']} s"),
+              flush=True)
+    return 0
+
+
+def _randomize_any(model: Any, seed: int) -> None:
+    """Fallback init for modules fixtures/generate.py does not know: the same scales, by parameter shape and name."""
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mname, module in model.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                r = torch.randn(p.shape, generator=g)
+                if "Norm" in type(module).__name__ and pname == "weight":
+                    p.copy_(0.1 * r + (0.0 if bool((p == 0).all()) else 1.0))
+                elif p.dim() >= 2:
+                    p.copy_(r if "embed" in (mname + pname).lower() else r / math.sqrt(p.shape[-1]))
+                else:
+                    p.copy_(0.1 * r)
+
+
+def _io(a: Arch, model: Any, cfg: Any, past: bool) -> dict[str, Any]:
+    """Which inputs the model takes and its cache geometry (read from one forward pass, not from the config)."""
+    import inspect
+
+    import torch
+
+    params = inspect.signature(model.forward).parameters
+    io: dict[str, Any] = {}
+    if a.kind == "encoder":
+        io["token_types"] = "token_type_ids" in params and (getattr(cfg, "type_vocab_size", 0) or 0) >= 2
+    else:
+        io["positions"] = "position_ids" in params
+        if past:
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([[3, 4]]), use_cache=True)
+            shapes = {tuple(layer.keys.shape[1::2]) for layer in out.past_key_values.layers}
+            if len(shapes) != 1:
+                raise RuntimeError(f"cache layers differ in shape: {sorted(shapes)}")
+            (io["kv_heads"], io["head_dim"]), = shapes
+            io["cache_layers"] = len(out.past_key_values.layers)
+    io["wrap"] = _wrapper(a.kind, io, past)
+    return io
+
+
+def _wrapper(kind: str, io: dict[str, Any], past: bool) -> Any:
+    """fixtures/generate.py's wrappers where the signature is the fixtures' one; smaller ones otherwise."""
+    sys.path.insert(0, str(ROOT / "fixtures"))
+    import generate as gen
+    import torch
+    import transformers
+    from torch import nn
+
+    if kind == "encoder":
+        if io["token_types"]:
+            return gen.Encoder
+
+        class EncoderNoTypes(nn.Module):
+            def __init__(self, model: nn.Module):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+                return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+        return EncoderNoTypes
+    n_layers = io.get("cache_layers", 0)
+    if io["positions"]:
+        return (lambda m: gen.DecoderWithPast(m, n_layers)) if past else gen.DecoderNoPast
+
+    class DecoderNoPositions(nn.Module):
+        def __init__(self, model: nn.Module):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    class DecoderNoPositionsWithPast(DecoderNoPositions):
+        def forward(self, input_ids, attention_mask, past_key_values: list[torch.Tensor]):  # type: ignore[override]
+            cache = transformers.DynamicCache([(past_key_values[2 * i], past_key_values[2 * i + 1])
+                                               for i in range(n_layers)])
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                             use_cache=True)
+            return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
+
+    return DecoderNoPositionsWithPast if past else DecoderNoPositions
+
+
+def _dropped(a: Arch, io: dict[str, Any]) -> set[str]:
+    if a.kind == "encoder":
+        return set() if io["token_types"] else {"token_type_ids"}
+    return set() if io["positions"] else {"position_ids"}
+
+
+def _spec(gen: Any, a: Arch, io: dict[str, Any], past: bool) -> Any:
+    spec = gen.io_spec(a.kind, io.get("cache_layers", 0), past)
+    drop = _dropped(a, io)
+    axes = {} if a.static else {k: v for k, v in spec.axes.items() if k not in drop}
+    return gen.IOSpec([n for n in spec.input_names if n not in drop], spec.output_names, axes)
+
+
+def _inputs(gen: Any, a: Arch, io: dict[str, Any], batch: int, seq: int, past_len: int, past: bool, dtype: Any,
+            seed: int) -> list[Any]:
+    cfg_sum = {"vocab": V, "num_layers": io.get("cache_layers", 0), "num_kv_heads": io.get("kv_heads", 1),
+               "head_dim": io.get("head_dim", 1)}
+    args = gen.make_inputs(a.kind, cfg_sum, batch, seq, past_len if past else None, dtype=dtype, seed=seed)
+    if _dropped(a, io):
+        del args[2]
+    return args
+
+
+def _dynamic(a: Arch, io: dict[str, Any], past: bool) -> tuple[Any, ...]:
+    import torch
+
+    Dim = torch.export.Dim
+    batch = Dim("batch_size", min=1, max=1024)
+    seq = Dim("sequence_length", min=1, max=P if a.kind == "encoder" else 4096)
+    n_plain = 3 - len(_dropped(a, io))
+    shapes: list[Any] = [{0: batch, 1: seq} for _ in range(n_plain)]
+    if past:
+        shapes[1] = {0: batch, 1: Dim.DYNAMIC}   # total = past + seq
+        past_len = Dim("past_sequence_length", min=1, max=4096)
+        shapes.append([{0: batch, 2: past_len} for _ in range(2 * io["cache_layers"])])
+    return tuple(shapes)
+
+
+# ---------------------------------------------------------------------------------------------------- compile child
+def _compile_child(src: str, level: int, target: str, dst: str, result: str) -> int:
+    """One onnxc.compile with verification; on failure the error and its source line, and (when verification
+    failed) the unverified compile's counts; then why leftover attention / norm / GELU sites did not fuse."""
+    import onnxc
+    from onnxc.errors import VerificationError
+
+    res: dict[str, Any] = {"level": level, "target": target}
+    rep = None
+    t0 = time.time()
+    try:
+        rep = onnxc.compile(src, level, target, output=dst).report
+        res["status"] = rep["verification"]["status"]
+        res["max_rel"] = max((o["max_rel"] for s in rep["verification"].get("scenarios", [])
+                              for o in s["outputs"]), default=None)
+    except VerificationError as exc:
+        res.update(status="verify-failed", error=_first(exc, 400))
+        try:
+            rep = onnxc.compile(src, level, target, output=dst, verify=False).report
+        except Exception:  # noqa: BLE001
+            rep = None
+    except Exception as exc:  # noqa: BLE001
+        res.update(status="crash", error=f"{type(exc).__name__}: {_first(exc, 400)}", where=_where(exc))
+    res["seconds"] = round(time.time() - t0, 1)
+    if rep is not None:
+        res.update(nodes_before=rep["nodes_before"], nodes_after=rep["nodes_after"],
+                   ops_after={k.split(".")[-1]: v for k, v in rep["ops_after"].items()
+                              if k.startswith("com.microsoft.") or "." not in k},
+                   notes=rep["notes"], rule_counts=rep["rule_counts"])
+        left = {op: res["ops_after"].get(op, 0) for op in LEFT}
+        if any(left.values()):
+            try:
+                res["diagnosis"] = _diagnose(src, level, target, dst, rep["notes"])
+            except Exception as exc:  # noqa: BLE001
+                res["diagnosis"] = {"error": f"{type(exc).__name__}: {_first(exc)}", "where": _where(exc)}
+    Path(result).write_text(json.dumps(res, indent=1, default=str) + "\n")
+    return 0
+
+
+def _diagnose(src: str, level: int, target: str, compiled: str, notes: list[str]) -> dict[str, Any]:
+    """Replay the pipeline up to each fusion pass and ask its rules why each leftover site does not match.
+
+    Leftover sites are the compiled model's Softmax (attention), ReduceMean (norms) and Erf/Tanh (GELU) nodes, found
+    by name in the replayed graph. A site's reason is a failed check if any rule got that far, else the most common
+    structural mismatch over the rules and nearby root nodes."""
+    import onnx
+    import onnx_ir as ir
+    from onnxc import driver, pipeline
+    from onnxc import ir as irio
+    from onnxc import pass_manager as pm
+    from onnxc import rules as _rules
+
+    class _Deepest(_rules._Matcher):  # type: ignore[name-defined,misc]
+        """The engine's matcher, remembered so the depth of its best failure can be read after a match."""
+        last: Any = None
+
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            _Deepest.last = self
+
+    _rules._Matcher = _Deepest   # this child process only
+    out = onnx.load(compiled, load_external_data=False)
+    left: dict[str, set[str]] = {op: {n.name for n in out.graph.node if n.op_type == op and n.domain in ("", "ai.onnx")}
+                                 for op in LEFT}
+    model = irio.load(src)
+    driver.check_input(model)
+    ctx = pm.PassContext(level=level, target=target)
+    chosen = pm.flatten(pipeline.build_pipeline(ctx))
+    passes = pm.registered_passes()
+    diag: dict[str, Any] = {}
+
+    def sites(graph: ir.Graph, ops: tuple[str, ...]) -> list[ir.Node]:
+        named = [n for n in graph if n.op_type in ops and n.domain == "" and n.name in left[n.op_type]]
+        return named or [n for n in graph if n.op_type in ops and n.domain == ""
+                         and any(left[o] for o in ops)]
+
+    def why(graph: ir.Graph, seeds: list[ir.Node], rules: list[Any], hops: int) -> Counter[str]:
+        """Per seed, the failure of the rule and nearby root that got furthest (most pattern nodes bound)."""
+        opset = model.opset_imports.get("", 21)
+        positions = {id(n): i for i, n in enumerate(graph)}
+        reasons: Counter[str] = Counter()
+        for seed in seeds:
+            near, frontier = [seed], [seed]
+            for _ in range(hops):
+                frontier = [u.node for n in frontier for o in n.outputs for u in o.uses()]
+                near += frontier
+            best: tuple[int, str] = (-2, "no candidate root nearby")
+            for rule in rules:
+                for node in dict.fromkeys(near):
+                    if (node.domain, node.op_type) != rule.root_op:
+                        continue
+                    _Deepest.last = None
+                    m = rule.match(graph, node, opset, positions)
+                    depth = _Deepest.last.best[0] if _Deepest.last is not None else -1
+                    text = (f"{rule.name}: {m}" if type(m).__name__ == "Failure" else
+                            f"{rule.name}: matches here (another rule or pass consumed the site first?)")
+                    if type(m).__name__ != "Failure":
+                        depth = 1 << 31
+                    if depth > best[0]:
+                        best = (depth, text)
+            reasons[best[1]] += 1
+        return reasons
+
+    ran = 0
+    for stop in ("fuse-layer-norm", "fuse-gelu", "fuse-attention"):
+        while ran < len(chosen) and chosen[ran].name != stop:
+            pm.PassManager([chosen[ran]]).run(model, ctx)
+            ran += 1
+        if ran == len(chosen):
+            break
+        g = model.graph
+        if stop == "fuse-layer-norm" and any(left["ReduceMean"]):
+            rules = [*passes["fuse-layer-norm"].rules(), *passes["fuse-rms-norm"].rules()]
+            diag["norm"] = dict(why(g, sites(g, ("ReduceMean",)), rules, 6))
+        elif stop == "fuse-gelu" and (left["Erf"] or left["Tanh"]):
+            diag["gelu"] = dict(why(g, sites(g, ("Erf", "Tanh")), list(passes["fuse-gelu"].rules()), 4))
+        elif stop == "fuse-attention" and left["Softmax"]:
+            from onnxc.passes import fuse_attention as fa
+            from onnxc.rules import apply_rules
+
+            gqa = {n.split(" not fused: ")[0].split(" at ")[-1]: n.split(" not fused: ")[-1]
+                   for n in notes if n.startswith("fuse-gqa: attention at ")}
+            attn: Counter[str] = Counter()
+            gqa_reasons: Counter[str] = Counter()
+            prepared = model.clone() if hasattr(model, "clone") else model
+            apply_rules(prepared, getattr(fa, "PREPARE", []))
+            pg = prepared.graph
+            for sm in sites(pg, ("Softmax",)):
+                if sm.name in gqa:
+                    gqa_reasons[gqa[sm.name]] += 1
+                attn.update(why(pg, [sm], list(getattr(fa, "RULES", [])), 3))
+            diag["attention"] = {"fuse-gqa": dict(gqa_reasons), "fuse-attention": dict(attn)}
+        pm.PassManager([chosen[ran]]).run(model, ctx)
+        ran += 1
+    return diag
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _first(exc: BaseException, limit: int = 300) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
+def _where(exc: BaseException, packages: tuple[str, ...] = ()) -> str:
+    """The innermost frame of the original exception (the end of the `__cause__` chain) in this repository's
+    compiler/ or passes/, or with `packages`, in a site-packages package of that name."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    best = ""
+    for f in traceback.extract_tb(exc.__traceback__):
+        path = Path(f.filename).resolve()
+        if packages:
+            parts = path.parts
+            hit = next((parts.index(p) for p in packages if p in parts and "site-packages" in parts), None)
+            rel = "/".join(parts[hit:]) if hit is not None else None
+        else:
+            rel = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) and path.parts[len(ROOT.parts)] in (
+                "compiler", "passes") else None
+        if rel:
+            best = f"{rel}:{f.lineno} in {f.name}"
+    return best
+
+
+def _run(cmd: list[str], timeout: int, log: Path) -> tuple[int | None, str]:
+    """A child in its own process group, killed (with its children) past `timeout`; returns (rc or None, tail)."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        try:
+            rc: int | None = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+    tail = log.read_text(errors="replace").strip().splitlines()
+    return rc, (tail[-1] if tail else "")
+
+
+# ---------------------------------------------------------------------------------------------------- sweep
+def sweep_arch(a: Arch, xs: list[Export], args: argparse.Namespace) -> None:
+    names = [x.name for x in xs]
+    OUT.mkdir(parents=True, exist_ok=True)
+    need = [x for x in xs if args.fresh or not (OUT / x.name / "meta.json").exists()]
+    if need:
+        t0 = time.time()
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child-export", a.name, ",".join(names),
+               "--export-timeout", str(args.export_timeout)] + (["--fresh"] if args.fresh else [])
+        rc, tail = _run(cmd, args.export_timeout * len(need) + 120, OUT / f"{a.name}.export.log")
+        print(f"[{a.name}] exports: rc={rc} in {time.time() - t0:.0f} s", flush=True)
+        for x in need:
+            meta = OUT / x.name / "meta.json"
+            if not meta.exists():
+                (OUT / x.name).mkdir(parents=True, exist_ok=True)
+                why = "timed out" if rc is None else f"export child exited with {rc}: {tail[:300]}"
+                meta.write_text(json.dumps({"export": x.name, "arch": a.name, "exporter": x.exporter, "past": x.past,
+                                            "opset": x.opset, "failed": {"stage": "child", "error": why}}) + "\n")
+    for x in xs:
+        d = OUT / x.name
+        meta = json.loads((d / "meta.json").read_text())
+        for level, target in COMPILES:
+            res_path = d / f"result-O{level}-{target}.json"
+            res_path.unlink(missing_ok=True)
+            if "failed" in meta:
+                continue
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child-compile", str(d / "model.onnx"),
+                   str(level), target, str(d / f"O{level}-{target}.onnx"), str(res_path)]
+            t0 = time.time()
+            rc, tail = _run(cmd, args.compile_timeout, d / f"O{level}-{target}.log")
+            if not res_path.exists():
+                status = "timeout" if rc is None else "child-crash"
+                res_path.write_text(json.dumps({"level": level, "target": target, "status": status,
+                                                "error": f"child rc={rc}: {tail[:300]}"}) + "\n")
+            r = json.loads(res_path.read_text())
+            print(f"[{x.name}] -O{level} {target}: {r['status']} ({time.time() - t0:.0f} s)"
+                  + (f" {r.get('error', '')[:160]}" if r.get("error") else ""), flush=True)
+
+
+def load_results(xs: list[Export]) -> list[dict[str, Any]]:
+    rows = []
+    for x in xs:
+        d = OUT / x.name
+        if not (d / "meta.json").exists():
+            continue
+        row = {"export": x, "meta": json.loads((d / "meta.json").read_text())}
+        for level, target in COMPILES:
+            p = d / f"result-O{level}-{target}.json"
+            row[(level, target)] = json.loads(p.read_text()) if p.exists() else None
+        rows.append(row)
+    return rows
+
+
+def _fused(r: dict[str, Any] | None) -> str:
+    if not r or "ops_after" not in r:
+        return ""
+    return " ".join(f"{short} {r['ops_after'][op]}" for op, short in FUSED.items() if r["ops_after"].get(op))
+
+
+def _refusals(r: dict[str, Any] | None, limit: int = 2) -> list[str]:
+    """The most frequent refusal lines of one compile: fuse-gqa notes first, then rule diagnoses."""
+    if not r:
+        return []
+    out: list[str] = []
+    d = r.get("diagnosis") or {}
+    if "error" in d:
+        out.append(f"(diagnosis failed: {d['error']})")
+    att = d.get("attention", {})
+    for src in ("fuse-gqa", "fuse-attention"):
+        for why, n in sorted(att.get(src, {}).items(), key=lambda kv: -kv[1])[:limit]:
+            out.append(f"attn x{n}: {why if src == 'fuse-attention' else 'fuse-gqa: ' + why}")
+        if att.get("fuse-gqa") and src == "fuse-gqa":
+            break   # the GQA note is the relevant one when the pass tried
+    for key in ("norm", "gelu"):
+        for why, n in sorted(d.get(key, {}).items(), key=lambda kv: -kv[1])[:limit]:
+            out.append(f"{key} x{n}: {why}")
+    return out
+
+
+def render(rows: list[dict[str, Any]], *, full: bool = True) -> str:
+    lines = [("| export | opset | nodes | -O2 cpu | -O3 cuda | fused at -O2 cpu | Softmax left "
+              "| left (ReduceMean/Erf/Tanh) | verify -O2 / -O3 | error or refusal |"),
+             "|---|---:|---:|---:|---:|---|---:|---|---|---|"]
+    for row in rows:
+        x, meta = row["export"], row["meta"]
+        if "failed" in meta:
+            f = meta["failed"]
+            lines.append(f"| {x.name} | {x.opset} | | | | | | | export failed ({f['stage']}) | "
+                         f"{_cell(f['error'], 160)} |")
+            continue
+        o2, o3 = row[(2, "cpu")], row[(3, "cuda")]
+        after = [str(r.get("nodes_after", "")) if r else "" for r in (o2, o3)]
+        ops = (o2 or {}).get("ops_after", {})
+        leftover = "/".join(str(ops.get(op, 0)) for op in LEFT[1:]) if ops else ""
+        f3 = _fused(o3)
+        fused = _fused(o2) + (f" (-O3: {f3})" if f3 != _fused(o2) and f3 else "")
+        status = " / ".join(_status(r) for r in (o2, o3))
+        chk = meta.get("check", {})
+        notes = []
+        if chk and not chk.get("ok"):
+            notes.append(f"export != torch (rel {chk['max_rel']:.1e})")
+        for r, tag in ((o2, "-O2"), (o3, "-O3")):
+            if r and r.get("error"):
+                notes.append(f"{tag}: {r['error'][:200]}" + (f" @ {r['where']}" if r.get("where") else ""))
+        notes += _refusals(o2 or o3) if full else []
+        lines.append(f"| {x.name} | {x.opset} | {meta.get('nodes', '')} | {after[0]} | {after[1]} | {fused} | "
+                     f"{ops.get('Softmax', 0) if ops else ''} | {leftover} | {status} | "
+                     f"{_cell('; '.join(notes), 600)} |")
+    return "\n".join(lines)
+
+
+def _status(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "-"
+    s = r["status"]
+    return {"passed": "ok", "verify-failed": "**FAIL**", "crash": "**CRASH**", "timeout": "**TIMEOUT**",
+            "child-crash": "**CHILD CRASH**"}.get(s, s)
+
+
+def _cell(s: str, limit: int) -> str:
+    s = s.replace("|", "\\|").replace("\n", " ")
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    n = len(rows)
+    failed = [r for r in rows if "failed" in r["meta"]]
+    compiled = [r for r in rows if "failed" not in r["meta"]]
+    count = Counter(_status(r[c]) for r in compiled for c in COMPILES)
+    unfused = [r["export"].name for r in compiled if ((r[(2, "cpu")] or {}).get("ops_after") or {}).get("Softmax")]
+    return (f"{n} exports: {len(failed)} export failures, {len(compiled)} compiled twice; compile outcomes "
+            + ", ".join(f"{k} {v}" for k, v in sorted(count.items())) + f"; Softmax left at -O2 in {len(unfused)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help="comma-separated globs on architecture or export names (e.g. 'gemma*,bert_*_ts')")
+    ap.add_argument("--jobs", type=int, default=1, help="architectures processed at once (default 1)")
+    ap.add_argument("--fresh", action="store_true", help="export again even where bench/out/zoo has the export")
+    ap.add_argument("--no-doc", action="store_true", help="print only; do not write the markdown report")
+    ap.add_argument("--doc", type=Path, default=OUT / "zoo.md", help="markdown report (default bench/out/zoo/zoo.md)")
+    ap.add_argument("--list", action="store_true", help="list the exports and exit")
+    ap.add_argument("--report-only", action="store_true", help="render the saved results; run nothing")
+    ap.add_argument("--compile-timeout", type=int, default=300, help="seconds per compile (default 300)")
+    ap.add_argument("--export-timeout", type=int, default=300, help="seconds per export (default 300)")
+    ap.add_argument("--child-export", nargs=2, metavar=("ARCH", "EXPORTS"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-compile", nargs=5, metavar=("SRC", "LEVEL", "TARGET", "DST", "JSON"),
+                    help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child_export:
+        return _export_child(args.child_export[0], args.child_export[1].split(","), args.fresh, args.export_timeout)
+    if args.child_compile:
+        src, level, target, dst, res = args.child_compile
+        return _compile_child(src, int(level), target, dst, res)
+
+    xs = select(args.only)
+    if not xs:
+        ap.error(f"--only {args.only!r} matches nothing (see --list)")
+    if args.list:
+        for x in xs:
+            print(f"{x.name:32} opset {x.opset:2}  {x.arch.model_cls} ({x.arch.attn}, {x.arch.dtype}"
+                  + (", static" if x.arch.static else "") + f")  {x.arch.notes}")
+        return 0
+    started = time.time()
+    if not args.report_only:
+        groups: dict[str, list[Export]] = {}
+        for x in xs:
+            groups.setdefault(x.arch.name, []).append(x)
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for fut in [pool.submit(sweep_arch, ARCH_BY_NAME[k], v, args) for k, v in groups.items()]:
+                fut.result()
+    rows = load_results(xs)
+    table = render(rows)
+    text = summary(rows)
+    print()
+    print(table)
+    print()
+    print(text + (f" ({time.time() - started:.0f} s)" if not args.report_only else ""))
+    if not args.no_doc:
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+        dirty = subprocess.run([*git, "status", "--short", "--untracked-files=no"], capture_output=True, text=True,
+                               check=False).stdout.split()
+        doc = [f"# onnxc model-zoo sweep ({time.strftime('%Y-%m-%d %H:%M')}, onnxc at {head.stdout.strip()}"
+               + (f", {len(dirty) // 2} modified files" if dirty else "") + ")", "", text, "", table, ""]
+        args.doc.parent.mkdir(parents=True, exist_ok=True)
+        args.doc.write_text("\n".join(doc))
+        print(f"wrote {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
