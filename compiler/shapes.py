@@ -233,8 +233,8 @@ def _dim_inputs(v: ir.Value, axis: int, depth: int, memo: dict) -> list[tuple[ir
         allowzero = p.attributes["allowzero"].as_int() if "allowzero" in p.attributes else 0
         found = []
         t = target[axis] if target is not None and len(target) == rank else None
-        if t is not None and dx is not None and axis < len(dx) and (
-                isinstance(t, int) and t == 0 and not allowzero or _known(t) and t == dx[axis]):
+        if isinstance(t, int) and t == 0 and not allowzero or \
+                _known(t) and dx is not None and axis < len(dx) and t == dx[axis]:
             found.append((ins[0], axis))
         src = shape_source(ins[1], axis)
         if src is not None and not (allowzero and t == 0):

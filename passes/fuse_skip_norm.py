@@ -15,9 +15,10 @@ Requires (what ORT's kernels accept, checked on onnxruntime 1.31.1 CPU; docs/ker
   - a, b and s share one static hidden size H (the kernels never broadcast H); g, beta are 1-D of size H; the bias
     is a constant with H elements (made 1-D);
   - skip broadcasts to input: ORT's output has input's shape and reads skip modulo its size, so a skip larger than
-    input silently gives a wrong result. Accepted: the leading dims are proved equal (the same dims, or both values
-    computed row-wise from one value: MatMul by a matrix, elementwise ops with per-channel constants, slices of the
-    last axis, norms), or skip is (1, S, H) / (S, H) under an input (B, S, H). Unprovable sites are refused;
+    input silently gives a wrong result. Accepted: the leading dims are proved equal dim by dim (onnxc.shapes.same_dim:
+    the same name, or producer chains that keep the dim and meet -- elementwise ops, MatMul by a matrix, norms and
+    fused attention, Transpose, Reshape elements that copy a dim or read it from Shape(v), as an attention output's
+    head merge does), or skip is (1, S, H) / (S, H) under an input (B, S, H). Unprovable sites are refused;
   - one dtype for a, b, g, beta, bias and the result;
   - a sum of embedding lookups (Gather of a constant table, e.g. BERT's word + position + token type) is left for
     EmbedLayerNormalization.

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxc.pass_manager import RulePass, register_pass
 from onnxc.rules import Attr, Rule
 from onnxc.shapes import Unknown, dims_of, same_dim, shape_source, sym_value

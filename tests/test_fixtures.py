@@ -105,15 +105,8 @@ def fused(tmp_path_factory):
     return get
 
 
-# TorchScript GPT-2 reshapes the attention projection's Gemm output with a target computed from the attention's
-# internal shapes; the skip-norm fusion cannot prove it row-aligned with the residual, so ln_2 stays unfused.
-_GPT2_TS_GAP = pytest.mark.xfail(strict=True, reason="gpt2 TorchScript: attention-output Reshape target not proven")
-FUSION_ENTRIES = [pytest.param(e, marks=_GPT2_TS_GAP, id=_id(e)) if e["family"] == "gpt2" and e["exporter"] == "ts"
-                  else pytest.param(e, id=_id(e)) for e in ENTRIES]
-
-
 @pytest.mark.parametrize("level, target", [(2, "cpu"), (3, "cuda")])
-@pytest.mark.parametrize("entry", FUSION_ENTRIES)
+@pytest.mark.parametrize("entry", ENTRIES, ids=_id)
 def test_fixture_reaches_full_fusion(entry, level, target, fused):
     report = fused(entry, level, target)
     assert report["verification"]["status"] == "passed", report["verification"]

@@ -242,6 +242,83 @@ def test_fuse_skip_norm_decoder_residual_chain(rows_only):
     assert_unchanged_by(model, "fuse-skip-norm")
 
 
+def merged_heads_text(source: str = "t", fresh: bool = True, bias: bool = True, norm: str = "ln",
+                      dtype: str = "float", residual_first: bool = False) -> tuple[str, dict]:
+    """An attention-style output path: n = norm(x) split into 2 heads of 4, transposed there and back, merged with a
+    target read from Shape(`source`) (TorchScript's Concat(Gather(Shape(t), 0), Gather(Shape(t), 2), -1)), projected,
+    and added to the residual x. With `fresh`, shape inference's names for t and u are unrelated to x's (X0, X1), so
+    only the dims' producers prove the sum's operands share (B, S); source "z" reads an unrelated input's shape."""
+    ln = ("LayerNormalization<axis=-1, epsilon=1e-5>(x, g, beta)" if norm == "ln"
+          else "SimplifiedLayerNormalization<axis=-1, epsilon=1e-6>(x, g)")
+    # n's dims as fuse-rms-norm writes them (ONNX shape inference does not know SimplifiedLayerNormalization)
+    value_info = f" <{dtype}[B, S, {H}] n" + (f", {dtype}[X0, 2, S, 4] t, {dtype}[X1, S, 2, 4] u>" if fresh else ">")
+    lines = [f"n = {ln}", "r = Reshape(n, heads)", "t = Transpose<perm=[0, 2, 1, 3]>(r)",
+             "u = Transpose<perm=[0, 2, 1, 3]>(t)", f"sh = Shape({source})", "b0 = Gather<axis=0>(sh, zero)",
+             f"s0 = Gather<axis=0>(sh, {'two' if source == 't' else 'one'})", "mt = Concat<axis=0>(b0, s0, m1)",
+             "m = Reshape(u, mt)", "o = MatMul(m, w)"]
+    lines += ["ob = Add(o, bias)"] if bias else []
+    proj = "ob" if bias else "o"
+    lines += [f"s = Add(x, {proj})" if residual_first else f"s = Add({proj}, x)", ln.replace("(x,", "(s,").join(
+        ["y = ", ""])]
+    extra = f", {dtype}[M, S, {H}] z" if source == "z" else ""
+    text = (f"{HEADER}\ng ({dtype}[B, S, {H}] x{extra}) => ({dtype}[B, S, {H}] y){value_info} {{\n  "
+            + "\n  ".join(lines) + "\n}")
+    npd = NP[dtype]
+    inits = {"g": G.astype(npd), "beta": BETA.astype(npd), "bias": BIAS.astype(npd),
+             "w": (rng.standard_normal((H, H)) / np.sqrt(H)).astype(npd), "heads": np.array([0, 0, 2, 4], np.int64),
+             "zero": np.array([0], np.int64), "one": np.array([1], np.int64), "two": np.array([2], np.int64),
+             "m1": np.array([-1], np.int64)}
+    return text, inits
+
+
+def test_fuse_skip_norm_proves_rows_through_merged_heads():
+    text, inits = merged_heads_text()
+    model = parse(text, inits)
+    run_passes(model, ["infer-shapes"])
+    o = next(n.outputs[0] for n in model.graph if n.outputs[0].name == "ob")
+    assert dims_of(o)[0] == "X0"   # not B: the proof follows the dims back through the Reshape and Transposes
+    _, counts = check_before_after(text, FUSE, f"""
+    {HEADER}
+    g (float[B, S, {H}] x) => (float[B, S, {H}] y) {{
+      n = LayerNormalization<axis=-1, epsilon=1e-5>(x, g, beta)
+      r = Reshape(n, heads)
+      t = Transpose<perm=[0, 2, 1, 3]>(r)
+      u = Transpose<perm=[0, 2, 1, 3]>(t)
+      sh = Shape(t)
+      b0 = Gather<axis=0>(sh, zero)
+      s0 = Gather<axis=0>(sh, two)
+      mt = Concat<axis=0>(b0, s0, m1)
+      m = Reshape(u, mt)
+      o = MatMul(m, w)
+      y = com.microsoft.SkipLayerNormalization<epsilon=1e-5>(o, x, g, beta, bias)
+    }}""", initializers=inits, expected_initializers={k: v for k, v in inits.items() if k != "one"})
+    assert counts == {"skip-layer-norm-bias": 1}
+
+
+def test_fuse_skip_norm_rejects_merged_heads_sized_by_another_input():
+    # the merge's batch is read from Shape(z) of an unrelated input (M): nothing ties it to x's B
+    text, inits = merged_heads_text(source="z")
+    assert_refused(text, inits, "cannot prove that one operand broadcasts to the other as skip "
+                                "(dims ('B', 'S', 8) and ('M', 'S', 8))")
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from(["t", "u", "n", "z"]), st.booleans(), st.booleans(), st.sampled_from(["ln", "sln"]),
+       st.sampled_from(["float", "float16"]), st.booleans())
+def test_fuse_skip_norm_merged_heads_property(source, fresh, bias, norm, dtype, residual_first):
+    """Fires exactly when the merge target's batch is read from the attention path (t, u or n), whatever the names."""
+    text, inits = merged_heads_text(source, fresh, bias, norm, dtype, residual_first)
+    proto = parse_proto(text, inits)
+    model = parse(text, inits)
+    counts = FUSE(model)
+    rule = ("skip-layer-norm" if norm == "ln" else "skip-simplified-layer-norm") + ("-bias" if bias else "")
+    assert counts == ({} if source == "z" else {rule: 1}), counts
+    assert_valid(model, proto)
+    assert_same_outputs(proto, model, dims={"B": 2, "S": 3, "M": 2},
+                        precision=np.float16 if dtype == "float16" else None)
+    assert_unchanged_by(model, "fuse-skip-norm")
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 def test_fuse_skip_norm_rejects_4d_sum():
     text, inits = skip_model(x_dims=f"N, A, S, {H}")
@@ -389,3 +466,15 @@ def test_fuse_skip_norm_fixture(entry):
     assert all(n.output[1] == n.output[2] == "" for n in exported)
     if entry["kind"] == "decoder" and entry["family"] != "gpt2":     # all but the final norm feed the next residual
         assert len(exported) == len(skips) - 1
+
+
+@pytest.mark.parametrize("name", ["gpt2_ts", "gpt2_ts_past"])
+def test_fuse_skip_norm_gpt2_ts_after_attention(name):
+    # The attention output path keeps exporter Reshape/Transpose whose targets were sized from the unfused attention;
+    # the proof follows each dim to the fused op's query (see merged_heads_text): every residual norm fuses.
+    res = onnxc.compile(ROOT / "models" / f"{name}.onnx", level=2,
+                        passes=f"{O1},fuse-layer-norm,fuse-attention,fuse-embed-layer-norm,fuse-skip-norm,{CLEANUP}")
+    assert res.report["verification"]["status"] == "passed"
+    got = {k.split(":")[1]: v for k, v in res.report["rule_counts"].items() if k.startswith("fuse-skip-norm:")}
+    assert got == {"skip-layer-norm-bias": 4}
+    assert "LayerNormalization" not in res.report["ops_after"]

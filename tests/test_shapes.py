@@ -1,0 +1,85 @@
+"""onnxc.shapes: where an element of a shape vector was read from, and proofs that two dims are equal."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import parse, run_passes
+from onnxc.shapes import same_dim, shape_source
+
+CONSTS = {"zero": np.array([0], np.int64), "one": np.array(1, np.int64), "m1": np.array([-1], np.int64),
+          "m2": np.array(-2, np.int64), "big": np.array([1 << 40], np.int64), "k": np.array([7], np.int64),
+          "two": np.array([2], np.int64)}
+
+
+def values(text: str, inits: dict | None = None, prep=("infer-shapes",)) -> dict:
+    model = parse(text, {**CONSTS, **(inits or {})})
+    run_passes(model, prep)
+    found = {v.name: v for v in model.graph.inputs}
+    found.update({o.name: o for n in model.graph for o in n.outputs})
+    return found
+
+
+SHAPES = """
+g (float[B, S, H, D] x) => (int64[4] t) {
+  sx = Shape(x)
+  tail = Shape<start=-2>(x)
+  b = Gather<axis=0>(sx, zero)
+  s = Gather<axis=0>(sx, one)
+  h = Gather<axis=0>(sx, m2)
+  su = Unsqueeze(s, zero)
+  hc = Cast<to=6>(h)
+  hl = Cast<to=7>(hc)
+  hu = Unsqueeze(hl, zero)
+  sl = Slice(sx, one, big, zero)
+  t = Concat<axis=0>(b, su, hu, k)
+  hf = Cast<to=1>(h)
+}"""
+
+
+@pytest.mark.parametrize("name, i, want", [
+    ("sx", 2, 2), ("tail", 1, 3), ("b", 0, 0), ("s", 0, 1), ("h", 0, 2), ("su", 0, 1), ("hu", 0, 2), ("sl", 0, 1),
+    ("sl", 2, 3), ("t", 0, 0), ("t", 1, 1), ("t", 2, 2),
+])
+def test_shape_source_reads_through_shape_arithmetic(name, i, want):
+    v = values(SHAPES)
+    src = shape_source(v[name], i)
+    assert src is not None and src[0] is v["x"] and src[1] == want
+
+
+@pytest.mark.parametrize("name, i", [("t", 3), ("hf", 0), ("k", 0), ("x", 0), ("sx", -1)])
+def test_shape_source_refuses_what_is_not_a_dim(name, i):
+    # a constant element, a float cast, a graph input, a negative index
+    v = values(SHAPES)
+    assert shape_source(v.get(name), i) is None
+
+
+DIMS = """
+g (float[B, S, 8] x, float[M, S, 8] z, float[1, S, 8] one_row) => (float[B, S, 8] y) <float[X0, 2, S, 4] t> {
+  r = Reshape(x, heads)
+  t = Transpose<perm=[0, 2, 1, 3]>(r)
+  st = Shape(t)
+  b0 = Gather<axis=0>(st, zero)
+  s0 = Gather<axis=0>(st, two)
+  mt = Concat<axis=0>(b0, s0, m1)
+  u = Transpose<perm=[0, 2, 1, 3]>(t)
+  m = Reshape(u, mt)
+  p = Add(m, one_row)
+  q = Add(x, z)
+  y = Relu(p)
+}"""
+
+
+def test_same_dim_through_transpose_and_reshape():
+    v = values(DIMS, {"heads": np.array([0, 0, 2, 4], np.int64)})
+    assert str(v["t"].shape[0]) == "X0"                 # a fresh name: only the producers tie it to x
+    assert same_dim(v["y"], 0, v["x"], 0)              # Relu, Add with a (1, S, 8) row, Reshape, Transposes
+    assert same_dim(v["t"], 2, v["x"], 1)              # the transposed sequence axis
+    assert same_dim(v["m"], 1, v["x"], 1)
+    assert not same_dim(v["t"], 1, v["x"], 1)          # heads, not sequence
+
+
+def test_same_dim_refuses_broadcast_of_unrelated_dims():
+    v = values(DIMS, {"heads": np.array([0, 0, 2, 4], np.int64)})
+    assert not same_dim(v["z"], 0, v["x"], 0)          # M and B: either may be 1
+    assert not same_dim(v["q"], 0, v["x"], 0)          # their broadcast, named afresh
+    assert same_dim(v["q"], 1, v["x"], 1)              # S is S
