@@ -6,8 +6,14 @@ default graph optimizations): LMs -- top-1 agreement and mean cosine of the logi
 embeddings (mean-pooled last hidden state) on random token inputs. All at block size 32 and accuracy_level 4 (ORT's
 HQQ writes float zero points and no accuracy_level).
 
+Peak RSS by phase (onnxc rows, Linux): the process's peak is reset through /proc/self/clear_refs at each phase
+boundary, so each figure is that phase's own high-water mark: `imports` (interpreter + onnxc + onnxruntime),
+`passes` (load and the pipeline, quantization included), `save`; with --verify a second process compiles with
+verification and reports `verify` (the twins and onnxruntime sessions, which scale with the whole model).
+
     python bench/quantize.py                                   # bert, gpt2, llama fixtures + 30-layer llama
     python bench/quantize.py --models bert_ts,llama30 --block-size 64
+    python bench/quantize.py --models llama30 --methods onnxc-rtn --level 2 --verify   # -O2 pipeline, verified
 
 The 30-layer llama (prefill, no KV cache) is generated into bench/out/llama30_prefill when missing (needs torch).
 """
@@ -35,18 +41,50 @@ MODELS = {
 METHODS = ("onnxc-rtn", "onnxc-lsq", "onnxc-lsq-sym", "onnxc-hqq", "ort-rtn-sym", "ort-rtn", "ort-hqq")
 
 
-def job(method: str, src: Path, dst: Path, block: int) -> dict:
-    """Quantize src into dst in this process; returns seconds and peak RSS."""
+class PhasePeaks:
+    """Peak RSS (MiB) of each phase: VmHWM read and reset through /proc/self/clear_refs at every mark (Linux)."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, float] = {}
+        self.ok = self._reset()
+
+    @staticmethod
+    def _reset() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    def mark(self, phase: str) -> None:
+        if self.ok:
+            hwm = next(int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines()
+                       if x.startswith("VmHWM:")) / 1024
+            self.peaks[phase] = max(self.peaks.get(phase, 0.0), hwm)
+            self._reset()
+
+
+def job(method: str, src: Path, dst: Path, block: int, level: int | None = None, verify: bool = False) -> dict:
+    """Quantize src into dst in this process; returns seconds, peak RSS and peak RSS by phase.
+
+    The peak is the largest phase peak (VmHWM), not ru_maxrss: Linux carries the parent's peak RSS over fork and
+    exec into a child's ru_maxrss, so a child of a process that has run the fp32 model in onnxruntime would report
+    that process's peak (ru_maxrss is the fallback where /proc is missing)."""
+    import onnx
+    import onnxc
+    import onnxruntime  # noqa: F401  (imports count in the baseline, as the CLI imports it)
+
+    phases = PhasePeaks()
+    phases.mark("imports")
     t0 = time.perf_counter()
     if method.startswith("onnxc"):
-        import onnxc
-
         algo = method.split("-")[1]
-        onnxc.compile(src, 0, "cpu", output=dst, passes="quantize-int4,eliminate-dead,sort-topologically",
-                      verify=False, options={"quantize": f"int4:{algo}", "block_size": block,
-                                             "symmetric": method.endswith("-sym")})
+        onnxc.compile(src, level or 0, "cpu", output=dst, verify=verify,
+                      passes=None if level is not None else "quantize-int4,eliminate-dead,sort-topologically",
+                      progress=lambda record: phases.mark("passes"),
+                      options={"quantize": f"int4:{algo}", "block_size": block, "symmetric": method.endswith("-sym")})
+        phases.mark("save+verify" if verify else "save")
     else:
-        import onnx
         from onnxruntime.quantization import matmul_nbits_quantizer as mq
 
         model = onnx.load(str(src))
@@ -54,9 +92,13 @@ def job(method: str, src: Path, dst: Path, block: int) -> dict:
         q = mq.MatMulNBitsQuantizer(model, block_size=block, is_symmetric=method == "ort-rtn-sym", accuracy_level=4,
                                     algo_config=cfg)
         q.process()
+        phases.mark("passes")
         big = sum(t.ByteSize() for t in q.model.model.graph.initializer) > (1 << 30)
         q.model.save_model_to_file(str(dst), use_external_data_format=big)
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        phases.mark("save")
+    peak = max(phases.peaks.values()) if phases.ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak, "phases": {k: round(v) for k, v in
+                                                                                  phases.peaks.items()}}
 
 
 def feeds_for(path: Path, encoder: bool, seed: int) -> dict:
@@ -92,6 +134,11 @@ def error(ref: list[np.ndarray], got: list[np.ndarray], encoder: bool) -> dict:
             "cosine": float(np.mean([cosine(r, g) for r, g in zip(ref, got)]))}
 
 
+def run_job(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=False, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
 def size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
@@ -101,10 +148,16 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--level", type=int, default=None,
+                    help="run the -O LEVEL pipeline before quantizing (default: the quantize pass alone)")
+    ap.add_argument("--verify", action="store_true",
+                    help="also compile each onnxc row with verification in a second process (its peak RSS)")
     ap.add_argument("--job", nargs=3, metavar=("METHOD", "SRC", "DST"), help=argparse.SUPPRESS)
+    ap.add_argument("--job-verify", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.job:
-        print(json.dumps(job(args.job[0], Path(args.job[1]), Path(args.job[2]), args.block_size)))
+        print(json.dumps(job(args.job[0], Path(args.job[1]), Path(args.job[2]), args.block_size, args.level,
+                             args.job_verify)))
         return
     rows = []
     for name in args.models.split(","):
@@ -119,9 +172,9 @@ def main() -> None:
             folder = OUT / name / method
             folder.mkdir(parents=True, exist_ok=True)
             dst = folder / "model.onnx"
-            p = subprocess.run([sys.executable, __file__, "--block-size", str(args.block_size), "--job", method,
-                                str(src), str(dst)], capture_output=True, text=True,
-                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            cmd = [sys.executable, __file__, "--block-size", str(args.block_size), "--job", method, str(src), str(dst)]
+            cmd += ["--level", str(args.level)] if args.level is not None else []
+            p = run_job(cmd)
             if p.returncode != 0:
                 rows.append({"model": name, "method": method, "failed": p.stderr.strip().splitlines()[-1][:120]})
                 print(rows[-1], file=sys.stderr)
@@ -129,17 +182,25 @@ def main() -> None:
             row = {"model": name, "method": method, **json.loads(p.stdout.strip().splitlines()[-1]),
                    "mib": size(dst) / 2**20, "fp32_mib": size(src) / 2**20,
                    **error(ref, outputs(dst, feeds), encoder)}
+            if args.verify and method.startswith("onnxc"):
+                v = run_job(cmd + ["--job-verify"])
+                row["phases"].update(json.loads(v.stdout.strip().splitlines()[-1])["phases"] if v.returncode == 0
+                                     else {"save+verify": "failed"})
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-    print(f"\nblock {args.block_size}; error vs fp32 on random inputs ({'cosine = sentence embeddings' if 1 else ''})")
-    print("| model | method | seconds | peak RSS MiB | size MiB | top-1 | cosine |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    pipeline = f"-O{args.level}" if args.level is not None else "quantize only"
+    print(f"\nblock {args.block_size}; pipeline {pipeline}; "
+          "error vs fp32 on random inputs (BERT: cosine of sentence embeddings); peak RSS MiB of the whole process "
+          "and by phase (imports / load + passes / save / save + verify)")
+    print("| model | method | seconds | peak RSS | imports | passes | save | verify | size MiB | top-1 | cosine |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "failed" in r:
-            print(f"| {r['model']} | {r['method']} | failed: {r['failed']} | | | | |")
+            print(f"| {r['model']} | {r['method']} | failed: {r['failed']} | | | | | | | | |")
             continue
         top1 = f"{r['top1']:.4f}" if "top1" in r else ""
-        print(f"| {r['model']} | {r['method']} | {r['seconds']:.2f} | {r['peak_rss_mib']:.0f} | "
+        ph = [str(r["phases"].get(k, "")) for k in ("imports", "passes", "save", "save+verify")]
+        print(f"| {r['model']} | {r['method']} | {r['seconds']:.2f} | {r['peak_rss_mib']:.0f} | {' | '.join(ph)} | "
               f"{r['mib']:.1f} / {r['fp32_mib']:.1f} | {top1} | {r['cosine']:.5f} |")
 
 

@@ -27,24 +27,27 @@ from __future__ import annotations
 
 import atexit
 import fnmatch
+import hashlib
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxc.errors import UsageError
+from onnxc.ir import release_weights
 from onnxc.kernels import quantize as kq
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import const_tensor
 from onnxc.verify import QUANT_META as META  # node.meta key: the QuantSource a node replaced
 
 MS = "com.microsoft"
-SPILL_BYTES = 1 << 20            # quantized tensors at least this large live in the scratch file
+TABLE_ROWS = 4096               # rows per chunk when a Gather table is compared with a weight
+SPILL_BYTES = 4096               # quantized tensors at least this large live in the scratch file
 DEFAULT_METHOD = "lsq"
 DEFAULT_BLOCK = {"cpu": 32, "cuda": 32}
 DEFAULT_ACCURACY = {"cpu": 4, "cuda": 0}
@@ -101,7 +104,6 @@ class QuantSource:
 @dataclass
 class _Site:
     node: ir.Node                 # the MatMul / Gemm / FusedMatMul
-    a: ir.Value
     key: tuple                    # identifies the weight view (tensor, transposed, alpha)
     name: str                     # weight name (for --exclude and new initializer names)
     shape: tuple[int, int]        # (K, N)
@@ -117,20 +119,47 @@ def _attr(node: ir.Node, name: str, default: Any) -> Any:
     return default if a is None else a.value
 
 
-def _read(t: ir.TensorProtocol) -> np.ndarray:
-    arr = np.asarray(t.numpy())
-    if isinstance(t, ir.ExternalTensor):
-        arr = np.array(arr)   # own the data, then drop the mapping so its pages can leave memory
+def _rows(t: ir.TensorProtocol, rows: int | None = None) -> Iterator[np.ndarray]:
+    """A 2-D tensor's rows in chunks of `rows` (all at once when None); treat them as read-only. External data is
+    read from its file, never memory-mapped: mapped pages would count toward RSS until the mapping is dropped."""
+    n = int(t.shape[0])
+    step = max(1, rows or n)
+    if isinstance(t, ir.ExternalTensor) and t.dtype in FLOATS:
+        dtype, tail = t.dtype.numpy(), tuple(int(d) for d in t.shape[1:])
         t.release()
-    return arr
+        with open(t.path, "rb") as f:
+            f.seek(t.offset or 0)
+            for r0 in range(0, n, step):
+                arr = np.empty((min(step, n - r0),) + tail, dtype)
+                if f.readinto(memoryview(arr.reshape(-1).view(np.uint8))) != arr.nbytes:
+                    raise ValueError(f"external data of '{t.name}' is truncated")
+                yield arr
+        return
+    arr = np.asarray(t.numpy())
+    for r0 in range(0, n, step):
+        yield arr[r0:r0 + step]
+
+
+def _read(t: ir.TensorProtocol) -> np.ndarray:
+    """The whole tensor (external data read, not mapped; see _rows)."""
+    return next(_rows(t))
 
 
 def _view(t: ir.TensorProtocol, transpose: bool, alpha: float) -> Callable[[], np.ndarray]:
+    """W (K, N) of a weight view; a transposed weight stays a strided view (the kernels read column chunks)."""
     def load() -> np.ndarray:
         w = _read(t)
-        w = np.ascontiguousarray(w.T) if transpose else w
-        return w if alpha == 1.0 else (w * np.asarray(alpha, w.dtype)).astype(w.dtype)
+        w = w if alpha == 1.0 else (w * np.asarray(alpha, w.dtype)).astype(w.dtype)
+        return w.T if transpose else w
     return load
+
+
+def _table_digest(chunks: Iterable[np.ndarray]) -> bytes:
+    """Digest of a table's bytes in row-major order, fed chunk by chunk (bitwise equality, -0.0 != 0.0)."""
+    h = hashlib.blake2b(digest_size=32)
+    for c in chunks:
+        h.update(np.ascontiguousarray(c).view(np.uint8).reshape(-1).data)
+    return h.digest()
 
 
 def _weight(node: ir.Node) -> tuple[ir.TensorProtocol, ir.Value, bool, float] | str:
@@ -224,14 +253,14 @@ def find_sites(graph: ir.Graph, opts: QuantOptions, notes: list[str]) -> list[_S
             if found is not None:
                 add, bias = found
         load = _view(t, transpose, alpha)
-        source = t if not transpose and alpha == 1.0 else ir.LazyTensor(lambda f=load: ir.tensor(f()), dtype=t.dtype,
+        source = t if not transpose and alpha == 1.0 else ir.LazyTensor(lambda f=load: ir.tensor(np.ascontiguousarray(f())), dtype=t.dtype,
                                                                          shape=ir.Shape(list(shape)))
-        sites.append(_Site(node, a, (id(t), transpose, alpha), wname, shape, t.dtype, load, bias, add, source))
+        sites.append(_Site(node, (id(t), transpose, alpha), wname, shape, t.dtype, load, bias, add, source))
     return sites
 
 
 class _Store:
-    """Quantized tensors: small ones in memory, large ones appended to one scratch file and mapped on use."""
+    """Quantized tensors: tiny ones in memory, the rest appended to one scratch file and read back on use."""
 
     def __init__(self, scratch: str | None):
         self.dir = Path(scratch) if scratch else None
@@ -246,10 +275,11 @@ class _Store:
             self.dir = self.dir or _process_scratch()
             self.file = Path(tempfile.mkstemp(prefix="quantized-", suffix=".bin", dir=self.dir)[1])
         with open(self.file, "ab") as f:
-            f.write(arr.tobytes())
-        path, offset, dtype, shape = str(self.file), self.offset, arr.dtype, arr.shape
+            arr.tofile(f)
+        path, offset, dtype, shape, count = str(self.file), self.offset, arr.dtype, arr.shape, arr.size
         self.offset += arr.nbytes
-        return ir.LazyTensor(lambda: ir.tensor(np.memmap(path, dtype, "r", offset, shape), name=name),
+        return ir.LazyTensor(lambda: ir.tensor(np.fromfile(path, dtype, count, offset=offset).reshape(shape),
+                                               name=name),
                              dtype=ir.DataType.from_numpy(dtype), shape=ir.Shape(list(shape)), name=name)
 
 
@@ -274,24 +304,37 @@ def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol, name: str, taken: s
     return v
 
 
-def _tied_gathers(graph: ir.Graph, done: dict[tuple, tuple], sites_by_key: dict[tuple, _Site], block: int
-                  ) -> list[tuple[ir.Node, tuple, _Site]]:
-    """Gather(E, ids) nodes whose table E (V, H) equals the transposed weight of a quantized site."""
+def _tables(graph: ir.Graph, block: int) -> list[tuple[ir.Node, ir.TensorProtocol]]:
+    """Gather(E, ids) nodes that could share a quantized table: axis 0, E a constant float (V, H), H % block == 0."""
     found = []
     for node in graph:
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or _attr(node, "axis", 0) != 0:
             continue
         e = const_tensor(node.inputs[0])
-        if e is None or len(e.shape) != 2 or e.dtype not in FLOATS:
-            continue
-        v, h = (int(d) for d in e.shape)
-        if h % block:
-            continue
-        for key, site in sites_by_key.items():
-            if site.shape == (h, v) and site.dtype == e.dtype and key in done:
-                if np.array_equal(_read(e).T, site.load()):
-                    found.append((node, key, site))
-                    break
+        if e is not None and len(e.shape) == 2 and e.dtype in FLOATS and int(e.shape[1]) % block == 0:
+            found.append((node, e))
+    return found
+
+
+def _table_key(e: ir.TensorProtocol) -> tuple:
+    """(shape (V, H), dtype) of a table: a weight W (H, V) of the same dtype may equal E^T."""
+    return tuple(int(d) for d in e.shape), e.dtype
+
+
+def _tied(tables: list[tuple[ir.Node, ir.TensorProtocol]], sites: dict[tuple, _Site], digests: dict[tuple, bytes]
+          ) -> list[tuple[ir.Node, _Site]]:
+    """The tables equal to a quantized weight transposed: the same initializer behind a Transpose (no data read),
+    or equal bytes (digests of W^T taken while each weight was in memory; the table is read in row chunks)."""
+    found = []
+    for node, e in tables:
+        site = sites.get((id(e), True, 1.0))
+        if site is None and any(_table_key(e) == (site.shape[::-1], site.dtype) for site in sites.values()
+                                if site.key in digests):
+            d = _table_digest(_rows(e, TABLE_ROWS))
+            site = next((sites[k] for k, dk in digests.items() if dk == d and sites[k].shape[::-1] == _table_key(e)[0]
+                         and sites[k].dtype == e.dtype), None)
+        if site is not None:
+            found.append((node, site))
     return found
 
 
@@ -313,12 +356,20 @@ class QuantizeInt4(Pass):
         done: dict[tuple, tuple[ir.Value, ir.Value, ir.Value | None]] = {}
         counts: dict[str, int] = {}
         transposes: list[ir.Node] = []   # Transpose(weight) nodes the rewrite may leave unused
+        tie = opts.tied_embedding and opts.method != "hqq"  # GatherBlockQuantized takes no float zero points
+        tables = _tables(graph, opts.block_size) if tie else []
+        shapes = {_table_key(e) for _, e in tables}
+        same = {(id(e), True, 1.0) for _, e in tables}
+        digests: dict[tuple, bytes] = {}
         started = time.perf_counter()
         for site in sites:
             if site.key not in done:
                 w = site.load()
+                if (site.shape[::-1], site.dtype) in shapes and site.key not in same:
+                    digests[site.key] = _table_digest(w[:, c:c + TABLE_ROWS].T for c in range(0, w.shape[1], TABLE_ROWS))
                 b, s, z = kq.quantize(w, opts.method, opts.block_size, opts.symmetric)
                 del w
+                release_weights(model)  # weights other tensors mapped (a lazy concatenation's parts) leave memory
                 done[site.key] = tuple(None if x is None else _initializer(graph, store.tensor(x, f"{site.name}_{tag}"),
                                                                             f"{site.name}_{tag}", taken)
                                        for x, tag in ((b, "q4"), (s, "scales"), (z, "zero_points")))
@@ -330,7 +381,7 @@ class QuantizeInt4(Pass):
             bias = None
             if site.bias is not None:
                 bias = _initializer(graph, ir.tensor(site.bias), f"{site.name}_bias", taken)
-            inputs = [site.a, qb, qs, qz, None, bias]
+            inputs = [site.node.inputs[0], qb, qs, qz, None, bias]  # read now: an earlier rewrite may feed it
             while inputs[-1] is None:
                 inputs.pop()
             new = ir.Node(MS, "MatMulNBits", inputs, attributes=[
@@ -344,10 +395,9 @@ class QuantizeInt4(Pass):
             ir.convenience.replace_nodes_and_values(graph, site.node, old_nodes, [new], [old_out], [new.outputs[0]])
             kind = f"{site.node.op_type}+bias" if site.bias is not None else site.node.op_type
             counts[kind] = counts.get(kind, 0) + 1
-        if opts.tied_embedding and opts.method != "hqq":  # GatherBlockQuantized takes no float zero points
-            by_key = {s.key: s for s in sites}
-            for gather, key, site in _tied_gathers(graph, done, by_key, opts.block_size):
-                qb, qs, qz = done[key]
+        if tables:
+            for gather, site in _tied(tables, {s.key: s for s in sites}, digests):
+                qb, qs, qz = done[site.key]
                 k, n = site.shape
                 shape = _initializer(graph, ir.tensor(np.array([n, k // 2], np.int64)), f"{site.name}_table_shape",
                                      taken)

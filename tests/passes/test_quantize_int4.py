@@ -8,13 +8,12 @@ import numpy as np
 import onnx_ir as ir
 import onnxc
 import pytest
-from helpers import assert_valid, canonical, parse, parse_proto, run_pass, run_passes, session, to_bytes
+from helpers import assert_valid, canonical, parse, parse_proto, run_pass, session, to_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnxc.kernels import quantize as kq
 from onnxc.kernels.matmul_nbits import dequantize, quantize_rtn
 from onnxc.passes import quantize_int4 as qi
-from onnxc.pipeline import O1
 from onnxc.verify import QUANT_META, float_twins
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "models"
@@ -143,6 +142,19 @@ def test_quantize_int4_folds_following_bias_add_either_order():
         assert_twins_agree(model, {"x": w(2, 7, 64, seed=6)})
 
 
+def test_quantize_int4_chained_matmuls_feed_each_other():
+    model = parse("""
+    g (float[N, 64] x) => (float[N, 32] y) {
+      h = MatMul(x, W1)
+      y = MatMul(h, W2)
+    }""", {"W1": w(64, 64), "W2": w(64, 32, seed=1)})
+    assert quantize(model).counts == {"MatMul": 2}
+    assert_valid(model)
+    a, b = list(model.graph)
+    assert b.inputs[0] is a.outputs[0]
+    assert_twins_agree(model, {"x": w(3, 64, seed=2)})
+
+
 def test_quantize_int4_keeps_add_when_matmul_output_has_other_users():
     W, b = w(64, 32), w(32, seed=5)
     model = parse("""
@@ -200,6 +212,81 @@ def test_quantize_int4_untied_gather_and_untied_tail_are_left_alone():
       logits = MatMul(h, Et)
     }""", {"E": w(80, 48), "Et": np.ascontiguousarray(w(80, 48).T)})
     assert quantize(model).counts == {"MatMul": 1}  # H = 48 is not a multiple of the block: no shared table
+
+
+def test_quantize_int4_tied_through_transpose_of_the_same_initializer_reads_no_table(monkeypatch):
+    E = w(96, 64)
+    model = parse("""
+    g (int64[B, S] ids) => (float[B, S, 96] logits) {
+      h = Gather(E, ids)
+      t = Transpose <perm = [1, 0]> (E)
+      logits = MatMul(h, t)
+    }""", {"E": E})
+    monkeypatch.setattr(qi, "_table_digest", lambda chunks: pytest.fail("the shared initializer was hashed"))
+    assert quantize(model).counts == {"MatMul": 1, "Gather-tied": 1}
+    assert ops(model) == ["GatherBlockQuantized", "MatMulNBits", "Reshape"]
+    assert_twins_agree(model, {"ids": np.array([[0, 5, 95], [7, 1, 3]], np.int64)})
+
+
+def test_quantize_int4_tie_compares_bits_not_values():
+    E = w(96, 64)
+    Et = np.ascontiguousarray(E.T)
+    E[3, 7], Et[7, 3] = 0.0, -0.0   # equal as values, different as stored bits: not one table
+    model = parse("""
+    g (int64[B, S] ids) => (float[B, S, 96] logits) {
+      h = Gather(E, ids)
+      logits = MatMul(h, Et)
+    }""", {"E": E, "Et": Et})
+    assert quantize(model).counts == {"MatMul": 1}
+
+
+def test_quantize_int4_table_digest_does_not_depend_on_chunking():
+    E = w(300, 64)
+    digest = qi._table_digest([E])
+    tensor = ir.tensor(E)
+    assert all(qi._table_digest(qi._rows(tensor, r)) == digest for r in (1, 7, 300, 1000))
+    W = np.ascontiguousarray(E.T)
+    assert qi._table_digest(W[:, c:c + 64].T for c in range(0, 300, 64)) == digest
+
+
+def _external_model(path: Path, v: int, h: int) -> Path:
+    """ids -> Gather(E) -> MatMul(W) -> MatMul(Transpose(E)) with E (v, h) and W (h, h) in an external data file."""
+    model = parse(f"""
+    g (int64[B, S] ids) => (float[B, S, {v}] logits) {{
+      e = Gather(E, ids)
+      y = MatMul(e, W)
+      t = Transpose <perm = [1, 0]> (E)
+      logits = MatMul(y, t)
+    }}""", {"E": w(v, h), "W": w(h, h, seed=1)})
+    ir.save(model, path, external_data=path.name + ".data", size_threshold_bytes=0)
+    return path
+
+
+def _rss_mib(key: str) -> float:
+    return next(int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key)
+                ) / 1024
+
+
+def test_quantize_int4_streams_external_weights_peak_memory(tmp_path):
+    """The pass and the save hold about one weight at a time: the peak over the RSS before compiling stays under
+    2x the largest tensor (a 32 MiB table read from external data, tied to the lm_head that transposes it)."""
+    clear = Path("/proc/self/clear_refs")
+    if not clear.exists():
+        pytest.skip("needs Linux /proc to reset the peak RSS")
+    src = _external_model(tmp_path / "m.onnx", 16384, 512)
+    largest = 16384 * 512 * 4 / 2**20
+    import gc
+    gc.collect()
+    before = _rss_mib("VmRSS:")
+    try:
+        clear.write_text("5")
+    except OSError:
+        pytest.skip("cannot reset the peak RSS here")
+    r = onnxc.compile(src, 0, "cpu", output=tmp_path / "q.onnx", verify=False, passes="quantize-int4,eliminate-dead",
+                      options={"quantize": "int4:rtn"})
+    peak = _rss_mib("VmHWM:") - before
+    assert r.report["quantization"]["gather_block_quantized"] == 1
+    assert peak < 2 * largest, f"peak {peak:.0f} MiB over the start for a {largest:.0f} MiB table"
 
 
 @pytest.mark.parametrize("case,reason", [
