@@ -265,7 +265,7 @@ def merged_heads_text(source: str = "t", fresh: bool = True, bias: bool = True, 
             + "\n  ".join(lines) + "\n}")
     npd = NP[dtype]
     inits = {"g": G.astype(npd), "beta": BETA.astype(npd), "bias": BIAS.astype(npd),
-             "w": (rng.standard_normal((H, H)) / np.sqrt(H)).astype(npd), "heads": np.array([0, 0, 2, 4], np.int64),
+             "w": (np.random.default_rng(2).standard_normal((H, H)) / np.sqrt(H)).astype(npd), "heads": np.array([0, 0, 2, 4], np.int64),
              "zero": np.array([0], np.int64), "one": np.array([1], np.int64), "two": np.array([2], np.int64),
              "m1": np.array([-1], np.int64)}
     return text, inits
