@@ -195,8 +195,9 @@ _UNARY = frozenset({"Cast", "Identity", "Relu", "Sigmoid", "Tanh", "Erf", "Neg",
                     "Cos"})
 _MS_UNARY = frozenset({"Gelu", "FastGelu", "QuickGelu", "BiasGelu"})
 _BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
-# Fused ops whose listed outputs have the rank and leading dims of input 0 (attention: query (B, S, D) -> (B, S, D')).
-_ROWWISE = {("", "LayerNormalization"): (0,), ("", "SimplifiedLayerNormalization"): (0,),
+# Fused ops whose listed outputs have the rank and leading dims of input 0 (attention: query (B, S, D) -> (B, S, D'),
+# ONNX Attention also (B, N, S, H) -> (B, N, S, H')).
+_ROWWISE = {("", "LayerNormalization"): (0,), ("", "SimplifiedLayerNormalization"): (0,), ("", "Attention"): (0,),
             (_MS, "SkipLayerNormalization"): (0, 3), (_MS, "SkipSimplifiedLayerNormalization"): (0, 3),
             (_MS, "GroupQueryAttention"): (0,), (_MS, "MultiHeadAttention"): (0,), (_MS, "Attention"): (0,),
             (_MS, "MatMulNBits"): (0,), (_MS, "RotaryEmbedding"): (0,)}

@@ -83,3 +83,15 @@ def test_same_dim_refuses_broadcast_of_unrelated_dims():
     assert not same_dim(v["z"], 0, v["x"], 0)          # M and B: either may be 1
     assert not same_dim(v["q"], 0, v["x"], 0)          # their broadcast, named afresh
     assert same_dim(v["q"], 1, v["x"], 1)              # S is S
+
+
+def test_same_dim_through_onnx_attention():
+    # opset 23's Attention keeps the query's leading dims (here named afresh by a declared value info)
+    v = values("""<ir_version: 10, opset_import: ["" : 23]>
+    g (float[B, S, 8] q, float[B, T, 8] k, float[B, T, 8] w) => (float[B, S, 8] z) <float[X0, X1, 8] a> {
+      a = Attention<q_num_heads=2, kv_num_heads=2>(q, k, w)
+      z = Relu(a)
+    }""")
+    assert str(v["a"].shape[0]) == "X0"
+    assert same_dim(v["z"], 0, v["q"], 0) and same_dim(v["z"], 1, v["q"], 1)
+    assert not same_dim(v["z"], 1, v["k"], 1)          # S, not the keys' T
