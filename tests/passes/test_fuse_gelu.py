@@ -466,10 +466,10 @@ def test_fuse_gelu_property(drawn):
 
 # ------------------------------------------------------------------------------------------------ fixtures
 FIXTURE_COUNTS = {  # fixture -> fuse-gelu counts (2 layers, one GELU each)
-    "gpt2_ts": {"fuse-gelu-tanh": 2},
-    "gpt2_dynamo": {"fuse-gelu-tanh": 2},
-    "gpt2_ts_past": {"fuse-gelu-tanh": 2},
-    "gpt2_dynamo_past": {"fuse-gelu-tanh": 2},
+    "gpt2_ts": {"fuse-gelu-tanh": 2, "fuse-fast-gelu-bias": 2},
+    "gpt2_dynamo": {"fuse-gelu-tanh": 2, "fuse-fast-gelu-bias": 2},
+    "gpt2_ts_past": {"fuse-gelu-tanh": 2, "fuse-fast-gelu-bias": 2},
+    "gpt2_dynamo_past": {"fuse-gelu-tanh": 2, "fuse-fast-gelu-bias": 2},
     "bert_ts": {"fuse-gelu-erf": 2, "fuse-bias-gelu": 2},
     "bert_dynamo": {"fuse-gelu-erf-factored": 2, "fuse-bias-gelu": 2},
     "gemma_ts": {"fuse-gelu-tanh": 2},
