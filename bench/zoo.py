@@ -46,11 +46,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "zoo"
 COMPILES = ((2, "cpu"), (3, "cuda"))
-FUSED = {"GroupQueryAttention": "GQA", "Attention": "Attn", "MultiHeadAttention": "MHA",
-         "SkipSimplifiedLayerNormalization": "SkipSLN", "SkipLayerNormalization": "SkipLN",
-         "SimplifiedLayerNormalization": "SLN", "LayerNormalization": "LN", "BiasGelu": "BiasGelu",
-         "FastGelu": "FastGelu", "Gelu": "Gelu", "EmbedLayerNormalization": "EmbedLN"}
+MS = "com.microsoft."
+FUSED = {MS + "GroupQueryAttention": "GQA", MS + "Attention": "Attn", MS + "MultiHeadAttention": "MHA",
+         MS + "SkipSimplifiedLayerNormalization": "SkipSLN", MS + "SkipLayerNormalization": "SkipLN",
+         "SimplifiedLayerNormalization": "SLN", "LayerNormalization": "LN", MS + "BiasGelu": "BiasGelu",
+         MS + "FastGelu": "FastGelu", MS + "Gelu": "Gelu", MS + "EmbedLayerNormalization": "EmbedLN",
+         # standard ONNX ops an opset-23 (or 20) export already holds: left as the exporter wrote them
+         "Attention": "onnx:Attention", "RMSNormalization": "onnx:RMSNorm", "RotaryEmbedding": "onnx:Rotary",
+         "Gelu": "onnx:Gelu"}
 LEFT = ("Softmax", "ReduceMean", "Erf", "Tanh")   # ops whose survival means an unfused attention / norm / GELU
+NORMS = ("LayerNormalization", "SimplifiedLayerNormalization")   # on a residual Add: an unfused skip norm
 
 # ---------------------------------------------------------------------------------------------------- the zoo
 V, H, N, KV, HD, L, FF, P = 128, 64, 4, 2, 16, 2, 128, 128   # vocab, hidden, heads, kv heads, head dim, ...
@@ -228,7 +233,7 @@ ARCHS: list[Arch] = [
          notes="rotary, GeGLU, bias-free LayerNorm, local attention window 8"),
     Arch("mpnet", "encoder", "MPNetConfig", "MPNetModel", _enc(relative_attention_num_buckets=32, pad_token_id=1,
                                                              max_position_embeddings=P + 2),
-         model_kwargs=_NO_POOL, notes="relative position bias, no token types"),
+         attn="eager", model_kwargs=_NO_POOL, notes="relative position bias, no token types (eager only)"),
 ]
 ARCH_BY_NAME = {a.name: a for a in ARCHS}
 
@@ -510,10 +515,9 @@ def _compile_child(src: str, level: int, target: str, dst: str, result: str) -> 
     res["seconds"] = round(time.time() - t0, 1)
     if rep is not None:
         res.update(nodes_before=rep["nodes_before"], nodes_after=rep["nodes_after"],
-                   ops_after={k.split(".")[-1]: v for k, v in rep["ops_after"].items()
-                              if k.startswith("com.microsoft.") or "." not in k},
+                   ops_after=rep["ops_after"],
                    notes=rep["notes"], rule_counts=rep["rule_counts"])
-        left = {op: res["ops_after"].get(op, 0) for op in LEFT}
+        left = {op: res["ops_after"].get(op, 0) for op in (*LEFT, *NORMS)}
         if any(left.values()):
             try:
                 res["diagnosis"] = _diagnose(src, level, target, dst, rep["notes"])
@@ -548,6 +552,9 @@ def _diagnose(src: str, level: int, target: str, compiled: str, notes: list[str]
     out = onnx.load(compiled, load_external_data=False)
     left: dict[str, set[str]] = {op: {n.name for n in out.graph.node if n.op_type == op and n.domain in ("", "ai.onnx")}
                                  for op in LEFT}
+    producers = {o: n for n in out.graph.node for o in n.output}
+    left["skip"] = {n.name for n in out.graph.node if n.op_type in NORMS and n.domain in ("", "ai.onnx")
+                    and getattr(producers.get(n.input[0]), "op_type", "") == "Add"}
     model = irio.load(src)
     driver.check_input(model)
     ctx = pm.PassContext(level=level, target=target)
@@ -555,10 +562,10 @@ def _diagnose(src: str, level: int, target: str, compiled: str, notes: list[str]
     passes = pm.registered_passes()
     diag: dict[str, Any] = {}
 
-    def sites(graph: ir.Graph, ops: tuple[str, ...]) -> list[ir.Node]:
-        named = [n for n in graph if n.op_type in ops and n.domain == "" and n.name in left[n.op_type]]
+    def sites(graph: ir.Graph, ops: tuple[str, ...], key: str | None = None) -> list[ir.Node]:
+        named = [n for n in graph if n.op_type in ops and n.domain == "" and n.name in left[key or n.op_type]]
         return named or [n for n in graph if n.op_type in ops and n.domain == ""
-                         and any(left[o] for o in ops)]
+                         and any(left[key or o] for o in ops)]
 
     def why(graph: ir.Graph, seeds: list[ir.Node], rules: list[Any], hops: int) -> Counter[str]:
         """Per seed, the failure of the rule and nearby root that got furthest (most pattern nodes bound)."""
@@ -588,7 +595,7 @@ def _diagnose(src: str, level: int, target: str, compiled: str, notes: list[str]
         return reasons
 
     ran = 0
-    for stop in ("fuse-layer-norm", "fuse-gelu", "fuse-attention"):
+    for stop in ("fuse-layer-norm", "fuse-gelu", "fuse-attention", "fuse-skip-norm"):
         while ran < len(chosen) and chosen[ran].name != stop:
             pm.PassManager([chosen[ran]]).run(model, ctx)
             ran += 1
@@ -616,6 +623,8 @@ def _diagnose(src: str, level: int, target: str, compiled: str, notes: list[str]
                     gqa_reasons[gqa[sm.name]] += 1
                 attn.update(why(pg, [sm], list(getattr(fa, "RULES", [])), 3))
             diag["attention"] = {"fuse-gqa": dict(gqa_reasons), "fuse-attention": dict(attn)}
+        elif stop == "fuse-skip-norm" and left["skip"]:
+            diag["skip"] = dict(why(g, sites(g, NORMS, "skip"), list(passes["fuse-skip-norm"].rules()), 0))
         pm.PassManager([chosen[ran]]).run(model, ctx)
         ran += 1
     return diag
@@ -717,7 +726,10 @@ def load_results(xs: list[Export]) -> list[dict[str, Any]]:
 def _fused(r: dict[str, Any] | None) -> str:
     if not r or "ops_after" not in r:
         return ""
-    return " ".join(f"{short} {r['ops_after'][op]}" for op, short in FUSED.items() if r["ops_after"].get(op))
+    text = " ".join(f"{short} {r['ops_after'][op]}" for op, short in FUSED.items() if r["ops_after"].get(op))
+    outside = (r.get("rule_counts") or {}).get("fuse-gqa:fuse-gqa/rotary-outside")
+    gqa = f"GQA {r['ops_after'].get(MS + 'GroupQueryAttention', 0)}"
+    return text.replace(gqa, f"{gqa} (rotary outside {outside})", 1) if outside else text
 
 
 def _refusals(r: dict[str, Any] | None, limit: int = 2) -> list[str]:
@@ -729,12 +741,10 @@ def _refusals(r: dict[str, Any] | None, limit: int = 2) -> list[str]:
     if "error" in d:
         out.append(f"(diagnosis failed: {d['error']})")
     att = d.get("attention", {})
-    for src in ("fuse-gqa", "fuse-attention"):
-        for why, n in sorted(att.get(src, {}).items(), key=lambda kv: -kv[1])[:limit]:
+    for src in ("fuse-gqa", "fuse-attention"):   # decoders: the GQA note; encoders: the fuse-attention rules
+        for why, n in sorted(att.get(src, {}).items(), key=lambda kv: -kv[1])[:1]:
             out.append(f"attn x{n}: {why if src == 'fuse-attention' else 'fuse-gqa: ' + why}")
-        if att.get("fuse-gqa") and src == "fuse-gqa":
-            break   # the GQA note is the relevant one when the pass tried
-    for key in ("norm", "gelu"):
+    for key in ("norm", "gelu", "skip"):
         for why, n in sorted(d.get(key, {}).items(), key=lambda kv: -kv[1])[:limit]:
             out.append(f"{key} x{n}: {why}")
     return out
@@ -843,9 +853,9 @@ def main(argv: list[str] | None = None) -> int:
         git = ["git", "-C", str(ROOT)]
         head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
         dirty = subprocess.run([*git, "status", "--short", "--untracked-files=no"], capture_output=True, text=True,
-                               check=False).stdout.split()
-        doc = [f"# onnxc model-zoo sweep ({time.strftime('%Y-%m-%d %H:%M')}, onnxc at {head.stdout.strip()}"
-               + (f", {len(dirty) // 2} modified files" if dirty else "") + ")", "", text, "", table, ""]
+                               check=False).stdout.splitlines()
+        doc = [f"# onnxc model-zoo sweep (rendered {time.strftime('%Y-%m-%d %H:%M')}, onnxc at {head.stdout.strip()}"
+               + (f" + {len(dirty)} modified files" if dirty else "") + ")", "", text, "", table, ""]
         args.doc.parent.mkdir(parents=True, exist_ok=True)
         args.doc.write_text("\n".join(doc))
         print(f"wrote {args.doc}")
