@@ -3,6 +3,7 @@ from . import (  # noqa: F401  (imported for registration)
     convert_fp16,
     eliminate_cse,
     eliminate_dead,
+    expand_standard_ops,
     fold_constants,
     fuse_attention,
     fuse_embed_layer_norm,
