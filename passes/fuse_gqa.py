@@ -408,13 +408,25 @@ def _visible(arr: np.ndarray, kind: str) -> np.ndarray:
     return arr.astype(bool) if kind == "keep" else ~arr.astype(bool)
 
 
+def _actual(model: ir.Model, feeds: dict[str, np.ndarray], mask: np.ndarray, sc: Scenario) -> Scenario:
+    """The scenario the feeds really hold: static input dims override the requested batch and lengths."""
+    past = next((f.shape[2] for v in model.graph.inputs if input_role(v) == "past"
+                 and (f := feeds.get(v.name)) is not None and f.ndim == 4), 0)
+    return Scenario(sc.name, mask.shape[0], mask.shape[1] - past, past)
+
+
 def _probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tuple[ir.Value, int]:
-    """Prove the mask is causal + right padding (+ a window); return (attention_mask input, window or -1)."""
+    """Prove the mask is causal + right padding (+ a window); return (attention_mask input, window or -1).
+
+    Static input dims override the probes' sizes. A window of W keys cannot be seen at a total length <= W, so
+    when the mask's length is static (the model accepts that one length) "no window" is proven at that length;
+    when the window probe comes out shorter than asked for a dynamic length, the site is refused."""
     mask_in = _mask_input(model.graph, [site.mask])
     if mask_in is None:
         raise Refuse("the mask does not come from one 2-D attention_mask input")
+    static_total = isinstance(mask_in.shape[1], int)
 
-    def run(sc: Scenario, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def run(sc: Scenario, pad: int = 0) -> tuple[np.ndarray, np.ndarray, Scenario]:
         feeds = make_inputs(model, sc, seed=0)
         m = feeds[mask_in.name]
         if pad:
@@ -423,48 +435,70 @@ def _probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tu
             (arr,) = probe.evaluate(model.graph, [site.mask], feeds)
         except probe.ProbeError as exc:
             raise Refuse(f"the mask cannot be evaluated: {exc}") from None
-        t = m.shape[1]
-        vis = np.broadcast_to(_visible(arr, site.mask_kind), (sc.batch, arr.shape[1], sc.seq, t))
+        act = _actual(model, feeds, m, sc)
+        if arr.ndim != 4 or act.seq < 1:
+            raise Refuse(f"the mask is not (B, N, S, T) ({sc.name} probe: shape {arr.shape})")
+        try:
+            vis = np.broadcast_to(_visible(arr, site.mask_kind), (act.batch, arr.shape[1], act.seq, act.past + act.seq))
+        except ValueError:
+            raise Refuse(f"the mask of shape {arr.shape} is not (B, N, S, T) for {act}") from None
         if not (vis == vis[:, :1]).all():
             raise Refuse("the mask differs between heads")
-        return vis[:, 0], m
+        return vis[:, 0], m, act
 
     scenarios = [(Scenario("prefill", 2, 6, 0), 2)]
     if has_past:
         scenarios += [(Scenario("decode", 2, 1, 5), 0), (Scenario("chunk", 1, 3, 4), 0)]
     long = Scenario("window", 1, 1, max_len - 1) if has_past else Scenario("window", 1, min(max_len, 1024), 0)
-    vis, _ = run(long)
+    vis, _, act = run(long)
+    if act.past + act.seq < long.past + long.seq and not static_total:
+        raise Refuse(f"the window probe cannot be sized: static dims give length {act.past + act.seq}, "
+                     f"not {long.past + long.seq}, while the mask's length is dynamic")
     window = int(vis[0, -1].sum())
     window = window if window < vis.shape[-1] else -1
     if window > 0:   # the window's edge, crossed inside a prefill and by a decode step
         scenarios.append((Scenario("window-prefill", 1, window + 5, 0), 0))
         if has_past:
             scenarios.append((Scenario("window-decode", 2, 1, window + 3), 0))
+    seen: set[tuple] = set()
     for sc, pad in scenarios:
-        vis, m = run(sc, pad)
-        i = np.arange(sc.seq)[:, None] + sc.past
-        j = np.arange(sc.past + sc.seq)[None, :]
+        vis, m, act = run(sc, pad)
+        if (act.batch, act.seq, act.past, pad) in seen:
+            continue
+        seen.add((act.batch, act.seq, act.past, pad))
+        i = np.arange(act.seq)[:, None] + act.past
+        j = np.arange(act.past + act.seq)[None, :]
         want = (j <= i) & ((j > i - window) if window > 0 else True)
         want = want[None] & (m[:, None, :] != 0)
-        rows = m[:, sc.past:] != 0                     # non-padded query rows
+        rows = m[:, act.past:] != 0                     # non-padded query rows
         if not (vis == want)[rows].all():
             raise Refuse(f"the mask is not causal + padding{' + window' if window > 0 else ''} ({sc.name} probe)")
     return mask_in, window
 
 
 def _probe_rotary(model: ir.Model, rot: Rotary, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin caches (max_len, dim/2) that reproduce the graph's cos/sin at every position."""
+    """cos/sin caches (L, dim/2) that reproduce the graph's cos/sin at every position.
+
+    L = max_len, or the mask's static length when the model accepts only that one. Static position_ids (1, n)
+    are fed in chunks arange(k*n, (k+1)*n) until L positions are read."""
     pos_ins = [v for v in _cone_inputs(model.graph, [rot.cos, rot.sin], "rotary tables")
                if input_role(v) == "position"]
+    static_total = next((v.shape[1] for v in model.graph.inputs if input_role(v) == "mask" and v.shape is not None
+                         and len(v.shape) == 2 and isinstance(v.shape[1], int)), None)
+    length = min(max_len, static_total) if static_total else max_len
 
-    def run(sc: Scenario) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run(sc: Scenario, start: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         feeds = make_inputs(model, sc, seed=1)
+        if start is not None and pos_ins:
+            f = feeds[pos_ins[0].name]
+            feeds[pos_ins[0].name] = np.broadcast_to(np.arange(start, start + f.shape[-1], dtype=f.dtype),
+                                                     f.shape).copy()
         try:
             cos, sin = probe.evaluate(model.graph, [rot.cos, rot.sin], feeds)
         except probe.ProbeError as exc:
             raise Refuse(f"the rotary tables cannot be evaluated: {exc}") from None
         pos = feeds[pos_ins[0].name] if pos_ins else np.arange(sc.past, sc.past + sc.seq)[None]
-        shape = (sc.batch, sc.seq, rot.dim)
+        shape = pos.shape[:-1] + (pos.shape[-1], rot.dim) if pos.ndim == 2 else (sc.batch, sc.seq, rot.dim)
         try:
             cos = np.broadcast_to(np.squeeze(cos, axis=1) if cos.ndim == 4 else cos, shape)
             sin = np.broadcast_to(np.squeeze(sin, axis=1) if sin.ndim == 4 else sin, shape)
@@ -472,14 +506,25 @@ def _probe_rotary(model: ir.Model, rot: Rotary, max_len: int) -> tuple[np.ndarra
             raise Refuse(f"rotary tables of shape {cos.shape} do not broadcast to (B, 1, S, {rot.dim})") from None
         return cos, sin, np.broadcast_to(pos, shape[:2])
 
-    cos, sin, _ = run(Scenario("tables", 1, max_len, 0))
+    cos, sin, pos = run(Scenario("tables", 1, length, 0), 0)
+    while pos.shape[1] < length:      # static position_ids: read the next chunk of positions
+        if not pos_ins:
+            raise Refuse(f"the rotary tables cannot be read for {length} positions (static shapes, no position_ids)")
+        c, s, p = run(Scenario("tables", 1, length, 0), int(pos[0, -1]) + 1)
+        cos, sin, pos = (np.concatenate([x, y], axis=1) for x, y in ((cos, c), (sin, s), (pos, p)))
+    if not np.array_equal(pos[0], np.arange(pos.shape[1])):
+        raise Refuse("the rotary tables probe does not read positions 0..L-1")
     half = rot.dim // 2
-    if not (np.allclose(cos[..., :half], cos[..., half:]) and np.allclose(sin[..., :half], sin[..., half:])):
-        raise Refuse("cos/sin are not two equal halves (not the rotate-half layout)")
-    cos_cache, sin_cache = cos[0, :, :half].astype(np.float32), sin[0, :, :half].astype(np.float32)
+    lo, hi = (slice(0, None, 2), slice(1, None, 2)) if rot.interleaved else (slice(0, half), slice(half, None))
+    if not (np.allclose(cos[..., lo], cos[..., hi]) and np.allclose(sin[..., lo], sin[..., hi])):
+        raise Refuse("cos/sin are not two equal halves (not the rotate-half layout)" if not rot.interleaved else
+                     "cos/sin are not repeated pairwise (not the interleaved layout)")
+    cos_cache, sin_cache = cos[0, :, lo].astype(np.float32), sin[0, :, lo].astype(np.float32)
     c2, s2, pos = run(Scenario("positions", 2, 4, 3))
-    if pos.max() >= max_len or not (np.allclose(c2[..., :half], cos_cache[pos], atol=1e-6)
-                                    and np.allclose(s2[..., :half], sin_cache[pos], atol=1e-6)):
+    if static_total and pos_ins and pos.max() >= len(cos_cache):    # static: positions the model can be given
+        c2, s2, pos = run(Scenario("positions", 2, 4, 3), max(0, len(cos_cache) - pos.shape[1]))
+    if pos.max() >= len(cos_cache) or not (np.allclose(c2[..., lo], cos_cache[pos], atol=1e-6)
+                                           and np.allclose(s2[..., lo], sin_cache[pos], atol=1e-6)):
         raise Refuse("cos/sin are not a function of the position alone")
     return cos_cache, sin_cache
 
@@ -533,17 +578,20 @@ def _bnsh_to_flat(b: _Builder, x: ir.Value, anchor: ir.Node) -> ir.Value:
 
 
 def _seq_inputs(b: _Builder, mask: ir.Value, opset: int) -> tuple[ir.Value, ir.Value]:
-    """seqlens_k = int32(ReduceSum(mask, 1) - 1), total = int32(mask.shape[1]), inserted at the graph's start."""
+    """seqlens_k = int32(ReduceSum(mask, 1) - 1), total = int32(Gather(Shape(mask), 1)), at the graph's start.
+
+    Opset-correct for 11..23: ReduceSum takes axes as an input from opset 13 (an attribute before), and the
+    total is a Gather of the whole Shape (Shape's start/end exist only from opset 15)."""
     m64 = b.node("Cast", [mask], None, to=ir.DataType.INT64).outputs[0]
-    axes = b.const(np.array([1], dtype=np.int64), "axes")
-    total = b.node("ReduceSum", [m64, axes], None, keepdims=0).outputs[0]
-    one = b.const(np.array(1, dtype=np.int64), "one")
-    seqlens = b.node("Cast", [b.node("Sub", [total, one], None).outputs[0]], None, to=ir.DataType.INT32).outputs[0]
-    shp = b.node("Shape", [mask], None, start=1, end=2).outputs[0]
     if opset >= 13:
-        sq = b.node("Squeeze", [shp, b.const(np.array([0], dtype=np.int64), "axes")], None).outputs[0]
+        total = b.node("ReduceSum", [m64, b.const(np.array([1], dtype=np.int64), "axes")], None, keepdims=0)
     else:
-        sq = b.node("Squeeze", [shp], None, axes=[0]).outputs[0]
+        total = b.node("ReduceSum", [m64], None, axes=[1], keepdims=0)
+    one = b.const(np.array(1, dtype=np.int64), "one")
+    seqlens = b.node("Cast", [b.node("Sub", [total.outputs[0], one], None).outputs[0]], None,
+                     to=ir.DataType.INT32).outputs[0]
+    shp = b.node("Shape", [mask], None).outputs[0]
+    sq = b.node("Gather", [shp, b.const(np.array(1, dtype=np.int64), "one")], None, axis=0).outputs[0]
     tot = b.node("Cast", [sq], None, to=ir.DataType.INT32).outputs[0]
     seqlens.dtype, seqlens.shape = ir.DataType.INT32, ir.Shape([mask.shape[0]])
     tot.dtype, tot.shape = ir.DataType.INT32, ir.Shape([])
@@ -598,9 +646,10 @@ class FuseGQA(Pass):
                         dt = site.q.dtype.numpy()
                         rot_cache[key] = (b.const(cos.astype(dt), "cos_cache"), b.const(sin.astype(dt), "sin_cache"))
                     caches = rot_cache[key]
-            except Refuse as exc:
+            except (Refuse, ValueError, IndexError, TypeError) as exc:   # an unexpected graph is refused, never fatal
                 if sm.outputs[0].uses():
-                    ctx.notes.append(f"fuse-gqa: attention at {sm.name} not fused: {exc}")
+                    why = exc if isinstance(exc, Refuse) else f"unexpected graph ({type(exc).__name__}: {exc})"
+                    ctx.notes.append(f"fuse-gqa: attention at {sm.name} not fused: {why}")
                 continue
             if id(mask_in) not in seq_cache:
                 seq_cache[id(mask_in)] = _seq_inputs(b, mask_in, opset)

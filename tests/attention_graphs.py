@@ -29,6 +29,8 @@ class Variant:
     dtype: int = TensorProto.FLOAT
     bias_value: float = 0.0       # a non-zero value makes the mask a bias that GQA cannot express
     noncausal: bool = False
+    static: tuple[int, int, int] | None = None   # (batch, seq, past): every input dim fixed
+    opset: int = 18
 
 
 def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
@@ -138,14 +140,15 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
     wo = const((rng.standard_normal((n * h, hidden)) * 0.2).astype(npdt))
     nodes.append(helper.make_node("MatMul", [o, wo], ["out"]))
 
-    inputs = [helper.make_tensor_value_info("x", v.dtype, ["batch", "seq", hidden]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
-    outputs = [helper.make_tensor_value_info("out", v.dtype, ["batch", "seq", hidden])]
+    bd, sd, td, pd = ("batch", "seq", "total", "past") if v.static is None else \
+        (v.static[0], v.static[1], v.static[1] + v.static[2], v.static[2])
+    inputs = [helper.make_tensor_value_info("x", v.dtype, [bd, sd, hidden]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [bd, td]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [bd, sd])]
+    outputs = [helper.make_tensor_value_info("out", v.dtype, [bd, sd, hidden])]
     if v.past:
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.0.{kind}", v.dtype,
-                                                        ["batch", kv, "past", h]))
-            outputs.append(helper.make_tensor_value_info(f"present.0.{kind}", v.dtype, ["batch", kv, "total", h]))
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.0.{kind}", v.dtype, [bd, kv, pd, h]))
+            outputs.append(helper.make_tensor_value_info(f"present.0.{kind}", v.dtype, [bd, kv, td, h]))
     graph = helper.make_graph(nodes, "attention", inputs, outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", v.opset)], ir_version=10)

@@ -52,9 +52,11 @@ def feeds_for(v: Variant, batch: int, seq: int, past: int, pad: int = 0, seed: i
 def assert_equivalent(v: Variant, before: onnx.ModelProto, after: ir.Model) -> None:
     tol = 2e-2 if v.dtype == onnx.TensorProto.FLOAT16 else 2e-4
     cases = [(2, 5, 0, 0), (2, 6, 0, 2)]
-    if v.past:
+    if v.static:                      # the one shape a static model accepts, plain and right-padded
+        cases = [v.static + (0,)] + ([v.static + (1,)] if not v.static[2] else [])
+    elif v.past:
         cases += [(2, 1, 7, 0), (1, 3, 4, 0)]
-    if v.window:
+    if v.window and not v.static:
         cases += [(1, v.window + 3, 0, 0)] + ([(2, 1, v.window + 4, 0)] if v.past else [])
     for batch, seq, past, pad in cases:
         if not v.past and past:
@@ -119,6 +121,46 @@ def test_fuse_gqa_rotary_tables_cover_max_seq_len():
     cos = gqa.inputs[7].const_value.numpy()
     assert cos.shape == (64, 8)
     np.testing.assert_allclose(cos[10], np.cos(10 / 10000 ** (np.arange(0, 16, 2) / 16)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("past", [False, True])
+def test_fuse_gqa_static_shapes_are_probed_at_their_own_size(past):
+    """Every dim fixed: the probes run at the model's one shape; the rotary tables cover its one length."""
+    v = Variant(past=past, static=(1, 3, 4 if past else 0))
+    model, ctx = fuse(build(v))
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 1, ctx.notes
+    assert gqa[0].attributes["local_window_size"].value == -1 and gqa[0].inputs[7].const_value.shape[0] >= 3 + v.static[2]
+    assert_equivalent(v, build(v), model)
+
+
+def test_fuse_gqa_static_window_shorter_than_the_length_is_found():
+    v = Variant(past=False, static=(1, 9, 0), window=4)
+    model, _ = fuse(build(v))
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert gqa.attributes["local_window_size"].value == 4
+    assert_equivalent(v, build(v), model)
+
+
+def test_fuse_gqa_refuses_a_window_probe_it_cannot_size():
+    """A static query length with a dynamic mask length, no cache: the long window probe cannot be sized."""
+    proto = build(Variant(past=False))
+    proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 3
+    proto.graph.input[2].type.tensor_type.shape.dim[1].dim_value = 3
+    model, ctx = fuse(proto)
+    assert ops(model)["GroupQueryAttention"] == 0
+    assert any("is not (B, N, S, T)" in n for n in ctx.notes), ctx.notes
+
+
+@pytest.mark.parametrize("opset", [14, 15, 18])
+def test_fuse_gqa_emits_nodes_valid_at_the_model_opset(opset):
+    v = Variant(opset=opset)
+    model, _ = fuse(build(v))
+    proto = ir.to_proto(model)
+    onnx.checker.check_model(proto)       # Shape(start, end) at opset 14 fails here: "Unrecognized attribute"
+    assert ops(model)["GroupQueryAttention"] == 1
+    assert not any(n.op_type == "Shape" and "start" in n.attributes for n in model.graph)
+    assert_equivalent(v, build(v), model)
 
 
 def test_fuse_gqa_probes_a_mask_sized_through_a_large_table_without_loading_it():
