@@ -201,6 +201,10 @@ _ROWWISE = {("", "LayerNormalization"): (0,), ("", "SimplifiedLayerNormalization
             (_MS, "SkipLayerNormalization"): (0, 3), (_MS, "SkipSimplifiedLayerNormalization"): (0, 3),
             (_MS, "GroupQueryAttention"): (0,), (_MS, "MultiHeadAttention"): (0,), (_MS, "Attention"): (0,),
             (_MS, "MatMulNBits"): (0,), (_MS, "RotaryEmbedding"): (0,)}
+# Ops whose listed outputs have exactly input 0's shape.
+_SAME_SHAPE = {("", "LayerNormalization"): (0,), ("", "SimplifiedLayerNormalization"): (0,),
+               (_MS, "SkipLayerNormalization"): (0, 3), (_MS, "SkipSimplifiedLayerNormalization"): (0, 3),
+               (_MS, "RotaryEmbedding"): (0,)}
 _CHAIN_PLACES = 64
 
 
@@ -215,6 +219,8 @@ def _dim_inputs(v: ir.Value, axis: int, depth: int, memo: dict) -> list[tuple[ir
         return [(ins[0], axis)]
     if op == ("", "MatMul") and lead and len(dims_of(ins[1]) or ()) == 2 and len(dims_of(ins[0]) or ()) == rank:
         return [(ins[0], axis)]
+    if op in _SAME_SHAPE and v.index() in _SAME_SHAPE[op] and len(dims_of(ins[0]) or ()) == rank:
+        return [(ins[0], axis)]
     if op in _ROWWISE and lead and v.index() in _ROWWISE[op] and len(dims_of(ins[0]) or ()) == rank:
         norm_axis = p.attributes["axis"].as_int() if "axis" in p.attributes else -1
         return [(ins[0], axis)] if p.domain == _MS or norm_axis % rank == rank - 1 else []
@@ -224,6 +230,30 @@ def _dim_inputs(v: ir.Value, axis: int, depth: int, memo: dict) -> list[tuple[ir
     if op == ("", "Slice"):
         axes = const_array(ins[3], 8) if len(ins) > 3 and ins[3] is not None else None
         return [(ins[0], axis)] if axes is not None and axis not in {int(a) % rank for a in axes.reshape(-1)} else []
+    if op == ("", "Gather") and len(ins) == 2:
+        # shape(Gather(data, idx, axis=a)) = shape(data)[:a] ++ shape(idx) ++ shape(data)[a+1:]
+        dd, di = dims_of(ins[0]), dims_of(ins[1])
+        if dd is None or di is None or len(dd) + len(di) - 1 != rank:
+            return []
+        a = (p.attributes["axis"].as_int() if "axis" in p.attributes else 0) % len(dd)
+        return [(ins[0], axis)] if axis < a else [(ins[1], axis - a)] if axis < a + len(di) else \
+            [(ins[0], axis - len(di) + 1)]
+    if op == ("", "Expand") and len(ins) == 2:
+        # out = broadcast(x, s): the target's element where x's dim is absent or 1, x's dim where the target's is 1
+        dx, t = dims_of(ins[0]), sym_value(ins[1])
+        ix = axis - (rank - len(dx)) if dx is not None else None
+        it = axis - (rank - len(t)) if t is not None else None
+        if ix is not None and (ix < 0 or depth > 0 and is_one(ins[0], ix, depth - 1, memo)):
+            src = shape_source(ins[1], it) if it is not None else None
+            return [src] if src is not None else []
+        if it is not None and ix is not None and (it < 0 or isinstance(t[it], int) and t[it] == 1):
+            return [(ins[0], ix)]
+        src = shape_source(ins[1], it) if it is not None else None
+        if src is not None and ix is not None and depth > 0 and same_dim(ins[0], ix, src[0], src[1], depth - 1, memo):
+            return [(ins[0], ix), src]
+        return []
+    if op == ("", "GatherElements") and len(ins) == 2:
+        return [(ins[1], axis)]
     if op == ("", "Transpose"):
         perm = p.attributes["perm"].as_ints() if "perm" in p.attributes else list(range(rank))[::-1]
         return [(ins[0], perm[axis])] if len(perm) == rank else []
@@ -246,11 +276,14 @@ def _dim_inputs(v: ir.Value, axis: int, depth: int, memo: dict) -> list[tuple[ir
         if da is None or db is None:
             return []
         ia, ib = axis - (rank - len(da)), axis - (rank - len(db))
-        for x, ix, iy, dy in ((a, ia, ib, db), (b, ib, ia, da)):  # the other operand has no such dim, or 1
+        for x, ix, y, iy, dy in ((a, ia, b, ib, db), (b, ib, a, ia, da)):  # the other has no such dim, or 1
             if ix >= 0 and (iy < 0 or dy[iy] == 1):
                 return [(x, ix)]
+        for x, ix, y, iy in ((a, ia, b, ib), (b, ib, a, ia)):
+            if ix >= 0 and iy >= 0 and depth > 0 and is_one(y, iy, depth - 1, memo):
+                return [(x, ix)]
         if ia >= 0 and ib >= 0 and depth > 0 and same_dim(a, ia, b, ib, depth - 1, memo):
-            return [(a, ia)]
+            return [(a, ia), (b, ib)]
     return []
 
 
@@ -276,6 +309,19 @@ def _dim_chain(v: ir.Value, axis: int, depth: int, memo: dict) -> tuple[set, set
             todo.extend(_dim_inputs(u, j, depth, memo))
         memo[key] = (places, labels)
     return memo[key]
+
+
+def is_one(v: ir.Value, i: int, depth: int = 3, memo: dict | None = None) -> bool:
+    """Dim i of v is provably 1 (its producer chain reaches a static 1)."""
+    d = dims_of(v)
+    if d is not None and 0 <= i < len(d) and isinstance(d[i], int):
+        return d[i] == 1
+    return 1 in _dim_chain(v, i, depth, {} if memo is None else memo)[1]
+
+
+def dim_inputs(v: ir.Value, axis: int, depth: int = 3) -> list[tuple[ir.Value, int]]:
+    """Every (u, j), one producer back, such that dim `axis` of v provably has the size of dim j of u."""
+    return _dim_inputs(v, axis, depth, {})
 
 
 def same_dim(a: ir.Value, ia: int, b: ir.Value, ib: int, depth: int = 3, memo: dict | None = None) -> bool:

@@ -5,6 +5,7 @@ from . import (  # noqa: F401  (imported for registration)
     eliminate_dead,
     expand_standard_ops,
     fold_constants,
+    fold_shapes,
     fuse_attention,
     fuse_embed_layer_norm,
     fuse_gelu,
