@@ -6,10 +6,19 @@ import onnx_ir as ir
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from onnxc.pass_manager import PassContext, get_pass
-from tests.helpers import assert_close, assert_unchanged_by, assert_valid, canonical, op_types, parse, parse_proto, \
-    run_ort, run_pass
+
+from tests.helpers import (
+    assert_close,
+    assert_unchanged_by,
+    assert_valid,
+    canonical,
+    op_types,
+    parse,
+    parse_proto,
+    run_ort,
+    run_pass,
+)
 
 H23 = '<ir_version: 10, opset_import: ["" : 23]>'
 PASS = "expand-standard-ops"
