@@ -4,12 +4,18 @@
     - every value has one producer and a unique name;
     - no node uses a value whose producer was removed from the graph (dangling use);
     - the graph's inputs and outputs are those of the input model (names, element types, ranks);
-    - every domain a node uses is imported by the model.
+    - every domain a node uses is imported by the model;
+    - every node of an ONNX domain ("", ai.onnx.ml) exists at the imported opset and fits its schema there:
+      no unknown attribute, no missing required attribute, input and output counts within the schema's bounds
+      (Shape(start, end) in an opset-14 model fails here, at the pass that wrote it).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import functools
+
+import onnx
 import onnx_ir as ir
 
 from .errors import IRVerificationError
@@ -52,9 +58,10 @@ def check_model(model: ir.Model, signature: Signature | None = None, max_problem
     if signature is not None:
         problems += signature.diff(Signature.of(model))
     imported = set(model.opset_imports) | {"ai.onnx"}
-    _check_graph(model.graph, set(), imported, problems, max_problems)
+    _check_graph(model.graph, set(), imported, problems, max_problems, dict(model.opset_imports))
     for fn in model.functions.values():
-        _check_graph(fn, set(), imported | set(fn.opset_imports), problems, max_problems)
+        _check_graph(fn, set(), imported | set(fn.opset_imports), problems, max_problems,
+                     {**model.opset_imports, **fn.opset_imports})
     return problems[:max_problems]
 
 
@@ -64,8 +71,48 @@ def verify(model: ir.Model, signature: Signature | None = None) -> None:
         raise IRVerificationError(problems)
 
 
+_SCHEMA_DOMAINS = {"": "", "ai.onnx": "", "ai.onnx.ml": "ai.onnx.ml"}
+# onnxruntime registers these in the default domain at every opset (LayerNormalization before ONNX's opset 17)
+_ORT_DEFAULT_DOMAIN = frozenset({"SimplifiedLayerNormalization", "LayerNormalization"})
+
+
+@functools.lru_cache(maxsize=4096)
+def _schema(op: str, domain: str, version: int) -> onnx.defs.OpSchema | None:
+    try:
+        s = onnx.defs.get_schema(op, max_inclusive_version=version, domain=domain)
+    except onnx.defs.SchemaError:
+        return None
+    return None if s.deprecated else s
+
+
+def _schema_problems(node: ir.Node, label: str, opsets: dict[str, int]) -> list[str]:
+    """The node against its ONNX schema at the model's opset (domains onnx.defs knows; others are not checked)."""
+    domain = _SCHEMA_DOMAINS.get(node.domain)
+    version = opsets.get(node.domain, opsets.get("ai.onnx") if domain == "" else None)
+    if domain is None or version is None:
+        return []
+    s = _schema(node.op_type, domain, version)
+    if s is None:
+        if node.op_type in _ORT_DEFAULT_DOMAIN:
+            return []
+        return [f"{label} is not an operator of domain '{node.domain}' at opset {version}"]
+    where = f"{label} (opset {version}, schema version {s.since_version})"
+    problems = [f"{where} has attribute '{a}', which the schema does not define"
+                for a in node.attributes if a not in s.attributes]
+    problems += [f"{where} lacks required attribute '{a}'" for a, d in s.attributes.items()
+                 if d.required and a not in node.attributes]
+    n_in = len(node.inputs)
+    while n_in and node.inputs[n_in - 1] is None:     # trailing optional inputs left empty
+        n_in -= 1
+    if not s.min_input <= n_in <= s.max_input:
+        problems.append(f"{where} has {n_in} inputs; the schema takes {s.min_input} to {s.max_input}")
+    if not s.min_output <= len(node.outputs) <= s.max_output:
+        problems.append(f"{where} has {len(node.outputs)} outputs; the schema gives {s.min_output} to {s.max_output}")
+    return problems
+
+
 def _check_graph(graph: ir.Graph | ir.Function, outer: set[int], imported: set[str], problems: list[str],
-                 max_problems: int) -> None:
+                 max_problems: int, opsets: dict[str, int] | None = None) -> None:
     defined: set[int] = set(outer)
     names: dict[str, int] = {}
 
@@ -91,6 +138,8 @@ def _check_graph(graph: ir.Graph | ir.Function, outer: set[int], imported: set[s
         label = f"{node.op_type} '{node.name or '<unnamed>'}'"
         if node.domain not in imported:
             problems.append(f"{label} uses domain '{node.domain}', which the model does not import")
+        elif opsets is not None:
+            problems += _schema_problems(node, label, opsets)
         for i, v in enumerate(node.inputs):
             if v is None or id(v) in defined:
                 continue
@@ -103,10 +152,10 @@ def _check_graph(graph: ir.Graph | ir.Function, outer: set[int], imported: set[s
                 problems.append(f"{label} input {i} '{v.name}' is used before it is defined (order or cycle)")
         for attr in node.attributes.values():
             if isinstance(attr, ir.Attr) and attr.type == ir.AttributeType.GRAPH:
-                _check_graph(attr.as_graph(), defined, imported, problems, max_problems)
+                _check_graph(attr.as_graph(), defined, imported, problems, max_problems, opsets)
             elif isinstance(attr, ir.Attr) and attr.type == ir.AttributeType.GRAPHS:
                 for g in attr.as_graphs():
-                    _check_graph(g, defined, imported, problems, max_problems)
+                    _check_graph(g, defined, imported, problems, max_problems, opsets)
         for out in node.outputs:
             if out.producer() is not node:
                 problems.append(f"{label} output '{out.name}' names another producer")

@@ -183,3 +183,76 @@ def test_verifier_caps_problem_count():
     model.graph.remove(nodes(model)[0], safe=False)
     assert len(check_model(model)) == 20
     assert len(check_model(model, max_problems=5)) == 5
+
+
+# ------------------------------------------------------------------------------------------- op schemas
+def _opset(text: str, version: int) -> ir.Model:
+    model = parse(text)
+    model.opset_imports[""] = version
+    return model
+
+
+SHAPE_SLICE = """
+g (float[2, 3] x) => (int64[1] y) {
+  y = Shape <start = 1, end = 2> (x)
+}"""
+
+
+def test_verifier_rejects_attribute_unknown_at_the_model_opset():
+    problems = check_model(_opset(SHAPE_SLICE, 14))
+    assert any("Shape" in p and "opset 14" in p and "'start'" in p for p in problems), problems
+    assert check_model(_opset(SHAPE_SLICE, 15)) == []
+
+
+def test_verifier_rejects_input_count_outside_the_schema():
+    model = _opset("""
+g (float[2, 3] x) => (float[2] y) {
+  y = ReduceSum <keepdims = 0> (x)
+}""", 13)
+    assert check_model(model) == []
+    reduce = nodes(model)[0]
+    reduce.resize_inputs(3)
+    reduce.replace_input_with(1, model.graph.inputs[0])
+    reduce.replace_input_with(2, model.graph.inputs[0])
+    assert any("has 3 inputs; the schema takes 1 to 2" in p for p in check_model(model))
+
+
+def test_verifier_rejects_op_absent_at_the_model_opset_and_missing_required_attribute():
+    model = _opset("""
+g (float[2, 3] x) => (float[2, 3] y) {
+  y = Gelu(x)
+}""", 18)
+    assert any("Gelu" in p and "not an operator" in p for p in check_model(model))
+    model = _opset("""
+g (float[2, 3] x) => (float[2, 3] y) {
+  y = Cast(x)
+}""", 18)
+    assert any("lacks required attribute 'to'" in p for p in check_model(model))
+
+
+def test_verifier_accepts_onnxruntime_default_domain_ops_and_other_domains():
+    model = _opset("""
+g (float[2, 3] x, float[3] w) => (float[2, 3] y, float[2, 3] z) {
+  y = SimplifiedLayerNormalization <axis = -1> (x, w)
+  z = com.microsoft.FastGelu <anything = 1> (x)
+}""", 14)
+    model.opset_imports["com.microsoft"] = 1
+    assert check_model(model) == []
+
+
+def test_pass_manager_names_the_pass_that_wrote_an_invalid_node():
+    from onnxc import pass_manager as pm
+    from onnxc.errors import PassError
+
+    class WriteShapeSlice(pm.Pass):
+        name = "write-shape-slice"
+
+        def run(self, model, ctx):
+            x = model.graph.inputs[0]
+            node = ir.node("Shape", [x], attributes={"start": 1}, name="bad_shape")
+            model.graph.append(node)
+            return pm.PassResult(model, True, {})
+
+    model = _opset(CHAIN, 14)
+    with pytest.raises(PassError, match=r"write-shape-slice.*Shape 'bad_shape' \(opset 14"):
+        pm.PassManager([WriteShapeSlice()]).run(model, pm.PassContext(level=1))
