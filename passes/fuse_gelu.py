@@ -15,8 +15,9 @@ Gelu, BiasGelu and FastGelu are com.microsoft ops. Without the option the flavou
 
 The expanded forms match in the arrangements exporters write: the product 0.5 · x · (1 + t) as (0.5·x)·(1+t) or
 (x·(1+t))·0.5 (fuse-gelu-*), x·(0.5·(1+t)) or x·(0.5 + 0.5·t) (fuse-gelu-*-factored), any operand order;
-x/√2 or x·(1/√2); x³ as Pow(x, 3) or x·x·x; the tanh argument as √(2/π)·(x + 0.044715·x³) or
-√(2/π)·x·(1 + 0.044715·x²) in any association; a Cast around the Erf/Tanh (computing it in a type at least as wide
+x/√2 or x·(1/√2); the tanh argument as √(2/π)·(x + 0.044715·x³) or √(2/π)·x·(1 + 0.044715·x²) in any
+association, the monomials 0.044715·x³ and 0.044715·x² as any Mul tree of their factors (x² or x³ also as Pow),
+e.g. BLOOM's tanh((√(2/π)·x)·(1 + (0.044715·x)·x)); a Cast around the Erf/Tanh (computing it in a type at least as wide
 as x's).
 
 Requires: the constants are one-element and equal to 0.5, √2 (or 1/√2), √(2/π) and 0.044715 within the rounding of
@@ -66,11 +67,30 @@ def _erf(op, x, s):
     return op.Cast(op.Erf(op.Cast(u, _optional=True, _name="cin")), _optional=True)
 
 
+def _monomial(op, k, x, n: int, with_k: bool = True):
+    """k·xⁿ (or xⁿ) as any binary tree of Mul over its factors, with any xᵐ (m ≥ 2) also as Pow(x, m): the
+    alternatives are generated from the monomial, so every association an exporter writes is one of them
+    (k·(x·x), (k·x)·x, x·(k·x), ...). Mul's operand order is matched by the engine."""
+    if n == 0:
+        return k
+    if not with_k and n == 1:
+        return x
+    alts = [op.Pow(x, float(n))] if not with_k else []
+    seen = set()
+    for k1 in ((False, True) if with_k else (False,)):
+        for n1 in range(n + 1):
+            left, right = (k1, n1), (with_k and not k1, n - n1)
+            if left == (False, 0) or right == (False, 0) or frozenset((left, right)) in seen:
+                continue
+            seen.add(frozenset((left, right)))
+            alts.append(op.Mul(_monomial(op, k, x, n1, k1), _monomial(op, k, x, n - n1, with_k and not k1)))
+    return alts[0] if len(alts) == 1 else op.Or(*alts)
+
+
 def _tanh(op, x, c, k):
-    """tanh(c·(x + k·x³)) | tanh(c·x·(1 + k·x²)) in any association, x³ = Pow(x, 3) | x·x·x, x² = x·x | Pow(x, 2)."""
-    sq = op.Or(op.Mul(x, x), op.Pow(x, 2.0))
-    q = op.Add(op.Mul(k, sq), 1.0)
-    arg = op.Or(op.Mul(c, op.Add(x, op.Mul(k, op.Or(op.Pow(x, 3.0), op.Mul(x, sq))))),
+    """tanh(c·(x + k·x³)) | tanh(c·x·(1 + k·x²)) in any association of c·x·(...), k·x³ and k·x² (see _monomial)."""
+    q = op.Add(_monomial(op, k, x, 2), 1.0)
+    arg = op.Or(op.Mul(c, op.Add(x, _monomial(op, k, x, 3))),
                 op.Mul(op.Mul(x, c), q), op.Mul(c, op.Mul(x, q)), op.Mul(x, op.Mul(c, q)))
     return op.Cast(op.Tanh(op.Cast(arg, _optional=True, _name="cin")), _optional=True)
 

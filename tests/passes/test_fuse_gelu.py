@@ -51,6 +51,7 @@ class Gelu:
     scale: str = "div"            # erf: x / √2 | mul: x * (1/√2)
     cube: str = "pow"             # tanh: Pow(x, 3) | mul: x*(x*x)
     arg: str = "sum"              # tanh: c(x + kx³) | factored: (xc)(1 + kx²)
+    mono: str = "k(xx)"           # tanh: kx² as k(xx) | (kx)x (BLOOM), kx³ as k·cube | ((kx)x)x
     dtype: str = "float"
     swap: int = 0
     cast: str | None = None       # compute Erf/Tanh in this type
@@ -79,11 +80,17 @@ class Gelu:
             core = op("u", "Div" if self.scale == "div" else "Mul", "x", "s", self.scale != "div")
         else:
             if self.arg == "sum":
-                cube = (op("cube", "Pow", "x", "three", False) if self.cube == "pow"
-                        else op("cube", "Mul", "x", op("sq", "Mul", "x", "x")))
-                core = op("arg", "Mul", "c", op("inner", "Add", "x", op("kc", "Mul", "k", cube)))
+                if self.mono == "(kx)x":
+                    kc = op("kc", "Mul", op("kxx", "Mul", op("kx", "Mul", "k", "x"), "x"), "x")
+                else:
+                    cube = (op("cube", "Pow", "x", "three", False) if self.cube == "pow"
+                            else op("cube", "Mul", "x", op("sq", "Mul", "x", "x")))
+                    kc = op("kc", "Mul", "k", cube)
+                core = op("arg", "Mul", "c", op("inner", "Add", "x", kc))
             else:
-                q = op("q", "Add", op("kx2", "Mul", "k", op("sq", "Mul", "x", "x")), "one")
+                kx2 = (op("kx2", "Mul", op("kx", "Mul", "k", "x"), "x") if self.mono == "(kx)x"
+                       else op("kx2", "Mul", "k", op("sq", "Mul", "x", "x")))
+                q = op("q", "Add", kx2, "one")
                 core = op("arg", "Mul", op("xc", "Mul", "x", "c"), q)
         fn = "Erf" if self.flavour == "erf" else "Tanh"
         if self.cast:
@@ -167,6 +174,10 @@ ARRANGEMENTS = [
     pytest.param(Gelu(flavour="tanh", product="xp", arg="factored", swap=0b1010101), "fuse-gelu-tanh",
                  id="tanh-factored-swapped"),
     pytest.param(Gelu(flavour="tanh", cast="double"), "fuse-gelu-tanh", id="tanh-in-double"),
+    # BLOOM: x·0.5·(1 + tanh((√(2/π)·x)·(1 + (0.044715·x)·x)))
+    pytest.param(Gelu(flavour="tanh", product="xh", arg="factored", mono="(kx)x", swap=0b110), "fuse-gelu-tanh",
+                 id="tanh-bloom"),
+    pytest.param(Gelu(flavour="tanh", product="xp", mono="(kx)x"), "fuse-gelu-tanh", id="tanh-cube-left-assoc"),
 ]
 
 
@@ -375,6 +386,8 @@ def test_fuse_gelu_approximate_option_on_onnx_gelu():
     (Gelu(product="xh", consts={"h": 0.25}), "fuse-gelu-erf", "constant h = 0.25, GELU needs 0.5"),
     (Gelu(product="ht", consts={"h2": 0.4}), "fuse-gelu-erf-factored", "constant h2 = 0.4"),
     (Gelu(flavour="tanh", consts={"k": 0.0447}), "fuse-gelu-tanh", "constant k = 0.0447"),
+    (Gelu(flavour="tanh", arg="factored", mono="(kx)x", consts={"k": 0.0447}), "fuse-gelu-tanh",
+     "constant k = 0.0447"),
     (Gelu(flavour="tanh", product="hp", consts={"c": 0.8}), "fuse-gelu-tanh-factored", "constant c = 0.8"),
     (Gelu(product="xp", cast="float16"), "fuse-gelu-erf", "the core is computed in FLOAT16, narrower than x"),
     (Gelu(product="xp", dtype="double"), "fuse-gelu-erf", "DOUBLE input: ORT's GELU kernels take float"),
@@ -430,7 +443,8 @@ def gelu_cases(draw):
     flavour = draw(st.sampled_from(["erf", "tanh"]))
     case = Gelu(flavour=flavour, product=draw(st.sampled_from(["xh", "xp", "hp", "ht"])),
                 scale=draw(st.sampled_from(["div", "mul"])), cube=draw(st.sampled_from(["pow", "mul"])),
-                arg=draw(st.sampled_from(["sum", "factored"])), dtype=draw(st.sampled_from(["float", "float16"])),
+                arg=draw(st.sampled_from(["sum", "factored"])), mono=draw(st.sampled_from(["k(xx)", "(kx)x"])),
+                dtype=draw(st.sampled_from(["float", "float16"])),
                 swap=draw(st.integers(0, 255)), dims=draw(st.sampled_from(["N, 8", "2, 3, 8", "N, S, 8"])),
                 bias=draw(st.sampled_from([None, (8,), (1, 8)])))
     wider = WIDER[case.dtype] if case.dtype == "float16" or flavour == "tanh" else None   # ORT has no double Erf
