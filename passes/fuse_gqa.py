@@ -71,11 +71,13 @@ def _dims(v: ir.Value | None, depth: int = 10) -> tuple | None:
         elif n.op_type == "Expand":
             derived = sym_value(n.inputs[1])
         elif n.op_type in _ELEMENTWISE:
-            derived = None
-            for x in n.inputs:
-                dx = _dims(x, depth - 1) if x is not None else None
-                if dx is None or (d is not None and len(dx) != len(d)):
+            derived = None      # numpy broadcasting: right-aligned, missing leading dims are 1
+            ins = [dx for x in n.inputs if x is not None and (dx := _dims(x, depth - 1)) is not None]
+            rank = len(d) if d is not None else max((len(dx) for dx in ins), default=0)
+            for dx in ins:
+                if len(dx) > rank:
                     continue
+                dx = (1,) * (rank - len(dx)) + tuple(dx)
                 derived = dx if derived is None else tuple(
                     a if isinstance(a, int) and a != 1 else (b if b != 1 else a) for a, b in zip(derived, dx))
         elif n.op_type == "Slice" and len(n.inputs) > 3 and _ints(n.inputs[3]) is not None:
@@ -209,7 +211,7 @@ def _slice_last(v: ir.Value) -> tuple[ir.Value, int, int] | None:
     starts, ends = _ints(n.inputs[1]), _ints(n.inputs[2])
     axes = _ints(n.inputs[3]) if len(n.inputs) > 3 and n.inputs[3] is not None else None
     steps = _ints(n.inputs[4]) if len(n.inputs) > 4 and n.inputs[4] is not None else [1]
-    d = dims_of(n.inputs[0])
+    d = _dims(n.inputs[0])
     if starts is None or ends is None or d is None or not isinstance(d[-1], int) or steps != [1]:
         return None
     if axes not in ([-1], [len(d) - 1]) or len(starts) != 1:
@@ -230,7 +232,7 @@ def _rotate_half_of(v: ir.Value) -> ir.Value | None:
     lo = _slice_last(c.inputs[1])
     if hi is None or lo is None or hi[0] is not lo[0]:
         return None
-    d = dims_of(lo[0])
+    d = _dims(lo[0])
     h = d[-1] // 2
     return lo[0] if (lo[1], lo[2], hi[1], hi[2]) == (0, h, h, d[-1]) else None
 
@@ -244,7 +246,7 @@ def _parse_rotary(v: ir.Value) -> Rotary | None:
         if rest is not None and inner is not None:
             head = _slice_last(inner.x)
             if head is not None and head[0] is rest[0] and head[1:] == (0, rest[1]) \
-                    and rest[2] == dims_of(rest[0])[-1]:
+                    and rest[2] == _dims(rest[0])[-1]:
                 return Rotary(rest[0], inner.cos, inner.sin, inner.dim)
         return None
     a = _prod(v, "Add")
@@ -257,7 +259,7 @@ def _parse_rotary(v: ir.Value) -> Rotary | None:
         for x, cos in ((p.inputs[0], p.inputs[1]), (p.inputs[1], p.inputs[0])):
             for r, sin in ((q.inputs[0], q.inputs[1]), (q.inputs[1], q.inputs[0])):
                 if _rotate_half_of(r) is x:
-                    d = dims_of(x)
+                    d = _dims(x)
                     return Rotary(x, cos, sin, d[-1])
     return None
 
@@ -274,12 +276,21 @@ def _same_heads_reshape(r: ir.Node) -> bool:
         and t[1] in (-1, d[1]) and t[3] == d[3] and isinstance(d[3], int)
 
 
-def _heads_view(x: ir.Value, what: str) -> ir.Value:
-    """BNSH x = Transpose(x4, [0,2,1,3]) -> x4 (B, S, N, H)."""
+_LAST_AXIS_NORMS = ("SimplifiedLayerNormalization", "LayerNormalization")
+
+
+def _heads_view(x: ir.Value, what: str) -> tuple[ir.Value, ir.Node | None]:
+    """BNSH x = Transpose(x4, [0,2,1,3]) -> (x4 (B, S, N, H), None); or x = Norm(Transpose(x4)) for a norm over the
+    last axis only -> (x4, Norm): Norm(Transpose(x4, [0,2,1,3])) = Transpose(Norm(x4)), the normed axis untouched."""
+    norm = _prod(x, *_LAST_AXIS_NORMS)
+    if norm is not None:
+        if attr_value(norm, "axis", default=-1) not in (-1, 3) or len(norm.outputs) != 1:
+            raise Refuse(f"{what} is normalized over more than its last axis")
+        x = norm.inputs[0]
     t = _prod(x, "Transpose")
     if t is None or _perm(t) != [0, 2, 1, 3]:
         raise Refuse(f"{what} is not Transpose(BSNH, [0,2,1,3])")
-    return t.inputs[0]
+    return t.inputs[0], norm
 
 
 @dataclass
@@ -302,6 +313,17 @@ class Site:
     kv_heads: int
     head: int
     rotary: Rotary | None
+    softcap: float = 0.0      # c in c * tanh(scores / c), applied after the scale, before the mask
+    q_norm: ir.Node | None = None   # a last-axis norm applied to BNSH Q (K) after the head transpose
+    k_norm: ir.Node | None = None
+
+
+def _is_scores(x: ir.Value) -> bool:
+    """x is scaled MatMul scores, optionally softcapped (c * tanh(scores / c))."""
+    x = _peel_scale(x)[0]
+    if (th := _prod(x, "Tanh")) is not None:
+        x = _peel_scale(th.inputs[0])[0]
+    return _prod(x, "MatMul") is not None
 
 
 def _parse_site(sm: ir.Node) -> Site:
@@ -338,15 +360,22 @@ def _parse_site(sm: ir.Node) -> Site:
         raise Refuse("no mask before Softmax (a model without one is not causal self-attention)")
     if n.op_type == "Add":
         a, b = n.inputs
-        scores, mask = (a, b) if _prod(_peel_scale(a)[0], "MatMul") else (b, a)
+        scores, mask = (a, b) if _is_scores(a) else (b, a)
         kind = "bias"
     else:
         cond, x, y = n.inputs
-        if _prod(_peel_scale(x)[0], "MatMul"):
+        if _is_scores(x):
             scores, mask, kind = x, cond, "keep"
         else:
             scores, mask, kind = y, cond, "drop"
     scores, s_post = _peel_scale(scores)
+    softcap = 0.0
+    if (th := _prod(scores, "Tanh")) is not None:
+        # c * tanh(a * x) = c * tanh((c*a*x) / c): softcap c over the scores scaled by c*a (tanh is odd: c > 0)
+        if s_post <= 0:
+            raise Refuse(f"a softcap multiplier {s_post} that is not positive")
+        scores, s_in = _peel_scale(th.inputs[0])
+        softcap, s_post = s_post, s_post * s_in
     mm = _prod(scores, "MatMul")
     if mm is None:
         raise Refuse("the scores are not MatMul(Q, K^T)")
@@ -371,9 +400,11 @@ def _parse_site(sm: ir.Node) -> Site:
     rq, rk = _parse_rotary(q_rot), (_parse_rotary(k_rot) if k_rot is not None else None)
     if (rq is None) != (rk is None) or (rq and (rq.cos is not rk.cos or rq.sin is not rk.sin or rq.dim != rk.dim)):
         raise Refuse("Q and K are not rotated by the same rotary tables")
-    q4 = _heads_view(rq.x if rq else q_rot, "Q")
-    k4 = present_k if k_rot is None else _heads_view(rk.x if rk else k_rot, "K")
-    v4 = _heads_view(v_bnsh, "V")
+    q4, q_norm = _heads_view(rq.x if rq else q_rot, "Q")
+    k4, k_norm = (present_k, None) if k_rot is None else _heads_view(rk.x if rk else k_rot, "K")
+    v4, v_norm = _heads_view(v_bnsh, "V")
+    if v_norm is not None:
+        raise Refuse("V is normalized per head")
     dq, dk, dv = _dims(q4), _dims(k4), _dims(v4)
     if dq is None or dk is None or dv is None or len(dq) != 4 or len(dk) != 4:
         raise Refuse("Q/K/V shapes are unknown")
@@ -383,7 +414,7 @@ def _parse_site(sm: ir.Node) -> Site:
     if n_heads != kv * rep_k:
         raise Refuse(f"{n_heads} query heads are not {kv} KV heads repeated {rep_k} times")
     return Site(out, rs[0], q4, k4, v4, q_rot, k_rot, past_k, past_v, present_k, present_v, mask, kind,
-                s_q * s_k * s_post, n_heads, kv, head, rq)
+                s_q * s_k * s_post, n_heads, kv, head, rq, softcap, q_norm, k_norm)
 
 
 # -------------------------------------------------------------------------------------------------- probes
@@ -569,9 +600,19 @@ def _flat(b: _Builder, x4: ir.Value, anchor: ir.Node) -> ir.Value:
     return out
 
 
-def _bnsh_to_flat(b: _Builder, x: ir.Value, anchor: ir.Node) -> ir.Value:
+def _renorm(b: _Builder, x4: ir.Value, norm: ir.Node | None, anchor: ir.Node) -> ir.Value:
+    """Norm(x4) on the BSNH view: the same last-axis norm, weights and attributes, before the head transpose."""
+    if norm is None:
+        return x4
+    out = b.node(norm.op_type, [x4, *norm.inputs[1:]], anchor,
+                 **{k: a.value for k, a in norm.attributes.items()}).outputs[0]
+    out.dtype, out.shape = norm.outputs[0].dtype or x4.dtype, x4.shape
+    return out
+
+
+def _bnsh_to_flat(b: _Builder, x: ir.Value, anchor: ir.Node, dtype: ir.DataType) -> ir.Value:
     t = b.node("Transpose", [x], anchor, perm=[0, 2, 1, 3]).outputs[0]
-    t.dtype = x.dtype
+    t.dtype = x.dtype or dtype
     dx = _dims(x)
     t.shape = ir.Shape([dx[0], dx[2], dx[1], dx[3]])
     return _flat(b, t, anchor)
@@ -656,20 +697,23 @@ class FuseGQA(Pass):
             seqlens, total = seq_cache[id(mask_in)]
             anchor = site.anchor
             if do_rotary or site.rotary is None:
-                q, k = _flat(b, site.q, anchor), _flat(b, site.k, anchor)
+                q, k = (_flat(b, _renorm(b, x4, nm, anchor), anchor)
+                        for x4, nm in ((site.q, site.q_norm), (site.k, site.k_norm)))
             else:
-                q, k = _bnsh_to_flat(b, site.q_rot, anchor), _bnsh_to_flat(b, site.k_rot, anchor)
+                q, k = (_bnsh_to_flat(b, x, anchor, site.v.dtype) for x in (site.q_rot, site.k_rot))
             v = _flat(b, site.v, anchor)
             inputs = [q, k, v, site.past_k, site.past_v, seqlens, total]
             attrs = {"num_heads": site.num_heads, "kv_num_heads": site.kv_heads, "scale": float(site.scale),
                      "local_window_size": window, "do_rotary": int(do_rotary), "rotary_interleaved": 0}
+            if site.softcap:
+                attrs["softcap"] = float(site.softcap)
             if caches:
                 inputs += list(caches)
             node = b.node("GroupQueryAttention", inputs, anchor, domain=MS, n_out=3, **attrs)
             out, pk, pv = node.outputs
-            out.dtype = site.out.dtype
+            out.dtype = site.out.dtype or site.v.dtype
             for new, old in ((pk, site.present_k), (pv, site.present_v)):
-                new.dtype = old.dtype
+                new.dtype = old.dtype or site.v.dtype
                 new.shape = old.shape
             _replace(site.out, out)
             if site.past_k is not None or site.present_k.is_graph_output():

@@ -30,6 +30,8 @@ class Variant:
     bias_value: float = 0.0       # a non-zero value makes the mask a bias that GQA cannot express
     noncausal: bool = False
     static: tuple[int, int, int] | None = None   # (batch, seq, past): every input dim fixed
+    softcap: float = 0.0          # Gemma2: c * tanh(scores / c) between the scale and the mask
+    qk_norm: bool = False         # Gemma3: RMS norm (SimplifiedLayerNormalization) of BNSH q and k after the transpose
     opset: int = 18
 
 
@@ -73,6 +75,9 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
         return op("Transpose", op("Reshape", y, shape), perm=[0, 2, 1, 3])
 
     q, k, val = proj(n * h, n), proj(kv * h, kv), proj(kv * h, kv)
+    if v.qk_norm:
+        q, k = (op("SimplifiedLayerNormalization", z, const((1 + 0.1 * rng.standard_normal(h)).astype(npdt)),
+                   axis=-1, epsilon=1e-6) for z in (q, k))
     if v.rotary:
         inv = const((1.0 / (10000 ** (np.arange(0, h, 2) / h))).astype(np.float32))
         f = op("Mul", op("Cast", op("Unsqueeze", pos, i64(2)), to=TensorProto.FLOAT), inv)
@@ -117,6 +122,8 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
         scores = op("MatMul", op("Mul", q, scalar(scale)), kt)
     else:
         scores = op("Div", op("MatMul", q, kt), scalar(np.sqrt(h)))
+    if v.softcap:
+        scores = op("Mul", op("Tanh", op("Div", scores, scalar(v.softcap))), scalar(v.softcap))
     # mask: keys j <= past + i, inside the window, not padded
     zero, one = const(np.array(0, dtype=np.int64)), const(np.array(1, dtype=np.int64))
     qi = op("Unsqueeze", op("Add", op("Range", zero, s, one), p), i64(1))            # (S, 1)

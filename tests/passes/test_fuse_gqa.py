@@ -163,6 +163,63 @@ def test_fuse_gqa_emits_nodes_valid_at_the_model_opset(opset):
     assert_equivalent(v, build(v), model)
 
 
+@pytest.mark.parametrize("window", [0, 4])
+def test_fuse_gqa_softcap_becomes_the_attribute(window):
+    """Gemma2: c * tanh(s * QK^T / c) + mask -> softcap=c, scale=s (the kernel's order: scale, softcap, mask)."""
+    v = Variant(softcap=3.0, scale_on="scores", window=window)
+    model, ctx = fuse(build(v))
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 1 and ops(model)["Tanh"] == 0, ctx.notes
+    assert gqa[0].attributes["softcap"].value == pytest.approx(3.0)
+    assert gqa[0].attributes["scale"].value == pytest.approx(0.25, rel=1e-6)
+    assert gqa[0].attributes["local_window_size"].value == (window or -1)
+    assert_equivalent(v, build(v), model)
+
+
+def test_fuse_gqa_softcap_with_a_scale_inside_the_tanh():
+    """c * tanh(a * x) = c * tanh((c*a*x) / c): the factor inside the tanh folds into the scale."""
+    proto = build(Variant(softcap=2.0, scale_on="q"))
+    div = next(n for n in proto.graph.node if n.op_type == "Div")
+    c = next(i for i in proto.graph.initializer if i.name == div.input[1])
+    c.CopyFrom(onnx.numpy_helper.from_array(np.array(0.25, np.float32), c.name))     # 2 * tanh(x / 0.25)
+    model, _ = fuse(proto)
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert gqa.attributes["softcap"].value == pytest.approx(2.0)
+    assert gqa.attributes["scale"].value == pytest.approx(0.25 * 4 * 2, rel=1e-6)   # s * a * c
+    assert_equivalent(Variant(softcap=2.0, scale_on="q"), proto, model)
+
+
+def test_fuse_gqa_refuses_a_negative_softcap_multiplier():
+    proto = build(Variant(softcap=3.0))
+    tanh_mul = next(n for n in proto.graph.node if n.op_type == "Mul" and n.input[0].startswith("tanh"))
+    c = next(i for i in proto.graph.initializer if i.name == tanh_mul.input[1])
+    c.CopyFrom(onnx.numpy_helper.from_array(np.array(-3.0, np.float32), c.name))
+    model, ctx = fuse(proto)
+    assert ops(model)["GroupQueryAttention"] == 0
+    assert any("softcap multiplier -3.0 that is not positive" in n for n in ctx.notes), ctx.notes
+
+
+@pytest.mark.parametrize("past, rotary", [(True, True), (False, True), (True, False)])
+def test_fuse_gqa_commutes_a_head_norm_through_the_transpose(past, rotary):
+    """Gemma3: SLN(Transpose(q4, [0,2,1,3])) = Transpose(SLN(q4)); the norm moves onto the BSNH input."""
+    v = Variant(qk_norm=True, past=past, rotary=rotary)
+    model, ctx = fuse(build(v))
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 1, ctx.notes
+    sln = [n for n in model.graph if n.op_type == "SimplifiedLayerNormalization"]
+    assert len(sln) == 2 and all(len(n.inputs[0].shape) == 4 and n.inputs[0].shape[2] in (2, 4) for n in sln)
+    assert_equivalent(v, build(v), model)
+
+
+def test_fuse_gqa_refuses_a_head_norm_over_more_than_the_last_axis():
+    proto = build(Variant(qk_norm=True))
+    sln = next(n for n in proto.graph.node if n.op_type == "SimplifiedLayerNormalization")
+    next(a for a in sln.attribute if a.name == "axis").i = 2
+    model, ctx = fuse(proto)
+    assert ops(model)["GroupQueryAttention"] == 0
+    assert any("normalized over more than its last axis" in n for n in ctx.notes), ctx.notes
+
+
 def test_fuse_gqa_probes_a_mask_sized_through_a_large_table_without_loading_it():
     """The mask's size comes from Shape(Gather(embedding, ids)) with a 5 MB table: read only for its shape, so
     the probe evaluates zeros of its shape in its place (a cone reading that much weight data is refused)."""
@@ -240,6 +297,8 @@ variants = st.builds(
     k_transpose=st.sampled_from(["perm", "reshape"]),
     window=st.sampled_from([0, 0, 4]),
     nan_guard=st.booleans(),
+    softcap=st.sampled_from([0.0, 0.0, 5.0]),
+    qk_norm=st.booleans(),
     dtype=st.sampled_from([onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16]),
 )
 
