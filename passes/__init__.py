@@ -1,5 +1,6 @@
 """Built-in passes. Importing this package registers them (see onnxc.pass_manager.register_pass)."""
 from . import (  # noqa: F401  (imported for registration)
+    contract_standard_ops,
     convert_fp16,
     eliminate_cse,
     eliminate_dead,

@@ -24,10 +24,13 @@ it; a used qk_matmul_output; a GQA head repeat with unknown head counts; RMSNorm
 fuse-gqa reads: Softmax -> [IsNaN guard] -> MatMul(P, V), Where/Add mask, Mul scale, Transpose(K, [0,1,3,2]), the
 Unsqueeze/Expand/Reshape repeat, Concat(past, new, axis=2) and x*cos + rotate_half(x)*sin with one cos/sin value
 shared by Q and K (the expanded tables are built once per (cos, sin, position_ids)).
+Each expanded site is recorded for contract-standard-ops: built nodes and initializers carry meta[MARK], and each
+value that took an original output's readers carries meta[SITE] = Site(original node, its inputs, those values).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -41,11 +44,25 @@ class Refuse(Exception):
     """A standard op left as is, with the reason."""
 
 
+MARK = "expand-standard-ops"          # node/initializer meta: created by the expansion
+SITE = "expand-standard-ops/site"     # value meta on each value that took an original output's uses: its Site
+
+
+@dataclass(eq=False)
+class Site:
+    """One expanded op: the original node (detached; op, name, attributes) and its inputs as they were, and for each
+    original output the value that took its uses (None where the output was unused). contract-standard-ops reads it."""
+    node: ir.Node
+    inputs: list[ir.Value | None]
+    outputs: list[ir.Value | None]
+    rule: str
+
+
 class _Builder:
-    """Nodes inserted before one anchor node, with names under the pass's prefix."""
+    """Nodes inserted before one anchor node, with names under the pass's prefix (each marked in its meta)."""
 
     def __init__(self, graph: ir.Graph):
-        self.graph, self.count, self.anchor = graph, 0, None
+        self.graph, self.count, self.anchor, self.replaced = graph, 0, None, {}
 
     def name(self, stem: str) -> str:
         self.count += 1
@@ -55,6 +72,7 @@ class _Builder:
         arr = np.asarray(arr)
         v = ir.Value(name=self.name(stem), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
                      shape=ir.Shape(arr.shape), const_value=ir.tensor(arr))
+        v.meta[MARK] = True
         self.graph.register_initializer(v)
         return v
 
@@ -64,6 +82,7 @@ class _Builder:
     def __call__(self, op: str, *inputs: ir.Value | None, dtype: ir.DataType | None = None,
                  shape: tuple | None = None, n_out: int = 1, **attrs) -> ir.Value:
         node = ir.node(op, list(inputs), attributes=attrs, num_outputs=n_out, name=self.name(op))
+        node.meta[MARK] = True
         for o in node.outputs:
             o.name = self.name(f"{op}_out")
         if dtype is not None:
@@ -74,7 +93,13 @@ class _Builder:
         return node.outputs[0]
 
 
-def _replace(old: ir.Value, new: ir.Value) -> None:
+    def replace(self, old: ir.Value, new: ir.Value) -> None:
+        self.replaced[id(old)] = new
+        replace_value(old, new)
+
+
+def replace_value(old: ir.Value, new: ir.Value) -> None:
+    """All uses of old (graph outputs included, keeping the output's name) -> new, which takes old's type/shape."""
     if new.type is None:
         new.type = old.type
     if old.shape is not None:
@@ -118,7 +143,7 @@ def _rms_norm(b: _Builder, n: ir.Node, opset: int) -> None:
         if norm.dtype != x.dtype:
             norm = b("Cast", norm, to=x.dtype, dtype=x.dtype)
         y = b("Mul", norm, w, dtype=n.outputs[0].dtype)
-    _replace(n.outputs[0], y)
+    b.replace(n.outputs[0], y)
 
 
 # ---------------------------------------------------------------------------------------------------- RotaryEmbedding
@@ -169,7 +194,7 @@ def _rotary(b: _Builder, n: ir.Node, opset: int, cache: dict) -> None:
         y = b("Concat", y, b("Slice", x4, b.ints(rot), b.ints(head), b.ints(-1), dtype=dt), axis=-1, dtype=dt)
     if len(d) == 3:
         y = b("Reshape", y, b.ints(0, 0, -1), dtype=dt, shape=d)
-    _replace(n.outputs[0], y)
+    b.replace(n.outputs[0], y)
 
 
 # ---------------------------------------------------------------------------------------------------- Attention
@@ -272,12 +297,12 @@ def _attention(b: _Builder, n: ir.Node, opset: int) -> None:
     if three_d:
         dy = dims_of(n.outputs[0]) or (None, None, None)
         y = b("Reshape", b("Transpose", y, perm=[0, 2, 1, 3], dtype=dt), b.ints(0, 0, -1), dtype=dt, shape=dy)
-    _replace(n.outputs[0], y)
+    b.replace(n.outputs[0], y)
     for i, new in ((1, present[0]), (2, present[1])):
         if len(n.outputs) > i and _used(n.outputs[i]):
             if past_k is None:
                 raise Refuse("present_key/value without past")   # pragma: no cover - checked before building
-            _replace(n.outputs[i], new)
+            b.replace(n.outputs[i], new)
 
 
 # ---------------------------------------------------------------------------------------------------- the pass
@@ -308,7 +333,7 @@ class ExpandStandardOps(Pass):
         b = _Builder(graph)
         for n in [n for n in graph if n.domain == "" and n.op_type in _EXPANDERS]:
             rule, expand = _EXPANDERS[n.op_type]
-            b.anchor = n
+            b.anchor, b.replaced = n, {}
             start, inits, keys = {id(x) for x in graph}, set(graph.initializers), set(cache)
             try:
                 _precheck(n)
@@ -321,6 +346,10 @@ class ExpandStandardOps(Pass):
                     del cache[key]
                 ctx.notes.append(f"expand-standard-ops: {n.op_type} '{n.name}' not expanded: {exc}")
                 continue
+            site = Site(n, list(n.inputs), [b.replaced.get(id(o)) for o in n.outputs], rule)
+            for v in site.outputs:
+                if v is not None:
+                    v.meta[SITE] = site
             if not any(_used(o) for o in n.outputs):
                 graph.remove(n, safe=True)
             counts[f"expand-standard-ops/{rule}"] = counts.get(f"expand-standard-ops/{rule}", 0) + 1
