@@ -201,10 +201,11 @@ class Rotary:
     sin: ir.Value
     dim: int             # rotated channels
     interleaved: bool = False
+    bsnh: bool = False   # applied to the (B, S, N, H) view before the head transpose (cos/sin (B, S, 1, dim))
 
 
-def _slice_last(v: ir.Value) -> tuple[ir.Value, int, int] | None:
-    """Slice(x, start, end, axes=[-1]) -> (x, start, end) with end clipped to the last dim."""
+def _slice_last(v: ir.Value, step: int = 1) -> tuple[ir.Value, int, int] | None:
+    """Slice(x, start, end, axes=[-1], steps=[step]) -> (x, start, end) with end clipped to the last dim."""
     n = _prod(v, "Slice")
     if n is None or len(n.inputs) < 3:
         return None
@@ -212,7 +213,7 @@ def _slice_last(v: ir.Value) -> tuple[ir.Value, int, int] | None:
     axes = _ints(n.inputs[3]) if len(n.inputs) > 3 and n.inputs[3] is not None else None
     steps = _ints(n.inputs[4]) if len(n.inputs) > 4 and n.inputs[4] is not None else [1]
     d = _dims(n.inputs[0])
-    if starts is None or ends is None or d is None or not isinstance(d[-1], int) or steps != [1]:
+    if starts is None or ends is None or d is None or not isinstance(d[-1], int) or steps != [step]:
         return None
     if axes not in ([-1], [len(d) - 1]) or len(starts) != 1:
         return None
@@ -237,6 +238,35 @@ def _rotate_half_of(v: ir.Value) -> ir.Value | None:
     return lo[0] if (lo[1], lo[2], hi[1], hi[2]) == (0, h, h, d[-1]) else None
 
 
+def _last_axis(v: ir.Value, axes: list[int] | None) -> bool:
+    d = _dims(v)
+    return axes is not None and len(axes) == 1 and d is not None and axes[0] in (-1, len(d) - 1)
+
+
+def _rotate_every_two_of(v: ir.Value) -> ir.Value | None:
+    """Reshape(Concat(Unsqueeze(Neg(x[..., 1::2]), -1), Unsqueeze(x[..., 0::2], -1), axis=-1), x.shape) -> x:
+    out[2i] = -x[2i+1], out[2i+1] = x[2i] (GPT-J's rotate_every_two, the interleaved layout)."""
+    r = _prod(v, "Reshape")
+    c = _prod(r.inputs[0], "Concat") if r else None
+    if c is None or len(c.inputs) != 2 or not _last_axis(c.outputs[0], [attr_value(c, "axis")]):
+        return None
+    us = [_prod(i, "Unsqueeze") for i in c.inputs]
+    if any(u is None or len(u.inputs) < 2 or not _last_axis(u.outputs[0], _ints(u.inputs[1])) for u in us):
+        return None
+    neg = _prod(us[0].inputs[0], "Neg")
+    odd = _slice_last(neg.inputs[0], 2) if neg else None
+    even = _slice_last(us[1].inputs[0], 2)
+    if odd is None or even is None or odd[0] is not even[0] or (odd[1], even[1]) != (1, 0):
+        return None
+    x = even[0]
+    dx, dv, dc = _dims(x), _dims(v), _dims(c.outputs[0])
+    # the stack (..., d/2, 2) is flattened back to (..., d): equal leading dims leave d for the last one
+    ok = dx is not None and dv is not None and dc is not None and isinstance(dx[-1], int) and dx[-1] % 2 == 0 \
+        and len(dx) == len(dv) and tuple(dv[:-1]) == tuple(dx[:-1]) and (dv[-1] == dx[-1] or isinstance(dv[-1], str)) \
+        and tuple(dc) == tuple(dx[:-1]) + (dx[-1] // 2, 2) and min(odd[2], even[2]) >= dx[-1] - 1
+    return x if ok else None
+
+
 def _parse_rotary(v: ir.Value) -> Rotary | None:
     """x*cos + rotate_half(x)*sin (any operand order), or Concat(that over x[..., :r], x[..., r:]) for partial."""
     c = _prod(v, "Concat")
@@ -247,7 +277,7 @@ def _parse_rotary(v: ir.Value) -> Rotary | None:
             head = _slice_last(inner.x)
             if head is not None and head[0] is rest[0] and head[1:] == (0, rest[1]) \
                     and rest[2] == _dims(rest[0])[-1]:
-                return Rotary(rest[0], inner.cos, inner.sin, inner.dim)
+                return Rotary(rest[0], inner.cos, inner.sin, inner.dim, inner.interleaved)
         return None
     a = _prod(v, "Add")
     if a is None:
@@ -259,8 +289,9 @@ def _parse_rotary(v: ir.Value) -> Rotary | None:
         for x, cos in ((p.inputs[0], p.inputs[1]), (p.inputs[1], p.inputs[0])):
             for r, sin in ((q.inputs[0], q.inputs[1]), (q.inputs[1], q.inputs[0])):
                 if _rotate_half_of(r) is x:
-                    d = _dims(x)
-                    return Rotary(x, cos, sin, d[-1])
+                    return Rotary(x, cos, sin, _dims(x)[-1])
+                if _rotate_every_two_of(r) is x:
+                    return Rotary(x, cos, sin, _dims(x)[-1], interleaved=True)
     return None
 
 
@@ -316,6 +347,13 @@ class Site:
     softcap: float = 0.0      # c in c * tanh(scores / c), applied after the scale, before the mask
     q_norm: ir.Node | None = None   # a last-axis norm applied to BNSH Q (K) after the head transpose
     k_norm: ir.Node | None = None
+    rotated4: tuple[ir.Value, ir.Value] | None = None   # rotated BSNH q, k when the rotary precedes the transpose
+
+
+def _same_rotary(rq: Rotary | None, rk: Rotary | None) -> None:
+    if (rq is None) != (rk is None) or (rq and (rq.cos is not rk.cos or rq.sin is not rk.sin or rq.dim != rk.dim
+                                                or rq.interleaved != rk.interleaved)):
+        raise Refuse("Q and K are not rotated by the same rotary tables")
 
 
 def _is_scores(x: ir.Value) -> bool:
@@ -398,10 +436,17 @@ def _parse_site(sm: ir.Node) -> Site:
     if (past_k is None) != (past_v is None):
         raise Refuse("only one of K and V has a cache")
     rq, rk = _parse_rotary(q_rot), (_parse_rotary(k_rot) if k_rot is not None else None)
-    if (rq is None) != (rk is None) or (rq and (rq.cos is not rk.cos or rq.sin is not rk.sin or rq.dim != rk.dim)):
-        raise Refuse("Q and K are not rotated by the same rotary tables")
+    _same_rotary(rq, rk)
     q4, q_norm = _heads_view(rq.x if rq else q_rot, "Q")
     k4, k_norm = (present_k, None) if k_rot is None else _heads_view(rk.x if rk else k_rot, "K")
+    rotated4 = None
+    if rq is None and q_norm is None and k_norm is None:
+        # rotary applied to the BSNH views before the head transpose (GPT-J, CodeGen)
+        rq, rk = _parse_rotary(q4), _parse_rotary(k4)
+        _same_rotary(rq, rk)
+        if rq is not None:
+            rq.bsnh = rk.bsnh = True
+            rotated4, q4, k4 = (q4, k4), rq.x, rk.x
     v4, v_norm = _heads_view(v_bnsh, "V")
     if v_norm is not None:
         raise Refuse("V is normalized per head")
@@ -414,7 +459,7 @@ def _parse_site(sm: ir.Node) -> Site:
     if n_heads != kv * rep_k:
         raise Refuse(f"{n_heads} query heads are not {kv} KV heads repeated {rep_k} times")
     return Site(out, rs[0], q4, k4, v4, q_rot, k_rot, past_k, past_v, present_k, present_v, mask, kind,
-                s_q * s_k * s_post, n_heads, kv, head, rq, softcap, q_norm, k_norm)
+                s_q * s_k * s_post, n_heads, kv, head, rq, softcap, q_norm, k_norm, rotated4)
 
 
 # -------------------------------------------------------------------------------------------------- probes
@@ -531,8 +576,9 @@ def _probe_rotary(model: ir.Model, rot: Rotary, max_len: int) -> tuple[np.ndarra
         pos = feeds[pos_ins[0].name] if pos_ins else np.arange(sc.past, sc.past + sc.seq)[None]
         shape = pos.shape[:-1] + (pos.shape[-1], rot.dim) if pos.ndim == 2 else (sc.batch, sc.seq, rot.dim)
         try:
-            cos = np.broadcast_to(np.squeeze(cos, axis=1) if cos.ndim == 4 else cos, shape)
-            sin = np.broadcast_to(np.squeeze(sin, axis=1) if sin.ndim == 4 else sin, shape)
+            ax = 2 if rot.bsnh else 1      # the head axis of (B, 1, S, D) or (B, S, 1, D) tables
+            cos = np.broadcast_to(np.squeeze(cos, axis=ax) if cos.ndim == 4 else cos, shape)
+            sin = np.broadcast_to(np.squeeze(sin, axis=ax) if sin.ndim == 4 else sin, shape)
         except ValueError:
             raise Refuse(f"rotary tables of shape {cos.shape} do not broadcast to (B, 1, S, {rot.dim})") from None
         return cos, sin, np.broadcast_to(pos, shape[:2])
@@ -699,12 +745,15 @@ class FuseGQA(Pass):
             if do_rotary or site.rotary is None:
                 q, k = (_flat(b, _renorm(b, x4, nm, anchor), anchor)
                         for x4, nm in ((site.q, site.q_norm), (site.k, site.k_norm)))
+            elif site.rotated4 is not None:
+                q, k = (_flat(b, x, anchor) for x in site.rotated4)
             else:
                 q, k = (_bnsh_to_flat(b, x, anchor, site.v.dtype) for x in (site.q_rot, site.k_rot))
             v = _flat(b, site.v, anchor)
             inputs = [q, k, v, site.past_k, site.past_v, seqlens, total]
             attrs = {"num_heads": site.num_heads, "kv_num_heads": site.kv_heads, "scale": float(site.scale),
-                     "local_window_size": window, "do_rotary": int(do_rotary), "rotary_interleaved": 0}
+                     "local_window_size": window, "do_rotary": int(do_rotary),
+                     "rotary_interleaved": int(do_rotary and site.rotary.interleaved)}
             if site.softcap:
                 attrs["softcap"] = float(site.softcap)
             if caches:

@@ -32,6 +32,7 @@ class Variant:
     static: tuple[int, int, int] | None = None   # (batch, seq, past): every input dim fixed
     softcap: float = 0.0          # Gemma2: c * tanh(scores / c) between the scale and the mask
     qk_norm: bool = False         # Gemma3: RMS norm (SimplifiedLayerNormalization) of BNSH q and k after the transpose
+    interleaved: bool = False     # GPT-J: rotate_every_two on the BSNH views, before the head transpose
     opset: int = 18
 
 
@@ -68,17 +69,34 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
     t = op("Gather", op("Shape", mask), const(np.array(1, dtype=np.int64)), axis=0)
     p = op("Sub", t, s)
 
-    def proj(width, heads):
+    def proj(width, heads, bnsh=True):
         w = const((rng.standard_normal((hidden, width)) * 0.2).astype(npdt))
         y = op("MatMul", x, w)
         shape = op("Concat", op("Unsqueeze", b, i64(0)), op("Unsqueeze", s, i64(0)), i64(heads, h), axis=0)
-        return op("Transpose", op("Reshape", y, shape), perm=[0, 2, 1, 3])
+        y4 = op("Reshape", y, shape)
+        return op("Transpose", y4, perm=[0, 2, 1, 3]) if bnsh else y4
 
-    q, k, val = proj(n * h, n), proj(kv * h, kv), proj(kv * h, kv)
+    bsnh_rot = v.rotary and v.interleaved          # q and k stay BSNH until rotated
+    q, k, val = proj(n * h, n, not bsnh_rot), proj(kv * h, kv, not bsnh_rot), proj(kv * h, kv)
     if v.qk_norm:
         q, k = (op("SimplifiedLayerNormalization", z, const((1 + 0.1 * rng.standard_normal(h)).astype(npdt)),
                    axis=-1, epsilon=1e-6) for z in (q, k))
-    if v.rotary:
+    if v.rotary and v.interleaved:     # cos/sin (B, S, 1, h) repeated pairwise; out[2i] = -x[2i+1], out[2i+1] = x[2i]
+        inv = const((1.0 / (10000 ** (np.arange(0, h, 2) / h))).astype(np.float32))
+        f = op("Unsqueeze", op("Mul", op("Cast", op("Unsqueeze", pos, i64(2)), to=TensorProto.FLOAT), inv), i64(-1))
+        pairs = op("Concat", f, f, axis=-1)                                                   # (B, S, h/2, 2)
+        emb = op("Reshape", pairs, i64(0, 0, 1, h))
+        cos, sin = (op("Cast", op(kind, emb), to=v.dtype) for kind in ("Cos", "Sin"))
+
+        def rot2(z):
+            odd = op("Slice", z, i64(1), i64(2 ** 62), i64(-1), i64(2))
+            even = op("Slice", z, i64(0), i64(2 ** 62), i64(-1), i64(2))
+            stack = op("Concat", op("Unsqueeze", op("Neg", odd), i64(-1)), op("Unsqueeze", even, i64(-1)), axis=-1)
+            flat = op("Reshape", stack, op("Shape", z))
+            return op("Transpose", op("Add", op("Mul", z, cos), op("Mul", flat, sin)), perm=[0, 2, 1, 3])
+
+        q, k = rot2(q), rot2(k)
+    elif v.rotary:
         inv = const((1.0 / (10000 ** (np.arange(0, h, 2) / h))).astype(np.float32))
         f = op("Mul", op("Cast", op("Unsqueeze", pos, i64(2)), to=TensorProto.FLOAT), inv)
         emb = op("Concat", f, f, axis=-1)

@@ -220,6 +220,41 @@ def test_fuse_gqa_refuses_a_head_norm_over_more_than_the_last_axis():
     assert any("normalized over more than its last axis" in n for n in ctx.notes), ctx.notes
 
 
+@pytest.mark.parametrize("past", [True, False])
+def test_fuse_gqa_interleaved_rotary_on_bsnh_goes_inside(past):
+    """GPT-J: x*cos + rotate_every_two(x)*sin on the BSNH views, cos/sin repeated pairwise -> rotary_interleaved=1."""
+    v = Variant(interleaved=True, past=past)
+    model, ctx = fuse(build(v), max_seq_len=64)
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 1 and ops(model)["Cos"] == 0, ctx.notes
+    attrs = {k: a.value for k, a in gqa[0].attributes.items()}
+    assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 1
+    cos = gqa[0].inputs[7].const_value.numpy()
+    np.testing.assert_allclose(cos[10], np.cos(10 / 10000 ** (np.arange(0, 16, 2) / 16)), rtol=1e-5, atol=1e-6)
+    assert_equivalent(v, build(v), model)
+
+
+def test_fuse_gqa_interleaved_rotary_stays_outside_below_the_kernel_size():
+    v = Variant(interleaved=True, head=8)
+    model, ctx = fuse(build(v))
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert gqa.attributes["do_rotary"].value == 0 and gqa.attributes["rotary_interleaved"].value == 0
+    assert ops(model)["Cos"] == 1, ctx.notes
+    assert_equivalent(v, build(v), model)
+
+
+def test_fuse_gqa_refuses_interleaved_tables_that_are_not_pairwise():
+    proto = build(Variant(interleaved=True))
+    g = proto.graph
+    pairs = next(n for n in g.node if n.op_type == "Concat" and len(n.input) == 2 and n.input[0] == n.input[1])
+    g.initializer.append(onnx.numpy_helper.from_array(np.array(1.5, np.float32), "c_odd"))
+    g.node.insert(list(g.node).index(pairs), onnx.helper.make_node("Mul", [pairs.input[1], "c_odd"], ["f_odd"]))
+    pairs.input[1] = "f_odd"
+    model, ctx = fuse(proto)
+    assert ops(model)["GroupQueryAttention"] == 0
+    assert any("not repeated pairwise" in n for n in ctx.notes), ctx.notes
+
+
 def test_fuse_gqa_probes_a_mask_sized_through_a_large_table_without_loading_it():
     """The mask's size comes from Shape(Gather(embedding, ids)) with a 5 MB table: read only for its shape, so
     the probe evaluates zeros of its shape in its place (a cone reading that much weight data is refused)."""
@@ -299,6 +334,7 @@ variants = st.builds(
     nan_guard=st.booleans(),
     softcap=st.sampled_from([0.0, 0.0, 5.0]),
     qk_norm=st.booleans(),
+    interleaved=st.booleans(),
     dtype=st.sampled_from([onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16]),
 )
 
