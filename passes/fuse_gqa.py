@@ -348,6 +348,7 @@ class Site:
     q_norm: ir.Node | None = None   # a last-axis norm applied to BNSH Q (K) after the head transpose
     k_norm: ir.Node | None = None
     rotated4: tuple[ir.Value, ir.Value] | None = None   # rotated BSNH q, k when the rotary precedes the transpose
+    mask_scale: float = 1.0   # the additive mask is scaled with the scores: Softmax((S + M) * mask_scale)
 
 
 def _same_rotary(rq: Rotary | None, rk: Rotary | None) -> None:
@@ -392,8 +393,11 @@ def _parse_site(sm: ir.Node) -> Site:
         raise Refuse("the attention output is not reshaped to (B, S, N*H)")
     out = rs[0].outputs[0]
     # scores and mask
-    s = _peel_cast(sm.inputs[0])
+    # (S + M) * c = S*c + M*c (CodeGen scales after the mask): the scale joins the scores' and M*c is probed
+    s, s_mask = _peel_scale(sm.inputs[0])
     n = _prod(s, "Add", "Where")
+    if s_mask != 1.0 and (n is None or n.op_type != "Add" or s_mask <= 0):
+        raise Refuse(f"a scale {s_mask} after the mask that is not positive or follows no additive mask")
     if n is None:
         raise Refuse("no mask before Softmax (a model without one is not causal self-attention)")
     if n.op_type == "Add":
@@ -419,7 +423,7 @@ def _parse_site(sm: ir.Node) -> Site:
         raise Refuse("the scores are not MatMul(Q, K^T)")
     q_rot, s_q = _peel_scale(mm.inputs[0])
     kt, s_k = _peel_scale(mm.inputs[1])
-    present_v, rep_v = _unrepeat(pv.inputs[1])
+    present_v, rep_v = _unrepeat(_peel_cast(pv.inputs[1]))     # fp16 TorchScript: MatMul(P, Cast(V, fp32))
     past_v, v_bnsh = _unconcat(present_v)
     tn = _prod(kt, "Transpose")
     if tn is not None and _perm(tn) == [0, 2, 3, 1]:
@@ -459,7 +463,7 @@ def _parse_site(sm: ir.Node) -> Site:
     if n_heads != kv * rep_k:
         raise Refuse(f"{n_heads} query heads are not {kv} KV heads repeated {rep_k} times")
     return Site(out, rs[0], q4, k4, v4, q_rot, k_rot, past_k, past_v, present_k, present_v, mask, kind,
-                s_q * s_k * s_post, n_heads, kv, head, rq, softcap, q_norm, k_norm, rotated4)
+                s_q * s_k * s_post * s_mask, n_heads, kv, head, rq, softcap, q_norm, k_norm, rotated4, s_mask)
 
 
 # -------------------------------------------------------------------------------------------------- probes
@@ -475,9 +479,9 @@ def _mask_input(graph: ir.Graph, values: list[ir.Value]) -> ir.Value | None:
     return ins[0] if len(ins) == 1 and ins[0].shape is not None and len(ins[0].shape) == 2 else None
 
 
-def _visible(arr: np.ndarray, kind: str) -> np.ndarray:
+def _visible(arr: np.ndarray, kind: str, scale: float = 1.0) -> np.ndarray:
     if kind == "bias":
-        a = arr.astype(np.float64)
+        a = arr.astype(np.float64) * scale
         if not np.all((a == 0) | (a <= -1e4)):
             raise Refuse("the additive mask holds values other than 0 and a large negative (a bias, not a mask)")
         return a == 0
@@ -515,7 +519,7 @@ def _probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tu
         if arr.ndim != 4 or act.seq < 1:
             raise Refuse(f"the mask is not (B, N, S, T) ({sc.name} probe: shape {arr.shape})")
         try:
-            vis = np.broadcast_to(_visible(arr, site.mask_kind), (act.batch, arr.shape[1], act.seq, act.past + act.seq))
+            vis = np.broadcast_to(_visible(arr, site.mask_kind, site.mask_scale), (act.batch, arr.shape[1], act.seq, act.past + act.seq))
         except ValueError:
             raise Refuse(f"the mask of shape {arr.shape} is not (B, N, S, T) for {act}") from None
         if not (vis == vis[:, :1]).all():
@@ -711,7 +715,7 @@ class FuseGQA(Pass):
         has_past = any(input_role(v) == "past" for v in graph.inputs)
         b = _Builder(graph, "fuse-gqa")
         seq_cache: dict[int, tuple[ir.Value, ir.Value]] = {}
-        mask_cache: dict[int, tuple[ir.Value, int]] = {}
+        mask_cache: dict[tuple, tuple[ir.Value, int]] = {}
         rot_cache: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
         counts: dict[str, int] = {}
         for sm in [n for n in graph if n.op_type == "Softmax" and n.domain == ""]:
@@ -721,9 +725,10 @@ class FuseGQA(Pass):
                     raise Refuse(f"head size {site.head} is not a multiple of 8 (GroupQueryAttention)")
                 if site.past_k is not None and dims_of(site.past_k)[1] != site.kv_heads:
                     raise Refuse("the past KV is not BNSH with the KV head count")
-                if id(site.mask) not in mask_cache:
-                    mask_cache[id(site.mask)] = _probe_mask(model, site, has_past, max_len)
-                mask_in, window = mask_cache[id(site.mask)]
+                mkey = (id(site.mask), site.mask_kind, site.mask_scale)
+                if mkey not in mask_cache:
+                    mask_cache[mkey] = _probe_mask(model, site, has_past, max_len)
+                mask_in, window = mask_cache[mkey]
                 do_rotary = site.rotary is not None and site.head % 16 == 0 and (site.rotary.dim // 2) % 8 == 0
                 caches = None
                 if do_rotary:
@@ -760,7 +765,11 @@ class FuseGQA(Pass):
                 inputs += list(caches)
             node = b.node("GroupQueryAttention", inputs, anchor, domain=MS, n_out=3, **attrs)
             out, pk, pv = node.outputs
-            out.dtype = site.out.dtype or site.v.dtype
+            out.dtype = site.v.dtype
+            if site.out.dtype is not None and site.out.dtype != out.dtype:    # attention computed in a wider type
+                out.shape = site.out.shape
+                out = b.node("Cast", [out], anchor, to=site.out.dtype).outputs[0]
+                out.dtype = site.out.dtype
             for new, old in ((pk, site.present_k), (pv, site.present_v)):
                 new.dtype = old.dtype or site.v.dtype
                 new.shape = old.shape

@@ -21,7 +21,8 @@ class Variant:
     head: int = 16
     past: bool = True
     rotary: bool = True
-    scale_on: str = "qk"          # "qk": sqrt(scale) on Q and on K; "scores": Div of the scores; "q": Mul on Q
+    scale_on: str = "qk"          # "qk": sqrt(scale) on Q and on K; "scores": Div of the scores; "q": Mul on Q;
+    #                               "after_mask": Div of (scores + mask) (CodeGen), with mask_form "add"
     mask_form: str = "add"        # "add": Add(scores, Where(keep, 0, min)); "where": Where(keep, scores, min)
     k_transpose: str = "perm"     # "perm": Transpose(0,1,3,2); "reshape": Reshape/Transpose(0,2,1)/Reshape
     window: int = 0               # sliding window (keys a query sees), 0 = none
@@ -33,6 +34,7 @@ class Variant:
     softcap: float = 0.0          # Gemma2: c * tanh(scores / c) between the scale and the mask
     qk_norm: bool = False         # Gemma3: RMS norm (SimplifiedLayerNormalization) of BNSH q and k after the transpose
     interleaved: bool = False     # GPT-J: rotate_every_two on the BSNH views, before the head transpose
+    upcast: bool = False          # fp16 TorchScript: Cast(scores, fp32) + mask, Softmax, MatMul(P, Cast(V, fp32))
     opset: int = 18
 
 
@@ -78,9 +80,11 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
 
     bsnh_rot = v.rotary and v.interleaved          # q and k stay BSNH until rotated
     q, k, val = proj(n * h, n, not bsnh_rot), proj(kv * h, kv, not bsnh_rot), proj(kv * h, kv)
+    typed: list[onnx.ValueInfoProto] = []       # ONNX shape inference does not know ORT's norm: state its type
     if v.qk_norm:
         q, k = (op("SimplifiedLayerNormalization", z, const((1 + 0.1 * rng.standard_normal(h)).astype(npdt)),
                    axis=-1, epsilon=1e-6) for z in (q, k))
+        typed += [helper.make_tensor_value_info(z, v.dtype, None) for z in (q, k)]
     if v.rotary and v.interleaved:     # cos/sin (B, S, 1, h) repeated pairwise; out[2i] = -x[2i+1], out[2i+1] = x[2i]
         inv = const((1.0 / (10000 ** (np.arange(0, h, 2) / h))).astype(np.float32))
         f = op("Unsqueeze", op("Mul", op("Cast", op("Unsqueeze", pos, i64(2)), to=TensorProto.FLOAT), inv), i64(-1))
@@ -136,6 +140,8 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
     if v.scale_on == "qk":
         q, kt = op("Mul", q, scalar(np.sqrt(scale))), op("Mul", kt, scalar(np.sqrt(scale)))
         scores = op("MatMul", q, kt)
+    elif v.scale_on == "after_mask":
+        scores = op("MatMul", q, kt)
     elif v.scale_on == "q":
         scores = op("MatMul", op("Mul", q, scalar(scale)), kt)
     else:
@@ -151,17 +157,24 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
         keep = op("And", keep, op("Greater", kj, op("Sub", qi, i64(v.window))))
     padm = op("Unsqueeze", op("Cast", mask, to=TensorProto.BOOL), i64(1, 2))           # (B, 1, 1, T)
     keep = op("And", op("Unsqueeze", keep, i64(0, 1)), padm)                          # (B, 1, S, T)
-    lowest = float(np.finfo(npdt).min)
+    sdt = np.float32 if v.upcast else npdt                # the type scores, mask and softmax are computed in
+    if v.upcast:
+        scores, vf = op("Cast", scores, to=TensorProto.FLOAT), op("Cast", vf, to=TensorProto.FLOAT)
+    lowest = float(np.finfo(sdt).min)
     if v.mask_form == "add":
-        bias = op("Where", keep, scalar(v.bias_value), scalar(lowest))
+        bias = op("Where", keep, const(np.array(v.bias_value, sdt)), const(np.array(lowest, sdt)))
         logits = op("Add", scores, bias)
+        if v.scale_on == "after_mask":
+            logits = op("Div", logits, const(np.array(np.sqrt(h), sdt)))
     else:
-        logits = op("Where", keep, scores, scalar(lowest))
+        logits = op("Where", keep, scores, const(np.array(lowest, sdt)))
     probs = op("Softmax", logits, axis=-1)
     if v.nan_guard:
-        probs = op("Where", op("IsNaN", probs), scalar(0.0), probs)
+        probs = op("Where", op("IsNaN", probs), const(np.array(0.0, sdt)), probs)
     o = op("Transpose", op("MatMul", probs, vf), perm=[0, 2, 1, 3])
     o = op("Reshape", o, op("Concat", op("Unsqueeze", b, i64(0)), op("Unsqueeze", s, i64(0)), i64(n * h), axis=0))
+    if v.upcast:
+        o = op("Cast", o, to=v.dtype)
     wo = const((rng.standard_normal((n * h, hidden)) * 0.2).astype(npdt))
     nodes.append(helper.make_node("MatMul", [o, wo], ["out"]))
 
@@ -175,5 +188,5 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.0.{kind}", v.dtype, [bd, kv, pd, h]))
             outputs.append(helper.make_tensor_value_info(f"present.0.{kind}", v.dtype, [bd, kv, td, h]))
-    graph = helper.make_graph(nodes, "attention", inputs, outputs, inits)
+    graph = helper.make_graph(nodes, "attention", inputs, outputs, inits, value_info=typed)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", v.opset)], ir_version=10)

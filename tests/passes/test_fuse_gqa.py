@@ -255,6 +255,59 @@ def test_fuse_gqa_refuses_interleaved_tables_that_are_not_pairwise():
     assert any("not repeated pairwise" in n for n in ctx.notes), ctx.notes
 
 
+@pytest.mark.parametrize("past", [True, False])
+def test_fuse_gqa_reads_the_head_repeat_through_an_fp32_cast_of_v(past):
+    """fp16 TorchScript: Cast(QK^T, fp32) + mask, Softmax, MatMul(P, Cast(repeat(V), fp32)), Cast back to fp16."""
+    v = Variant(upcast=True, dtype=onnx.TensorProto.FLOAT16, past=past)
+    model, ctx = fuse(build(v))
+    c = ops(model)
+    assert c["GroupQueryAttention"] == 1 and c["Softmax"] == 0 and c["Expand"] == 0, ctx.notes
+    assert_equivalent(v, build(v), model)
+
+
+def test_fuse_gqa_casts_the_output_back_to_the_wider_type():
+    """A site whose output stays fp32 (the Cast back to fp16 removed): GQA's fp16 output is cast to fp32."""
+    proto = build(Variant(upcast=True, dtype=onnx.TensorProto.FLOAT16, past=False))
+    g = proto.graph
+    back = [n for n in g.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT16][-1]
+    final = next(n for n in g.node if n.output[0] == "out")
+    final.input[0] = back.input[0]
+    g.initializer.append(onnx.numpy_helper.from_array(
+        onnx.numpy_helper.to_array(next(i for i in g.initializer if i.name == final.input[1])).astype(np.float32), "wo32"))
+    final.input[1] = "wo32"
+    g.output[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    model, ctx = fuse(proto)
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert gqa.outputs[0].dtype == ir.DataType.FLOAT16
+    assert [u.op_type for u, _ in gqa.outputs[0].uses()] == ["Cast"]
+    feeds = feeds_for(Variant(dtype=onnx.TensorProto.FLOAT16, past=False), 2, 5, 0)
+    np.testing.assert_allclose(run_ort(model, feeds)[0], run_ort(proto, feeds)[0], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("past", [True, False])
+def test_fuse_gqa_scale_after_the_mask(past):
+    """CodeGen: Softmax((S + M) / c) = Softmax(S/c + M/c); M/c is still 0 or very negative, and is probed so."""
+    v = Variant(scale_on="after_mask", past=past)
+    model, ctx = fuse(build(v))
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 1, ctx.notes
+    assert gqa[0].attributes["scale"].value == pytest.approx(0.25, rel=1e-6)
+    assert_equivalent(v, build(v), model)
+
+
+@pytest.mark.parametrize("factor, reason", [(-4.0, "not positive"), (None, "values other than 0 and a large negative")])
+def test_fuse_gqa_refuses_a_scale_after_the_mask_it_cannot_prove(factor, reason):
+    """A negative scale after the mask flips it; a bias of 0.5 scaled is still a bias, not a mask."""
+    proto = build(Variant(scale_on="after_mask", bias_value=0.5 if factor is None else 0.0))
+    if factor is not None:
+        div = next(n for n in proto.graph.node if n.op_type == "Div")
+        c = next(i for i in proto.graph.initializer if i.name == div.input[1])
+        c.CopyFrom(onnx.numpy_helper.from_array(np.array(factor, np.float32), c.name))
+    model, ctx = fuse(proto)
+    assert ops(model)["GroupQueryAttention"] == 0
+    assert any(reason in n for n in ctx.notes), ctx.notes
+
+
 def test_fuse_gqa_probes_a_mask_sized_through_a_large_table_without_loading_it():
     """The mask's size comes from Shape(Gather(embedding, ids)) with a 5 MB table: read only for its shape, so
     the probe evaluates zeros of its shape in its place (a cone reading that much weight data is refused)."""
@@ -327,7 +380,7 @@ variants = st.builds(
     head=st.sampled_from([16, 8]),
     past=st.booleans(),
     rotary=st.booleans(),
-    scale_on=st.sampled_from(["qk", "scores", "q"]),
+    scale_on=st.sampled_from(["qk", "scores", "q", "after_mask"]),
     mask_form=st.sampled_from(["add", "where"]),
     k_transpose=st.sampled_from(["perm", "reshape"]),
     window=st.sampled_from([0, 0, 4]),
@@ -335,6 +388,7 @@ variants = st.builds(
     softcap=st.sampled_from([0.0, 0.0, 5.0]),
     qk_norm=st.booleans(),
     interleaved=st.booleans(),
+    upcast=st.booleans(),
     dtype=st.sampled_from([onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16]),
 )
 
