@@ -11,9 +11,8 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import functools
+from dataclasses import dataclass
 
 import onnx
 import onnx_ir as ir

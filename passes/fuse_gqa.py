@@ -4,18 +4,34 @@
     o  = Reshape(Transpose(Softmax(s * q' @ repeat(K)^T + mask) @ repeat(V), [0,2,1,3]), [B, S, N*H])
       ->  o, K, V = GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache,
                                         num_heads=N, kv_num_heads=KV, scale=s, do_rotary, local_window_size=W)
-    with seqlens_k = ReduceSum(attention_mask, 1) - 1 and total_len = attention_mask.shape[1], computed once.
+    with seqlens_k = ReduceSum(attention_mask, 1) - 1 and total_len = Gather(Shape(attention_mask), 1), computed
+    once (nodes valid at every opset from 11: ReduceSum's axes input from 13, no Shape start/end).
 
 The attention core is read from the Softmax outward: scaling (Mul/Div by a scalar, on q, on k or on the scores,
 any mix), K's transposition (Transpose, or the Reshape/Transpose/Reshape triple of the dynamo exporter), the
-repeat-KV chain (Unsqueeze, Expand, Reshape), the KV-cache Concat, optional Casts and the NaN guard after Softmax.
+repeat-KV chain (Unsqueeze, Expand, Reshape, also behind a float Cast of V), the KV-cache Concat, optional Casts
+and the NaN guard after Softmax. Also:
+- softcap:  c * tanh(a * x) = c * tanh((c*a*x) / c)  ->  softcap=c, the scale takes c*a (c > 0; Gemma2). GQA's
+  order is scale, softcap, mask, the graph's order.
+- a scale after the mask:  Softmax((S + M) * c) = Softmax(S*c + M*c), c > 0: the scale joins the scores' and M*c
+  is what the mask probe checks (CodeGen).
+- a last-axis norm on BNSH q/k:  Norm(Transpose(x4, [0,2,1,3])) = Transpose(Norm(x4)), the normed axis untouched:
+  the norm moves onto the BSNH input (Gemma3).
+- rotary as rotate-half (x*cos + Concat(-x2, x1)*sin) or interleaved (x*cos + rotate_every_two(x)*sin with
+  rotate_every_two(x)[2i] = -x[2i+1], [2i+1] = x[2i]; GPT-J, CodeGen), partial (Concat with the unrotated rest),
+  on BNSH or on the BSNH views before the head transpose (cos/sin (B, S, 1, D)).
+- an attention computed wider than its input (fp16 q/k/v, fp32 scores): GQA's output is cast to the site's type.
 
 Two facts cannot be read off the graph's shape, so they are proved by evaluation (compiler/probe.py):
 - the mask: evaluated on a right-padded prefill, a decode step and a chunked prefill, it must show exactly the
   causal rule, the padding of attention_mask and, when present, a sliding window of W keys (local_window_size) on
   every non-padded query row. This is GroupQueryAttention's contract: right padding, positions continuing the past.
-- the rotary tables: cos and sin are evaluated for positions 0..L-1 (L = option max_seq_len, default 4096) and
-  must be the same [c, c] halves at every position ids the model is given; they become cos_cache / sin_cache.
+  Static input dims override the probes' sizes; a window is invisible at a length <= W, so with a static mask
+  length (the only length the model accepts) "no window" is proven there, and with a dynamic one a window probe
+  that static dims keep short is a refusal.
+- the rotary tables: cos and sin are evaluated for positions 0..L-1 (L = option max_seq_len, default 4096, or the
+  static mask length; static position_ids are fed in chunks) and must be the same [c, c] halves (pairs [c0, c0,
+  c1, c1, ...] when interleaved) at every position ids the model is given; they become cos_cache / sin_cache.
 Rotary goes inside the op (do_rotary=1) where ORT's kernel takes it (head size a multiple of 16, cache width a
 multiple of 8); otherwise the rotated q/k stay outside and the op gets them rotated.
 """

@@ -276,7 +276,7 @@ def test_fuse_gqa_casts_the_output_back_to_the_wider_type():
         onnx.numpy_helper.to_array(next(i for i in g.initializer if i.name == final.input[1])).astype(np.float32), "wo32"))
     final.input[1] = "wo32"
     g.output[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
-    model, ctx = fuse(proto)
+    model, _ = fuse(proto)
     gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
     assert gqa.outputs[0].dtype == ir.DataType.FLOAT16
     assert [u.op_type for u, _ in gqa.outputs[0].uses()] == ["Cast"]
