@@ -38,7 +38,9 @@ MODELS = {
     "llama_dynamo": ROOT / "fixtures/models/llama_dynamo.onnx",
     "llama30": ROOT / "bench/out/llama30_prefill/model.onnx",
 }
-METHODS = ("onnxc-rtn", "onnxc-lsq", "onnxc-lsq-sym", "onnxc-hqq", "ort-rtn-sym", "ort-rtn", "ort-hqq")
+METHODS = ("onnxc-rtn", "onnxc-lsq", "onnxc-lsq-sym", "onnxc-hqq", "onnxc-gptq", "ort-rtn-sym", "ort-rtn", "ort-hqq")
+# onnxc-gptq-ao (GPTQ with act_order) is measured on request: --methods onnxc-gptq-ao
+CALIBRATION = {"batches": 16, "batch": 4, "seq": 128, "seed": 1000}   # 8,192 rows, seeds apart from the error's
 
 
 class PhasePeaks:
@@ -64,7 +66,8 @@ class PhasePeaks:
             self._reset()
 
 
-def job(method: str, src: Path, dst: Path, block: int, level: int | None = None, verify: bool = False) -> dict:
+def job(method: str, src: Path, dst: Path, block: int, level: int | None = None, verify: bool = False,
+        calibration: Path | None = None) -> dict:
     """Quantize src into dst in this process; returns seconds, peak RSS and peak RSS by phase.
 
     The peak is the largest phase peak (VmHWM), not ru_maxrss: Linux carries the parent's peak RSS over fork and
@@ -79,10 +82,13 @@ def job(method: str, src: Path, dst: Path, block: int, level: int | None = None,
     t0 = time.perf_counter()
     if method.startswith("onnxc"):
         algo = method.split("-")[1]
+        options = {"quantize": f"int4:{algo}", "block_size": block, "symmetric": method.endswith("-sym"),
+                   "act_order": method.endswith("-ao")}
+        if algo == "gptq":
+            options["calibration"] = str(calibration)
         onnxc.compile(src, level or 0, "cpu", output=dst, verify=verify,
                       passes=None if level is not None else "quantize-int4,eliminate-dead,sort-topologically",
-                      progress=lambda record: phases.mark("passes"),
-                      options={"quantize": f"int4:{algo}", "block_size": block, "symmetric": method.endswith("-sym")})
+                      progress=lambda record: phases.mark("passes"), options=options)
         phases.mark("save+verify" if verify else "save")
     else:
         from onnxruntime.quantization import matmul_nbits_quantizer as mq
@@ -99,6 +105,20 @@ def job(method: str, src: Path, dst: Path, block: int, level: int | None = None,
     peak = max(phases.peaks.values()) if phases.ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak, "phases": {k: round(v) for k, v in
                                                                                   phases.peaks.items()}}
+
+
+def calibration_file(src: Path, folder: Path) -> Path:
+    """CALIBRATION's random-token batches for src as --calibration's NAME/K arrays (held out from the error's)."""
+    import onnxc.ir
+    from onnxc import verify
+
+    m = onnxc.ir.load(src)
+    c = CALIBRATION
+    arrays = {f"{n}/{k}": a for k in range(c["batches"]) for n, a in verify.make_inputs(
+        m, verify.Scenario("calibration", c["batch"], c["seq"], 0), c["seed"] + k).items()}
+    path = folder / "calibration.npz"
+    np.savez(path, **arrays)
+    return path
 
 
 def feeds_for(path: Path, encoder: bool, seed: int) -> dict:
@@ -154,10 +174,11 @@ def main() -> None:
                     help="also compile each onnxc row with verification in a second process (its peak RSS)")
     ap.add_argument("--job", nargs=3, metavar=("METHOD", "SRC", "DST"), help=argparse.SUPPRESS)
     ap.add_argument("--job-verify", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--job-calibration", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.job:
         print(json.dumps(job(args.job[0], Path(args.job[1]), Path(args.job[2]), args.block_size, args.level,
-                             args.job_verify)))
+                             args.job_verify, args.job_calibration)))
         return
     rows = []
     for name in args.models.split(","):
@@ -174,6 +195,8 @@ def main() -> None:
             dst = folder / "model.onnx"
             cmd = [sys.executable, __file__, "--block-size", str(args.block_size), "--job", method, str(src), str(dst)]
             cmd += ["--level", str(args.level)] if args.level is not None else []
+            if "gptq" in method:
+                cmd += ["--job-calibration", str(calibration_file(src, OUT / name))]
             p = run_job(cmd)
             if p.returncode != 0:
                 rows.append({"model": name, "method": method, "failed": p.stderr.strip().splitlines()[-1][:120]})

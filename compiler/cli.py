@@ -93,13 +93,15 @@ def _load_plugins(plugins: tuple[str, ...]) -> None:
 @click.option("--external-data/--no-external-data", default=None, help="Force weights into (or out of) a .data file.")
 @click.option("--max-seq-len", type=int, default=None, help="Maximum sequence length for rotary caches.")
 @click.option("--quantize", default=None, metavar="int4[:METHOD]",
-              help="Quantize linear layers to int4 MatMulNBits; METHOD rtn, lsq (default) or hqq.")
+              help="Quantize linear layers to int4 MatMulNBits; METHOD rtn, lsq (default), hqq or gptq "
+                   "(needs --calibration).")
 @click.option("--block-size", type=int, default=None, help="Quantization block size (power of 2 >= 16; default 32).")
 @click.option("--symmetric/--asymmetric", default=None, help="Symmetric (no zero points) or asymmetric (default).")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Keep in float the layers whose node or weight name matches this glob (repeatable).")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
-              help="Calibration inputs (.npz) for methods that use activations.")
+              help="Model inputs (.npz, arrays named after graph inputs; NAME/0, NAME/1, ... for several "
+                   "batches) for int4:gptq.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="MatMulNBits accuracy_level (default 4 on cpu: int8 compute; 0 on cuda).")
 @click.option("--io-fp16", is_flag=True, help="fp16 graph inputs and outputs (--target cuda).")

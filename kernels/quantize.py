@@ -1,4 +1,4 @@
-"""Block quantizers for MatMulNBits: round-to-nearest, a least-squares fit, and HQQ.
+"""Block quantizers for MatMulNBits: round-to-nearest, a least-squares fit, HQQ, and GPTQ (calibrated).
 
 W (K, N) is quantized per column n in blocks of `block_size` along K (the last block zero-padded), into
 MatMulNBits' layout (see matmul_nbits.py):
@@ -24,6 +24,18 @@ contiguous columns):
             w_e = shrink_p(w - dequant(q), beta);  z = mean(q - (w - w_e) / s);  beta *= kappa
           (stopping when the mean absolute error stops falling). Asymmetric only; float zero points
           (N, k_blocks) in the scale's dtype.
+    gptq  GPTQ (Frantar et al. 2022), given H = X^T X of the layer's inputs X (M, K) (gptq() below): minimizes the
+          output error ||X W - X W_q||^2 instead of the weight error, one input row k of W at a time. With U the
+          upper Cholesky factor of H^-1 (H^-1 = U^T U), after rounding row k to q_k the error
+          e = (w_k - q_k) / U[k, k] is spread over the rows not yet quantized, w_j -= U[k, j] e (j > k): the optimal
+          brain quantization update, which keeps X W as close as the remaining rows allow. Updates are applied
+          lazily, one block of rows at a time: eagerly within the block, then one GEMM for the rows after it.
+          Each block's (s, z) is fitted as in lsq on the block's rows as updated when the block is reached; with
+          act_order the rows go by decreasing H[k, k] and every block's (s, z) is fitted up front on the original
+          weights (MatMulNBits has no g_idx: a block stays the K-contiguous rows k // block_size). Dampening:
+          H + damp mean(diag H) I (damp grows tenfold while the Cholesky factorization fails); an input feature
+          that is never active (H[k, k] = 0) keeps its weight and is rounded where it stands (GPTQ would zero it;
+          inputs outside the calibration set may still use it).
 
 Scales take the weight's dtype (fp16 weights: fp16 scales; codes are recomputed from the rounded scale).
 """
@@ -35,7 +47,9 @@ import numpy as np
 from ._common import round_half_away
 from .matmul_nbits import pack_bits, quantize_rtn
 
-METHODS = ("rtn", "lsq", "hqq")
+METHODS = ("rtn", "lsq", "hqq", "gptq")
+CALIBRATED = ("gptq",)           # methods that need H = X^T X from calibration inputs
+GPTQ_CHUNK_ELEMENTS = 1 << 21    # GPTQ works on column chunks of about 8 MiB (columns are independent given H)
 GRID = (1.0, 0.9, 0.8)
 CHUNK_ELEMENTS = 1 << 18
 
@@ -139,15 +153,128 @@ def _fit_hqq(x: np.ndarray, bits: int, iters: int = 20, p: float = 0.7, beta: fl
     return (np.float32(1) / inv).astype(np.float32), z
 
 
+def _pack_zero_points(zps: np.ndarray, bits: int) -> np.ndarray:
+    """Integer zero points (N, k_blocks) -> MatMulNBits' packed uint8 (N, ceil(k_blocks * bits / 8))."""
+    n, kb = zps.shape
+    per = 8 // bits
+    zpad = np.full((n, -(-kb // per) * per), 1 << (bits - 1), np.uint8)
+    zpad[:, :kb] = zps.astype(np.uint8)
+    return pack_bits(zpad, bits)
+
+
+def _fit_block(x: np.ndarray, block_size: int, symmetric: bool, bits: int, iters: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """lsq's (s, z) (c,) for one block x (rows <= block_size, c) of real rows (a short last block is padded and
+    masked as in quantize())."""
+    b, c = x.shape
+    xb = np.empty((1, block_size, c), np.float32)
+    xb[0, :b] = x
+    xb[0, b:] = x[:1]
+    mask = None
+    if b < block_size:
+        mask = np.zeros((1, block_size, 1), np.float32)
+        mask[0, :b] = 1
+    s, z = _fit_lsq(xb, mask, np.full((1, 1), b, np.float32), symmetric, bits, iters)
+    return s[0], z[0]
+
+
+def gptq_factor(hessian, damp: float = 0.01, act_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(U, perm) for gptq(): the row order (decreasing H[k, k] with act_order, else 0..K-1) and the upper Cholesky
+    factor U (float32) of the inverse of the dampened, permuted H (H^-1 = U^T U). Never-active features get
+    H[k, k] = 1; damp grows tenfold while the factorization fails."""
+    h = np.array(hessian, np.float64)
+    k = h.shape[0]
+    if h.shape != (k, k):
+        raise ValueError(f"the Hessian must be square, got {h.shape}")
+    diag = np.diag(h).copy()
+    h[np.diag_indices(k)] = np.where(diag > 0, diag, 1.0)
+    mean = float(np.mean(np.diag(h)))
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    h = h[np.ix_(perm, perm)]
+    for d in (damp, damp * 10, damp * 100, 1.0):
+        try:
+            return np.linalg.cholesky(np.linalg.inv(h + np.eye(k) * (d * mean))).T.astype(np.float32), perm
+        except np.linalg.LinAlgError:
+            continue
+    raise ValueError("GPTQ: the dampened Hessian is not positive definite")
+
+
+def gptq(w, hessian=None, block_size: int = 32, symmetric: bool = False, bits: int = 4, damp: float = 0.01,
+         act_order: bool = False, iters: int = 3, factor: tuple[np.ndarray, np.ndarray] | None = None):
+    """GPTQ-quantize W (K, N) for inputs whose Gram matrix is `hessian` = X^T X (K, K) (module docstring); or give
+    `factor` = gptq_factor(H, damp, act_order), to share it between weights with the same inputs.
+
+    Returns quantize()'s layout: (B, scales, packed uint8 zero points or None when symmetric). Deterministic:
+    the same W and H give the same bytes.
+    """
+    w = np.asarray(w)
+    sdt = w.dtype if w.dtype in (np.float16, np.float32) else np.float32
+    k, n = w.shape
+    u, perm = factor if factor is not None else gptq_factor(hessian, damp, act_order)
+    if u.shape != (k, k):
+        raise ValueError(f"the Hessian is {u.shape[0]} x {u.shape[0]}, W has K = {k}")
+    act_order = act_order or bool(np.any(perm != np.arange(k)))  # a permuted order needs blocks fitted up front
+    kb = -(-k // block_size)
+    kp = kb * block_size
+    qmax = np.float32((1 << bits) - 1)
+    packed = np.empty((n, kb, block_size * bits // 8), np.uint8)
+    scales = np.empty((n, kb), sdt)
+    zps = np.empty((n, kb), np.float32)
+    group = perm // block_size                       # block of the row processed at each position
+    chunk = max(1, GPTQ_CHUNK_ELEMENTS // kp)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        s_all = np.zeros((kb, c1 - c0), np.float32)
+        z_all = np.zeros((kb, c1 - c0), np.float32)
+        if act_order:  # static blocks: (s, z) from the original weights
+            for g in range(kb):
+                s_all[g], z_all[g] = _fit_block(np.asarray(w[g * block_size:(g + 1) * block_size, c0:c1], np.float32),
+                                                block_size, symmetric, bits, iters)
+            s_all = s_all.astype(sdt).astype(np.float32)
+        work = np.array(w[perm, c0:c1] if act_order else w[:, c0:c1], np.float32)
+        codes = np.zeros((kp, c1 - c0), np.uint8)
+        buf = np.empty((block_size, c1 - c0), np.float32)
+        for r0 in range(0, k, block_size):  # one lazy batch per block: its rows are updated eagerly, the rest after
+            r1 = min(k, r0 + block_size)
+            rows, err = work[r0:r1], np.empty((r1 - r0, c1 - c0), np.float32)
+            if not act_order:  # the block's rows as updated so far
+                s, z = _fit_block(rows, block_size, symmetric, bits, iters)
+                s_all[r0 // block_size], z_all[r0 // block_size] = s.astype(sdt).astype(np.float32), z
+            for i in range(r1 - r0):
+                r = r0 + i
+                s, z = s_all[group[r]], z_all[group[r]]
+                with np.errstate(divide="ignore"):
+                    q = rows[i] * np.where(s != 0, np.float32(1) / s, np.float32(0))
+                q = np.clip(np.rint(q + z, out=q), 0, qmax, out=q)
+                codes[perm[r]] = q
+                e = err[i]
+                np.subtract(rows[i], (q - z) * s, out=e)
+                e /= u[r, r]
+                m = r1 - r - 1
+                if m:
+                    np.multiply.outer(u[r, r + 1:r1], e, out=buf[:m])
+                    rows[i + 1:] -= buf[:m]
+            if r1 < k:
+                work[r1:] -= u[r0:r1, r1:].T @ err
+        packed[c0:c1] = pack_bits(codes, bits, axis=0).T.reshape(c1 - c0, kb, -1)
+        scales[c0:c1] = s_all.T
+        zps[c0:c1] = z_all.T
+    return packed, scales, None if symmetric else _pack_zero_points(zps, bits)
+
+
 def quantize(w, method: str = "lsq", block_size: int = 32, symmetric: bool = False, bits: int = 4,
-             iters: int = 3):
-    """Quantize W (K, N) into MatMulNBits' layout.
+             iters: int = 3, hessian=None):
+    """Quantize W (K, N) into MatMulNBits' layout (`hessian` = X^T X (K, K) is required by gptq, unused otherwise).
 
     Returns (B uint8 (N, k_blocks, blob_size), scales (N, k_blocks) in W's float dtype, zero_points): packed uint8
-    (N, ceil(k_blocks * bits / 8)) for asymmetric rtn/lsq, float (N, k_blocks) for hqq, None when symmetric.
+    (N, ceil(k_blocks * bits / 8)) for asymmetric rtn/lsq/gptq, float (N, k_blocks) for hqq, None when symmetric.
     """
     if method == "rtn":
         return quantize_rtn(w, block_size, symmetric, bits)
+    if method == "gptq":
+        if hessian is None:
+            raise ValueError("gptq needs the Hessian X^T X of the layer's calibration inputs")
+        return gptq(w, hessian, block_size, symmetric, bits, iters=iters)
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}")
     if method == "hqq" and symmetric:
@@ -188,7 +315,4 @@ def quantize(w, method: str = "lsq", block_size: int = 32, symmetric: bool = Fal
         return packed, scales, None
     if method == "hqq":
         return packed, scales, zps.astype(sdt)
-    per = 8 // bits
-    zpad = np.full((n, -(-kb // per) * per), 1 << (bits - 1), np.uint8)
-    zpad[:, :kb] = zps.astype(np.uint8)
-    return packed, scales, pack_bits(zpad, bits)
+    return packed, scales, _pack_zero_points(zps, bits)

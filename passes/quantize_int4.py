@@ -7,7 +7,7 @@
     MatMulNBits(A, ...) + b               ->  MatMulNBits(A, ..., bias = b)             b constant, N elements
     Gather(E, ids), E^T == some W above   ->  GatherBlockQuantized(Reshape(B, [N, K/2]), ids, s, z?)
 
-with W[k, n] ~ (code[n, k] - z[n, k / block]) * s[n, k / block] (kernels/quantize.py: rtn, lsq, hqq), B the codes
+with W[k, n] ~ (code[n, k] - z[n, k / block]) * s[n, k / block] (kernels/quantize.py: rtn, lsq, hqq, gptq), B the codes
 packed two per byte (N, ceil(K / block), block / 2). MatMulNBits computes A @ W for any rank of A, so every
 constant-weight linear layer is covered, packed QKV and gate-up MatMuls included (the pass runs after the fusions).
 A tied embedding (its table equal to the lm_head's weight transposed, compared by value) becomes a
@@ -17,8 +17,11 @@ Requires: A float or float16 with rank >= 2 when known; Gemm transA = 0; FusedMa
 transBatchB = 0; a Gemm C that is constant and broadcasts to (N,). Skipped, with a note: K < block_size (a block of
 mostly padding buys nothing), excluded names (--exclude globs, on node and weight names).
 
-Options (ctx.option): quantize ("int4", "int4:rtn|lsq|hqq"), block_size (32), symmetric (False), exclude (globs),
-accuracy_level (4 on cpu, 0 on cuda), tied_embedding (True), scratch_dir (where quantized tensors are written).
+Options (ctx.option): quantize ("int4", "int4:rtn|lsq|hqq|gptq"), block_size (32), symmetric (False), exclude
+(globs), accuracy_level (4 on cpu, 0 on cuda), tied_embedding (True), scratch_dir (where quantized tensors are
+written); for gptq: calibration (an .npz of model inputs, load_calibration), damp (0.01), act_order (False).
+GPTQ's H = X^T X per weight comes from one onnxruntime session of the float graph as this pass finds it, its
+linear inputs exposed as outputs (_Hessians); the session is closed before the first weight is quantized.
 Streaming: each weight is read alone (memory-mapped weights are released after), quantized, and its tensors of at
 least SPILL_BYTES go to a scratch file that the model references lazily; peak memory stays a few times the largest
 weight. Each new node keeps its float source in node.meta["onnxc.quantize"] for verification (compiler/verify.py).
@@ -38,16 +41,20 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnxc.errors import UsageError
+from onnxc.errors import UsageError, first_line
 from onnxc.ir import release_weights
 from onnxc.kernels import quantize as kq
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import const_tensor
 from onnxc.verify import QUANT_META as META  # node.meta key: the QuantSource a node replaced
+from onnxc.verify import available_memory
 
 MS = "com.microsoft"
 TABLE_ROWS = 4096               # rows per chunk when a Gather table is compared with a weight
 SPILL_BYTES = 4096               # quantized tensors at least this large live in the scratch file
+HESSIAN_BUDGET = (128 << 20, 2 << 30)  # float64 Hessians per pass over the calibration: a quarter of the available
+                                       # memory, within these bounds (option hessian_budget: bytes)
+GPTQ_ROWS_PER_K = 4              # fewer calibration rows than this many times K earn a note
 DEFAULT_METHOD = "lsq"
 DEFAULT_BLOCK = {"cpu": 32, "cuda": 32}
 DEFAULT_ACCURACY = {"cpu": 4, "cuda": 0}
@@ -62,6 +69,10 @@ class QuantOptions:
     accuracy_level: int
     exclude: tuple[str, ...]
     tied_embedding: bool
+    calibration: str | None = None   # .npz of model inputs (gptq)
+    damp: float = 0.01               # gptq dampening, relative to mean(diag H)
+    act_order: bool = False          # gptq: rows by decreasing H[k, k], blocks fitted up front
+    hessian_budget: int = HESSIAN_BUDGET[0]  # gptq: bytes of Hessians accumulated per pass over the calibration
 
 
 def parse_method(text: str | None) -> str:
@@ -82,14 +93,28 @@ def options_of(ctx: PassContext) -> QuantOptions:
     symmetric = bool(ctx.option("symmetric", False))
     if method == "hqq" and symmetric:
         raise UsageError("--quantize int4:hqq fits a zero point per block: it cannot be --symmetric")
-    if ctx.option("calibration"):
-        raise UsageError(f"--calibration: no selected method uses calibration data (int4:{method} is data-free)")
+    calibration = ctx.option("calibration")
+    if method in kq.CALIBRATED and not calibration:
+        raise UsageError(f"--quantize int4:{method} needs --calibration FILE.npz (model inputs, see "
+                         "docs/quantization.md)")
+    if calibration and method not in kq.CALIBRATED:
+        raise UsageError(f"--calibration: no selected method uses calibration data (int4:{method} is data-free; "
+                         f"{', '.join('int4:' + m for m in kq.CALIBRATED)} uses it)")
+    if calibration and not Path(calibration).is_file():
+        raise UsageError(f"--calibration {calibration}: no such file")
     level = ctx.option("accuracy_level", DEFAULT_ACCURACY.get(ctx.target, 0))
     if level not in (0, 1, 2, 3, 4):
         raise UsageError(f"accuracy_level must be 0-4, got {level}")
+    budget = ctx.option("hessian_budget") or min(max(available_memory() // 4, HESSIAN_BUDGET[0]), HESSIAN_BUDGET[1])
+    if not isinstance(budget, int) or budget <= 0:
+        raise UsageError(f"hessian_budget must be a positive number of bytes, got {budget}")
+    damp = ctx.option("damp", 0.01)
+    if not isinstance(damp, (int, float)) or not 0 <= damp < 1e6:
+        raise UsageError(f"damp must be a number >= 0 (GPTQ adds damp * mean(diag H) to H's diagonal), got {damp}")
     exclude = ctx.option("exclude") or ()
     return QuantOptions(method, block, symmetric, int(level), tuple([exclude] if isinstance(exclude, str) else exclude),
-                        bool(ctx.option("tied_embedding", True)))
+                        bool(ctx.option("tied_embedding", True)), calibration, float(damp),
+                        bool(ctx.option("act_order", False)), budget)
 
 
 @dataclass
@@ -205,7 +230,8 @@ def _following_add(node: ir.Node, n: int, dtype: ir.DataType) -> tuple[ir.Node, 
     """An Add of a constant (N,) bias that is the only use of the node's output."""
     y = node.outputs[0]
     uses = list(y.uses())
-    if len(uses) != 1 or y.is_graph_output() or uses[0].node.op_type != "Add" or uses[0].node.domain not in ("", "ai.onnx"):
+    if len(uses) != 1 or y.is_graph_output() or uses[0].node.op_type != "Add" or \
+            uses[0].node.domain not in ("", "ai.onnx"):
         return None
     add = uses[0].node
     other = add.inputs[1 - uses[0].idx]
@@ -253,8 +279,8 @@ def find_sites(graph: ir.Graph, opts: QuantOptions, notes: list[str]) -> list[_S
             if found is not None:
                 add, bias = found
         load = _view(t, transpose, alpha)
-        source = t if not transpose and alpha == 1.0 else ir.LazyTensor(lambda f=load: ir.tensor(np.ascontiguousarray(f())), dtype=t.dtype,
-                                                                         shape=ir.Shape(list(shape)))
+        source = t if not transpose and alpha == 1.0 else ir.LazyTensor(
+            lambda f=load: ir.tensor(np.ascontiguousarray(f())), dtype=t.dtype, shape=ir.Shape(list(shape)))
         sites.append(_Site(node, (id(t), transpose, alpha), wname, shape, t.dtype, load, bias, add, source))
     return sites
 
@@ -267,13 +293,16 @@ class _Store:
         self.file: Path | None = None
         self.offset = 0
 
+    def scratch(self) -> Path:
+        self.dir = self.dir or _process_scratch()
+        return self.dir
+
     def tensor(self, arr: np.ndarray, name: str) -> ir.TensorProtocol:
         arr = np.ascontiguousarray(arr)
         if arr.nbytes < SPILL_BYTES:
             return ir.tensor(arr, name=name)
         if self.file is None:
-            self.dir = self.dir or _process_scratch()
-            self.file = Path(tempfile.mkstemp(prefix="quantized-", suffix=".bin", dir=self.dir)[1])
+            self.file = Path(tempfile.mkstemp(prefix="quantized-", suffix=".bin", dir=self.scratch())[1])
         with open(self.file, "ab") as f:
             arr.tofile(f)
         path, offset, dtype, shape, count = str(self.file), self.offset, arr.dtype, arr.shape, arr.size
@@ -338,6 +367,191 @@ def _tied(tables: list[tuple[ir.Node, ir.TensorProtocol]], sites: dict[tuple, _S
     return found
 
 
+def load_calibration(path: str, graph: ir.Graph) -> list[dict[str, np.ndarray]]:
+    """--calibration FILE.npz -> batches of feeds. Arrays are named after graph inputs and fed as they are (their
+    leading axis is the model's batch axis, so one array holds many samples): one batch with keys NAME, or several
+    (other shapes, e.g. sequence lengths) with keys NAME/0, NAME/1, ... Every batch gives every graph input that is
+    not an initializer; arrays are cast to the input's type."""
+    inputs = {v.name: v for v in graph.inputs if v.name not in graph.initializers}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and format errors alike
+        raise UsageError(f"--calibration {path}: cannot read ({first_line(exc)})") from None
+    batches: dict[int | None, dict[str, np.ndarray]] = {}
+    for key, arr in arrays.items():
+        name, _, idx = key.rpartition("/")
+        if key in inputs:
+            name, k = key, None
+        elif name in inputs and idx.isdigit():
+            k = int(idx)
+        else:
+            raise UsageError(f"--calibration {path}: array '{key}' names no graph input (inputs: "
+                             f"{', '.join(inputs)}; several batches use NAME/0, NAME/1, ...)")
+        dtype = inputs[name].dtype.numpy() if inputs[name].dtype is not None else arr.dtype
+        batches.setdefault(k, {})[name] = arr.astype(dtype, copy=False)
+    if None in batches and len(batches) > 1:
+        raise UsageError(f"--calibration {path}: mixes NAME and NAME/K keys; use one form")
+    if not batches:
+        raise UsageError(f"--calibration {path}: holds no arrays")
+    for k, feeds in sorted(batches.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+        missing = [n for n in inputs if n not in feeds]
+        if missing:
+            raise UsageError(f"--calibration {path}: batch {k or 0} lacks input(s) {', '.join(missing)}")
+    return [batches[k] for k in sorted(batches, key=lambda k: -1 if k is None else k)]
+
+
+class _Hessians:
+    """H = X^T X (float64, summed over every calibration row) of each weight's inputs X, and GPTQ's factor of it.
+
+    The float model (the graph as this pass finds it, before any rewrite) is saved to the scratch folder with the
+    inputs of the linear sites as its only outputs (nodes that feed none of them are dropped) and run in one
+    onnxruntime session. Weights that read the same inputs (Q, K and V; gate and up) share one H. The Hessians are
+    taken in groups that fit in opts.hessian_budget bytes (HESSIAN_BUDGET), one pass over the batches per group
+    fetching only that group's inputs, and each finished H is spilled to the scratch folder until its weights are
+    quantized; the session is closed before the first weight is. Peak memory: the session (it holds the float
+    model, as verification does) plus one group. A weight used by several nodes sums their inputs' X^T X. The
+    grouping does not change the result: each H sums the same batches in the same order."""
+
+    def __init__(self, model: ir.Model, sites: list[_Site], batches: list[dict[str, np.ndarray]], folder: Path,
+                 label: str, opts: QuantOptions):
+        self.folder = Path(tempfile.mkdtemp(prefix="hessians-", dir=folder))
+        self.damp, self.act_order = opts.damp, opts.act_order
+        self.rows, self.runs = 0, 0          # calibration rows at the first input, session runs
+        uses: dict[tuple, list[ir.Value]] = {}
+        dims: dict[tuple[str, ...], int] = {}
+        for site in sites:
+            a = site.node.inputs[0]
+            if a.type is None:
+                a.type = ir.TensorType(site.dtype)  # MatMul's typing: the input has the weight's type
+            if all(v is not a for v in uses.setdefault(site.key, [])):
+                uses[site.key].append(a)
+        self.sig = {key: tuple(v.name for v in vs) for key, vs in uses.items()}
+        for site in sites:
+            dims[self.sig[site.key]] = site.shape[0]
+        self.left = {sig: sum(1 for s in self.sig.values() if s == sig) for sig in dims}  # weights still to come
+        self.files: dict[tuple[str, ...], Path] = {}
+        self.factors: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
+        fed = {v.name for v in model.graph.inputs}
+        values = list({id(v): v for vs in uses.values() for v in vs if v.name not in fed}.values())
+        path = self.folder / "calibration.onnx"
+        session = None  # every weight reads a graph input: the batches are its inputs
+        if values:
+            _save_exposing(model, path, values)
+            session = _session(path)
+        group: list[tuple[str, ...]] = []
+        size = 0
+        for i, sig in enumerate(dims):
+            group.append(sig)
+            size += dims[sig] ** 2 * 8
+            if size >= opts.hessian_budget or i == len(dims) - 1:
+                self._group(session, group, dims, batches, label)
+                group, size = [], 0
+        del session
+        _trim_heap()
+        for f in (path, path.with_name(path.name + ".data")):
+            f.unlink(missing_ok=True)
+
+    def _group(self, session: Any, group: list[tuple[str, ...]], dims: dict[tuple[str, ...], int],
+               batches: list[dict[str, np.ndarray]], label: str) -> None:
+        hs = {sig: np.zeros((dims[sig], dims[sig]), np.float64) for sig in group}
+        wanted = {i.name for i in session.get_inputs()} if session is not None else set()
+        names = list(dict.fromkeys(n for sig in group for n in sig))
+        for b, feeds in enumerate(batches):
+            fetch = [n for n in names if n not in feeds]
+            outs = {}
+            if fetch:
+                try:
+                    outs = dict(zip(fetch, session.run(fetch, {n: a for n, a in feeds.items() if n in wanted})))
+                except Exception as exc:  # noqa: BLE001 - onnxruntime has its own types for bad shapes and values
+                    raise UsageError(f"{label}: onnxruntime cannot run batch {b} ({first_line(exc)})") from None
+                self.runs += 1
+            for sig in group:
+                for n in sig:
+                    x = np.asarray(outs[n] if n in outs else feeds[n], np.float64).reshape(-1, dims[sig])
+                    hs[sig] += x.T @ x
+                    if not self.files and n == group[0][0]:
+                        self.rows += x.shape[0]
+            del outs
+        for sig in group:
+            self.files[sig] = self.folder / f"h{len(self.files)}.npy"
+            np.save(self.files[sig], hs.pop(sig))
+
+    def factor(self, key: tuple) -> tuple[np.ndarray, np.ndarray] | None:
+        """gptq_factor of the weight's H (computed once for the weights that share it), None when it saw no rows."""
+        sig = self.sig[key]
+        if sig not in self.factors:
+            h = np.load(self.files[sig])
+            self.files.pop(sig).unlink()
+            self.factors[sig] = kq.gptq_factor(h, self.damp, self.act_order) if np.any(np.diag(h) > 0) else None
+        f = self.factors[sig]
+        self.left[sig] -= 1
+        if not self.left[sig]:
+            del self.factors[sig]
+        return f
+
+
+def _save_exposing(model: ir.Model, path: Path, values: list[ir.Value]) -> None:
+    """Save the model with `values` as its only outputs, dropping the nodes that feed none of them."""
+    import onnx
+
+    graph = model.graph
+    outputs = list(graph.outputs)
+    graph.outputs.clear()
+    graph.outputs.extend(values)
+    try:
+        ir.save(model, path, external_data=path.name + ".data", size_threshold_bytes=1024)
+    finally:
+        graph.outputs.clear()
+        graph.outputs.extend(outputs)
+        release_weights(model)
+    proto = onnx.load(str(path), load_external_data=False)
+    needed = {o.name for o in proto.graph.output}
+    keep = []
+    for node in reversed(proto.graph.node):
+        if needed.intersection(node.output):
+            keep.append(node)
+            needed.update(node.input)
+            needed.update(_captured(node))
+    del proto.graph.node[:]
+    proto.graph.node.extend(reversed(keep))
+    onnx.save(proto, str(path))
+
+
+def _captured(node: Any) -> set[str]:
+    """Names a node's subgraphs read (they may come from the outer graph)."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for g in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+            for n in g.node:
+                names.update(n.input)
+                names.update(_captured(n))
+    return names
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc keeps the hundreds of MiB a closed onnxruntime session
+    freed, which would otherwise stay in RSS through the quantization that follows); a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _session(path: Path) -> Any:
+    """An onnxruntime CPU session without graph optimizations (exact float semantics) or prepacked copies."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    so.enable_cpu_mem_arena = False
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
 @register_pass
 class QuantizeInt4(Pass):
     """Linear layers with constant weights -> int4 MatMulNBits (tied embedding -> GatherBlockQuantized)."""
@@ -361,15 +575,37 @@ class QuantizeInt4(Pass):
         shapes = {_table_key(e) for _, e in tables}
         same = {(id(e), True, 1.0) for _, e in tables}
         digests: dict[tuple, bytes] = {}
+        external = [v.const_value for v in graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
         started = time.perf_counter()
+        hessians = None
+        if opts.method in kq.CALIBRATED:
+            label = f"--calibration {opts.calibration}"
+            hessians = _Hessians(model, sites, load_calibration(opts.calibration, graph), store.scratch(), label,
+                                 opts)
+            ctx.notes.append(f"quantize-int4: calibration {opts.calibration}: {hessians.rows} rows at the first "
+                             f"weight, {hessians.runs} onnxruntime runs, {time.perf_counter() - started:.2f} s")
+            widest = max(site.shape[0] for site in sites)
+            if hessians.rows < GPTQ_ROWS_PER_K * widest:
+                ctx.notes.append(f"quantize-int4: {hessians.rows} calibration rows for inputs up to K = {widest} wide: "
+                                 f"GPTQ fits the calibration set and generalizes poorly below about "
+                                 f"{GPTQ_ROWS_PER_K} K = {GPTQ_ROWS_PER_K * widest} rows")
         for site in sites:
             if site.key not in done:
                 w = site.load()
                 if (site.shape[::-1], site.dtype) in shapes and site.key not in same:
-                    digests[site.key] = _table_digest(w[:, c:c + TABLE_ROWS].T for c in range(0, w.shape[1], TABLE_ROWS))
-                b, s, z = kq.quantize(w, opts.method, opts.block_size, opts.symmetric)
-                del w
-                release_weights(model)  # weights other tensors mapped (a lazy concatenation's parts) leave memory
+                    digests[site.key] = _table_digest(w[:, c:c + TABLE_ROWS].T
+                                                      for c in range(0, w.shape[1], TABLE_ROWS))
+                factor = hessians.factor(site.key) if hessians is not None else None
+                if hessians is not None and factor is None:
+                    ctx.notes.append(f"quantize-int4: '{site.name}' saw no calibration rows: {DEFAULT_METHOD} instead")
+                if factor is not None:
+                    b, s, z = kq.gptq(w, None, opts.block_size, opts.symmetric, factor=factor)
+                else:
+                    b, s, z = kq.quantize(w, opts.method if hessians is None else DEFAULT_METHOD, opts.block_size,
+                                          opts.symmetric)
+                del w, factor
+                for t in external:  # tensors mapped by an earlier pass (a lazy concatenation's parts) leave memory
+                    t.release()
                 done[site.key] = tuple(None if x is None else _initializer(graph, store.tensor(x, f"{site.name}_{tag}"),
                                                                             f"{site.name}_{tag}", taken)
                                        for x, tag in ((b, "q4"), (s, "scales"), (z, "zero_points")))
@@ -395,6 +631,8 @@ class QuantizeInt4(Pass):
             ir.convenience.replace_nodes_and_values(graph, site.node, old_nodes, [new], [old_out], [new.outputs[0]])
             kind = f"{site.node.op_type}+bias" if site.bias is not None else site.node.op_type
             counts[kind] = counts.get(kind, 0) + 1
+        if hessians is not None:
+            _trim_heap()
         if tables:
             for gather, site in _tied(tables, {s.key: s for s in sites}, digests):
                 qb, qs, qz = done[site.key]

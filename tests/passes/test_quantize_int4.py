@@ -326,7 +326,11 @@ def test_quantize_int4_exclude_matches_node_names():
 
 @pytest.mark.parametrize("opts,message", [
     ({"quantize": "int8"}, "unknown value 'int8'"),
-    ({"quantize": "int4:gptq"}, "unknown value"),
+    ({"quantize": "int4:gptq"}, "needs --calibration FILE.npz"),
+    ({"quantize": "int4:gptq", "calibration": "/no/such/c.npz"}, "no such file"),
+    ({"quantize": "int4:awq"}, "unknown value"),
+    ({"quantize": "int4:gptq", "calibration": __file__, "damp": -1}, "damp must be a number >= 0"),
+    ({"quantize": "int4:gptq", "calibration": __file__, "hessian_budget": -5}, "hessian_budget must be a positive"),
     ({"quantize": "int4", "block_size": 24}, "not a power of 2"),
     ({"quantize": "int4", "block_size": 8}, "not a power of 2"),
     ({"quantize": "int4:hqq", "symmetric": True}, "cannot be --symmetric"),
@@ -364,6 +368,146 @@ def test_quantize_int4_accuracy_level_4_stays_close():
     model = parse("g (float[N, 256] x) => (float[N, 64] y) { y = MatMul(x, W) }", {"W": w(256, 64)})
     quantize(model)
     assert_twins_agree(model, {"x": w(4, 256, seed=1)}, rtol=3e-2, accuracy_level=4)
+
+
+# ------------------------------------------------------------------------------------------------ gptq
+def _calibration(tmp_path: Path, **arrays: np.ndarray) -> str:
+    path = tmp_path / "calibration.npz"
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def _gram(*xs: np.ndarray) -> np.ndarray:
+    h = 0
+    for x in xs:
+        x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+        h = h + x.T @ x
+    return h
+
+
+def _tensors(node: ir.Node) -> list[np.ndarray]:
+    return [np.asarray(v.const_value.numpy()) for v in node.inputs[1:4] if v is not None]
+
+
+def test_quantize_int4_gptq_uses_the_calibration_hessian(tmp_path):
+    """Weights reading a graph input: H is exactly sum X^T X over the batches; two weights on one input share it;
+    the layer after a Relu gets its H from onnxruntime's activations and the model stays twin-exact."""
+    W1, W2, W3 = w(64, 64), w(64, 48, seed=1), w(64, 32, seed=2)
+    model = parse("""
+    g (float[N, 64] x) => (float[N, 32] y, float[N, 48] z) {
+      h = MatMul(x, W1)
+      z = MatMul(x, W2)
+      r = Relu(h)
+      y = MatMul(r, W3)
+    }""", {"W1": W1, "W2": W2, "W3": W3})
+    x0, x1 = w(300, 64, seed=3), w(200, 64, seed=4)
+    cal = _calibration(tmp_path, **{"x/0": x0, "x/1": x1})
+    ctx = onnxc.PassContext(options={"quantize": "int4:gptq", "calibration": cal, "scratch_dir": str(tmp_path)})
+    assert qi.QuantizeInt4().run(model, ctx).counts == {"MatMul": 3}
+    assert any("500 rows" in n and "calibration" in n for n in ctx.notes), ctx.notes
+    h = _gram(x0, x1)
+    by_k = {int(n.attributes["N"].value): n for n in model.graph if n.op_type == "MatMulNBits"}
+    for weight, node in ((W1, by_k[64]), (W2, by_k[48])):
+        for got, want in zip(_tensors(node), kq.gptq(weight, h, 32)):
+            np.testing.assert_array_equal(got, want)
+    r = np.maximum(np.concatenate([x0, x1]) @ W1, 0)
+    third = kq.gptq(W3, _gram(r), 32)
+    assert np.mean(_tensors(by_k[32])[0] == third[0]) > 0.98   # onnxruntime's MatMul rounds like numpy's, nearly
+    assert_twins_agree(model, {"x": w(5, 64, seed=5)})
+    assert not list(tmp_path.glob("hessians-*/*")), "spilled Hessians and the calibration model are removed"
+
+
+def test_quantize_int4_gptq_grouping_does_not_change_the_result(tmp_path):
+    """One onnxruntime pass per Hessian (a 1-byte budget) or one for all: the same bytes; few rows earn a note."""
+    text = """
+    g (float[N, 64] x) => (float[N, 32] y) {
+      h = MatMul(x, W1)
+      r = Relu(h)
+      t = MatMul(r, W2)
+      u = Tanh(t)
+      y = MatMul(u, W3)
+    }"""
+    inits = {"W1": w(64, 64), "W2": w(64, 64, seed=1), "W3": w(64, 32, seed=2)}
+    cal = _calibration(tmp_path, **{"x/0": w(100, 64, seed=3), "x/1": w(60, 64, seed=4)})
+    got = []
+    for budget in (1, 1 << 30):
+        model = parse(text, inits)
+        ctx = onnxc.PassContext(options={"quantize": "int4:gptq", "calibration": cal, "hessian_budget": budget})
+        qi.QuantizeInt4().run(model, ctx)
+        runs = next(n for n in ctx.notes if "onnxruntime runs" in n)
+        assert f"{2 * 2 if budget == 1 else 2} onnxruntime runs" in runs, runs  # W1 reads x: no run
+        assert any("160 calibration rows for inputs up to K = 64" in n for n in ctx.notes), ctx.notes
+        got.append(to_bytes(model))
+    assert got[0] == got[1]
+
+
+def test_quantize_int4_gptq_beats_lsq_on_the_layer_output(tmp_path):
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal((128, 128)) / 8
+    x = ((rng.standard_normal((2048, 128)) @ mix) * rng.lognormal(0, 1, 128)).astype(np.float32)
+    W = w(128, 64)
+    err = {}
+    for method in ("lsq", "gptq"):
+        model = parse("g (float[N, 128] x) => (float[N, 64] y) { y = MatMul(x, W) }", {"W": W})
+        quantize(model, quantize=f"int4:{method}", accuracy_level=0,
+                 **({"calibration": _calibration(tmp_path, x=x[:1024])} if method == "gptq" else {}))
+        (y,) = session(to_bytes(model)).run(None, {"x": x[1024:]})
+        err[method] = np.linalg.norm(y - x[1024:] @ W)
+    assert err["gptq"] < 0.9 * err["lsq"], err
+
+
+def test_quantize_int4_gptq_without_rows_falls_back_to_lsq(tmp_path):
+    W = w(64, 16)
+    model = parse("g (float[N, 64] x) => (float[N, 16] y) { y = MatMul(x, W) }", {"W": W})
+    ctx = onnxc.PassContext(options={"quantize": "int4:gptq",
+                                     "calibration": _calibration(tmp_path, x=np.zeros((8, 64), np.float32))})
+    qi.QuantizeInt4().run(model, ctx)
+    assert any("saw no calibration rows: lsq instead" in n for n in ctx.notes), ctx.notes
+    for got, want in zip(_tensors(next(iter(model.graph))), kq.quantize(W, "lsq", 32)):
+        np.testing.assert_array_equal(got, want)
+
+
+X, M = np.ones((2, 64), np.float32), np.ones((2, 3), np.float32)
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"x/0": X, "mask/0": M, "x": X, "mask": M}, "mixes NAME and NAME/K keys"),
+    ({"x": X, "mask": M, "y": X}, "array 'y' names no graph input"),
+    ({"x/0": X, "mask/0": M, "mask/1": M}, "batch 1 lacks input(s) x"),
+    ({"x": X[:, :63], "mask": M}, "onnxruntime cannot run batch 0"),
+    ({}, "holds no arrays"),
+])
+def test_quantize_int4_calibration_file_errors(tmp_path, arrays, message):
+    model = parse("""
+    g (float[N, 64] x, float[N, 3] mask) => (float[N, 16] y, float[N, 3] m) {
+      r = Relu(x)
+      y = MatMul(r, W)
+      m = Relu(mask)
+    }""", {"W": w(64, 16)})
+    with pytest.raises(onnxc.UsageError) as err:
+        quantize(model, quantize="int4:gptq", calibration=_calibration(tmp_path, **arrays))
+    assert message in str(err.value)
+
+
+def test_quantize_int4_calibration_file_unreadable(tmp_path):
+    bad = tmp_path / "c.npz"
+    bad.write_bytes(b"not a zip")
+    model = parse("g (float[N, 64] x) => (float[N, 16] y) { y = MatMul(x, W) }", {"W": w(64, 16)})
+    with pytest.raises(onnxc.UsageError, match="cannot read"):
+        quantize(model, quantize="int4:gptq", calibration=str(bad))
+
+
+def test_quantize_int4_gptq_cli_without_calibration_exits_2_one_line(tmp_path):
+    from click.testing import CliRunner
+    from onnxc.cli import main
+
+    src = tmp_path / "m.onnx"
+    src.write_bytes(to_bytes(parse("g (float[N, 64] x) => (float[N, 16] y) { y = MatMul(x, W) }", {"W": w(64, 16)})))
+    r = CliRunner().invoke(main, ["compile", str(src), "-o", str(tmp_path / "q.onnx"), "--quantize", "int4:gptq"])
+    assert r.exit_code == 2, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("onnxc: error")]
+    assert len(errors) == 1 and "needs --calibration FILE.npz" in errors[0]
+    assert not (tmp_path / "q.onnx").exists()
 
 
 # ------------------------------------------------------------------------------------------------ property
@@ -455,3 +599,45 @@ def test_quantize_int4_fixture_quantizes_fully_and_verifies(name, tmp_path):
 def test_quantize_int4_every_fixture_quantizes_fully_and_verifies(name, tmp_path):
     _compile_quantized(name, tmp_path)
     _compile_quantized(name, tmp_path, quantize="int4:rtn", symmetric=True)
+
+
+def _fixture_calibration(src: Path, tmp_path: Path) -> str:
+    """Two random-token batches of 4 x 32 for the model's inputs (NAME/K keys), seeds apart from verification's."""
+    from onnxc import verify
+
+    m = onnxc.ir.load(src)
+    sc = verify.Scenario("calibration", 4, 32, 0)
+    return _calibration(tmp_path, **{f"{n}/{k}": a for k in range(2)
+                                     for n, a in verify.make_inputs(m, sc, 1000 + k).items()})
+
+
+@pytest.mark.parametrize("name,level", [("llama_dynamo_past.onnx", 1), ("gpt2_ts.onnx", 1),
+                                        ("llama_dynamo_past.onnx", 2)])
+def test_quantize_int4_gptq_fixture_compiles_and_verifies(name, level, tmp_path):
+    from onnxc import pipeline
+
+    src = FIXTURES / name
+    cal = _fixture_calibration(src, tmp_path)
+    r = onnxc.compile(src, level, "cpu", output=tmp_path / "q.onnx", passes=pipeline.O1 if level == 1 else None,
+                      options={"quantize": "int4:gptq", "calibration": cal})
+    rep = r.report
+    assert rep["verification"]["status"] == "passed", rep["verification"]
+    assert _linear_with_const_weight(onnxc.ir.load(tmp_path / "q.onnx")) == []
+    assert rep["quantization"]["method"] == "int4:gptq"
+    assert rep["quantization"]["gather_block_quantized"] == (1 if name.startswith("gpt2") else 0)
+    assert any("calibration" in n and "256 rows" in n for n in rep["notes"]), rep["notes"]
+    assert rep["quantization"]["error"]["summary"]["cosine"] > 0.9
+
+
+def test_quantize_int4_gptq_is_deterministic(tmp_path):
+    from onnxc import pipeline
+
+    src = FIXTURES / "gpt2_ts.onnx"
+    cal = _fixture_calibration(src, tmp_path)
+    outs = []
+    for k in range(2):
+        onnxc.compile(src, 1, "cpu", output=tmp_path / f"q{k}.onnx", passes=pipeline.O1, verify=False,
+                      options={"quantize": "int4:gptq", "calibration": cal})
+        outs.append((tmp_path / f"q{k}.onnx").read_bytes())
+    assert outs[0] == outs[1]
+
