@@ -160,6 +160,7 @@ def make_inputs(model: ir.Model | ir.Graph, sc: Scenario, seed: int) -> dict[str
     has_past = any(input_role(v) == "past" for v in inputs)
     sizes = _assign_dims(inputs, sc, has_past)
     feeds: dict[str, np.ndarray] = {}
+    positions: dict[str, tuple[list[int], np.dtype]] = {}
     for v in inputs:
         role = input_role(v)
         shape = []
@@ -176,7 +177,8 @@ def make_inputs(model: ir.Model | ir.Graph, sc: Scenario, seed: int) -> dict[str
             if sc.pad and len(shape) == 2 and shape[0] > 1:
                 arr[-1, shape[1] - sc.pad:] = 0
         elif role == "position":
-            arr = np.broadcast_to(np.arange(sc.past, sc.past + shape[-1] if shape else 1, dtype=dtype), shape).copy()
+            positions[v.name] = (shape, dtype)      # filled below, once the past's length is known
+            continue
         elif role == "ids":
             arr = rng.integers(0, _gather_bound(v) or 2, size=shape).astype(dtype)
         elif np.dtype(dtype).kind == "f" or v.dtype in (ir.DataType.BFLOAT16,):
@@ -186,7 +188,25 @@ def make_inputs(model: ir.Model | ir.Graph, sc: Scenario, seed: int) -> dict[str
         else:
             arr = rng.integers(0, 2, size=shape).astype(dtype)
         feeds[v.name] = arr
-    return feeds
+    for name, (shape, dtype) in positions.items():
+        n = shape[-1] if shape else 1
+        start = _past_length(inputs, feeds, n, sc.past)
+        feeds[name] = np.broadcast_to(np.arange(start, start + n, dtype=dtype), shape).copy()
+    return {v.name: feeds[v.name] for v in inputs}
+
+
+def _past_length(inputs: list[ir.Value], feeds: dict[str, np.ndarray], seq: int, default: int) -> int:
+    """How many positions the cache already holds: from a rank-4 past (B, N, P, H), else from a 2-D mask
+    (B, P + S), else the scenario's own count. A static past (a fixed-shape export) may differ from the scenario."""
+    for v in inputs:
+        a = feeds.get(v.name)
+        if a is not None and input_role(v) == "past" and a.ndim == 4:
+            return int(a.shape[2])
+    for v in inputs:
+        a = feeds.get(v.name)
+        if a is not None and input_role(v) == "mask" and a.ndim == 2:
+            return max(int(a.shape[1]) - seq, 0)
+    return default
 
 
 def scenarios_for(model: ir.Model) -> tuple[Scenario, ...]:

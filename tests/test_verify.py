@@ -23,6 +23,19 @@ def test_input_role_reads_names_then_uses():
     assert feeds["input_ids"].max() < 10
 
 
+def test_positions_continue_a_static_past():
+    """A fixed-shape export holds 4 cached positions whatever the scenario says: positions start at 4."""
+    model = parse("""
+    g (int64[1, 3] input_ids, int64[1, 7] attention_mask, int64[1, 3] position_ids, float[1, 2, 4, 4] past_key)
+       => (float[1, 3, 4] y) {
+      y = Gather(table, input_ids)
+    }""", {"table": np.zeros((10, 4), np.float32)})
+    for sc in (Scenario("prefill", 2, 5, 0), Scenario("decode", 2, 1, 6)):
+        feeds = make_inputs(model.graph, sc, seed=0)
+        np.testing.assert_array_equal(feeds["position_ids"], [[4, 5, 6]])
+        assert list(feeds) == ["input_ids", "attention_mask", "position_ids", "past_key"]
+
+
 def test_float_twins_dequantize_each_node_with_its_own_block_size():
     """Two MatMulNBits with different K and block sizes: each twin uses its own node's parameters."""
     rng = np.random.default_rng(0)
