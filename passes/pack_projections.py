@@ -45,8 +45,15 @@ def _lazy_concat(values: list[ir.Value], axis: int, name: str) -> ir.Value:
     shape = list(tensors[0].shape)
     shape[axis] = sum(t.shape[axis] for t in tensors)
     dtype = tensors[0].dtype
-    lazy = ir.LazyTensor(lambda: ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=axis)),
-                         dtype=dtype, shape=ir.Shape(shape), name=name)
+
+    def concat() -> ir.TensorProtocol:
+        out = np.concatenate([t.numpy() for t in tensors], axis=axis)
+        for t in tensors:       # a part's memory map would otherwise stay resident until the model is freed
+            if isinstance(t, ir.ExternalTensor):
+                t.release()
+        return ir.tensor(out)
+
+    lazy = ir.LazyTensor(concat, dtype=dtype, shape=ir.Shape(shape), name=name)
     return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape), const_value=lazy)
 
 
