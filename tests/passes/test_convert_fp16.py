@@ -50,7 +50,12 @@ def fp16_close(before: ir.Model, after: ir.Model, feeds: dict[str, np.ndarray] |
     for k, (r, g) in enumerate(zip(ref, got)):
         assert g.dtype == (np.float16 if io_fp16 and r.dtype == np.float32 else r.dtype), (k, g.dtype)
         check = verify.compare(r, g, f"output {k}", "float16")
-        assert check.ok, check
+        # An output that cancels to zero (x - max(x, x)) has no magnitude for the relative tolerance to scale with, yet
+        # onnxruntime's CPU EP may run some fp16 ops in fp32 and drop a Cast pair, so one operand is rounded to
+        # fp16 and the other is not: the error is then one fp16 rounding of the inputs, which bounds it.
+        floor = 4 * 2.0 ** -11 * max([float(np.abs(v).max()) for v in feeds.values() if v.dtype.kind == "f" and v.size],
+                                      default=0.0)
+        assert check.ok or (not np.any(r) and check.max_abs <= floor), check
 
 
 def dtypes(model: ir.Model, op_type: str) -> tuple[list, list]:
