@@ -434,6 +434,8 @@ def _parse_site(sm: ir.Node) -> Site:
             raise Refuse(f"a softcap multiplier {s_post} that is not positive")
         scores, s_in = _peel_scale(th.inputs[0])
         softcap, s_post = s_post, s_post * s_in
+        # a scale after the mask multiplies the capped scores too: s_m*c*tanh(a*x) is softcap s_m*c over s_m*c*a*x
+        softcap *= s_mask
     mm = _prod(scores, "MatMul")
     if mm is None:
         raise Refuse("the scores are not MatMul(Q, K^T)")

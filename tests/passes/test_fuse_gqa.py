@@ -12,7 +12,7 @@ import onnxc
 import pytest
 from attention_graphs import Variant, build
 from helpers import run_ort
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from onnxc import pass_manager as pm
 from onnxc.pipeline import CLEANUP, O1
@@ -395,6 +395,7 @@ variants = st.builds(
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(v=variants)
+@example(v=Variant(past=False, scale_on="after_mask", softcap=5.0))   # the post-mask scale caps too
 def test_fuse_gqa_property_every_variant_fuses_and_agrees(v):
     proto = build(v)
     model, ctx = fuse(proto)
