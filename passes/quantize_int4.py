@@ -11,7 +11,8 @@ with W[k, n] ~ (code[n, k] - z[n, k / block]) * s[n, k / block] (kernels/quantiz
 packed two per byte (N, ceil(K / block), block / 2). MatMulNBits computes A @ W for any rank of A, so every
 constant-weight linear layer is covered, packed QKV and gate-up MatMuls included (the pass runs after the fusions).
 A tied embedding (its table equal to the lm_head's weight transposed, compared by value) becomes a
-GatherBlockQuantized over the lm_head's own B, so the model stores the table once (needs K % block == 0).
+GatherBlockQuantized over the lm_head's own B, so the model stores the table once (a lm_head whose K the block does
+not divide takes the largest power-of-two block >= 16 that does).
 
 Requires: A float or float16 with rank >= 2 when known; Gemm transA = 0; FusedMatMul transA = transBatchA =
 transBatchB = 0; a Gemm C that is constant and broadcasts to (N,). Skipped, with a note: K < block_size (a block of
@@ -333,14 +334,25 @@ def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol, name: str, taken: s
     return v
 
 
+def table_block(h: int, block: int) -> int | None:
+    """The block a table of width h is quantized with so that it can be shared: `block` when it divides h, else the
+    largest power of two below it (>= 16) that does (GatherBlockQuantized needs whole blocks); None if none does."""
+    while block >= 16:
+        if h % block == 0:
+            return block
+        block //= 2
+    return None
+
+
 def _tables(graph: ir.Graph, block: int) -> list[tuple[ir.Node, ir.TensorProtocol]]:
-    """Gather(E, ids) nodes that could share a quantized table: axis 0, E a constant float (V, H), H % block == 0."""
+    """Gather(E, ids) nodes that could share a quantized table: axis 0, E a constant float (V, H) whose H some
+    block <= `block` divides (table_block)."""
     found = []
     for node in graph:
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or _attr(node, "axis", 0) != 0:
             continue
         e = const_tensor(node.inputs[0])
-        if e is not None and len(e.shape) == 2 and e.dtype in FLOATS and int(e.shape[1]) % block == 0:
+        if e is not None and len(e.shape) == 2 and e.dtype in FLOATS and table_block(int(e.shape[1]), block):
             found.append((node, e))
     return found
 
@@ -589,8 +601,15 @@ class QuantizeInt4(Pass):
                 ctx.notes.append(f"quantize-int4: {hessians.rows} calibration rows for inputs up to K = {widest} wide: "
                                  f"GPTQ fits the calibration set and generalizes poorly below about "
                                  f"{GPTQ_ROWS_PER_K} K = {GPTQ_ROWS_PER_K * widest} rows")
+        blocks: dict[tuple, int] = {}   # a weight that may be a tied table takes a block its K is a multiple of
         for site in sites:
             if site.key not in done:
+                block = opts.block_size
+                if (site.shape[::-1], site.dtype) in shapes and site.shape[0] % block:
+                    block = table_block(site.shape[0], block) or block
+                    ctx.notes.append(f"quantize-int4: '{site.name}' may be a tied table of width {site.shape[0]}: "
+                                     f"block {block} so the table can be shared")
+                blocks[site.key] = block
                 w = site.load()
                 if (site.shape[::-1], site.dtype) in shapes and site.key not in same:
                     digests[site.key] = _table_digest(w[:, c:c + TABLE_ROWS].T
@@ -599,9 +618,9 @@ class QuantizeInt4(Pass):
                 if hessians is not None and factor is None:
                     ctx.notes.append(f"quantize-int4: '{site.name}' saw no calibration rows: {DEFAULT_METHOD} instead")
                 if factor is not None:
-                    b, s, z = kq.gptq(w, None, opts.block_size, opts.symmetric, factor=factor)
+                    b, s, z = kq.gptq(w, None, block, opts.symmetric, factor=factor)
                 else:
-                    b, s, z = kq.quantize(w, opts.method if hessians is None else DEFAULT_METHOD, opts.block_size,
+                    b, s, z = kq.quantize(w, opts.method if hessians is None else DEFAULT_METHOD, block,
                                           opts.symmetric)
                 del w, factor
                 for t in external:  # tensors mapped by an earlier pass (a lazy concatenation's parts) leave memory
@@ -622,7 +641,7 @@ class QuantizeInt4(Pass):
                 inputs.pop()
             new = ir.Node(MS, "MatMulNBits", inputs, attributes=[
                 ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4),
-                ir.AttrInt64("block_size", opts.block_size), ir.AttrInt64("accuracy_level", opts.accuracy_level)],
+                ir.AttrInt64("block_size", blocks[site.key]), ir.AttrInt64("accuracy_level", opts.accuracy_level)],
                 name=f"{site.node.name or site.name}_MatMulNBits")
             new.meta[META] = QuantSource(site.source, site.bias, "matmul")
             old_nodes = [site.node] + ([site.add] if site.add is not None else [])
@@ -643,7 +662,7 @@ class QuantizeInt4(Pass):
                 inputs = [table.outputs[0], gather.inputs[1], qs] + ([qz] if qz is not None else [])
                 new = ir.Node(MS, "GatherBlockQuantized", inputs, attributes=[
                     ir.AttrInt64("gather_axis", 0), ir.AttrInt64("quantize_axis", 1),
-                    ir.AttrInt64("block_size", opts.block_size), ir.AttrInt64("bits", 4)],
+                    ir.AttrInt64("block_size", blocks[site.key]), ir.AttrInt64("bits", 4)],
                     name=f"{gather.name or site.name}_GatherBlockQuantized")
                 new.meta[META] = QuantSource(site.source, None, "gather")
                 old_out = gather.outputs[0]

@@ -206,12 +206,29 @@ def test_quantize_int4_untied_gather_and_untied_tail_are_left_alone():
       logits = MatMul(h, Et)
     }""", {"E": E, "Et": w(64, 96, seed=9)})
     assert quantize(model).counts == {"MatMul": 1}
+
+
+def test_quantize_int4_tied_table_width_no_multiple_of_the_block_takes_a_smaller_block():
+    """H = 48 is no multiple of 32: the tied lm_head takes block 16 so the table is still stored once; the other
+    layer keeps the requested block."""
+    E = w(80, 48)
+    model = parse("""
+    g (int64[B, S] ids) => (float[B, S, 80] logits) {
+      h = Gather(E, ids)
+      r = MatMul(h, W)
+      logits = MatMul(r, Et)
+    }""", {"E": E, "Et": np.ascontiguousarray(E.T), "W": w(48, 48)})
+    assert quantize(model).counts == {"MatMul": 2, "Gather-tied": 1}
+    blocks = {n.op_type + str(n.attributes["N"].value if "N" in n.attributes else ""): n.attributes["block_size"].value
+              for n in model.graph if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    assert blocks == {"MatMulNBits80": 16, "MatMulNBits48": 32, "GatherBlockQuantized": 16}
+    assert_twins_agree(model, {"ids": np.array([[0, 5, 79], [7, 1, 3]], np.int64)})
     model = parse("""
     g (int64[B, S] ids) => (float[B, S, 80] logits) {
       h = Gather(E, ids)
       logits = MatMul(h, Et)
-    }""", {"E": w(80, 48), "Et": np.ascontiguousarray(w(80, 48).T)})
-    assert quantize(model).counts == {"MatMul": 1}  # H = 48 is not a multiple of the block: no shared table
+    }""", {"E": w(80, 40), "Et": np.ascontiguousarray(w(80, 40).T)})
+    assert quantize(model).counts == {"MatMul": 1}  # H = 40: no power-of-two block >= 16 divides it
 
 
 def test_quantize_int4_tied_through_transpose_of_the_same_initializer_reads_no_table(monkeypatch):
