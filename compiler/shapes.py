@@ -116,6 +116,25 @@ def reshape_target(input_dims: tuple, target: tuple, allowzero: bool = False) ->
     return tuple(out)
 
 
+def reshape_input_dims(x: ir.Value, target: ir.Value, dims: tuple | None = None, depth: int = 3) -> tuple | None:
+    """x's dims (or `dims`, a refinement of them), each renamed to the symbolic target element it is proven equal
+    to: element k read from Shape(u)[j] (`shape_source`) and dim i of x with `same_dim(x, i, u, j)`. Shape inference
+    names a computed value's dims afresh ('unk__92') while the target keeps the graph input's ('batch_size');
+    renaming lets `reshape_target` cancel them and resolve -1. Each input dim takes at most one name."""
+    d, t = dims_of(x) if dims is None else dims, sym_value(target)
+    if d is None or t is None:
+        return d
+    out, memo = list(d), {}
+    for k, tk in enumerate(t):
+        if isinstance(tk, int) or tk in out or (src := shape_source(target, k)) is None:
+            continue
+        i = next((i for i, di in enumerate(out) if not _known(di) or isinstance(di, str) and di not in t
+                  if same_dim(x, i, src[0], src[1], depth, memo)), None)
+        if i is not None:
+            out[i] = tk
+    return tuple(out)
+
+
 def _numeric(input_dims: tuple, out: list) -> tuple | None:
     if not is_known(input_dims) or not all(isinstance(t, int) for t in out):
         return None

@@ -44,7 +44,7 @@ import onnx_ir as ir
 from onnxc import probe
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import attr_value, const_array
-from onnxc.shapes import dims_of, reshape_target, sym_value
+from onnxc.shapes import dims_of, reshape_input_dims, reshape_target, sym_value
 from onnxc.verify import Scenario, input_role, make_inputs
 
 MS = "com.microsoft"
@@ -82,7 +82,8 @@ def _dims(v: ir.Value | None, depth: int = 10) -> tuple | None:
     if n is not None and n.domain == "":
         if n.op_type == "Reshape":
             t = sym_value(n.inputs[1])
-            derived = reshape_target(_dims(n.inputs[0], depth - 1) or (), t) if t is not None else None
+            dx = reshape_input_dims(n.inputs[0], n.inputs[1], _dims(n.inputs[0], depth - 1)) if t is not None else None
+            derived = reshape_target(dx or (), t) if t is not None else None
             derived = derived if derived is not None else t
         elif n.op_type == "Expand":
             derived = sym_value(n.inputs[1])

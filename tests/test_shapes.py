@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import parse, run_passes
-from onnxc.shapes import same_dim, shape_source
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnxc.shapes import dims_of, reshape_input_dims, reshape_target, same_dim, shape_source, sym_value
 
 CONSTS = {"zero": np.array([0], np.int64), "one": np.array(1, np.int64), "m1": np.array([-1], np.int64),
           "m2": np.array(-2, np.int64), "big": np.array([1 << 40], np.int64), "k": np.array([7], np.int64),
@@ -96,3 +98,50 @@ def test_same_dim_through_onnx_attention():
     assert [str(d) for d in v["r"].shape] == ["X0", "X1", "8"]
     assert same_dim(v["r"], 0, v["q"], 0) and same_dim(v["r"], 1, v["q"], 1)
     assert not same_dim(v["r"], 1, v["key"], 1)        # S, not the keys' T
+
+
+def split_heads(heads: int, head_dim: int, between: str = "h = Relu(x)", batch: str = "x") -> str:
+    """x (B, S, heads*head_dim) -> h, named afresh (X0, X1) -> Reshape(h, (B, S, -1, head_dim)) with B and S read
+    from `batch`'s shape."""
+    return f"""
+    g (float[B, S, {heads * head_dim}] x, float[M, S, {heads * head_dim}] z) => (float[B, S, {heads}, {head_dim}] y)
+      <float[X0, X1, {heads * head_dim}] h> {{
+      {between}
+      sb = Shape({batch})
+      b = Gather<axis=0>(sb, z0)
+      s = Gather<axis=0>(sb, one)
+      bu = Unsqueeze(b, zero)
+      su = Unsqueeze(s, zero)
+      t = Concat<axis=0>(bu, su, m1, hd)
+      y = Reshape(h, t)
+    }}"""
+
+
+def test_reshape_input_dims_names_fresh_dims_after_the_target():
+    v = values(split_heads(2, 4), {"hd": np.array([4], np.int64), "z0": np.array(0, np.int64)}, prep=("infer-shapes", "fold-constants"))
+    h, t = v["h"], v["t"]
+    assert dims_of(h) == ("X0", "X1", 8) and sym_value(t) == ("B", "S", -1, 4)
+    assert reshape_target(dims_of(h), sym_value(t)) is None            # X0, X1 do not cancel B, S by name
+    assert reshape_input_dims(h, t) == ("B", "S", 8)
+    assert reshape_target(reshape_input_dims(h, t), sym_value(t)) == ("B", "S", 2, 4)
+
+
+def test_reshape_input_dims_refuses_an_unrelated_batch():
+    # B read from z's (M, S, ...): M is not provably X0, so batch stays unresolved and -1 with it; S is proven
+    v = values(split_heads(2, 4, batch="z"), {"hd": np.array([4], np.int64), "z0": np.array(0, np.int64)}, prep=("infer-shapes", "fold-constants"))
+    h, t = v["h"], v["t"]
+    assert sym_value(t) == ("M", "S", -1, 4)
+    assert reshape_input_dims(h, t) == ("X0", "S", 8)
+    assert reshape_target(reshape_input_dims(h, t), sym_value(t)) is None
+
+
+@settings(max_examples=15, deadline=None)
+@given(heads=st.integers(1, 4), head_dim=st.sampled_from([2, 4, 8]),
+       between=st.sampled_from(["h = Relu(x)", "h = Add(x, x)", "xr = Sigmoid(x)\n h = Mul(x, xr)",
+                                "h = MatMul(x, w)"]))
+def test_reshape_input_dims_property(heads, head_dim, between):
+    n = heads * head_dim
+    inits = {"hd": np.array([head_dim], np.int64), "z0": np.array(0, np.int64), "w": np.ones((n, n), np.float32)}
+    v = values(split_heads(heads, head_dim, between), inits, prep=("infer-shapes", "fold-constants"))
+    h, t = v["h"], v["t"]
+    assert reshape_target(reshape_input_dims(h, t), sym_value(t)) == ("B", "S", heads, head_dim)

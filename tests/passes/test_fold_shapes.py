@@ -146,3 +146,23 @@ def test_fold_shapes_property(ops, swap, static, fp16, extra, start, end):
     assert_valid(model, proto)
     assert_same_outputs(proto, model, dims={"N": 2, "S": 3})
     assert_unchanged_by(model, "fold-shapes")
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+@pytest.mark.parametrize("name, fused", [("phi3_ts", {"GroupQueryAttention": 2}),
+                                         ("bert_ts", {"Attention": 2, "EmbedLayerNormalization": 1})])
+def test_fold_shapes_fixture_in_cleanup_keeps_fusions(name, fused, tmp_path):
+    # In the cleanup, TorchScript shape reads fold to the graph inputs; layer 1's head split then has fresh batch
+    # and sequence names on its input and the graph input's in its target, which `reshape_input_dims` reconciles.
+    from collections import Counter
+    from pathlib import Path
+
+    import onnxc
+    from onnxc.pipeline import CLEANUP, O2
+    assert "fold-shapes" in CLEANUP
+    src = Path(__file__).resolve().parents[2] / "fixtures" / "models" / f"{name}.onnx"
+    res = onnxc.compile(src, level=2, output=tmp_path / "out.onnx", passes=O2)
+    c = Counter(n.op_type for n in res.model.graph.node)
+    assert {k: c[k] for k in fused} == fused, res.report["notes"]
+    assert res.report["verification"]["status"] == "passed"
+    assert sum(r["counts"].get("fold-shape-of-derived", 0) for r in res.report["passes"]) > 0
