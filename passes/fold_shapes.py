@@ -50,10 +50,10 @@ def _check_shape_fold(m):
             pieces.append([dims[i]] if src is None else (src[0], src[1], src[1] + 1))
     if node.outputs[0].dtype not in (None, ir.DataType.INT64):
         return m.fail("unexpected Shape output type")
-    return {"pieces": pieces}
+    return {"pieces": pieces, "opset": m.opset}
 
 
-def _fold_shape(op, pieces):
+def _fold_shape(op, pieces, opset):
     parts = []
     for pc in pieces:
         if isinstance(pc, list):
@@ -61,7 +61,11 @@ def _fold_shape(op, pieces):
         else:
             u, j0, j1 = pc
             rank = len(dims_of(u) or ())
-            parts.append(op.Shape(u, start=j0 or None, end=None if j1 == rank else j1))
+            if opset >= 15 or (j0 == 0 and j1 == rank):
+                parts.append(op.Shape(u, start=j0 or None, end=None if j1 == rank else j1))
+            else:       # Shape has no start/end before opset 15
+                parts.append(op.Slice(op.Shape(u), op.const(np.array([j0], np.int64)),
+                                      op.const(np.array([j1], np.int64))))
     if not parts:
         return op.const(np.zeros(0, np.int64))
     return parts[0] if len(parts) == 1 else op.Concat(*parts, axis=0)

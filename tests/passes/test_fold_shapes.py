@@ -70,6 +70,30 @@ def test_fold_shapes_start_end_slice_the_pieces():
     assert counts == {"fold-shape-of-derived": 1}
 
 
+def test_fold_shapes_slices_a_shape_below_opset_15():
+    """Shape has no start/end before opset 15: a partial run (dims 0-1 of x) is Slice(Shape(x)) there."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 14]>
+    g (float[N, S, 8] x, float[N, S, 8] h) => (int64[4] y) {
+      s0 = Shape(x)
+      s = Slice(s0, zero, two)
+      t = Concat<axis=0>(s, k)
+      r = Reshape(h, t)
+      n = Neg(r)
+      y = Shape(n)
+    }"""
+    inits = {"zero": np.array([0], np.int64), "two": np.array([2], np.int64), "k": np.array([2, 4], np.int64)}
+    model = parse(text, inits)
+    counts = run_passes(model, ["infer-shapes", "fold-constants", "fold-shapes", "eliminate-dead"])
+    assert counts.get("fold-shape-of-derived", 0) >= 1
+    y = model.graph.outputs[0].producer()
+    assert y.op_type == "Concat" and y.inputs[0].producer().op_type == "Slice"
+    assert not any(n.op_type == "Shape" and ("start" in n.attributes or "end" in n.attributes) for n in model.graph)
+    assert_valid(model, parse_proto(text, inits))
+    feeds = {"x": np.zeros((2, 3, 8), np.float32), "h": np.zeros((2, 3, 8), np.float32)}
+    np.testing.assert_array_equal(run_ort(model, feeds)[0], [2, 3, 2, 4])
+
+
 def test_fold_shapes_reshape_target_read_from_another_shape():
     # Reshape(h, Concat(Shape(x)[0:2], [2, 4])): dims 0 and 1 are x's, so Shape of the result reads x.
     check_before_after("""
