@@ -255,6 +255,20 @@ def attr_value(node: ir.Node, name: str, opset: int = 21, default: Any = None) -
     return v
 
 
+def replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Every use of `old` (graph outputs included) reads `new` instead. `new` takes old's type where it has none and
+    old's shape where old has one (the rest of the graph was inferred against it); a graph output keeps its name."""
+    if new.type is None:
+        new.type = old.type
+    if old.shape is not None:
+        new.shape = old.shape
+    name, was_output = old.name, old.is_graph_output()
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if was_output:
+        old.name = None
+        new.name = name
+
+
 def _attr_equal(actual: Any, expected: Any) -> bool:
     if isinstance(expected, (list, tuple)):
         return isinstance(actual, (list, tuple)) and list(actual) == list(expected)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
+from onnxc.rules import replace_value
 
 MARK = "expand-standard-ops"          # node/initializer meta set by expand-standard-ops: built by the expansion
 SITE = "expand-standard-ops/site"     # value meta set by expand-standard-ops: the Site whose output it replaced
@@ -58,15 +59,6 @@ def _chain(outs: list[ir.Value], inputs: list[ir.Value], graph: ir.Graph) -> tup
             seen[id(p)] = p
             todo.extend(i for i in p.inputs if i is not None)
     return list(seen.values()), None
-
-
-def _replace(old: ir.Value, new: ir.Value) -> None:
-    new.type, new.shape = old.type, old.shape
-    name, was_output = old.name, old.is_graph_output()
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    if was_output:
-        old.name = None
-        new.name = name
 
 
 @register_pass
@@ -112,7 +104,7 @@ class ContractStandardOps(Pass):
             graph.insert_before(next(x for x in graph if any(x is c for c in chain)), new)
             for k, v in enumerate(outs[:last + 1]):
                 if v is not None:
-                    _replace(v, new.outputs[k])
+                    replace_value(v, new.outputs[k])
                     restored[id(v)] = new.outputs[k]
             self._remove_dead(graph, chain)
             key = f"contract-standard-ops/{site.rule}"

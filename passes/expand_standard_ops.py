@@ -36,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
-from onnxc.rules import attr_value
+from onnxc.rules import attr_value, replace_value
 from onnxc.shapes import SYM_KEY, dims_of
 
 
@@ -92,23 +92,9 @@ class _Builder:
         self.graph.insert_before(self.anchor, node)
         return node.outputs[0]
 
-
     def replace(self, old: ir.Value, new: ir.Value) -> None:
         self.replaced[id(old)] = new
         replace_value(old, new)
-
-
-def replace_value(old: ir.Value, new: ir.Value) -> None:
-    """All uses of old (graph outputs included, keeping the output's name) -> new, which takes old's type/shape."""
-    if new.type is None:
-        new.type = old.type
-    if old.shape is not None:
-        new.shape = old.shape
-    name, was_output = old.name, old.is_graph_output()
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    if was_output:
-        old.name = None
-        new.name = name
 
 
 def _used(v: ir.Value | None) -> bool:

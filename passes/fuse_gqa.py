@@ -43,7 +43,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxc import probe
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
-from onnxc.rules import attr_value, const_array
+from onnxc.rules import attr_value, const_array, replace_value
 from onnxc.shapes import dims_of, reshape_input_dims, reshape_target, sym_value
 from onnxc.verify import Scenario, input_role, make_inputs
 
@@ -708,18 +708,6 @@ def _seq_inputs(b: _Builder, mask: ir.Value, opset: int) -> tuple[ir.Value, ir.V
     return seqlens, tot
 
 
-def _replace(old: ir.Value, new: ir.Value) -> None:
-    name, was_output = old.name, old.is_graph_output()
-    if new.shape is None:
-        new.shape = old.shape
-    if new.type is None:
-        new.type = old.type
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    if was_output:
-        old.name = None
-        new.name = name
-
-
 @register_pass
 class FuseGQA(Pass):
     """Causal self-attention with rotary and KV cache -> com.microsoft GroupQueryAttention."""
@@ -792,10 +780,10 @@ class FuseGQA(Pass):
             for new, old in ((pk, site.present_k), (pv, site.present_v)):
                 new.dtype = old.dtype or site.v.dtype
                 new.shape = old.shape
-            _replace(site.out, out)
+            replace_value(site.out, out)
             if site.past_k is not None or site.present_k.is_graph_output():
-                _replace(site.present_k, pk)
-                _replace(site.present_v, pv)
+                replace_value(site.present_k, pk)
+                replace_value(site.present_v, pv)
             counts["fuse-gqa"] = counts.get("fuse-gqa", 0) + 1
             if site.rotary is not None:
                 key = "fuse-gqa/rotary-inside" if do_rotary else "fuse-gqa/rotary-outside"

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
-from onnxc.rules import attr_value, const_array
+from onnxc.rules import attr_value, const_array, replace_value
 from onnxc.shapes import dims_of
 
 MS = "com.microsoft"
@@ -99,10 +99,7 @@ def _pack(graph: ir.Graph, x: ir.Value, group: list[ir.Node], opset: int, tag: s
         y.shape = mm.outputs[0].shape
     graph.insert_before(first, new)
     for old, out in zip(olds, split.outputs):
-        name, was_output = old.name, old.is_graph_output()
-        old.replace_all_uses_with(out, replace_graph_outputs=True)
-        if was_output:
-            old.name, out.name = None, name
+        replace_value(old, out)
 
 
 def _unsplit_gqa(node: ir.Node) -> bool:

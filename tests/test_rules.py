@@ -800,3 +800,19 @@ def test_rules_structural_comparison_ignores_names_and_order_not_wiring():
     assert canonical(a) == canonical(renamed)
     assert canonical(a) != canonical(swapped)
     assert canonical(constant) != canonical(other_constant)
+
+
+def test_replace_value_moves_uses_and_keeps_the_graph_output_name():
+    model = parse("""
+    g (float[N, 4] x) => (float[N, 4] y) {
+      a = Relu(x)
+      y = Neg(a)
+    }""")
+    y = model.graph.outputs[0]
+    new = ir.node("Abs", [y.producer().inputs[0]])
+    model.graph.insert_after(y.producer(), new)
+    out = new.outputs[0]
+    rules.replace_value(y, out)
+    assert model.graph.outputs[0] is out and out.name == "y" and y.name is None
+    assert out.shape == y.shape and out.type == y.type
+    assert not y.uses() and not y.is_graph_output()
