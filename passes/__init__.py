@@ -20,4 +20,5 @@ from . import (  # noqa: F401  (imported for registration)
     quantize_int4,
     remove_noops,
     sort_topologically,
+    split_packed_heads,
 )
