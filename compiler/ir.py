@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -129,6 +130,21 @@ def release_weights(model: ir.Model) -> None:
         for v in g.initializers.values():
             if isinstance(v.const_value, ir.ExternalTensor):
                 v.const_value.release()
+
+
+def derived_tensor(fn: Callable[..., np.ndarray], sources: Sequence[ir.TensorProtocol], dtype: ir.DataType,
+                   shape: Sequence[int], name: str | None = None) -> ir.LazyTensor:
+    """fn(*source arrays), computed only when read (at save time, one tensor at a time). Memory-mapped sources are
+    released once it is computed (they map again on next use), so their pages do not stay resident until the model
+    is freed."""
+    def compute() -> ir.TensorProtocol:
+        out = fn(*(t.numpy() for t in sources))
+        for t in sources:
+            if isinstance(t, ir.ExternalTensor):
+                t.release()
+        return ir.tensor(out)
+
+    return ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(list(shape)), name=name)
 
 
 def uses_external_data(model: ir.Model) -> bool:

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from onnxc import probe
+from onnxc.ir import derived_tensor
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import Rule, apply_rules, attr_value, const_tensor
 from onnxc.shapes import Unknown, dims_of, sym_value
@@ -577,8 +578,7 @@ def _lazy_concat(op, parts: list[ir.Value], axis: int, name: str) -> ir.Value:
     shapes = [list(t.shape) for t in tensors]
     shape = list(shapes[0])
     shape[axis] = sum(s[axis] for s in shapes)
-    lazy = ir.LazyTensor(lambda ts=tensors: ir.tensor(np.concatenate([t.numpy() for t in ts], axis=axis)),
-                         dtype=tensors[0].dtype, shape=ir.Shape(shape))
+    lazy = derived_tensor(lambda *arrays: np.concatenate(arrays, axis=axis), tensors, tensors[0].dtype, shape)
     v = ir.Value(name=f"{op.prefix}/{name}", shape=ir.Shape(shape), type=ir.TensorType(tensors[0].dtype),
                  const_value=lazy)
     op.initializers.append(v)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnxc.ir import derived_tensor
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import attr_value, const_array, replace_value
 from onnxc.shapes import dims_of
@@ -45,15 +46,7 @@ def _lazy_concat(values: list[ir.Value], axis: int, name: str) -> ir.Value:
     shape = list(tensors[0].shape)
     shape[axis] = sum(t.shape[axis] for t in tensors)
     dtype = tensors[0].dtype
-
-    def concat() -> ir.TensorProtocol:
-        out = np.concatenate([t.numpy() for t in tensors], axis=axis)
-        for t in tensors:       # a part's memory map would otherwise stay resident until the model is freed
-            if isinstance(t, ir.ExternalTensor):
-                t.release()
-        return ir.tensor(out)
-
-    lazy = ir.LazyTensor(concat, dtype=dtype, shape=ir.Shape(shape), name=name)
+    lazy = derived_tensor(lambda *arrays: np.concatenate(arrays, axis=axis), tensors, dtype, shape, name)
     return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape), const_value=lazy)
 
 

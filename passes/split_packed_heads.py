@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from onnxc.ir import derived_tensor
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import attr_value, const_array
 from onnxc.shapes import reshape_input_dims, reshape_target, sym_value
@@ -168,15 +169,8 @@ def analyze(reshape: ir.Node, opset: int = 18) -> Site | str | None:
 def _lazy_columns(w: ir.Value, cols: np.ndarray, name: str) -> ir.Value:
     t = w.const_value
     shape = ir.Shape([w.shape[0], len(cols)])
-
-    def gather() -> ir.TensorProtocol:
-        out = np.ascontiguousarray(t.numpy()[:, cols])
-        if isinstance(t, ir.ExternalTensor):  # the packed weight's map would otherwise stay resident
-            t.release()
-        return ir.tensor(out)
-
-    return ir.Value(name=name, type=ir.TensorType(w.dtype), shape=shape,
-                    const_value=ir.LazyTensor(gather, dtype=w.dtype, shape=shape, name=name))
+    lazy = derived_tensor(lambda a: np.ascontiguousarray(a[:, cols]), [t], w.dtype, shape, name)
+    return ir.Value(name=name, type=ir.TensorType(w.dtype), shape=shape, const_value=lazy)
 
 
 def _with_last(shape: ir.Shape | None, d: int) -> ir.Shape | None:

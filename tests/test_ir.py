@@ -119,3 +119,23 @@ def test_output_path_may_not_be_input_or_its_weights(tmp_path):
         irio.check_output_path(tmp_path / "m.onnx.data", None, model)
     with pytest.raises(UsageError, match="does not exist"):
         irio.check_output_path(tmp_path / "nope" / "o.onnx", p, model)
+
+
+def test_derived_tensor_computes_when_read_and_releases_mapped_sources(tmp_path, monkeypatch):
+    a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((2, 2), np.float32)
+    (tmp_path / "w.bin").write_bytes(a.tobytes())
+    ext = ir.ExternalTensor("w.bin", offset=0, length=a.nbytes, dtype=ir.DataType.FLOAT, shape=ir.Shape([2, 3]),
+                            name="w", base_dir=str(tmp_path))
+    released = []
+    monkeypatch.setattr(ir.ExternalTensor, "release", lambda self: released.append(self.name))
+    calls = []
+
+    def concat(x, y):
+        calls.append(1)
+        return np.concatenate([x, y], axis=1)
+
+    t = irio.derived_tensor(concat, [ext, ir.tensor(b)], ir.DataType.FLOAT, [2, 5], name="c")
+    assert calls == [] and released == []             # nothing computed or mapped before it is read
+    np.testing.assert_array_equal(t.numpy(), np.concatenate([a, b], axis=1))
+    assert calls == [1] and released == ["w"]
+    assert t.dtype == ir.DataType.FLOAT and list(t.shape) == [2, 5]
