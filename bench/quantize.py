@@ -14,6 +14,12 @@ verification and reports `verify` (the twins and onnxruntime sessions, which sca
     python bench/quantize.py                                   # bert, gpt2, llama fixtures + 30-layer llama
     python bench/quantize.py --models bert_ts,llama30 --block-size 64
     python bench/quantize.py --models llama30 --methods onnxc-rtn --level 2 --verify   # -O2 pipeline, verified
+    python bench/quantize.py --models path/to/minilm.onnx --inputs sentences.npz      # any model, real inputs
+
+A --models entry may be the path of any .onnx file: a model with no KV cache whose first output is not named like
+logits is scored as an encoder, by the mean cosine of its sentence embeddings (last hidden state averaged over the
+attention mask). --inputs replaces the random token inputs with real ones, e.g. a tokenizer's output for a few
+hundred sentences saved with numpy.savez.
 
 The 30-layer llama (prefill, no KV cache) is generated into bench/out/llama30_prefill when missing (needs torch).
 """
@@ -130,6 +136,41 @@ def feeds_for(path: Path, encoder: bool, seed: int) -> dict:
     return verify.make_inputs(m, sc, seed)
 
 
+def model_source(name: str) -> tuple[str, Path]:
+    """A --models entry: a bundled name, or the path of any .onnx file (named after its parent folder and stem)."""
+    if name in MODELS:
+        return name, MODELS[name]
+    path = Path(name)
+    if path.suffix != ".onnx" or not path.exists():
+        raise SystemExit(f"--models: '{name}' is neither one of {', '.join(MODELS)} nor an existing .onnx file")
+    return f"{path.parent.name}_{path.stem}", path
+
+
+def is_encoder(name: str, path: Path) -> bool:
+    """Sentence-embedding error for encoders: bundled BERT, or a model with no KV cache whose first output is not
+    named like logits."""
+    if name in MODELS:
+        return name.startswith("bert")
+    import onnx
+    import onnx_ir as ir
+
+    from onnxc import verify
+
+    m = onnx.load(str(path), load_external_data=False)
+    ir_inputs = [ir.Value(name=i.name) for i in m.graph.input]
+    return not any(verify.input_role(v) == "past" for v in ir_inputs) and "logit" not in m.graph.output[0].name
+
+
+def real_feeds(path: Path) -> list[dict]:
+    """--inputs: arrays named after graph inputs; NAME/0, NAME/1, ... for several batches (as --calibration)."""
+    with np.load(path, allow_pickle=False) as data:
+        batches: dict[int, dict] = {}
+        for key in data.files:
+            name, _, k = key.partition("/")
+            batches.setdefault(int(k or 0), {})[name] = data[key]
+    return [batches[k] for k in sorted(batches)]
+
+
 def outputs(path: Path, feeds: list[dict]) -> list[np.ndarray]:
     import onnxruntime as ort
 
@@ -147,9 +188,19 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).mean())
 
 
-def error(ref: list[np.ndarray], got: list[np.ndarray], encoder: bool) -> dict:
+def pooled(hidden: np.ndarray, feeds: dict) -> np.ndarray:
+    """Sentence embeddings: the last hidden state averaged over the positions the attention mask keeps."""
+    mask = next((a for k, a in feeds.items() if "mask" in k.lower() and a.ndim == 2 and a.shape == hidden.shape[:2]),
+                None)
+    if mask is None:
+        return hidden.mean(1)
+    w = mask.astype(np.float64)[..., None]
+    return (hidden * w).sum(1) / np.maximum(w.sum(1), 1)
+
+
+def error(ref: list[np.ndarray], got: list[np.ndarray], encoder: bool, feeds: list[dict]) -> dict:
     if encoder:
-        return {"cosine": float(np.mean([cosine(r.mean(1), g.mean(1)) for r, g in zip(ref, got)]))}
+        return {"cosine": float(np.mean([cosine(pooled(r, f), pooled(g, f)) for r, g, f in zip(ref, got, feeds)]))}
     return {"top1": float(np.mean([(r.argmax(-1) == g.argmax(-1)).mean() for r, g in zip(ref, got)])),
             "cosine": float(np.mean([cosine(r, g) for r, g in zip(ref, got)]))}
 
@@ -170,6 +221,8 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--level", type=int, default=None,
                     help="run the -O LEVEL pipeline before quantizing (default: the quantize pass alone)")
+    ap.add_argument("--inputs", type=Path, default=None,
+                    help=".npz of real inputs for the error columns (NAME or NAME/K arrays, e.g. tokenized sentences)")
     ap.add_argument("--verify", action="store_true",
                     help="also compile each onnxc row with verification in a second process (its peak RSS)")
     ap.add_argument("--job", nargs=3, metavar=("METHOD", "SRC", "DST"), help=argparse.SUPPRESS)
@@ -181,13 +234,13 @@ def main() -> None:
                              args.job_verify, args.job_calibration)))
         return
     rows = []
-    for name in args.models.split(","):
-        src = MODELS[name]
+    for entry in args.models.split(","):
+        name, src = model_source(entry)
         if not src.exists() and name == "llama30":
             subprocess.run([sys.executable, str(ROOT / "bench/make_llama.py"), "--no-past", "--out", str(src)],
                            check=True)
-        encoder = name.startswith("bert")
-        feeds = [feeds_for(src, encoder, seed) for seed in range(3)]
+        encoder = is_encoder(name, src)
+        feeds = real_feeds(args.inputs) if args.inputs else [feeds_for(src, encoder, seed) for seed in range(3)]
         ref = outputs(src, feeds)
         for method in args.methods.split(","):
             folder = OUT / name / method
@@ -204,7 +257,7 @@ def main() -> None:
                 continue
             row = {"model": name, "method": method, **json.loads(p.stdout.strip().splitlines()[-1]),
                    "mib": size(dst) / 2**20, "fp32_mib": size(src) / 2**20,
-                   **error(ref, outputs(dst, feeds), encoder)}
+                   **error(ref, outputs(dst, feeds), encoder, feeds)}
             if args.verify and method.startswith("onnxc"):
                 v = run_job(cmd + ["--job-verify"])
                 row["phases"].update(json.loads(v.stdout.strip().splitlines()[-1])["phases"] if v.returncode == 0
@@ -212,8 +265,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     pipeline = f"-O{args.level}" if args.level is not None else "quantize only"
+    where = f"the inputs in {args.inputs}" if args.inputs else "random inputs"
     print(f"\nblock {args.block_size}; pipeline {pipeline}; "
-          "error vs fp32 on random inputs (BERT: cosine of sentence embeddings); peak RSS MiB of the whole process "
+          f"error vs fp32 on {where} (encoders: cosine of sentence embeddings); peak RSS MiB of the whole process "
           "and by phase (imports / load + passes / save / save + verify)")
     print("| model | method | seconds | peak RSS | imports | passes | save | verify | size MiB | top-1 | cosine |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

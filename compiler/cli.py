@@ -215,6 +215,12 @@ def _print_summary(rep: dict) -> None:
                       f"relative error {qw:.2e}", markup=False)
     else:
         err.print(f"verification {v['status']}: {v.get('reason', '')}", markup=False)
+    kv = rep.get("kv_cache", {})
+    if kv.get("status") == "verified":
+        err.print(f"KV cache: past and present may share one buffer ({kv['pairs']} pairs, checked in "
+                  f"{kv['runs']} runs)", markup=False)
+    elif kv.get("status") == "differs":
+        err.print(f"KV cache: must be copied each step: {kv['reason']}", markup=False)
     q = rep.get("quantization")
     if q:
         err.print(f"quantized: {q['matmul_nbits']} MatMulNBits, {q['gather_block_quantized']} GatherBlockQuantized "

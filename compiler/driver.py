@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from . import __version__
 from . import ir as irio
+from . import kvcache
 from . import pass_manager as pm
 from . import pipeline as pipelines
 from . import verify as numeric
@@ -135,6 +136,9 @@ def compile(model: Any, level: int = 3, target: str = "cpu", *, output: str | os
                 verification = rep.to_dict()
                 if rep.status == "failed":
                     raise VerificationError(f"verification failed: {rep.reason}; nothing was written")
+            kv_cache: dict[str, Any] = {"status": "not run", "reason": verification.get("reason", "")}
+            if verification["status"] == "passed":
+                kv_cache = _check_kv_cache(ir_model, staged.model_file, feeds, seed, ctx.option("tolerance_dtype"))
             verify_seconds = time.perf_counter() - t0
             proto = onnx.load(str(staged.model_file)) if out_path is None else None
             written = staged.commit() if out_path is not None else []
@@ -158,6 +162,7 @@ def compile(model: Any, level: int = 3, target: str = "cpu", *, output: str | os
             "weight_bytes": weights,
             "notes": ctx.notes,
             "verification": verification,
+            "kv_cache": kv_cache,
             **({"quantization": _quant_report(ctx, weights, weights_after, after, quality)}
                if quantize else {}),
             "seconds": {"load": round(load_seconds, 3), "passes": round(compile_seconds, 3),
@@ -165,6 +170,18 @@ def compile(model: Any, level: int = 3, target: str = "cpu", *, output: str | os
                         "total": round(time.perf_counter() - started, 3)},
         }
     return CompileResult(report, out_path, proto)
+
+
+def _check_kv_cache(model: ir.Model, compiled: Path, feeds: list[dict[str, Any]] | None, seed: int,
+                    tolerance_dtype: str | None) -> dict[str, Any]:
+    """Whether the compiled model's past and present may share one buffer (compiler/kvcache.py), checked by
+    running it both ways on the verification inputs."""
+    layout = kvcache.shared_cache_pairs(model)
+    if not layout.shareable:
+        return {"status": "not applicable", "reason": layout.reason}
+    if feeds is None:
+        feeds = [numeric.make_inputs(model, sc, seed + k) for k, sc in enumerate(numeric.scenarios_for(model))]
+    return kvcache.check_shared(compiled, model, feeds, tolerance_dtype)
 
 
 def _with_quantize(chosen: list[pm.Pass], ctx: pm.PassContext, scratch: Path) -> list[pm.Pass]:

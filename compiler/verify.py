@@ -215,8 +215,9 @@ def scenarios_for(model: ir.Model) -> tuple[Scenario, ...]:
 
 
 # ---------------------------------------------------------------------------------------------------- running
-def run_model(path: str | os.PathLike, feeds_list: list[dict[str, np.ndarray]], threads: int = 2
-              ) -> list[dict[str, np.ndarray]]:
+def session_for(path: str | os.PathLike, threads: int = 2) -> Any:
+    """An onnxruntime CPU session as verification runs models: onnxruntime's own graph optimizations off, weights
+    not prepacked (a verified model runs a few times only: prepacked copies would double its memory)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -224,21 +225,26 @@ def run_model(path: str | os.PathLike, feeds_list: list[dict[str, np.ndarray]], 
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    # Verification runs each model a few times: prepacked weight copies would only double its memory.
     so.add_session_config_entry("session.disable_prepacking", "1")
     so.enable_cpu_mem_arena = False
     so.enable_mem_pattern = False
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def narrow_feeds(feeds: dict[str, np.ndarray], session: Any) -> dict[str, np.ndarray]:
+    """`feeds` for the session's inputs: a model with float16 I/O (--io-fp16) takes the same values as its
+    float32 reference, cast; names the session does not take are dropped."""
     types = {i.name: i.type for i in session.get_inputs()}
     narrow = {"tensor(float16)": np.float16, "tensor(float)": np.float32}
-    results = []
-    for feeds in feeds_list:
-        # A model with float16 I/O (--io-fp16) takes the same values as its float32 reference.
-        run_feeds = {k: (v.astype(narrow[types[k]]) if types[k] in narrow and v.dtype.kind == "f" else v)
-                     for k, v in feeds.items() if k in types}
-        outs = session.run(names, run_feeds)
-        results.append(dict(zip(names, outs)))
+    return {k: (v.astype(narrow[types[k]]) if types[k] in narrow and v.dtype.kind == "f" else v)
+            for k, v in feeds.items() if k in types}
+
+
+def run_model(path: str | os.PathLike, feeds_list: list[dict[str, np.ndarray]], threads: int = 2
+              ) -> list[dict[str, np.ndarray]]:
+    session = session_for(path, threads)
+    names = [o.name for o in session.get_outputs()]
+    results = [dict(zip(names, session.run(names, narrow_feeds(feeds, session)))) for feeds in feeds_list]
     del session
     gc.collect()
     return results
