@@ -21,4 +21,5 @@ from . import (  # noqa: F401  (imported for registration)
     remove_noops,
     sort_topologically,
     split_packed_heads,
+    unflatten_rows,
 )
