@@ -246,6 +246,12 @@ def _dim_inputs(v: ir.Value, axis: int, depth: int, memo: dict) -> list[tuple[ir
     if op == ("", "Split"):
         split_axis = p.attributes["axis"].as_int() if "axis" in p.attributes else 0
         return [(ins[0], axis)] if split_axis % rank != axis else []
+    if op == ("", "Concat"):
+        # ONNX requires every input to have the output's dims off the concatenation axis: each is a source there
+        cat = p.attributes["axis"].as_int() if "axis" in p.attributes else 0
+        if cat % rank == axis:
+            return []
+        return [(x, axis) for x in ins if x is not None and len(dims_of(x) or ()) == rank]
     if op == ("", "Slice"):
         axes = const_array(ins[3], 8) if len(ins) > 3 and ins[3] is not None else None
         return [(ins[0], axis)] if axes is not None and axis not in {int(a) % rank for a in axes.reshape(-1)} else []

@@ -87,6 +87,21 @@ def test_same_dim_refuses_broadcast_of_unrelated_dims():
     assert same_dim(v["q"], 1, v["x"], 1)              # S is S
 
 
+def test_same_dim_through_concat_off_its_axis():
+    # partial rotary as TorchScript writes it: [rotated | passed] concatenated on the last axis, dims named afresh
+    v = values("""
+    g (float[B, S, 4, 8] x) => (float[P, Q, 4, 8] y, float[B, S, 4, 12] w) {
+      a, b = Split<axis=-1, num_outputs=2>(x)
+      r = Neg(a)
+      y = Concat<axis=-1>(r, b)
+      w = Concat<axis=-1>(x, a)
+    }""")
+    assert str(v["y"].shape[0]) == "P"                 # declared afresh: only the producers tie it to x
+    assert same_dim(v["y"], 0, v["x"], 0) and same_dim(v["y"], 1, v["x"], 1)
+    assert same_dim(v["w"], 2, v["x"], 2)
+    assert not same_dim(v["w"], 3, v["x"], 3)          # the concatenation axis: a sum, not a copy
+
+
 def test_same_dim_through_onnx_attention():
     # opset 23's Attention keeps the query's leading dims (here named afresh by a declared value info)
     v = values("""<ir_version: 10, opset_import: ["" : 23]>
