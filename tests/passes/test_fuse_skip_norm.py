@@ -473,9 +473,10 @@ def test_fuse_skip_norm_fixture(entry):
 def test_fuse_skip_norm_gpt2_ts_after_attention(name, lowered):
     # The attention output path keeps exporter Reshape/Transpose whose targets were sized from the unfused attention;
     # the proof follows each dim to the fused op's query (see merged_heads_text): every residual norm fuses. Without
-    # lower-gemm the projection stays Reshape(Gemm(Reshape(x))), its unflatten target read from Shape of the
-    # attention output: the same proof goes through it (the bias then stays in the Gemm).
-    o1 = O1 if lowered else O1.replace("lower-gemm,", "")
+    # lower-gemm (and unflatten-rows, which lowers the same Gemm as a one-op region) the projection stays
+    # Reshape(Gemm(Reshape(x))), its unflatten target read from Shape of the attention output: the same proof goes
+    # through it (the bias then stays in the Gemm).
+    o1 = O1 if lowered else O1.replace("lower-gemm,", "").replace("unflatten-rows,", "")
     res = onnxc.compile(ROOT / "models" / f"{name}.onnx", level=2,
                         passes=f"{o1},fuse-layer-norm,fuse-attention,fuse-embed-layer-norm,fuse-skip-norm,{CLEANUP}")
     assert res.report["verification"]["status"] == "passed"
