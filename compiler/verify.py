@@ -152,8 +152,11 @@ def _assign_dims(inputs: list[ir.Value], sc: Scenario, has_past: bool) -> dict[s
     return sizes
 
 
-def make_inputs(model: ir.Model | ir.Graph, sc: Scenario, seed: int) -> dict[str, np.ndarray]:
-    """Seeded inputs for the graph inputs of `model` (or of a graph) in scenario `sc`, each filled by its role."""
+def make_inputs(model: ir.Model | ir.Graph, sc: Scenario, seed: int, only: set[str] | None = None
+                ) -> dict[str, np.ndarray]:
+    """Seeded inputs for the graph inputs of `model` (or of a graph) in scenario `sc`, each filled by its role.
+    With `only`, just those inputs and the masks are made (sized as with all of them; a probe that reads the
+    position ids need not pay for a long cache's random past)."""
     rng = np.random.default_rng(seed)
     graph = model if isinstance(model, ir.Graph) else model.graph
     inputs = [v for v in graph.inputs if not v.is_initializer()]
@@ -163,6 +166,8 @@ def make_inputs(model: ir.Model | ir.Graph, sc: Scenario, seed: int) -> dict[str
     positions: dict[str, tuple[list[int], np.dtype]] = {}
     for v in inputs:
         role = input_role(v)
+        if only is not None and v.name not in only and role != "mask":    # the mask sizes the positions
+            continue
         shape = []
         for i, d in enumerate(v.shape or []):
             if isinstance(d, int):
@@ -192,7 +197,7 @@ def make_inputs(model: ir.Model | ir.Graph, sc: Scenario, seed: int) -> dict[str
         n = shape[-1] if shape else 1
         start = _past_length(inputs, feeds, n, sc.past)
         feeds[name] = np.broadcast_to(np.arange(start, start + n, dtype=dtype), shape).copy()
-    return {v.name: feeds[v.name] for v in inputs}
+    return {v.name: feeds[v.name] for v in inputs if v.name in feeds}
 
 
 def _past_length(inputs: list[ir.Value], feeds: dict[str, np.ndarray], seq: int, default: int) -> int:

@@ -31,7 +31,13 @@ Two facts cannot be read off the graph's shape, so they are proved by evaluation
   that static dims keep short is a refusal.
 - the rotary tables: cos and sin are evaluated for positions 0..L-1 (L = option max_seq_len, default 4096, or the
   static mask length; static position_ids are fed in chunks) and must be the same [c, c] halves (pairs [c0, c0,
-  c1, c1, ...] when interleaved) at every position ids the model is given; they become cos_cache / sin_cache.
+  c1, c1, ...] when interleaved) at every position ids the model is given (a chunk of a batch of two, and single
+  tokens after caches of growing lengths); they become cos_cache / sin_cache. Longrope (Phi-3.5, Phi-4-mini)
+  switches its frequencies on the largest position id: inv_freq = Where(max(position_ids) + 1 > M, long, short).
+  When exactly one scalar Where in the cone reads the position ids alone, and evaluating it shows it holds exactly
+  when the total length T exceeds some t0 (at every length probed, for a prefill, a decode step and a batch of
+  two), both regimes are read with the condition pinned and stored stacked ([short; long], 2L rows); each run
+  slices L rows from row L * (total_sequence_length > t0). Same semantics: cached keys keep the rotation they got.
 Rotary goes inside the op (do_rotary=1) where ORT's kernel takes it (head size a multiple of 16, cache width a
 multiple of 8); otherwise the rotated q/k stay outside and the op gets them rotated.
 """
@@ -575,19 +581,118 @@ def _probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tu
     return mask_in, window
 
 
-def _probe_rotary(model: ir.Model, rot: Rotary, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class Tables:
+    """cos/sin caches (L, dim/2); with a length switch, `long` holds the caches used once the total length (past +
+    new) exceeds `threshold` and cos/sin the ones used up to it."""
+    cos: np.ndarray
+    sin: np.ndarray
+    long: tuple[np.ndarray, np.ndarray] | None = None
+    threshold: int = 0
+
+
+def _probe_rotary(model: ir.Model, rot: Rotary, max_len: int) -> Tables:
+    """The caches, read at positions 0..L-1 (_read_tables). Where they are not a function of the position alone
+    because a scalar condition on the largest position id switches them (longrope: inv_freq = Where(max(position_ids)
+    + 1 > original_max_position_embeddings, long, short)), the two regimes are read with the condition pinned, and
+    the threshold on the total length is found by evaluating the condition (_length_switch)."""
+    try:
+        return Tables(*_read_tables(model, rot, max_len))
+    except Refuse as exc:
+        if "not a function of the position alone" not in str(exc):
+            raise
+        switch = _length_switch(model, rot, max_len)
+        if switch is None:
+            raise
+    where, threshold = switch
+    short = _pinned(model, where, False, lambda: _read_tables(model, rot, max_len))
+    if threshold >= max_len:
+        return Tables(*short)
+    long = _pinned(model, where, True, lambda: _read_tables(model, rot, max_len))
+    return Tables(*long) if threshold <= 0 else Tables(*short, long=long, threshold=threshold)
+
+
+def _length_switch(model: ir.Model, rot: Rotary, max_len: int) -> tuple[ir.Node, int] | None:
+    """(Where node, t0) when exactly one Where in the rotary cone has a scalar condition read from the position ids
+    alone, and that condition holds exactly when the total length T (positions 0..T-1, or the last ones of them)
+    exceeds t0, at every length probed. None otherwise."""
+    graph = model.graph
+    try:
+        cone = probe.cone(graph, [rot.cos, rot.sin])
+    except probe.ProbeError:
+        return None
+    pos_ins = [v for v in cone.inputs if input_role(v) == "position"]
+    if len(pos_ins) != 1:
+        return None
+    pos = pos_ins[0]
+    found = []
+    for n in cone.nodes:
+        d = dims_of(n.inputs[0]) if n.op_type == "Where" and n.domain == "" else None
+        if d is None or not all(isinstance(x, int) for x in d) or int(np.prod(d)) != 1:
+            continue
+        try:
+            inputs = probe.cone(graph, [n.inputs[0]]).inputs
+        except probe.ProbeError:
+            continue
+        if [v.name for v in inputs] == [pos.name]:
+            found.append(n)
+    if len(found) != 1:
+        return None
+    where, dtype = found[0], pos.dtype.numpy() if pos.dtype is not None else np.int64
+
+    def holds(total: int, batch: int = 1, seq: int | None = None) -> bool:
+        seq = total if seq is None else seq
+        ids = np.broadcast_to(np.arange(total - seq, total, dtype=dtype), (batch, seq)).copy()
+        return bool(probe.evaluate(graph, [where.inputs[0]], {pos.name: ids})[0].reshape(-1)[0])
+
+    try:
+        lo, hi = 0, max_len            # smallest T in [1, max_len] where it holds, max_len + 1 if none
+        if not holds(max_len):
+            first = max_len + 1
+        else:
+            while hi - lo > 1:          # holds(hi) is true; holds(lo) false or lo = 0
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if holds(mid) else (mid, hi)
+            first = hi
+        t0 = first - 1
+        probes = {t for t in (1, 2, 3, t0 - 1, t0, t0 + 1, t0 + 2, max_len // 2, max_len) if 1 <= t <= max_len}
+        for t in sorted(probes):
+            want = t > t0
+            if holds(t) != want or holds(t, seq=1) != want or holds(t, batch=2, seq=min(t, 3)) != want:
+                return None
+    except probe.ProbeError:
+        return None
+    return where, t0
+
+
+def _pinned(model: ir.Model, where: ir.Node, flag: bool, read):
+    """read() with the Where's condition replaced by the constant `flag` for the time of the call."""
+    cond = where.inputs[0]
+    shape = tuple(int(x) for x in dims_of(cond))
+    pin = ir.Value(name=f"fuse-gqa/pinned_{int(flag)}", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape(shape),
+                   const_value=ir.tensor(np.full(shape, flag, dtype=np.bool_)))
+    model.graph.register_initializer(pin)
+    where.replace_input_with(0, pin)
+    try:
+        return read()
+    finally:
+        where.replace_input_with(0, cond)
+        model.graph.initializers.pop(pin.name)
+
+
+def _read_tables(model: ir.Model, rot: Rotary, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin caches (L, dim/2) that reproduce the graph's cos/sin at every position.
 
     L = max_len, or the mask's static length when the model accepts only that one. Static position_ids (1, n)
     are fed in chunks arange(k*n, (k+1)*n) until L positions are read."""
-    pos_ins = [v for v in _cone_inputs(model.graph, [rot.cos, rot.sin], "rotary tables")
-               if input_role(v) == "position"]
+    reads = _cone_inputs(model.graph, [rot.cos, rot.sin], "rotary tables")
+    pos_ins = [v for v in reads if input_role(v) == "position"]
     static_total = next((v.shape[1] for v in model.graph.inputs if input_role(v) == "mask" and v.shape is not None
                          and len(v.shape) == 2 and isinstance(v.shape[1], int)), None)
     length = min(max_len, static_total) if static_total else max_len
 
     def run(sc: Scenario, start: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        feeds = make_inputs(model, sc, seed=1)
+        feeds = make_inputs(model, sc, seed=1, only={v.name for v in reads})
         if start is not None and pos_ins:
             f = feeds[pos_ins[0].name]
             feeds[pos_ins[0].name] = np.broadcast_to(np.arange(start, start + f.shape[-1], dtype=f.dtype),
@@ -620,12 +725,22 @@ def _probe_rotary(model: ir.Model, rot: Rotary, max_len: int) -> tuple[np.ndarra
         raise Refuse("cos/sin are not two equal halves (not the rotate-half layout)" if not rot.interleaved else
                      "cos/sin are not repeated pairwise (not the interleaved layout)")
     cos_cache, sin_cache = cos[0, :, lo].astype(np.float32), sin[0, :, lo].astype(np.float32)
-    c2, s2, pos = run(Scenario("positions", 2, 4, 3))
-    if static_total and pos_ins and pos.max() >= len(cos_cache):    # static: positions the model can be given
-        c2, s2, pos = run(Scenario("positions", 2, 4, 3), max(0, len(cos_cache) - pos.shape[1]))
-    if pos.max() >= len(cos_cache) or not (np.allclose(c2[..., lo], cos_cache[pos], atol=1e-6)
-                                           and np.allclose(s2[..., lo], sin_cache[pos], atol=1e-6)):
-        raise Refuse("cos/sin are not a function of the position alone")
+    # The table was read at one total length (L); the tables must also be these rows at other total lengths: a
+    # chunk of a batch of two, and single tokens after caches of growing lengths (a switch on the total length,
+    # as longrope's, shows up between two of them).
+    checks = [Scenario("positions", 2, 4, 3)]
+    if pos_ins and not static_total:
+        total = 1
+        while total < len(cos_cache):
+            checks.append(Scenario("positions", 1, 1, total - 1))
+            total = total * 3 // 2 + 1
+    for sc in checks:
+        c2, s2, pos = run(sc)
+        if static_total and pos_ins and pos.max() >= len(cos_cache):    # static: positions the model can be given
+            c2, s2, pos = run(sc, max(0, len(cos_cache) - pos.shape[1]))
+        if pos.max() >= len(cos_cache) or not (np.allclose(c2[..., lo], cos_cache[pos], atol=1e-6)
+                                               and np.allclose(s2[..., lo], sin_cache[pos], atol=1e-6)):
+            raise Refuse("cos/sin are not a function of the position alone")
     return cos_cache, sin_cache
 
 
@@ -687,6 +802,26 @@ def _bnsh_to_flat(b: _Builder, x: ir.Value, anchor: ir.Node, dtype: ir.DataType)
     return _flat(b, t, anchor)
 
 
+def _cache_values(b: _Builder, t: Tables, total: ir.Value, dtype) -> tuple[ir.Value, ir.Value]:
+    """cos_cache / sin_cache inputs. Switched tables are stored stacked, [short; long] (2L rows), and each run
+    slices the L rows its total length selects: start = L * (total > threshold)."""
+    if t.long is None:
+        return b.const(t.cos.astype(dtype), "cos_cache"), b.const(t.sin.astype(dtype), "sin_cache")
+    n = len(t.cos)
+    over = b.node("Greater", [total, b.const(np.array(t.threshold, np.int32), "threshold")], None).outputs[0]
+    start = b.node("Mul", [b.node("Cast", [over], None, to=ir.DataType.INT64).outputs[0],
+                           b.const(np.array([n], np.int64), "rows")], None).outputs[0]
+    end = b.node("Add", [start, b.const(np.array([n], np.int64), "rows")], None).outputs[0]
+    axes = b.const(np.array([0], np.int64), "axes")
+    out = []
+    for stem, short, long in (("cos_cache", t.cos, t.long[0]), ("sin_cache", t.sin, t.long[1])):
+        both = b.const(np.concatenate([short, long]).astype(dtype), f"{stem}_short_long")
+        v = b.node("Slice", [both, start, end, axes], None).outputs[0]
+        v.dtype, v.shape = ir.DataType.from_numpy(np.dtype(dtype)), ir.Shape([n, short.shape[1]])
+        out.append(v)
+    return out[0], out[1]
+
+
 def _seq_inputs(b: _Builder, mask: ir.Value, opset: int) -> tuple[ir.Value, ir.Value]:
     """seqlens_k = int32(ReduceSum(mask, 1) - 1), total = int32(Gather(Shape(mask), 1)), at the graph's start.
 
@@ -723,7 +858,8 @@ class FuseGQA(Pass):
         b = _Builder(graph, "fuse-gqa")
         seq_cache: dict[int, tuple[ir.Value, ir.Value]] = {}
         mask_cache: dict[tuple, tuple[ir.Value, int]] = {}
-        rot_cache: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
+        rot_cache: dict[tuple[int, int], Tables] = {}
+        cache_values: dict[tuple, tuple[ir.Value, ir.Value]] = {}
         counts: dict[str, int] = {}
         for sm in [n for n in graph if n.op_type == "Softmax" and n.domain == ""]:
             try:
@@ -737,14 +873,12 @@ class FuseGQA(Pass):
                     mask_cache[mkey] = _probe_mask(model, site, has_past, max_len)
                 mask_in, window = mask_cache[mkey]
                 do_rotary = site.rotary is not None and site.head % 16 == 0 and (site.rotary.dim // 2) % 8 == 0
-                caches = None
+                tables = None
                 if do_rotary:
                     key = (id(site.rotary.cos), id(site.rotary.sin))
                     if key not in rot_cache:
-                        cos, sin = _probe_rotary(model, site.rotary, max_len)
-                        dt = site.q.dtype.numpy()
-                        rot_cache[key] = (b.const(cos.astype(dt), "cos_cache"), b.const(sin.astype(dt), "sin_cache"))
-                    caches = rot_cache[key]
+                        rot_cache[key] = _probe_rotary(model, site.rotary, max_len)
+                    tables = rot_cache[key]
             except (Refuse, ValueError, IndexError, TypeError) as exc:   # an unexpected graph is refused, never fatal
                 if sm.outputs[0].uses():
                     why = exc if isinstance(exc, Refuse) else f"unexpected graph ({type(exc).__name__}: {exc})"
@@ -753,6 +887,12 @@ class FuseGQA(Pass):
             if id(mask_in) not in seq_cache:
                 seq_cache[id(mask_in)] = _seq_inputs(b, mask_in, opset)
             seqlens, total = seq_cache[id(mask_in)]
+            caches = None
+            if tables is not None:
+                ckey = (id(tables), id(total) if tables.long is not None else None)
+                if ckey not in cache_values:
+                    cache_values[ckey] = _cache_values(b, tables, total, site.q.dtype.numpy())
+                caches = cache_values[ckey]
             anchor = site.anchor
             if do_rotary or site.rotary is None:
                 q, k = (_flat(b, _renorm(b, x4, nm, anchor), anchor)

@@ -36,6 +36,7 @@ class Variant:
     interleaved: bool = False     # GPT-J: rotate_every_two on the BSNH views, before the head transpose
     upcast: bool = False          # fp16 TorchScript: Cast(scores, fp32) + mask, Softmax, MatMul(P, Cast(V, fp32))
     opset: int = 18
+    longrope: int = 0             # Phi-3 longrope: inv_freq = Where(max(position_ids) + 1 > longrope, long, short)
 
 
 def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
@@ -102,10 +103,18 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
         q, k = rot2(q), rot2(k)
     elif v.rotary:
         inv = const((1.0 / (10000 ** (np.arange(0, h, 2) / h))).astype(np.float32))
+        if v.longrope:      # the long factors stretch the low frequencies; both scaled by an attention factor
+            factors = np.linspace(1.0, 8.0, h // 2).astype(np.float32)
+            long_inv = const((1.0 / (factors * 10000 ** (np.arange(0, h, 2) / h))).astype(np.float32))
+            top = op("Add", op("ReduceMax", pos, keepdims=0), const(np.array(1, np.int64)))
+            inv = op("Where", op("Greater", top, const(np.array(v.longrope, np.int64))), long_inv, inv)
         f = op("Mul", op("Cast", op("Unsqueeze", pos, i64(2)), to=TensorProto.FLOAT), inv)
         emb = op("Concat", f, f, axis=-1)
-        cos = op("Unsqueeze", op("Cast", op("Cos", emb), to=v.dtype), i64(1))
-        sin = op("Unsqueeze", op("Cast", op("Sin", emb), to=v.dtype), i64(1))
+        cos, sin = op("Cos", emb), op("Sin", emb)
+        if v.longrope:
+            cos, sin = (op("Mul", t, const(np.array(1.19, np.float32))) for t in (cos, sin))
+        cos = op("Unsqueeze", op("Cast", cos, to=v.dtype), i64(1))
+        sin = op("Unsqueeze", op("Cast", sin, to=v.dtype), i64(1))
 
         def rot(z):
             lo = op("Slice", z, i64(0), i64(h // 2), i64(-1))

@@ -372,6 +372,60 @@ def test_fuse_gqa_refuses_rotary_that_depends_on_more_than_position():
     assert any("not a function of the position alone" in n or "not two equal halves" in n for n in ctx.notes)
 
 
+def _cases_agree(v: Variant, before: onnx.ModelProto, after: ir.Model, cases) -> None:
+    for batch, seq, past in cases:
+        feeds = feeds_for(v, batch, seq, past)
+        for w, g in zip(run_ort(before, feeds), run_ort(after, feeds)):
+            np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4 * max(1.0, np.abs(w).max()),
+                                       err_msg=f"{v} batch={batch} seq={seq} past={past}")
+
+
+def test_fuse_gqa_longrope_switches_tables_at_the_total_length():
+    """Phi-3 longrope: the tables switch when max(position_ids) + 1 exceeds 6. GQA reads both regimes stacked and
+    slices the one the total length selects; outputs agree on both sides of the switch and across it."""
+    v = Variant(longrope=6)
+    proto = build(v)
+    model, _ = fuse(proto, max_seq_len=64)
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert gqa.attributes["do_rotary"].value == 1
+    cos, sin = gqa.inputs[7], gqa.inputs[8]
+    for t in (cos, sin):
+        sl = t.producer()
+        assert sl.op_type == "Slice" and sl.inputs[0].const_value.shape[0] == 2 * 64
+    greater = next(n for n in model.graph if n.op_type == "Greater")
+    assert greater.inputs[0] is gqa.inputs[6]                  # total_sequence_length
+    assert int(greater.inputs[1].const_value.numpy()) == 6
+    assert "Where" not in ops(model) and "Cos" not in ops(model)
+    _cases_agree(v, proto, model, [(1, 6, 0), (1, 7, 0), (2, 9, 0), (2, 1, 5), (2, 1, 6), (2, 1, 11), (1, 3, 4),
+                                   (1, 2, 5)])
+
+
+def test_fuse_gqa_refuses_a_switch_that_reads_more_than_the_largest_position():
+    # the condition reads the sum of the position ids: a decode step (one position) and a prefill of the same total
+    # length disagree, so no threshold on the total length expresses it
+    proto = build(Variant(longrope=6))
+    g = proto.graph
+    red = next(n for n in g.node if n.op_type == "ReduceMax")
+    red.op_type = "ReduceSum"
+    red.ClearField("attribute")
+    red.attribute.append(onnx.helper.make_attribute("keepdims", 0))
+    model, ctx = fuse(proto, max_seq_len=64)
+    assert ops(model)["GroupQueryAttention"] == 0
+    assert any("not a function of the position alone" in n for n in ctx.notes), ctx.notes
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(threshold=st.integers(1, 20), cases=st.lists(st.tuples(st.integers(1, 2), st.integers(1, 6),
+                                                               st.integers(0, 24)), min_size=2, max_size=4))
+def test_fuse_gqa_longrope_property(threshold, cases):
+    v = Variant(longrope=threshold)
+    proto = build(v)
+    model, _ = fuse(proto, max_seq_len=32)
+    assert ops(model)["GroupQueryAttention"] == 1
+    # ORT's GroupQueryAttention takes a past with batch 1 only when more than one token is new
+    _cases_agree(v, proto, model, [(b if s == 1 or p == 0 else 1, s, p) for b, s, p in cases])
+
+
 # --------------------------------------------------------------------------------------------- property
 variants = st.builds(
     Variant,
