@@ -24,7 +24,7 @@ O1 = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},sort-topologically"
 # consume its output projection, packing last (it reads the attention ops' Q/K/V inputs).
 # expand-standard-ops comes first: it rewrites opset-23 RMSNormalization/RotaryEmbedding/Attention into what they read.
 FUSE = ("expand-standard-ops,split-packed-heads,fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-attention,fuse-gqa,"
-        "fuse-embed-layer-norm,fuse-skip-norm,pack-projections,contract-standard-ops")
+        "fuse-embed-layer-norm,fuse-skip-norm,pack-projections,fuse-transposed-matmul,contract-standard-ops")
 
 O2 = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},{FUSE},{CLEANUP},sort-topologically"
 

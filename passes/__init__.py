@@ -14,6 +14,7 @@ from . import (  # noqa: F401  (imported for registration)
     fuse_layer_norm,
     fuse_rms_norm,
     fuse_skip_norm,
+    fuse_transposed_matmul,
     infer_shapes,
     lower_gemm,
     pack_projections,
