@@ -147,6 +147,24 @@ def derived_tensor(fn: Callable[..., np.ndarray], sources: Sequence[ir.TensorPro
     return ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(list(shape)), name=name)
 
 
+def transposed_equal(a: ir.TensorProtocol, b: ir.TensorProtocol, block: int = 1024) -> bool:
+    """Whether 2-D `a` (N, K) holds exactly the bytes of `b` (K, N) transposed, compared `block` rows of `a` at a
+    time (the columns of `b` read through its memory map, released after), so neither is copied whole."""
+    if len(a.shape) != 2 or len(b.shape) != 2 or a.dtype != b.dtype or \
+            tuple(int(d) for d in a.shape) != tuple(int(d) for d in b.shape)[::-1]:
+        return False
+    def equal() -> bool:
+        x, y = a.numpy(), b.numpy()
+        return all(np.array_equal(x[r0:r0 + block].view(np.uint8), np.ascontiguousarray(y[:, r0:r0 + block].T)
+                                  .view(np.uint8)) for r0 in range(0, x.shape[0], block))
+
+    same = equal()       # the arrays (views of the maps) are gone once it returns
+    for t in (a, b):
+        if isinstance(t, ir.ExternalTensor):
+            t.release()
+    return same
+
+
 def uses_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor)
                for g in model.graphs() for v in g.initializers.values())

@@ -225,6 +225,7 @@ _SAME_SHAPE = {("", "LayerNormalization"): (0,), ("", "SimplifiedLayerNormalizat
                (_MS, "SkipLayerNormalization"): (0, 3), (_MS, "SkipSimplifiedLayerNormalization"): (0, 3),
                (_MS, "RotaryEmbedding"): (0,)}
 _CHAIN_PLACES = 64
+_ALIVE = "alive"      # memo key: the values whose ids the memo holds, kept alive so no id is reused
 
 
 def _dim_inputs(v: ir.Value, axis: int, depth: int, memo: dict) -> list[tuple[ir.Value, int]]:
@@ -323,11 +324,14 @@ def _dim_chain(v: ir.Value, axis: int, depth: int, memo: dict) -> tuple[set, set
     if key not in memo:
         memo[key] = (set(), set())   # a cycle back here proves nothing
         places, labels, todo = set(), set(), [(v, axis)]
+        alive = memo.setdefault(_ALIVE, [])
+        alive.append(v)
         while todo and len(places) < _CHAIN_PLACES:
             u, j = todo.pop(0)
             if (id(u), j) in places:
                 continue
             places.add((id(u), j))
+            alive.append(u)     # ids in the memo must not be reused by new values while it lives
             d = dims_of(u)
             if d is not None and j < len(d) and _known(d[j]):
                 labels.add(d[j])
@@ -344,9 +348,10 @@ def is_one(v: ir.Value, i: int, depth: int = 3, memo: dict | None = None) -> boo
     return 1 in _dim_chain(v, i, depth, {} if memo is None else memo)[1]
 
 
-def dim_inputs(v: ir.Value, axis: int, depth: int = 3) -> list[tuple[ir.Value, int]]:
-    """Every (u, j), one producer back, such that dim `axis` of v provably has the size of dim j of u."""
-    return _dim_inputs(v, axis, depth, {})
+def dim_inputs(v: ir.Value, axis: int, depth: int = 3, memo: dict | None = None) -> list[tuple[ir.Value, int]]:
+    """Every (u, j), one producer back, such that dim `axis` of v provably has the size of dim j of u. `memo` may
+    be shared by many calls while the graph only changes in ways that keep every dim's size (fold-shapes)."""
+    return _dim_inputs(v, axis, depth, {} if memo is None else memo)
 
 
 def same_dim(a: ir.Value, ia: int, b: ir.Value, ib: int, depth: int = 3, memo: dict | None = None) -> bool:
