@@ -340,6 +340,22 @@ def _dim_chain(v: ir.Value, axis: int, depth: int, memo: dict) -> tuple[set, set
     return memo[key]
 
 
+def dims_equal(a, b) -> bool:
+    """Dims (int, symbol name or Unknown) provably equal by name; an Unknown equals only itself."""
+    if isinstance(a, Unknown) or isinstance(b, Unknown):
+        return a is b
+    return a is not None and a == b
+
+
+def element_is_dim(target: ir.Value, i: int, t, x: ir.Value, axis: int, memo: dict | None = None) -> bool:
+    """Element i of the shape vector `target` (symbolically t) is dim `axis` of x: the same int or name, or read
+    from a dim proved equal (shape_source, same_dim)."""
+    if dims_equal(t, dims_of(x)[axis]):
+        return True
+    src = shape_source(target, i)
+    return src is not None and same_dim(src[0], src[1], x, axis, memo={} if memo is None else memo)
+
+
 def is_one(v: ir.Value, i: int, depth: int = 3, memo: dict | None = None) -> bool:
     """Dim i of v is provably 1 (its producer chain reaches a static 1)."""
     d = dims_of(v)

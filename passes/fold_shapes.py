@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxc.pass_manager import PassResult, RulePass, register_pass
 from onnxc.rules import Attr, Rule
 from onnxc.shapes import dim_inputs, dims_of

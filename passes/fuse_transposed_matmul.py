@@ -23,8 +23,8 @@ leaves such Transposes unfolded (an unshared W is folded into W^T instead).
 """
 from __future__ import annotations
 
-from onnxc.pass_manager import RulePass, register_pass
 from onnxc.ir import transposed_equal
+from onnxc.pass_manager import RulePass, register_pass
 from onnxc.rules import Attr, Rule, attr_value, const_tensor
 from onnxc.shapes import dims_of
 

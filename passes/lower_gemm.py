@@ -23,25 +23,9 @@ reason (`onnxc compile --explain unflatten-gemm`).
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
 from onnxc.pass_manager import RulePass, register_pass
 from onnxc.rules import Attr, Rule
-from onnxc.shapes import Unknown, dims_of, same_dim, shape_source, sym_value
-
-
-def _same(a, b) -> bool:
-    """Dims (int, symbol name or Unknown) provably equal by name; Unknown equals only itself."""
-    if isinstance(a, Unknown) or isinstance(b, Unknown):
-        return a is b
-    return a is not None and a == b
-
-
-def _element_is_dim(target: ir.Value, i: int, t, x: ir.Value, axis: int, memo: dict) -> bool:
-    """Element i of the shape vector `target` (symbolically t) equals dim `axis` of x."""
-    if _same(t, dims_of(x)[axis]):
-        return True
-    src = shape_source(target, i)
-    return src is not None and same_dim(src[0], src[1], x, axis, memo=memo)
+from onnxc.shapes import dims_equal, dims_of, element_is_dim, sym_value
 
 
 def _merged(dx: tuple, k) -> int | None:
@@ -74,7 +58,7 @@ def check(m):
     flat = sym_value(m["flat_shape"])
     if flat is None or len(flat) != 2 or flat[0] != -1 or (flat[1] == 0 and not m["flat_allowzero"]):
         return m.fail(f"flatten target {flat} is not (-1, K)", "flat_shape")
-    j = 1 if _element_is_dim(m["flat_shape"], 1, flat[1], m["x"], len(dx) - 1, memo) else _merged(dx, flat[1])
+    j = 1 if element_is_dim(m["flat_shape"], 1, flat[1], m["x"], len(dx) - 1, memo) else _merged(dx, flat[1])
     if j is None:
         return m.fail(f"cannot prove the flatten's K {flat[1]} is the last dim(s) of the input {dx}", "flat_shape")
     dw = dims_of(m["w"])
@@ -90,7 +74,7 @@ def check(m):
     def restores(i: int, t) -> bool:
         if t == 0 and not m["out_allowzero"]:   # copies the Gemm output's (P, N): right only when P = d1
             return lead == 1
-        return i in minus or (_element_is_dim(m["out_shape"], i, t, m["x"], i, memo) if i < lead else _same(t, n))
+        return i in minus or (element_is_dim(m["out_shape"], i, t, m["x"], i, memo) if i < lead else dims_equal(t, n))
 
     if len(minus) > 1 or not all(restores(i, t) for i, t in enumerate(out)):
         return m.fail(f"cannot prove the unflatten target {out} is {dx[:lead] + (n,)}", "out_shape")

@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import attr_value, replace_value
-from onnxc.shapes import Unknown, dims_of, same_dim, shape_source, sym_value
+from onnxc.shapes import Unknown, dims_equal, dims_of, element_is_dim, sym_value
 
 _UNARY = frozenset({"Cast", "Identity", "Relu", "Sigmoid", "Tanh", "Erf", "Neg", "Abs", "Sqrt", "Reciprocal", "Exp",
                     "Log", "Gelu", "Elu", "LeakyRelu", "Softplus", "HardSigmoid", "HardSwish", "Sin", "Cos",
@@ -47,19 +47,6 @@ class Region:
     nodes: list[ir.Node] = field(default_factory=list)    # row-wise ops, in discovery order
     exits: list[ir.Node] = field(default_factory=list)    # Reshape(y, (d1, ..., dn, C))
     widths: dict[int, object] = field(default_factory=dict)   # id(value) -> C
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, Unknown) or isinstance(b, Unknown):
-        return a is b
-    return a is not None and a == b
-
-
-def _element_is_dim(target: ir.Value, i: int, t, x: ir.Value, axis: int, memo: dict) -> bool:
-    if _same(t, dims_of(x)[axis]):
-        return True
-    src = shape_source(target, i)
-    return src is not None and same_dim(src[0], src[1], x, axis, memo=memo)
 
 
 def _row_constant(v: ir.Value | None) -> bool:
@@ -84,7 +71,7 @@ def _entry(node: ir.Node, memo: dict) -> str | None:
     t = sym_value(node.inputs[1]) if len(node.inputs) > 1 else None
     if t is None or len(t) != 2 or t[0] != -1 or t[1] in (-1, 0):
         return f"target {t} is not (-1, H)"
-    if not _element_is_dim(node.inputs[1], 1, t[1], x, len(dx) - 1, memo):
+    if not element_is_dim(node.inputs[1], 1, t[1], x, len(dx) - 1, memo):
         return f"cannot prove H = {t[1]} is the last dim of {dx}"
     return None
 
@@ -103,9 +90,9 @@ def _exit(node: ir.Node, v: ir.Value, x: ir.Value, width, memo: dict) -> bool:
             continue
         if e == 0 and not allowzero:       # copies dim i of the 2-D (P, C) input: not a dim of x for n >= 2
             return False
-        if i < lead and not _element_is_dim(node.inputs[1], i, e, x, i, memo):
+        if i < lead and not element_is_dim(node.inputs[1], i, e, x, i, memo):
             return False
-        if i == lead and not _same(e, width):
+        if i == lead and not dims_equal(e, width):
             return False
     return True
 
@@ -233,7 +220,7 @@ def _out_width(node: ir.Node, out: ir.Value, widths: dict):
     wide = [e for e in lasts if e != 1]
     if not wide:
         return 1
-    return wide[0] if all(_same(e, wide[0]) for e in wide) else None
+    return wide[0] if all(dims_equal(e, wide[0]) for e in wide) else None
 
 
 def _fresh(stem: str, taken: set[str]) -> str:

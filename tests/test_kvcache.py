@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import pytest
-from hypothesis import given, settings, strategies as st
-
 import onnxc
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnxc import kvcache, verify
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "models"
@@ -142,7 +142,7 @@ def test_check_shared_skips_padded_masks_and_empty_pasts(llama):
 @given(batch=st.integers(1, 2), past=st.integers(1, 20), seq=st.integers(1, 3), slack=st.integers(0, 12),
        seed=st.integers(0, 2**16))
 def test_one_run_in_a_buffer_matches_a_copying_run(llama, batch, past, seq, slack, seed):
-    path, model, session, _ = llama
+    _, model, session, _ = llama
     seq = 1 if batch > 1 else seq            # onnxruntime's GroupQueryAttention takes a past with batch 1 only
     feeds = _inputs(model, batch, seq, past, seed)
     names = [o.name for o in session.get_outputs()]

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from helpers import assert_same_outputs, assert_unchanged_by, assert_valid, check_before_after, parse, parse_proto, \
-    run_passes
+from helpers import (
+    assert_same_outputs,
+    assert_unchanged_by,
+    assert_valid,
+    check_before_after,
+    parse,
+    parse_proto,
+    run_passes,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

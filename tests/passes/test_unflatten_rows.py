@@ -47,7 +47,6 @@ g (float[B, S, {H}] x) => (float[B, S, {H}] y) {{
 
 
 def test_opt_feed_forward_block_runs_unflattened():
-    w1t, w2t = np.ascontiguousarray(W1.T), np.ascontiguousarray(W2.T)
     model, counts = check_before_after(OPT_FFN, UNFLATTEN, f"""
     g (float[B, S, {H}] x) => (float[B, S, {H}] y) {{
       n = LayerNormalization<axis=-1>(x, g, b)
@@ -182,7 +181,7 @@ def region_model(case):
     inits["wvec"] = np.array([width], np.int64)
     n = len(lead)
     if restore == "shape":
-        lines += ["sx = Shape(x)", f"ld = Slice(sx, zero, nlead)", "t = Concat<axis=0>(ld, wvec)"]
+        lines += ["sx = Shape(x)", "ld = Slice(sx, zero, nlead)", "t = Concat<axis=0>(ld, wvec)"]
         inits["nlead"] = np.array([n], np.int64)
         fires = True
     else:
