@@ -58,6 +58,9 @@ def shared_cache_pairs(model: ir.Model) -> CacheLayout:
         present = next(iter(presents.values()))
         if v.shape is not None and v.shape.rank() != 4:
             return CacheLayout(reason=f"past input '{v.name}' is not (batch, heads, length, head size)")
+        if v.shape is not None and isinstance(v.shape[2], int):
+            return CacheLayout(reason=f"past input '{v.name}' has a fixed length ({v.shape[2]}): a buffer with room "
+                               "for more positions does not fit it")
         pairs.append((v.name, present.name))
     return CacheLayout(pairs)
 

@@ -52,6 +52,15 @@ def test_uncompiled_export_and_mha_model_are_not_shareable(tmp_path):
     assert bert.report["kv_cache"] == {"status": "not applicable", "reason": "the model has no past key/value inputs"}
 
 
+def test_a_fixed_length_past_is_not_shareable(llama):
+    _, model, _, _ = llama
+    model = model.clone()
+    past = next(v for v in model.graph.inputs if verify.input_role(v) == "past")
+    past.shape = ir.Shape([1, past.shape[1], 4, past.shape[3]])
+    layout = kvcache.shared_cache_pairs(model)
+    assert not layout.shareable and "fixed length (4)" in layout.reason
+
+
 def _decode_both_ways(path: Path, model: ir.Model, session, prompt: int, steps: int, capacity: int, seed: int):
     """A prompt then `steps` single tokens, run by copying (present fed back as past) and in place (one buffer
     per past, bound as input and output). Yields both runs' outputs, step by step."""
