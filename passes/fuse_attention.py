@@ -2,7 +2,7 @@
 
 With heads(t) = Transpose(Reshape(t, (B, S, N, H)), perm=(0, 2, 1, 3)) and M the additive mask:
 
-    P = Softmax(s_q*heads(q) @ s_k*Kt * s + M),   out = P @ V
+    P = Softmax(s_q*heads(q) @ s_k*Kt * s (+ R) + M),   out = P @ V
     q, k, v = x Wq + bq, x Wk + bk, x Wv + bv           ->  Attention(x, [Wq|Wk|Wv], [bq|bk|bv], mask)   fuse-attention
     q, k, v = Split(x W + b)  (MatMul+Add or Gemm)      ->  Attention(x, W, b, mask)                     fuse-attention-packed
     K = Concat(past_k, heads(k)), V = Concat(past_v, heads(v)), present = (K, V)
@@ -37,6 +37,11 @@ first token with causal masks) can only occur at padded positions; there the ori
 uniform average (finite large negative), ORT a softmax of the unmasked scores. For bidirectional masks with a finite
 hidden value c, mask_filter_value = c, which reproduces the original exactly; otherwise the default is kept.
 
+A position bias R added to the scaled scores before the mask, softmax(scaled + R + M) (MPNet's and T5's relative
+position buckets), becomes the op's attention_bias (input 5) when its producers read no graph input's data (a
+function of shapes and constants, evaluated by compiler/probe.py's cone) and it has rank 4 (batch or 1, heads,
+queries, keys); one that reads input data is an additive mask, analysed (and refused) as one.
+
 Requires: N equal for Q, K and V (grouped KV heads are refused), head split keeping (B, S), softmax on the last
 axis, scale factors scalar constants, q and k straight from a linear projection (rotary embeddings are refused).
 Reference: kernels/attention.py.
@@ -62,12 +67,13 @@ _MASK_KEY = "onnxc.fuse_attention.mask"
 
 
 # ---------------------------------------------------------------------------------------------------- patterns
-def _core(op, qh, kt, vh, q_mul, q_div, k_mul, k_div, s_mul, s_div, bias, cond, neg):
-    """softmax(scale(Q) @ scale(Kt) * s + M) @ V, with the SDPA NaN guard optional."""
+def _core(op, qh, kt, vh, q_mul, q_div, k_mul, k_div, s_mul, s_div, pos_bias, bias, cond, neg):
+    """softmax(scale(Q) @ scale(Kt) * s (+ R) + M) @ V, with the SDPA NaN guard optional; R a position bias."""
     qs = op.Or(op.Mul(qh, q_mul), op.Div(qh, q_div), qh)
     ks = op.Or(op.Mul(kt, k_mul), op.Div(kt, k_div), kt)
     scores = op.MatMul(qs, ks)
     scaled = op.Or(op.Mul(scores, s_mul), op.Div(scores, s_div), scores)
+    scaled = op.Or(op.Add(scaled, pos_bias, _name="pos_add"), scaled)
     where = op.Where(cond, scaled, neg)
     masked = op.Or(op.Add(where, bias), op.Add(scaled, bias), where, scaled)
     p = op.Cast(op.Softmax(op.Cast(masked, _optional=True, _name="cast_in"), _name="softmax"), _optional=True,
@@ -88,29 +94,29 @@ def _key_t(op, k, k_shape):
 
 
 def pattern_separate(op, x, wq, bq, wk, bk, wv, bv, q_shape, k_shape, v_shape,
-                     q_mul, q_div, k_mul, k_div, s_mul, s_div, bias, cond, neg):
+                     q_mul, q_div, k_mul, k_div, s_mul, s_div, pos_bias, bias, cond, neg):
     q = op.Add(op.MatMul(x, wq), bq, _optional=True)
     k = op.Add(op.MatMul(x, wk), bk, _optional=True)
     v = op.Add(op.MatMul(x, wv), bv, _optional=True)
     return _core(op, _heads(op, q, q_shape, "q_reshape"), _key_t(op, k, k_shape), _heads(op, v, v_shape, "v_reshape"),
-                 q_mul, q_div, k_mul, k_div, s_mul, s_div, bias, cond, neg)
+                 q_mul, q_div, k_mul, k_div, s_mul, s_div, pos_bias, bias, cond, neg)
 
 
 def pattern_packed(op, x, w, b, x_shape, qkv_shape, q_shape, k_shape, v_shape,
-                   q_mul, q_div, k_mul, k_div, s_mul, s_div, bias, cond, neg):
+                   q_mul, q_div, k_mul, k_div, s_mul, s_div, pos_bias, bias, cond, neg):
     qkv = op.Or(op.Add(op.MatMul(x, w), b, _optional=True),
                 op.Reshape(op.Gemm(op.Reshape(x, x_shape), w, b, _name="gemm"), qkv_shape))
     q, k, v = op.Split(qkv, _outputs=3, _allow_other_inputs=True, _name="split")
     return _core(op, _heads(op, q, q_shape, "q_reshape"), _key_t(op, k, k_shape), _heads(op, v, v_shape, "v_reshape"),
-                 q_mul, q_div, k_mul, k_div, s_mul, s_div, bias, cond, neg)
+                 q_mul, q_div, k_mul, k_div, s_mul, s_div, pos_bias, bias, cond, neg)
 
 
 def pattern_past(op, q, k, v, past_k, past_v, q_shape, k_shape, v_shape,
-                 q_mul, q_div, k_mul, k_div, s_mul, s_div, bias, cond, neg):
+                 q_mul, q_div, k_mul, k_div, s_mul, s_div, pos_bias, bias, cond, neg):
     key = op.Concat(past_k, _heads(op, k, k_shape, "k_reshape"), _name="k_concat")
     value = op.Concat(past_v, _heads(op, v, v_shape, "v_reshape"), _name="v_concat")
     out = _core(op, _heads(op, q, q_shape, "q_reshape"), op.Transpose(key, perm=[0, 1, 3, 2]), value,
-                q_mul, q_div, k_mul, k_div, s_mul, s_div, bias, cond, neg)
+                q_mul, q_div, k_mul, k_div, s_mul, s_div, pos_bias, bias, cond, neg)
     return out, key, value
 
 
@@ -323,7 +329,28 @@ def _attention_attrs(m, past: bool, head_size: int) -> dict[str, Any]:
     if not mask["causal"] and len(mask["hidden"]) == 1 and finite and finite != {ORT_MASK_FILTER}:
         mfv = finite.pop()
     return {"scale": scale, "unidirectional": 1 if mask["causal"] else None, "mask_input": mask["mask_input"],
-            "mask_filter_value": mfv}
+            "mask_filter_value": mfv, "attention_bias": _position_bias(m, past)}
+
+
+def _position_bias(m, past: bool) -> ir.Value | None:
+    """R of softmax(scaled + R + M): a bias computed from shapes and constants alone (a relative position bias:
+    no graph input's data), of rank 4 (batch or 1, heads, queries, keys) -> the fused op's attention_bias. An R
+    that reads input data is an additive mask the mask analysis refused: its reason is the one reported."""
+    r = m.binds.get("pos_bias")
+    if r is None:
+        return None
+    try:
+        reads = probe.cone(m.graph, [r]).data_inputs
+    except probe.ProbeError as exc:
+        raise _Refused(f"the bias added to the scores cannot be evaluated: {exc}") from None
+    if reads:
+        _probe_mask([r], ["bias"], m.graph, past)
+        raise _Refused("the bias added to the scores reads graph input data: "
+                       + ", ".join(sorted(v.name or "?" for v in reads)))
+    d = dims_of(r)
+    if d is None or len(d) != 4:
+        raise _Refused(f"the bias added to the scores is not (batch or 1, heads, queries, keys) (dims {d})")
+    return r
 
 
 def _checked(fn):
@@ -598,7 +625,8 @@ def _unique_names(op) -> None:
 
 
 def _attention(op, x, weights, bias, kw) -> ir.Value:
-    y = op.Attention(x, weights, bias, _mask_index(op, kw["mask_input"]), _domain=MS, num_heads=kw["num_heads"],
+    y = op.Attention(x, weights, bias, _mask_index(op, kw["mask_input"]), None, kw.get("attention_bias"), _domain=MS,
+                     num_heads=kw["num_heads"],
                      scale=kw["scale"], unidirectional=kw["unidirectional"], mask_filter_value=kw["mask_filter_value"])
     out = _bnsh(op, y, x, kw["num_heads"], kw["head_size"], kw["bsd"])
     _unique_names(op)
@@ -620,7 +648,8 @@ def rewrite_packed(op, **kw):
 
 def rewrite_past(op, **kw):
     y, present_k, present_v = op.MultiHeadAttention(
-        kw["q"], kw["k"], kw["v"], None, _mask_index(op, kw["mask_input"]), None, kw["past_k"], kw["past_v"],
+        kw["q"], kw["k"], kw["v"], None, _mask_index(op, kw["mask_input"]), kw.get("attention_bias"), kw["past_k"],
+        kw["past_v"],
         _domain=MS, _outputs=3, num_heads=kw["num_heads"], scale=kw["scale"], unidirectional=kw["unidirectional"],
         mask_filter_value=kw["mask_filter_value"])
     out = _bnsh(op, y, kw["q"], kw["num_heads"], kw["head_size"], kw["bsd"])

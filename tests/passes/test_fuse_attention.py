@@ -36,7 +36,7 @@ def _weights(dtype, rng, *names_shapes) -> dict[str, np.ndarray]:
 
 
 def bert(dtype="float", dims=("B", "S"), scale="scores_div", mask="add", kt="bsnh", bias_first=False,
-         nan_guard=False, extra=None, hidden_value=-10000.0, softmax_axis=-1, seed=0):
+         nan_guard=False, extra=None, hidden_value=-10000.0, softmax_axis=-1, seed=0, rel_bias=None):
     """BERT-style self-attention: separate q/k/v MatMul+Add, padding mask, (B, S, D) -> (B, S, D)."""
     t, npd = dtype, NP[dtype]
     rng = np.random.default_rng(seed)
@@ -77,14 +77,32 @@ def bert(dtype="float", dims=("B", "S"), scale="scores_div", mask="add", kt="bsn
         lines += [f"sc0 = MatMul({q}, {k})", "sc = Mul(sc0, c)"]
     elif scale == "input":
         lines += [f"sc0 = MatMul({q}, {k})", "sc = Div(sc0, cin)"]
+    if rel_bias:    # MPNet/T5-style: a bias table gathered by clipped |i - j| (from Shape(x) alone, or, with
+        # "data", from the mask's values: not a position bias), (1, N, S, S), added to the scaled scores
+        inits.update(rtab=rng.standard_normal((4, N)).astype(npd), i0=np.array(0, np.int64),
+                     i1=np.array(1, np.int64), ax0=np.array([0], np.int64), ax1=np.array([1], np.int64),
+                     mx=np.array(3, np.int64))
+        src = "mask" if rel_bias == "data" else "x"
+        lines += [f"rsx = Shape({src})", "rsl = Gather <axis = 0> (rsx, i1)", "rpos = Range(i0, rsl, i1)"]
+        if rel_bias == "data":
+            lines += ["rm = ReduceMax <keepdims = 0> (mask)", "rpos1 = Add(rpos, rm)"]
+        else:
+            lines += ["rpos1 = Identity(rpos)"]
+        lines += ["rpa = Unsqueeze(rpos1, ax0)", "rpb = Unsqueeze(rpos, ax1)", "rrel = Sub(rpa, rpb)",
+                  "rab = Abs(rrel)", "rcl = Min(rab, mx)", "rg = Gather <axis = 0> (rtab, rcl)",
+                  "rt = Transpose <perm = [2, 0, 1]> (rg)", "rb = Unsqueeze(rt, ax0)", "scr = Add(sc, rb)"]
+        lines = [ln.replace("m = Add(sc, madd)", "m = Add(scr, madd)") for ln in lines]
+        sc_name = "scr"
+    else:
+        sc_name = "sc"
     if mask == "add":      # (1 - mask) * large_negative, broadcast (B, 1, 1, S)
         lines += ["mu = Unsqueeze(mask, ax12)", f"mf = Cast <to = {1 if t == 'float' else 10}> (mu)",
-                  "inv = Sub(one, mf)", "madd = Mul(inv, hid)", "m = Add(sc, madd)"]
+                  "inv = Sub(one, mf)", "madd = Mul(inv, hid)", f"m = Add({sc_name}, madd)"]
     elif mask == "where":  # Where(mask, scores, -inf)
         inits["hid"] = np.array(-np.inf, npd)
-        lines += ["mu = Unsqueeze(mask, ax12)", "mb = Cast <to = 9> (mu)", "m = Where(mb, sc, hid)"]
+        lines += ["mu = Unsqueeze(mask, ax12)", "mb = Cast <to = 9> (mu)", f"m = Where(mb, {sc_name}, hid)"]
     else:
-        lines.append("m = Identity(sc)")
+        lines.append(f"m = Identity({sc_name})")
     lines.append(f"p = Softmax <axis = {softmax_axis}> (m)")
     if nan_guard:
         inits["zero"] = np.array(0, npd)
@@ -346,9 +364,32 @@ def test_fuse_attention_no_mask_and_nan_guard():
 
 # ------------------------------------------------------------------------------------------------ refusals
 def test_fuse_attention_rejects_position_bias():
-    text, inits = bert(hidden_value=-3.0)   # a bias, not a mask
+    text, inits = bert(hidden_value=-3.0)   # a bias, not a mask (it reads the mask's data: no position bias either)
     rows = refused(parse(text, inits), fa.separate)
     assert any("values other than 0 and large negatives" in r for r in rows), rows
+
+
+@pytest.mark.parametrize("mask", ["add", "where"])
+def test_fuse_attention_takes_a_relative_position_bias(mask):
+    """MPNet: softmax(scores / sqrt(H) + R + M) with R (1, N, S, S) gathered by relative position from shapes
+    alone -> Attention with attention_bias = R (input 5)."""
+    text, inits = bert(rel_bias="shape", mask=mask)
+    before, after, counts = fuse(text, inits)
+    assert counts.get("fuse-attention") == 1, counts
+    att = next(n for n in after.graph if n.op_type == "Attention")
+    assert len(att.inputs) > 5 and att.inputs[5] is not None and att.inputs[5].producer().op_type == "Unsqueeze"
+    assert "Softmax" not in ops(after)
+    assert_fused_matches(before, after)
+    assert_unchanged_by(after, "fuse-attention")
+
+
+def test_fuse_attention_refuses_a_score_bias_that_reads_input_data():
+    # positions offset by max(mask): the bias reads the mask's data, so it is no position bias; as a mask it is
+    # refused for the mask analysis' reason
+    model = parse(*bert(rel_bias="data"))
+    rows = refused(model, fa.separate)
+    assert any("check: mask" in r for r in rows), rows
+    assert not run_passes(model, ["fuse-attention"]).get("fuse-attention")
 
 
 def test_fuse_attention_rejects_wrong_softmax_axis():
@@ -441,10 +482,11 @@ def test_fuse_attention_key_transpose_needs_an_attention_consumer():
 @given(scale=st.sampled_from(["scores_div", "scores_mul", "both", "q_div", "k_mul", "custom"]),
        mask=st.sampled_from(["add", "where", "none"]), kt=st.sampled_from(["bsnh", "bnsh"]),
        bias_first=st.booleans(), nan_guard=st.booleans(), dtype=st.sampled_from(["float", "float16"]),
-       static=st.booleans(), extra=st.sampled_from([None, "x", "softmax"]))
-def test_fuse_attention_property(scale, mask, kt, bias_first, nan_guard, dtype, static, extra):
+       static=st.booleans(), extra=st.sampled_from([None, "x", "softmax"]),
+       rel_bias=st.sampled_from([None, None, "shape"]))
+def test_fuse_attention_property(scale, mask, kt, bias_first, nan_guard, dtype, static, extra, rel_bias):
     text, inits = bert(dtype=dtype, dims=(3, 6) if static else ("B", "S"), scale=scale, mask=mask, kt=kt,
-                       bias_first=bias_first, nan_guard=nan_guard, extra=extra)
+                       bias_first=bias_first, nan_guard=nan_guard, extra=extra, rel_bias=rel_bias)
     before, after, counts = fuse(text, inits)
     fires = extra != "softmax"
     assert counts.get("fuse-attention", 0) == int(fires), counts
