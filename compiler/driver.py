@@ -119,6 +119,7 @@ def compile(model: Any, level: int = 3, target: str = "cpu", *, output: str | os
             save_seconds = time.perf_counter() - t0
             irio.release_weights(ir_model)  # the weights are on disk now; let their pages go before verifying
             verification: dict[str, Any] = {"status": "not run", "reason": "--no-verify"}
+            kv_cache: dict[str, Any] = {}
             quality: dict[str, Any] = {}
             t0 = time.perf_counter()
             quantized = quantize and any(numeric.QUANT_META in n.meta for n in ir_model.graph)
@@ -130,15 +131,22 @@ def compile(model: Any, level: int = 3, target: str = "cpu", *, output: str | os
                 if rep.status == "failed":
                     raise VerificationError(f"verification failed: {rep.reason}; nothing was written")
             elif verify and reference is not None:
+                def kv_check(session: Any, feeds_list: list[dict[str, Any]]) -> None:
+                    kv_cache.update(kvcache.check_session(session, ir_model, feeds_list,
+                                                          ctx.option("tolerance_dtype")))
+
                 rep = numeric.verify_files(reference, staged.model_file, ir_model, seed=seed, inputs=feeds,
                                            weight_bytes=weights, memory_budget=memory_budget,
-                                           tolerance_dtype=ctx.option("tolerance_dtype"))
+                                           tolerance_dtype=ctx.option("tolerance_dtype"), candidate_check=kv_check)
                 verification = rep.to_dict()
                 if rep.status == "failed":
                     raise VerificationError(f"verification failed: {rep.reason}; nothing was written")
-            kv_cache: dict[str, Any] = {"status": "not run", "reason": verification.get("reason", "")}
-            if verification["status"] == "passed":
-                kv_cache = _check_kv_cache(ir_model, staged.model_file, feeds, seed, ctx.option("tolerance_dtype"))
+            if verification["status"] != "passed":
+                kv_cache.clear()
+                kv_cache.update({"status": "not run", "reason": verification.get("reason", "")})
+            elif not kv_cache:      # the quantized path: a session of its own
+                kv_cache.update(_check_kv_cache(ir_model, staged.model_file, feeds, seed,
+                                                ctx.option("tolerance_dtype")))
             verify_seconds = time.perf_counter() - t0
             proto = onnx.load(str(staged.model_file)) if out_path is None else None
             written = staged.commit() if out_path is not None else []

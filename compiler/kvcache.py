@@ -114,8 +114,21 @@ def appended_positions(model: ir.Model, feeds: dict[str, np.ndarray]) -> int:
 
 def check_shared(path: str | Path, model: ir.Model, feeds_list: list[dict[str, np.ndarray]],
                  tolerance_dtype: str | None = None, slack: int = 8) -> dict[str, Any]:
-    """Run the model at `path` on each feed with a non-empty past both ways (a fresh present per run, and past
-    and present in one buffer of past + new + `slack` positions) and compare every output. Returns a report:
+    """check_session on a session of the model at `path`."""
+    layout = shared_cache_pairs(model)
+    if not layout.shareable:
+        return {"status": "not applicable", "reason": layout.reason}
+    try:
+        session = session_for(path)
+    except Exception as exc:        # noqa: BLE001 - onnxruntime raises its own types
+        return {"status": "not run", "reason": f"onnxruntime cannot load it ({first_line(exc)})"}
+    return check_session(session, model, feeds_list, tolerance_dtype, slack)
+
+
+def check_session(session: Any, model: ir.Model, feeds_list: list[dict[str, np.ndarray]],
+                  tolerance_dtype: str | None = None, slack: int = 8) -> dict[str, Any]:
+    """Run the model on each feed with a non-empty past and a full mask both ways (a fresh present per run, and
+    past and present in one buffer of past + new + `slack` positions) and compare every output. Returns a report:
     status "verified", "differs", "not applicable" or "not run", with a reason."""
     layout = shared_cache_pairs(model)
     if not layout.shareable:
@@ -126,9 +139,8 @@ def check_shared(path: str | Path, model: ir.Model, feeds_list: list[dict[str, n
              and all(np.all(a) for n, a in f.items() if n in masks)]
     if not cases:
         return {"status": "not run", "reason": "no verification input has a non-empty past and a full mask"}
+    worst = 0.0
     try:
-        session = session_for(path)
-        worst = 0.0
         for feeds in cases:
             feeds = narrow_feeds(feeds, session)
             ref = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
@@ -141,9 +153,7 @@ def check_shared(path: str | Path, model: ir.Model, feeds_list: list[dict[str, n
                     return {"status": "differs", "reason": f"output '{name}' differs with a shared cache buffer "
                             f"(max abs error {c.max_abs:.3g})"}
                 worst = max(worst, c.max_rel)
-    except Exception as exc:        # onnxruntime refuses the binding: the model cannot share its cache
+    except Exception as exc:        # noqa: BLE001 - onnxruntime refuses the binding: the cache cannot be shared
         return {"status": "differs", "reason": f"onnxruntime cannot run it with a shared cache buffer "
                 f"({first_line(exc)})"}
-    return {"status": "verified", "reason": "", "pairs": len(layout.pairs), "runs": len(cases),
-            "max_rel": worst}
-
+    return {"status": "verified", "reason": "", "pairs": len(layout.pairs), "runs": len(cases), "max_rel": worst}

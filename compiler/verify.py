@@ -16,7 +16,7 @@ import gc
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -290,8 +290,10 @@ def available_memory() -> int:
 def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, model: ir.Model, *, seed: int = 0,
                  inputs: list[dict[str, np.ndarray]] | None = None, weight_bytes: int = 0,
                  memory_budget: int | None = None, tolerance_dtype: str | None = None,
-                 scenarios: tuple[Scenario, ...] | None = None) -> VerifyReport:
-    """Compare `candidate` with `reference` (paths). `model` supplies the signature used to make inputs."""
+                 scenarios: tuple[Scenario, ...] | None = None,
+                 candidate_check: Callable[[Any, list[dict[str, np.ndarray]]], None] | None = None) -> VerifyReport:
+    """Compare `candidate` with `reference` (paths). `model` supplies the signature used to make inputs.
+    `candidate_check(session, feeds_list)` runs on the candidate's session before it closes (one load, not two)."""
     budget = memory_budget if memory_budget is not None else int(available_memory() * 0.7)
     need = int(weight_bytes * 2.5)
     if need > budget:
@@ -310,10 +312,16 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, mod
         raise VerificationError(f"cannot verify: onnxruntime cannot run the input model ({first_line(exc)}); "
                                 "use --no-verify to skip") from None
     try:
-        gots = run_model(candidate, feeds_list)
+        session = session_for(candidate)
+        outs = [o.name for o in session.get_outputs()]
+        gots = [dict(zip(outs, session.run(outs, narrow_feeds(feeds, session)))) for feeds in feeds_list]
     except Exception as exc:
         raise VerificationError(f"verification failed: onnxruntime cannot run the compiled model ({first_line(exc)})"
                                 ) from None
+    if candidate_check is not None:
+        candidate_check(session, feeds_list)
+    del session
+    gc.collect()
     report = VerifyReport("passed", "", seed)
     for sc, feeds, ref, got in zip(names, feeds_list, refs, gots):
         if sc.get("pad"):
