@@ -248,6 +248,12 @@ ARCHS: list[Arch] = [
           "eos_token_id": 2, "cls_token_id": 1, "sep_token_id": 2, "local_attention": 8,
           "layer_types": ["full_attention", "sliding_attention"]},
          notes="rotary, GeGLU, bias-free LayerNorm, local attention window 8"),
+    Arch("t5_encoder", "encoder", "T5Config", "T5EncoderModel",
+         {"vocab_size": V, "d_model": H, "d_kv": HD, "d_ff": FF, "num_layers": L, "num_heads": N,
+          "relative_attention_num_buckets": 32, "dropout_rate": 0.0, "feed_forward_proj": "gated-gelu",
+          "is_encoder_decoder": False, "use_cache": False, "pad_token_id": 0, "eos_token_id": 1},
+         notes="T5 v1.1 encoder (text encoder of diffusion pipelines): relative position bias with the mask folded "
+               "in, unscaled scores, RMS norm, gated GELU"),
     Arch("mpnet", "encoder", "MPNetConfig", "MPNetModel", _enc(relative_attention_num_buckets=32, pad_token_id=1,
                                                              max_position_embeddings=P + 2),
          attn="eager", model_kwargs=_NO_POOL, notes="relative position bias, no token types (eager only)"),

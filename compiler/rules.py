@@ -502,8 +502,9 @@ class Match:
 class RewriteBuilder:
     """The `op` given to rewrite functions: records new nodes and initializers without touching the graph."""
 
-    def __init__(self, name_prefix: str):
+    def __init__(self, name_prefix: str, namer: Callable[[str], str] | None = None):
         self.prefix = name_prefix
+        self.namer = namer           # reserves each further node name (the prefix itself is reserved already)
         self.nodes: list[ir.Node] = []
         self.initializers: list[ir.Value] = []
         self.domains: set[str] = set()
@@ -523,10 +524,13 @@ class RewriteBuilder:
         def make(*inputs: ir.Value | None, _domain: str = "", _outputs: int = 1, _version: int | None = None,
                  **attrs: Any):
             attrs = {k: v for k, v in attrs.items() if v is not None}
+            # "/k" (not "_k"): the namer hands out "base_k" to other rewrites; "/k" is reserved too, since a
+            # later rewrite rooted at a node named "prefix" may take "rule/prefix" with "/k" suffixes of its own
+            name = f"{self.prefix}/{len(self.nodes)}" if self.nodes else self.prefix
+            if self.nodes and self.namer is not None:
+                name = self.namer(name)
             node = ir.Node(_domain, op_type, inputs, attributes=ir.convenience.convert_attributes(attrs),
-                           num_outputs=_outputs, version=_version,
-                           # "/k" (not "_k"): the namer hands out "base_k" to other rewrites
-                           name=f"{self.prefix}" + (f"/{len(self.nodes)}" if self.nodes else ""))
+                           num_outputs=_outputs, version=_version, name=name)
             for i, out in enumerate(node.outputs):
                 out.name = f"{node.name}:{i}"
             self.nodes.append(node)
@@ -618,7 +622,7 @@ class Rule:
         """Build the replacement and splice it in. Returns (applied, needs_topological_sort, domains used)."""
         root_node = m.outputs[0].producer()
         assert root_node is not None
-        op = RewriteBuilder(namer(f"{self.name}/{root_node.name or root_node.op_type}"))
+        op = RewriteBuilder(namer(f"{self.name}/{root_node.name or root_node.op_type}"), namer)
         params = inspect.signature(self.rewrite).parameters
         takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
         kwargs = {k: v for k, v in m.binds.items() if takes_all or k in params}

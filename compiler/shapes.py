@@ -247,6 +247,27 @@ def _dim_inputs(v: ir.Value, axis: int, depth: int, memo: dict) -> list[tuple[ir
     if op == ("", "Split"):
         split_axis = p.attributes["axis"].as_int() if "axis" in p.attributes else 0
         return [(ins[0], axis)] if split_axis % rank != axis else []
+    if op in (("", "Unsqueeze"), ("", "Squeeze")):
+        axes = const_array(ins[1], 8) if len(ins) > 1 and ins[1] is not None else None
+        axes = [int(a) for a in axes.reshape(-1)] if axes is not None else \
+            (list(p.attributes["axes"].as_ints()) if "axes" in p.attributes else None)
+        dx = dims_of(ins[0])
+        if axes is None or dx is None:
+            return []
+        if op[1] == "Unsqueeze":
+            axes = {a % rank for a in axes}
+            return [] if axis in axes else [(ins[0], axis - sum(1 for a in axes if a < axis))]
+        axes = {a % len(dx) for a in axes}
+        kept = [i for i in range(len(dx)) if i not in axes]
+        return [(ins[0], kept[axis])] if axis < len(kept) else []
+    if op == ("", "Range") and axis == 0 and len(ins) == 3:
+        # Range(0, n, 1) has n elements: n read from Shape(u)[j] is dim j of u
+        start, delta = const_array(ins[0], 1), const_array(ins[2], 1)
+        if start is None or delta is None or start.size != 1 or delta.size != 1 or \
+                int(start.reshape(-1)[0]) != 0 or int(delta.reshape(-1)[0]) != 1:
+            return []
+        src = shape_source(ins[1], 0)
+        return [src] if src is not None else []
     if op == ("", "Concat"):
         # ONNX requires every input to have the output's dims off the concatenation axis: each is a source there
         cat = p.attributes["axis"].as_int() if "axis" in p.attributes else 0

@@ -40,7 +40,10 @@ hidden value c, mask_filter_value = c, which reproduces the original exactly; ot
 A position bias R added to the scaled scores before the mask, softmax(scaled + R + M) (MPNet's and T5's relative
 position buckets), becomes the op's attention_bias (input 5) when its producers read no graph input's data (a
 function of shapes and constants, evaluated by compiler/probe.py's cone) and it has rank 4 (batch or 1, heads,
-queries, keys); one that reads input data is an additive mask, analysed (and refused) as one.
+queries, keys); one that reads input data is an additive mask, analysed as one. An additive term the mask analysis
+does not recognize (T5 folds the padding mask into its position bias once and adds the sum in every layer; a
+per-query 3-D mask) still adds exactly its values as attention_bias, with no mask_index, when it has rank 4 and its
+dims are provably the scores' (or 1 for batch and heads); not beside an SDPA NaN guard.
 
 Requires: N equal for Q, K and V (grouped KV heads are refused), head split keeping (B, S), softmax on the last
 axis, scale factors scalar constants, q and k straight from a linear projection (rotary embeddings are refused).
@@ -57,7 +60,7 @@ from onnxc import probe
 from onnxc.ir import derived_tensor
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import Rule, apply_rules, attr_value, const_tensor
-from onnxc.shapes import Unknown, dims_of, sym_value
+from onnxc.shapes import Unknown, dims_equal, dims_of, same_dim, sym_value
 from onnxc.verify import Scenario, make_inputs
 
 MS = "com.microsoft"
@@ -71,7 +74,7 @@ def _core(op, qh, kt, vh, q_mul, q_div, k_mul, k_div, s_mul, s_div, pos_bias, bi
     """softmax(scale(Q) @ scale(Kt) * s (+ R) + M) @ V, with the SDPA NaN guard optional; R a position bias."""
     qs = op.Or(op.Mul(qh, q_mul), op.Div(qh, q_div), qh)
     ks = op.Or(op.Mul(kt, k_mul), op.Div(kt, k_div), kt)
-    scores = op.MatMul(qs, ks)
+    scores = op.MatMul(qs, ks, _name="scores")
     scaled = op.Or(op.Mul(scores, s_mul), op.Div(scores, s_div), scores)
     scaled = op.Or(op.Add(scaled, pos_bias, _name="pos_add"), scaled)
     where = op.Where(cond, scaled, neg)
@@ -323,13 +326,37 @@ def _probe_mask(values: list[ir.Value], kinds: list[str], graph: ir.Graph, past:
 def _attention_attrs(m, past: bool, head_size: int) -> dict[str, Any]:
     _softmax_ok(m)
     scale = _scale(m, head_size)
-    mask = _analyze_mask(m, m.graph, past)
+    try:
+        mask = _analyze_mask(m, m.graph, past)
+    except _Refused as exc:
+        return {"scale": scale, "unidirectional": None, "mask_input": None, "mask_filter_value": None,
+                "attention_bias": _whole_bias(m, exc)}
     mfv = None
     finite = {h for h in mask["hidden"] if math.isfinite(h)}
     if not mask["causal"] and len(mask["hidden"]) == 1 and finite and finite != {ORT_MASK_FILTER}:
         mfv = finite.pop()
     return {"scale": scale, "unidirectional": 1 if mask["causal"] else None, "mask_input": mask["mask_input"],
             "mask_filter_value": mfv, "attention_bias": _position_bias(m, past)}
+
+
+def _whole_bias(m, refused: _Refused) -> ir.Value:
+    """An additive term that is no mask the analysis recognizes (T5: the relative position bias with the padding
+    mask folded in) still adds exactly its values as attention_bias, when it is one Add operand of rank 4 whose
+    last two dims are provably the scores' (queries, keys) and whose first two are the scores' or 1. Otherwise the
+    mask analysis' refusal stands. Refused too beside an SDPA NaN guard (a fully masked row would differ)."""
+    a = m.binds.get("bias")
+    if a is None or "cond" in m.binds or "neg" in m.binds or "pos_bias" in m.binds or \
+            any(n.op_type == "IsNaN" for n in m.nodes):
+        raise refused
+    scores = m.node("scores").outputs[0]
+    d, ds = dims_of(a), dims_of(scores)
+    if d is None or ds is None or len(d) != 4 or len(ds) != 4:
+        raise refused
+    memo: dict = {}
+    for i in range(4):
+        if not (same_dim(a, i, scores, i, memo=memo) or dims_equal(d[i], ds[i]) or i < 2 and d[i] == 1):
+            raise refused
+    return a
 
 
 def _position_bias(m, past: bool) -> ir.Value | None:
@@ -612,8 +639,8 @@ def _lazy_concat(op, parts: list[ir.Value], axis: int, name: str) -> ir.Value:
     return v
 
 
-def _zeros(op, like: ir.Value, size: int) -> ir.Value:
-    return op.const(np.zeros(size, dtype=like.dtype.numpy()), "zero_bias")
+def _zeros(op, like: ir.Value, size: int, name: str = "zero_bias") -> ir.Value:
+    return op.const(np.zeros(size, dtype=like.dtype.numpy()), name)
 
 
 def _unique_names(op) -> None:
@@ -636,7 +663,10 @@ def _attention(op, x, weights, bias, kw) -> ir.Value:
 def rewrite_separate(op, **kw):
     hidden = kw["num_heads"] * kw["head_size"]
     w = _lazy_concat(op, [kw["wq"], kw["wk"], kw["wv"]], 1, "qkv_weight")
-    b = _lazy_concat(op, [kw.get(n) or _zeros(op, kw["x"], hidden) for n in ("bq", "bk", "bv")], 0, "qkv_bias")
+    if not any(kw.get(n) for n in ("bq", "bk", "bv")):     # T5: no projection biases
+        return _attention(op, kw["x"], w, _zeros(op, kw["x"], 3 * hidden), kw)
+    b = _lazy_concat(op, [kw.get(n) or _zeros(op, kw["x"], hidden, f"zero_bias_{n}") for n in ("bq", "bk", "bv")],
+                     0, "qkv_bias")
     return _attention(op, kw["x"], w, b, kw)
 
 

@@ -90,14 +90,19 @@ def bert(dtype="float", dims=("B", "S"), scale="scores_div", mask="add", kt="bsn
             lines += ["rpos1 = Identity(rpos)"]
         lines += ["rpa = Unsqueeze(rpos1, ax0)", "rpb = Unsqueeze(rpos, ax1)", "rrel = Sub(rpa, rpb)",
                   "rab = Abs(rrel)", "rcl = Min(rab, mx)", "rg = Gather <axis = 0> (rtab, rcl)",
-                  "rt = Transpose <perm = [2, 0, 1]> (rg)", "rb = Unsqueeze(rt, ax0)", "scr = Add(sc, rb)"]
+                  "rt = Transpose <perm = [2, 0, 1]> (rg)", "rb = Unsqueeze(rt, ax0)"]
+        lines += ["scr = Identity(sc)"] if rel_bias == "folded" else ["scr = Add(sc, rb)"]
         lines = [ln.replace("m = Add(sc, madd)", "m = Add(scr, madd)") for ln in lines]
         sc_name = "scr"
     else:
         sc_name = "sc"
     if mask == "add":      # (1 - mask) * large_negative, broadcast (B, 1, 1, S)
         lines += ["mu = Unsqueeze(mask, ax12)", f"mf = Cast <to = {1 if t == 'float' else 10}> (mu)",
-                  "inv = Sub(one, mf)", "madd = Mul(inv, hid)", f"m = Add({sc_name}, madd)"]
+                  "inv = Sub(one, mf)", "madd = Mul(inv, hid)"]
+        if rel_bias == "folded":     # T5: the mask folded into the position bias once, the sum added to the scores
+            lines += ["comb = Add(rb, madd)", f"m = Add({sc_name}, comb)"]
+        else:
+            lines.append(f"m = Add({sc_name}, madd)")
     elif mask == "where":  # Where(mask, scores, -inf)
         inits["hid"] = np.array(-np.inf, npd)
         lines += ["mu = Unsqueeze(mask, ax12)", "mb = Cast <to = 9> (mu)", f"m = Where(mb, {sc_name}, hid)"]
@@ -383,6 +388,17 @@ def test_fuse_attention_takes_a_relative_position_bias(mask):
     assert_unchanged_by(after, "fuse-attention")
 
 
+def test_fuse_attention_takes_a_bias_with_the_mask_folded_in():
+    """T5: position bias + padding mask summed once, the sum added to the (unscaled) scores: no mask the analysis
+    recognizes, so the whole sum becomes attention_bias (no mask_index)."""
+    text, inits = bert(rel_bias="folded")
+    before, after, counts = fuse(text, inits)
+    assert counts.get("fuse-attention") == 1, counts
+    att = next(n for n in after.graph if n.op_type == "Attention")
+    assert att.inputs[3] is None and att.inputs[5].producer().op_type == "Add"
+    assert_fused_matches(before, after)
+
+
 def test_fuse_attention_refuses_a_score_bias_that_reads_input_data():
     # positions offset by max(mask): the bias reads the mask's data, so it is no position bias; as a mask it is
     # refused for the mask analysis' reason
@@ -428,13 +444,21 @@ def test_fuse_attention_rejects_mask_reading_two_inputs():
     assert any("reads the data of several graph inputs" in r for r in rows), rows
 
 
-def test_fuse_attention_rejects_3d_mask_input():
+def test_fuse_attention_takes_a_3d_mask_as_attention_bias():
+    """A per-query mask (B, S, S) is no key-padding mask_index ("is not 2-D"), but its additive form (B, 1, S, S)
+    adds exactly the same values as attention_bias."""
     text, inits = bert()
     text = text.replace("int64[B, S] mask", "int64[B, S, S] mask").replace("mu = Unsqueeze(mask, ax12)",
                                                                          "mu = Unsqueeze(mask, a1)")
     inits["a1"] = np.array([1], np.int64)
-    rows = refused(parse(text, inits), fa.separate)
-    assert any("is not 2-D" in r for r in rows), rows
+    model = parse(text, inits)
+    run_passes(model, ["infer-shapes"])
+    from onnxc.passes.fuse_attention import _analyze_mask  # noqa: F401  (the refusal the fallback starts from)
+    before, after, counts = fuse(text, inits)
+    assert counts.get("fuse-attention") == 1, counts
+    att = next(n for n in after.graph if n.op_type == "Attention")
+    assert att.inputs[3] is None and att.inputs[5] is not None
+    assert_fused_matches(before, after)
 
 
 def test_fuse_attention_refuses_rotary_and_grouped_kv_heads():
@@ -483,7 +507,7 @@ def test_fuse_attention_key_transpose_needs_an_attention_consumer():
        mask=st.sampled_from(["add", "where", "none"]), kt=st.sampled_from(["bsnh", "bnsh"]),
        bias_first=st.booleans(), nan_guard=st.booleans(), dtype=st.sampled_from(["float", "float16"]),
        static=st.booleans(), extra=st.sampled_from([None, "x", "softmax"]),
-       rel_bias=st.sampled_from([None, None, "shape"]))
+       rel_bias=st.sampled_from([None, None, "shape", "folded"]))
 def test_fuse_attention_property(scale, mask, kt, bias_first, nan_guard, dtype, static, extra, rel_bias):
     text, inits = bert(dtype=dtype, dims=(3, 6) if static else ("B", "S"), scale=scale, mask=mask, kt=kt,
                        bias_first=bias_first, nan_guard=nan_guard, extra=extra, rel_bias=rel_bias)
