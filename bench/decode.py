@@ -130,24 +130,9 @@ def _runners(session, path: Path, feeds: dict[str, np.ndarray], capacity: int) -
         ref = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
         got = kvcache.run_shared(session, feeds, layout.pairs, capacity, new)
         if all(np.allclose(got[n], ref[n], rtol=1e-5, atol=1e-5) for n in ref):
-            present_of = dict(layout.pairs)
-            shared = session.io_binding()
-            others = [o.name for o in session.get_outputs() if o.name not in set(present_of.values())]
-            for n in others:
-                shared.bind_output(n, "cpu")
-            keep = []
-            for n, a in feeds.items():
-                if n in present_of:
-                    buf = np.zeros(a.shape[:2] + (capacity,) + a.shape[3:], a.dtype)
-                    buf[:, :, :a.shape[2]] = a
-                    keep.append(buf)
-                    value = ort.OrtValue.ortvalue_from_numpy(buf)
-                    shared.bind_ortvalue_input(n, value)
-                    shared.bind_ortvalue_output(present_of[n], value)
-                else:
-                    shared.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(a))
+            shared, _, buffers = kvcache.bind_shared(session, feeds, layout.pairs, capacity)
 
-            def in_place(b=shared, keep=keep):
+            def in_place(b=shared, keep=buffers):     # the buffers must outlive the binding
                 session.run_with_iobinding(b)
             runners["in-place"] = in_place
         else:

@@ -65,39 +65,50 @@ def shared_cache_pairs(model: ir.Model) -> CacheLayout:
     return CacheLayout(pairs)
 
 
-def run_shared(session: Any, feeds: dict[str, np.ndarray], pairs: list[tuple[str, str]], capacity: int, new: int
-               ) -> dict[str, np.ndarray]:
-    """One run of `session` with each past and its present bound to one buffer of `capacity` positions, the past
-    copied into its head. Returns every output; a present is the buffer cut to the past's and the `new`
-    positions (see appended_positions)."""
+def bind_shared(session: Any, feeds: dict[str, np.ndarray], pairs: list[tuple[str, str]], capacity: int
+                ) -> tuple[Any, list[str], dict[str, np.ndarray]]:
+    """An IOBinding of `session` with each past and its present bound to one buffer of `capacity` positions, the
+    past copied into its head, and the other outputs left to onnxruntime (bound first, in session order). Returns
+    (binding, those outputs' names, {present name: buffer}); the binding may be run again and again."""
     import onnxruntime as ort
 
     present_of = dict(pairs)
     binding = session.io_binding()
-    names = [o.name for o in session.get_outputs()]
     presents = set(present_of.values())
-    others = [n for n in names if n not in presents]
+    others = [o.name for o in session.get_outputs() if o.name not in presents]
     for n in others:                        # bound first, so get_outputs() lists them first, in this order
         binding.bind_output(n, "cpu")
-    buffers: dict[str, tuple[np.ndarray, int]] = {}
+    buffers: dict[str, np.ndarray] = {}
     for name, a in feeds.items():
         if name in present_of:
-            if a.ndim != 4 or a.shape[2] + new > capacity:
+            if a.ndim != 4 or a.shape[2] > capacity:
                 raise ValueError(f"past '{name}' of shape {list(a.shape)} does not fit a {capacity}-position buffer")
             buf = np.zeros(a.shape[:2] + (capacity,) + a.shape[3:], dtype=a.dtype)
             buf[:, :, :a.shape[2]] = a
             value = ort.OrtValue.ortvalue_from_numpy(buf)
             binding.bind_ortvalue_input(name, value)
             binding.bind_ortvalue_output(present_of[name], value)
-            buffers[present_of[name]] = (buf, a.shape[2] + new)
+            buffers[present_of[name]] = buf
         else:
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)))
+    return binding, others, buffers
+
+
+def run_shared(session: Any, feeds: dict[str, np.ndarray], pairs: list[tuple[str, str]], capacity: int, new: int
+               ) -> dict[str, np.ndarray]:
+    """One run of `session` bound as bind_shared binds it. Returns every output; a present is the buffer cut to
+    the past's and the `new` positions (see appended_positions)."""
+    pasts = {p for p, _ in pairs}
+    past = max((a.shape[2] for n, a in feeds.items() if n in pasts and a.ndim == 4), default=0)
+    if past + new > capacity:
+        raise ValueError(f"{past} cached and {new} new positions do not fit a {capacity}-position buffer")
+    binding, others, buffers = bind_shared(session, feeds, pairs, capacity)
     session.run_with_iobinding(binding)
     got = binding.get_outputs()
     result = {n: got[k].numpy() for k, n in enumerate(others)}
-    for n, (buf, length) in buffers.items():
-        result[n] = buf[:, :, :length].copy()
-    return {n: result[n] for n in names}
+    for n, buf in buffers.items():
+        result[n] = buf[:, :, :past + new].copy()
+    return {o.name: result[o.name] for o in session.get_outputs()}
 
 
 def appended_positions(model: ir.Model, feeds: dict[str, np.ndarray]) -> int:

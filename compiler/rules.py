@@ -255,6 +255,11 @@ def attr_value(node: ir.Node, name: str, opset: int = 21, default: Any = None) -
     return v
 
 
+def read_elsewhere(v: ir.Value) -> bool:
+    """More than one node reads v, or it is also a graph output."""
+    return v.is_graph_output() or len({id(n) for n, _ in v.uses()}) > 1
+
+
 def replace_value(old: ir.Value, new: ir.Value) -> None:
     """Every use of `old` (graph outputs included) reads `new` instead. `new` takes old's type where it has none and
     old's shape where old has one (the rest of the graph was inferred against it); a graph output keeps its name."""

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -245,11 +246,14 @@ def narrow_feeds(feeds: dict[str, np.ndarray], session: Any) -> dict[str, np.nda
             for k, v in feeds.items() if k in types}
 
 
-def run_model(path: str | os.PathLike, feeds_list: list[dict[str, np.ndarray]], threads: int = 2
-              ) -> list[dict[str, np.ndarray]]:
+def run_model(path: str | os.PathLike, feeds_list: list[dict[str, np.ndarray]], threads: int = 2,
+              inspect: Callable[[Any], None] | None = None) -> list[dict[str, np.ndarray]]:
+    """Every output of the model at `path` on each feed; `inspect(session)` runs before the session closes."""
     session = session_for(path, threads)
     names = [o.name for o in session.get_outputs()]
     results = [dict(zip(names, session.run(names, narrow_feeds(feeds, session)))) for feeds in feeds_list]
+    if inspect is not None:
+        inspect(session)
     del session
     gc.collect()
     return results
@@ -312,16 +316,11 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, mod
         raise VerificationError(f"cannot verify: onnxruntime cannot run the input model ({first_line(exc)}); "
                                 "use --no-verify to skip") from None
     try:
-        session = session_for(candidate)
-        outs = [o.name for o in session.get_outputs()]
-        gots = [dict(zip(outs, session.run(outs, narrow_feeds(feeds, session)))) for feeds in feeds_list]
+        gots = run_model(candidate, feeds_list, inspect=None if candidate_check is None else
+                         (lambda session: candidate_check(session, feeds_list)))
     except Exception as exc:
         raise VerificationError(f"verification failed: onnxruntime cannot run the compiled model ({first_line(exc)})"
                                 ) from None
-    if candidate_check is not None:
-        candidate_check(session, feeds_list)
-    del session
-    gc.collect()
     report = VerifyReport("passed", "", seed)
     for sc, feeds, ref, got in zip(names, feeds_list, refs, gots):
         if sc.get("pad"):

@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
-from onnxc.rules import const_array, const_tensor
+from onnxc.rules import const_array, const_tensor, read_elsewhere
 from onnxc.shapes import SYM_ARRAY_KEY, SYM_KEY, Unknown, dims_of
 
 DEFAULT_LIMIT_BYTES = 1 << 20
@@ -320,7 +320,7 @@ class FoldConstants(Pass):
         src = tensors[0]
         shape = list(src.shape)
         if node.op_type == "Transpose":
-            if len(shape) == 2 and _shared(node.inputs[0]):
+            if len(shape) == 2 and read_elsewhere(node.inputs[0]):
                 return None     # a table read elsewhere too (a tied lm_head): fuse-transposed-matmul reads it as is
             perm = _attr(node, "perm") or list(reversed(range(len(shape))))
             shape = [shape[p] for p in perm]
@@ -334,10 +334,6 @@ class FoldConstants(Pass):
         lazy = ir.LazyTensor(fn, dtype=dtype, shape=ir.Shape(shape))
         _replace_with_constant(graph, node, [lazy], interned)
         return f"{node.op_type}-lazy"
-
-
-def _shared(v: ir.Value) -> bool:
-    return v.is_graph_output() or len({id(n) for n, _ in v.uses()}) > 1
 
 
 # ---------------------------------------------------------------------------------------------------- symbolic

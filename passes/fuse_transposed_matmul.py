@@ -25,15 +25,10 @@ from __future__ import annotations
 
 from onnxc.ir import transposed_equal
 from onnxc.pass_manager import RulePass, register_pass
-from onnxc.rules import Attr, Rule, attr_value, const_tensor
+from onnxc.rules import Attr, Rule, attr_value, const_tensor, read_elsewhere
 from onnxc.shapes import dims_of
 
 MS = "com.microsoft"
-
-
-def shared(w) -> bool:
-    """More than one node reads w (or it is also a graph output)."""
-    return w.is_graph_output() or len({id(n) for n, _ in w.uses()}) > 1
 
 
 def pattern(op, x, w):
@@ -47,7 +42,7 @@ def check(m):
         return m.fail("the transposed weight is not a constant 2-D tensor", "w")
     if perm is not None and list(perm) != [1, 0]:
         return m.fail(f"perm {list(perm)} is not [1, 0]")
-    if not shared(w):
+    if not read_elsewhere(w):
         return m.fail("the weight has no other use (fold-constants folds the Transpose instead)", "w")
     dx = dims_of(m["x"])
     if dx is not None and len(dx) < 2:
@@ -67,7 +62,7 @@ def copy_check(m):
     """W (K, N) a constant read by this MatMul alone, equal to E^T for an embedding table E (N, K) some Gather reads."""
     w = m["w"]
     t = const_tensor(w)
-    if t is None or len(t.shape) != 2 or shared(w):
+    if t is None or len(t.shape) != 2 or read_elsewhere(w):
         return m.fail("the weight is not a constant 2-D tensor read here alone", "w")
     dx = dims_of(m["x"])
     if dx is not None and len(dx) < 2:
