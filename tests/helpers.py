@@ -12,7 +12,9 @@ positions come from a walk from the graph outputs, so the order nodes happen to 
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,20 @@ from onnxc.rules import explain
 from onnxc.verifier import Signature, check_model
 
 HEADER = '<ir_version: 8, opset_import: ["" : 18]>'
+
+FIXTURES_ROOT = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def fixture_entries() -> list[dict[str, Any]]:
+    """The bundled models the committed manifest lists (exports that failed are listed as skipped, and left out).
+    Tests find fixtures only here, never by listing fixtures/models, so nothing else written there is picked up."""
+    manifest = json.loads((FIXTURES_ROOT / "manifest.json").read_text())
+    return [e for e in manifest["models"] if not e.get("skipped")]
+
+
+def fixture_files() -> list[Path]:
+    """The manifest's model files, sorted by name."""
+    return sorted((FIXTURES_ROOT / e["file"] for e in fixture_entries()), key=lambda p: p.name)
 
 TOLERANCES = {  # dtype -> (rtol, atol)
     np.dtype(np.float32): (1e-5, 1e-6),

@@ -3,17 +3,16 @@
 prefill, a right-padded batch of two)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import onnx_ir as ir
 import pytest
 
 import onnxc
+from helpers import fixture_entries
 
 ROOT = Path(__file__).resolve().parent.parent / "fixtures"
-MANIFEST = json.loads((ROOT / "manifest.json").read_text())
-ENTRIES = [e for e in (MANIFEST["models"] if isinstance(MANIFEST, dict) else MANIFEST) if not e.get("skipped")]
+ENTRIES = fixture_entries()
 
 
 def _id(e: dict) -> str:

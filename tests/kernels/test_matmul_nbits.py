@@ -98,10 +98,13 @@ def test_matmul_nbits_matches_ort(bits, block_size, zp_kind):
     k, n = 3 * block_size - 8, 12  # K not a multiple of the block size
     inputs = _node_inputs(r, k, n, block_size, bits, symmetric=zp_kind == "none", zp_kind=zp_kind, bias=True)
     attrs = {"K": k, "N": n, "bits": bits, "block_size": block_size}
-    if bits == 8 and zp_kind == "float":  # ORT 1.31's CPU kernel lacks this combination: it must say so
-        with pytest.raises(Exception, match="Only 2b and 4b quantization is supported for unpacked compute"):
+    if bits == 8 and zp_kind == "float":
+        # onnxruntime's CPU kernel (1.31, 1.32) refuses this combination at session creation; a release that runs it
+        # must agree with the reference. The refusal's wording is onnxruntime's own and is not matched.
+        try:
             run_ort("MatMulNBits", inputs, attrs)
-        return
+        except Exception:  # noqa: BLE001 - any refusal: onnxc never emits 8 bits with float zero points
+            return
     check("MatMulNBits", matmul_nbits, inputs, attrs)
 
 

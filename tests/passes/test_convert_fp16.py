@@ -2,7 +2,6 @@
 hypothesis property over random graphs, and every fixture compiled and verified."""
 from __future__ import annotations
 
-import glob
 import os
 
 import numpy as np
@@ -10,6 +9,7 @@ import onnx_ir as ir
 import onnxc
 import pytest
 from helpers import (
+    fixture_files,
     assert_unchanged_by,
     assert_valid,
     check_before_after,
@@ -35,7 +35,7 @@ MS_HEADER = '<ir_version: 8, opset_import: ["" : 18, "com.microsoft" : 1]>'
 CLEANUP_PASSES = ("fold-constants", "remove-noops", "eliminate-cse", "eliminate-dead")
 CONVERT = counting("convert-fp16")
 CONVERT_CLEAN = counting("convert-fp16", after=CLEANUP_PASSES)
-FIXTURES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "fixtures", "models", "*.onnx")))
+FIXTURES = [str(p) for p in fixture_files()]
 PIPELINE = f"{O1},convert-fp16,{CLEANUP},sort-topologically"
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxc
 import pytest
-from helpers import assert_valid, canonical, parse, parse_proto, run_pass, session, to_bytes
+from helpers import assert_valid, canonical, fixture_files, parse, parse_proto, run_pass, session, to_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnxc.kernels import quantize as kq
@@ -584,7 +584,7 @@ def _linear_with_const_weight(model: ir.Model) -> list[str]:
     return left
 
 
-ALL = sorted(p.name for p in FIXTURES.glob("*.onnx"))
+ALL = [p.name for p in fixture_files()]
 FAST = ["llama_dynamo_past.onnx", "gpt2_ts.onnx", "bert_dynamo.onnx", "qwen3_ts.onnx"]
 
 
