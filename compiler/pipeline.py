@@ -14,7 +14,7 @@ import onnxc.passes  # noqa: F401,E402  (registers the built-in passes)
 LEVELS = (0, 1, 2, 3)
 
 # The cleanup every level from 1 runs, to a fixed point: exporter noise goes here.
-CLEANUP = "fixpoint(fold-constants,remove-noops,fold-shapes,lower-gemm,unflatten-rows,eliminate-cse,eliminate-dead)"
+CLEANUP = "fixpoint(fold-constants,canonicalize-sequences,remove-noops,fold-shapes,lower-gemm,unflatten-rows,eliminate-cse,eliminate-dead)"
 
 # Level 1: exporter noise out, with shapes refreshed once between two cleanup rounds.
 O1 = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},sort-topologically"

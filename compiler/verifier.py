@@ -7,7 +7,10 @@
     - every domain a node uses is imported by the model;
     - every node of an ONNX domain ("", ai.onnx.ml) exists at the imported opset and fits its schema there:
       no unknown attribute, no missing required attribute, input and output counts within the schema's bounds
-      (Shape(start, end) in an opset-14 model fails here, at the pass that wrote it).
+      (Shape(start, end) in an opset-14 model fails here, at the pass that wrote it);
+    - every typed input and output of such a node has a kind (tensor, sequence, optional) and an element type its
+      schema allows, and the values one type constraint binds agree (Add(float, float16) fails here): a
+      SplitToSequence output typed as a tensor fails at the pass that typed it, not when onnxruntime loads the model.
 """
 from __future__ import annotations
 
@@ -84,6 +87,79 @@ def _schema(op: str, domain: str, version: int) -> onnx.defs.OpSchema | None:
     return None if s.deprecated else s
 
 
+def type_string(t: ir.TypeProtocol | None) -> str | None:
+    """The ONNX type string of an IR type ("tensor(float)", "seq(tensor(int64))"), or None where it is not known."""
+    if isinstance(t, ir.TensorType):
+        return None if t.dtype is None or t.dtype == ir.DataType.UNDEFINED else \
+            f"tensor({onnx.TensorProto.DataType.Name(int(t.dtype)).lower()})"
+    for cls, kind in ((ir.SequenceType, "seq"), (ir.OptionalType, "optional")):
+        if isinstance(t, cls):
+            inner = type_string(t.elem_type)
+            return None if inner is None else f"{kind}({inner})"
+    return None
+
+
+def _allowed(s: onnx.defs.OpSchema, param: onnx.defs.OpSchema.FormalParameter) -> tuple[str | None, set[str]]:
+    """(type constraint name or None, the type strings `param` may take)."""
+    for tc in s.type_constraints:
+        if tc.type_param_str == param.type_str:
+            return tc.type_param_str, set(tc.allowed_type_strs)
+    return None, {param.type_str}
+
+
+def _schema_of(node: ir.Node, opsets: dict[str, int]) -> onnx.defs.OpSchema | None:
+    domain = _SCHEMA_DOMAINS.get(node.domain)
+    version = opsets.get(node.domain, opsets.get("ai.onnx") if domain == "" else None)
+    return None if domain is None or version is None else _schema(node.op_type, domain, version)
+
+
+def schema_output_kind(node: ir.Node, i: int, opset: int | None = None) -> str | None:
+    """"seq" or "optional" when output i of `node` (an ONNX-domain op) can only be that kind, "tensor" when only a
+    tensor, None when unknown or mixed. Read at `opset`, or at the node's graph's opset, or the newest."""
+    if _SCHEMA_DOMAINS.get(node.domain) != "":
+        return None
+    if opset is None:
+        graph = node.graph
+        opset = graph.opset_imports.get("", 10**6) if graph is not None else 10**6
+    s = _schema(node.op_type, "", opset)
+    if s is None or not s.outputs:
+        return None
+    _, allowed = _allowed(s, s.outputs[min(i, len(s.outputs) - 1)])
+    kinds = {t.split("(")[0] for t in allowed}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def _type_problems(node: ir.Node, s: onnx.defs.OpSchema, where: str) -> list[str]:
+    problems: list[str] = []
+    bound: dict[str, tuple[str, str]] = {}
+    for role, values, params in (("input", node.inputs, s.inputs), ("output", node.outputs, s.outputs)):
+        for i, v in enumerate(values):
+            if v is None or not params:
+                continue
+            param = params[min(i, len(params) - 1)]
+            if i >= len(params) and param.option != onnx.defs.OpSchema.FormalParameterOption.Variadic:
+                continue
+            got = type_string(v.type)
+            if got is None:
+                continue
+            constraint, allowed = _allowed(s, param)
+            what = f"{where} {role} {i} '{v.name}'"
+            if got not in allowed:
+                kinds = sorted({t.split("(")[0] for t in allowed})
+                if got.split("(")[0] not in kinds:
+                    problems.append(f"{what} is typed {got}, but the schema gives a {' or '.join(kinds)} there")
+                else:
+                    problems.append(f"{what} is typed {got}, which the schema does not allow there")
+                continue
+            homogeneous = param.option != onnx.defs.OpSchema.FormalParameterOption.Variadic or param.is_homogeneous
+            if constraint is not None and homogeneous:
+                first = bound.setdefault(constraint, (got, f"{role} {i}"))
+                if first[0] != got:
+                    problems.append(f"{what} is typed {got}, but {first[1]} of the same type {constraint} is "
+                                    f"{first[0]}")
+    return problems
+
+
 def _schema_problems(node: ir.Node, label: str, opsets: dict[str, int]) -> list[str]:
     """The node against its ONNX schema at the model's opset (domains onnx.defs knows; others are not checked)."""
     domain = _SCHEMA_DOMAINS.get(node.domain)
@@ -107,7 +183,7 @@ def _schema_problems(node: ir.Node, label: str, opsets: dict[str, int]) -> list[
         problems.append(f"{where} has {n_in} inputs; the schema takes {s.min_input} to {s.max_input}")
     if not s.min_output <= len(node.outputs) <= s.max_output:
         problems.append(f"{where} has {len(node.outputs)} outputs; the schema gives {s.min_output} to {s.max_output}")
-    return problems
+    return problems + _type_problems(node, s, where)
 
 
 def _check_graph(graph: ir.Graph | ir.Function, outer: set[int], imported: set[str], problems: list[str],

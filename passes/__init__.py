@@ -1,26 +1,7 @@
-"""Built-in passes. Importing this package registers them (see onnxc.pass_manager.register_pass)."""
-from . import (  # noqa: F401  (imported for registration)
-    contract_standard_ops,
-    convert_fp16,
-    eliminate_cse,
-    eliminate_dead,
-    expand_standard_ops,
-    fold_constants,
-    fold_shapes,
-    fuse_attention,
-    fuse_embed_layer_norm,
-    fuse_gelu,
-    fuse_gqa,
-    fuse_layer_norm,
-    fuse_rms_norm,
-    fuse_skip_norm,
-    fuse_transposed_matmul,
-    infer_shapes,
-    lower_gemm,
-    pack_projections,
-    quantize_int4,
-    remove_noops,
-    sort_topologically,
-    split_packed_heads,
-    unflatten_rows,
-)
+"""Built-in passes. Importing this package registers them (see onnxc.pass_manager.register_pass): every module in
+this folder is imported, in name order, so a new pass is one new file."""
+import importlib
+import pkgutil
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+    importlib.import_module(f"{__name__}.{_module}")

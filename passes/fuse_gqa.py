@@ -680,6 +680,14 @@ def _pinned(model: ir.Model, where: ir.Node, flag: bool, read):
         model.graph.initializers.pop(pin.name)
 
 
+def _implied_positions(graph: ir.Graph, feeds: dict[str, np.ndarray], sc: Scenario) -> np.ndarray:
+    """The positions a model without a position input gives its S new tokens: the last S of the total length, which
+    its mask's length states (a prefill-only model has no past, so they are 0..S-1 whatever the scenario says)."""
+    masks = [feeds[v.name] for v in graph.inputs if input_role(v) == "mask" and v.name in feeds]
+    total = masks[0].shape[-1] if masks and masks[0].ndim == 2 else sc.past + sc.seq
+    return np.arange(total - sc.seq, total)[None]
+
+
 def _read_tables(model: ir.Model, rot: Rotary, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin caches (L, dim/2) that reproduce the graph's cos/sin at every position.
 
@@ -701,7 +709,7 @@ def _read_tables(model: ir.Model, rot: Rotary, max_len: int) -> tuple[np.ndarray
             cos, sin = probe.evaluate(model.graph, [rot.cos, rot.sin], feeds)
         except probe.ProbeError as exc:
             raise Refuse(f"the rotary tables cannot be evaluated: {exc}") from None
-        pos = feeds[pos_ins[0].name] if pos_ins else np.arange(sc.past, sc.past + sc.seq)[None]
+        pos = feeds[pos_ins[0].name] if pos_ins else _implied_positions(model.graph, feeds, sc)
         shape = pos.shape[:-1] + (pos.shape[-1], rot.dim) if pos.ndim == 2 else (sc.batch, sc.seq, rot.dim)
         try:
             ax = 2 if rot.bsnh else 1      # the head axis of (B, 1, S, D) or (B, S, 1, D) tables

@@ -256,3 +256,52 @@ def test_pass_manager_names_the_pass_that_wrote_an_invalid_node():
     model = _opset(CHAIN, 14)
     with pytest.raises(PassError, match=r"write-shape-slice.*Shape 'bad_shape' \(opset 14"):
         pm.PassManager([WriteShapeSlice()]).run(model, pm.PassContext(level=1))
+
+
+SEQ = """
+g (float[2, 6] x) => (float[2, 3] y) {
+  seq = SplitToSequence<axis=1>(x, sizes)
+  y = SequenceAt(seq, zero)
+}"""
+
+
+def _seq_model() -> ir.Model:
+    import numpy as np
+    return parse(SEQ, {"sizes": np.array([3, 3], np.int64), "zero": np.array(0, np.int64)})
+
+
+def test_verifier_accepts_a_sequence_typed_as_one():
+    model = _seq_model()
+    seq = next(n for n in model.graph if n.op_type == "SplitToSequence").outputs[0]
+    seq.type = ir.SequenceType(ir.TensorType(ir.DataType.FLOAT))
+    assert check_model(model) == []
+
+
+def test_verifier_rejects_a_sequence_typed_as_a_tensor():
+    """What onnx-ir's shape inference wrote for the raw dynamo export's torch.split: onnxruntime refuses the model
+    ("expected seq(tensor(float))"); the verifier says so at the pass boundary."""
+    model = _seq_model()
+    seq = next(n for n in model.graph if n.op_type == "SplitToSequence").outputs[0]
+    seq.type = ir.TensorType(ir.DataType.FLOAT)
+    problems = check_model(model)
+    assert any("output 0 'seq' is typed tensor(float), but the schema gives a seq there" in p for p in problems), \
+        problems
+    assert any("SequenceAt" in p and "input 0 'seq'" in p for p in problems), problems
+
+
+def test_verifier_rejects_one_type_constraint_bound_to_two_element_types():
+    model = parse(CHAIN)
+    add = next(n for n in model.graph if n.op_type == "Add")
+    add.inputs[0].type = ir.TensorType(ir.DataType.FLOAT16)
+    problems = check_model(model)
+    assert any("Add" in p and "is typed tensor(float)" in p and "of the same type T is tensor(float16)" in p
+               for p in problems), problems
+
+
+def test_verifier_rejects_an_element_type_the_schema_does_not_allow():
+    model = parse(CHAIN)
+    relu = next(n for n in model.graph if n.op_type == "Relu")
+    relu.outputs[0].type = ir.TensorType(ir.DataType.STRING)
+    problems = check_model(model)
+    assert any("Relu" in p and "typed tensor(string), which the schema does not allow" in p for p in problems), \
+        problems

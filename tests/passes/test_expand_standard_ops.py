@@ -37,7 +37,13 @@ def _same(text: str, inits: dict | None, feeds: dict[str, np.ndarray], model: ir
     actual = run_ort(model, feeds)
     assert len(actual) == len(expected)
     for k, (a, e) in enumerate(zip(actual, expected)):
-        assert_close(a, e, f"output {k}", precision)
+        if a.dtype == np.float16 and "Attention" in text:
+            # onnxruntime's fused float16 Attention keeps its scores and softmax in float32; the expansion rounds
+            # each to float16, so they differ by several float16 units: compile's float16 tolerance (2e-2), halved
+            np.testing.assert_allclose(a.astype(np.float64), e.astype(np.float64), rtol=1e-2, atol=1e-2,
+                                       err_msg=f"output {k}")
+        else:
+            assert_close(a, e, f"output {k}", precision)
 
 
 # ---------------------------------------------------------------------------------------------------- RMSNormalization
