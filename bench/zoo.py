@@ -54,6 +54,9 @@ FUSED = {MS + "GroupQueryAttention": "GQA", MS + "Attention": "Attn", MS + "Mult
          # standard ONNX ops an opset-23 (or 20) export already holds: left as the exporter wrote them
          "Attention": "onnx:Attention", "RMSNormalization": "onnx:RMSNorm", "RotaryEmbedding": "onnx:Rotary",
          "Gelu": "onnx:Gelu"}
+ATTN_OPS = (MS + "GroupQueryAttention", MS + "Attention", MS + "MultiHeadAttention", "Attention")
+NORM_OPS = (MS + "SkipSimplifiedLayerNormalization", MS + "SkipLayerNormalization", "SimplifiedLayerNormalization",
+            "LayerNormalization", MS + "EmbedLayerNormalization", "RMSNormalization")
 LEFT = ("Softmax", "ReduceMean", "Erf", "Tanh")   # ops whose survival means an unfused attention / norm / GELU
 NORMS = ("LayerNormalization", "SimplifiedLayerNormalization")   # on a residual Add: an unfused skip norm
 
@@ -96,19 +99,77 @@ class Arch:
     pasts: tuple[bool, ...] | None = None
 
 
+EXPORTERS = ("ts", "dynamo", "dynamo-raw")   # TorchScript; dynamo with its optimizer on; dynamo with it off
+MATRICES = ("default", "core", "full")
+TS_MAX_OPSET = 20                           # torch.onnx's TorchScript exporter refuses anything newer
+DTYPE_SUFFIX = {"float16": "_fp16", "float32": "_fp32"}
+
+
 @dataclass
 class Export:
+    """One export of an architecture: the arch's defaults unless a variant axis says otherwise."""
     arch: Arch
-    exporter: str
+    exporter: str                       # one of EXPORTERS
     past: bool
+    positions: bool = True              # decoders: False drops position_ids even where the model takes them
+    opset_: int | None = None           # None: the arch's default for the exporter
+    attn_: str | None = None            # None: the arch's attn_implementation
+    dtype_: str | None = None           # None: the arch's dtype
+
+    @property
+    def tool(self) -> str:
+        """The exporter family: "ts" or "dynamo" (the arch's `exporters` and `opsets` keys)."""
+        return "ts" if self.exporter == "ts" else "dynamo"
+
+    @property
+    def optimize(self) -> bool:
+        return self.exporter != "dynamo-raw"
+
+    @property
+    def default_opset(self) -> int:
+        return self.arch.opsets.get(self.tool, 17 if self.tool == "ts" else 18)
 
     @property
     def opset(self) -> int:
-        return self.arch.opsets.get(self.exporter, 17 if self.exporter == "ts" else 18)
+        return self.opset_ or self.default_opset
+
+    @property
+    def attn(self) -> str:
+        return self.attn_ or self.arch.attn
+
+    @property
+    def dtype(self) -> str:
+        return self.dtype_ or self.arch.dtype
+
+    @property
+    def is_default(self) -> bool:
+        """Whether this is one of the default sweep's exports (names and results as before the matrix)."""
+        return self.exporter != "dynamo-raw" and self.positions and not self.tags()
+
+    def tags(self) -> list[str]:
+        """The variant axes that differ from the arch's defaults, other than exporter and past."""
+        return ([f"op{self.opset}"] if self.opset != self.default_opset else []) + (
+            [self.attn] if self.attn != self.arch.attn else []) + (
+            [DTYPE_SUFFIX[self.dtype][1:]] if self.dtype != self.arch.dtype else [])
+
+    @property
+    def variant(self) -> str:
+        """A short description: exporter, prefill or past, then the non-default axes."""
+        return ", ".join([self.exporter, "past" if self.past else "prefill" if self.arch.kind == "decoder" else "-",
+                          *([] if self.positions else ["nopos"]), *self.tags()])
 
     @property
     def name(self) -> str:
-        return f"{self.arch.name}_{self.exporter}" + ("_past" if self.past else "")
+        """`<arch>_<ts|dynamo>[_raw][_nopos][_past][_opNN][_eager|_sdpa][_fp16]`, as fixtures/generate.py names."""
+        return (f"{self.arch.name}_{self.tool}" + ("_raw" if not self.optimize else "")
+                + ("_nopos" if not self.positions else "") + ("_past" if self.past else "")
+                + "".join("_" + t for t in self.tags()))
+
+    def key(self) -> str:
+        """What makes two exports the same graph (the arch name aside): config, classes and every axis."""
+        a = self.arch
+        return json.dumps([a.config_cls, a.model_cls, a.config, a.model_kwargs, a.static, self.exporter, self.past,
+                           self.positions, self.opset, self.attn, self.dtype], sort_keys=True, default=str)
 
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -268,18 +329,44 @@ ARCHS: list[Arch] = [
 ARCH_BY_NAME = {a.name: a for a in ARCHS}
 
 
-def exports_of(a: Arch) -> list[Export]:
+def exports_of(a: Arch, matrix: str = "default") -> list[Export]:
+    """The arch's exports under a matrix: "default" as always (each exporter of the arch, prefill and past);
+    "core" adds, for decoders, dynamo with its optimizer off and exports without position_ids (every exporter,
+    prefill and past); "full" adds on top, for every arch and default export, opset 23, the other attention
+    implementation and float16, one axis at a time (not their cross product)."""
     pasts = a.pasts or ((False, True) if a.kind == "decoder" else (False,))
-    return [Export(a, e, p) for e in a.exporters for p in pasts]
+    out = [Export(a, e, p) for e in a.exporters for p in pasts]
+    raw = ("dynamo-raw",) if "dynamo" in a.exporters else ()
+    if matrix in ("core", "full") and a.kind == "decoder":
+        out += [Export(a, e, p) for e in raw for p in pasts]
+        out += [Export(a, e, p, positions=False) for e in (*a.exporters, *raw) for p in pasts]
+    if matrix == "full":
+        other = "eager" if a.attn != "eager" else "sdpa"
+        for e in a.exporters:
+            for p in pasts:
+                out += [Export(a, e, p, opset_=23)] if Export(a, e, p).opset != 23 else []
+                out += [Export(a, e, p, attn_=other)]
+                out += [Export(a, e, p, dtype_="float16")] if a.dtype != "float16" else []
+    return out
 
 
-def select(only: str | None) -> list[Export]:
-    every = [x for a in ARCHS for x in exports_of(a)]
+def select(only: str | None, matrix: str = "default") -> list[Export]:
+    """Every arch's exports under `matrix`, filtered by `only`. A variant export whose graph another export
+    already gives (gpt2_eager with sdpa is gpt2_sdpa) is dropped; the default ones never are."""
+    every = [x for a in ARCHS for x in exports_of(a, matrix)]
+    seen = {x.key() for x in every if x.is_default}
+    unique = []
+    for x in every:
+        if not x.is_default:
+            if x.key() in seen:
+                continue
+            seen.add(x.key())
+        unique.append(x)
     if not only:
-        return every
+        return unique
     pats = [p.strip() for p in only.split(",") if p.strip()]
-    return [x for x in every if any(fnmatch.fnmatchcase(x.name, p) or fnmatch.fnmatchcase(x.arch.name, p)
-                                    for p in pats)]
+    return [x for x in unique if any(fnmatch.fnmatchcase(x.name, p) or fnmatch.fnmatchcase(x.arch.name, p)
+                                     for p in pats)]
 
 
 # ---------------------------------------------------------------------------------------------------- export child
@@ -294,16 +381,16 @@ def _export_child(arch_name: str, names: list[str], fresh: bool, per_export_s: i
 
     torch.set_num_threads(1)
     a = ARCH_BY_NAME[arch_name]
-    todo = [x for x in exports_of(a) if x.name in names
+    todo = [x for x in exports_of(a, "full") if x.name in names
             and (fresh or not (OUT / x.name / "meta.json").exists())]
     if not todo:
         return 0
-    dtype = torch.float16 if a.dtype == "float16" else torch.float32
-    state: dict[str, Any] = {}
+    built: dict[tuple[str, str], tuple[Any, Any]] = {}   # (attn, dtype) -> (model, config)
 
-    def build() -> None:
+    def build(attn: str, dtype: Any) -> tuple[Any, Any]:
+        """The arch's model with one attention implementation, cast to `dtype` (same weights for all)."""
         cfg = getattr(transformers, a.config_cls)(**a.config)
-        cfg._attn_implementation = a.attn
+        cfg._attn_implementation = attn
         cfg.use_cache = True
         torch.manual_seed(gen.SEED)
         model = getattr(transformers, a.model_cls)(cfg, **a.model_kwargs)
@@ -314,7 +401,7 @@ def _export_child(arch_name: str, names: list[str], fresh: bool, per_export_s: i
         if getattr(cfg, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
             model.tie_weights()
         model.eval().to(dtype)
-        state.update(cfg=cfg, model=model)
+        return model, cfg
 
     def on_alarm(signum: int, frame: Any) -> None:
         raise TimeoutError(f"export took longer than {per_export_s} s")
@@ -325,34 +412,42 @@ def _export_child(arch_name: str, names: list[str], fresh: bool, per_export_s: i
         d.mkdir(parents=True, exist_ok=True)
         for stale in ("model.onnx", "meta.json"):
             (d / stale).unlink(missing_ok=True)
+        dtype = torch.float16 if x.dtype == "float16" else torch.float32
         meta: dict[str, Any] = {"export": x.name, "arch": a.name, "kind": a.kind, "exporter": x.exporter,
-                                "opset": x.opset, "past": x.past, "dtype": a.dtype, "static": a.static,
-                                "attn": a.attn, "hf_class": a.model_cls, "notes": a.notes,
+                                "opset": x.opset, "past": x.past, "positions": x.positions, "dtype": x.dtype,
+                                "static": a.static, "attn": x.attn, "variant": x.variant, "hf_class": a.model_cls,
+                                "notes": a.notes,
                                 "versions": {"torch": torch.__version__.split("+")[0],
                                              "transformers": transformers.__version__}}
         stage = "build"
         t0 = time.time()
         signal.alarm(per_export_s)
         try:
-            if "model" not in state:
-                build()
-            model, cfg = state["model"], state["cfg"]
+            if x.tool == "ts" and x.opset > TS_MAX_OPSET:
+                stage = "export"
+                raise ValueError(f"the TorchScript exporter supports opsets up to {TS_MAX_OPSET}, not {x.opset}")
+            if (x.attn, x.dtype) not in built:
+                built[x.attn, x.dtype] = build(x.attn, dtype)
+            model, cfg = built[x.attn, x.dtype]
             stage = "probe"
-            io = _io(a, model, cfg, x.past)
+            io = _io(a, model, cfg, x)
             meta["io"] = {k: v for k, v in io.items() if k != "wrap"}
+            if a.kind == "decoder" and not x.positions and not io["takes_positions"]:
+                meta["skipped"] = "the model takes no position_ids: the default export is already without them"
+                raise _Skip()
             stage = "export"
             wrapper = io["wrap"](model)
             spec = _spec(gen, a, io, x.past)
             shp = (1, 3, 4) if a.static else (2, 3, 4) if x.past else (2, 5, 0)
             args = _inputs(gen, a, io, *shp, x.past, dtype, seed=3)
-            if x.exporter == "ts":
+            if x.tool == "ts":
                 proto = gen.export_torchscript(wrapper, args, spec, x.opset)
             else:
                 with gen.quiet(), torch.no_grad():
                     proto = torch.onnx.export(wrapper, tuple(args), dynamo=True, opset_version=x.opset,
-                                              dynamic_shapes=None if a.static else _dynamic(a, io, x.past),
+                                              dynamic_shapes=None if a.static else _dynamic(gen, a, io, x.past),
                                               input_names=spec.input_names, output_names=spec.output_names,
-                                              optimize=True, verbose=False).model_proto
+                                              optimize=x.optimize, verbose=False).model_proto
             stage = "finalize"
             proto = gen.finalize(proto, spec)
             gen.check_symbolic(proto, spec)
@@ -376,11 +471,13 @@ def _export_child(arch_name: str, names: list[str], fresh: bool, per_export_s: i
                 if r.shape != g.shape:
                     raise AssertionError(f"shape {g.shape} != torch {r.shape}")
                 worst = max(worst, float(np.max(np.abs(r - g)) / max(1e-6, float(np.max(np.abs(r))))))
-            tol = 2e-2 if a.dtype == "float16" else 1e-4
+            tol = 2e-2 if x.dtype == "float16" else 1e-4
             meta["check"] = {"shape": chk, "max_rel": worst, "ok": worst <= tol}
             (d / "model.onnx").write_bytes(data)
             hist = gen.op_histogram(proto)
             meta.update(nodes=sum(hist.values()), ops=hist)
+        except _Skip:
+            pass
         except BaseException as exc:  # noqa: BLE001 - every failure is the sweep's data
             meta["failed"] = {"stage": stage, "error": f"{type(exc).__name__}: {_first(exc)}",
                               "where": _where(exc, ("transformers", "torch"))}
@@ -389,9 +486,14 @@ def _export_child(arch_name: str, names: list[str], fresh: bool, per_export_s: i
         meta["seconds"] = round(time.time() - t0, 1)
         (d / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
         print(f"  exported {x.name}: " + (f"FAILED at {meta['failed']['stage']}: {meta['failed']['error']}"
-                                          if "failed" in meta else f"{meta['nodes']} nodes, {meta['seconds']} s"),
+                                          if "failed" in meta else f"skipped: {meta['skipped']}"
+                                          if "skipped" in meta else f"{meta['nodes']} nodes, {meta['seconds']} s"),
               flush=True)
     return 0
+
+
+class _Skip(Exception):
+    """An export the matrix asks for that would only repeat another (its meta.json says why)."""
 
 
 def _randomize_any(model: Any, seed: int) -> None:
@@ -413,8 +515,8 @@ def _randomize_any(model: Any, seed: int) -> None:
                     p.copy_(0.1 * r)
 
 
-def _io(a: Arch, model: Any, cfg: Any, past: bool) -> dict[str, Any]:
-    """Which inputs the model takes and its cache geometry (read from one forward pass, not from the config)."""
+def _io(a: Arch, model: Any, cfg: Any, x: Export) -> dict[str, Any]:
+    """Which inputs the export takes and its cache geometry (read from one forward pass, not from the config)."""
     import inspect
 
     import torch
@@ -424,8 +526,9 @@ def _io(a: Arch, model: Any, cfg: Any, past: bool) -> dict[str, Any]:
     if a.kind == "encoder":
         io["token_types"] = "token_type_ids" in params and (getattr(cfg, "type_vocab_size", 0) or 0) >= 2
     else:
-        io["positions"] = "position_ids" in params
-        if past:
+        io["takes_positions"] = "position_ids" in params
+        io["positions"] = io["takes_positions"] and x.positions
+        if x.past:
             with torch.no_grad():
                 out = model(input_ids=torch.tensor([[3, 4]]), use_cache=True)
             shapes = {tuple(layer.keys.shape[1::2]) for layer in out.past_key_values.layers}
@@ -433,16 +536,16 @@ def _io(a: Arch, model: Any, cfg: Any, past: bool) -> dict[str, Any]:
                 raise RuntimeError(f"cache layers differ in shape: {sorted(shapes)}")
             (io["kv_heads"], io["head_dim"]), = shapes
             io["cache_layers"] = len(out.past_key_values.layers)
-    io["wrap"] = _wrapper(a.kind, io, past)
+    io["wrap"] = _wrapper(a.kind, io, x.past)
     return io
 
 
 def _wrapper(kind: str, io: dict[str, Any], past: bool) -> Any:
-    """fixtures/generate.py's wrappers where the signature is the fixtures' one; smaller ones otherwise."""
+    """fixtures/generate.py's wrappers (with and without position_ids); a smaller one for encoders without
+    token types."""
     sys.path.insert(0, str(ROOT / "fixtures"))
     import generate as gen
     import torch
-    import transformers
     from torch import nn
 
     if kind == "encoder":
@@ -458,38 +561,21 @@ def _wrapper(kind: str, io: dict[str, Any], past: bool) -> Any:
                 return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
         return EncoderNoTypes
-    n_layers = io.get("cache_layers", 0)
-    if io["positions"]:
-        return (lambda m: gen.DecoderWithPast(m, n_layers)) if past else gen.DecoderNoPast
-
-    class DecoderNoPositions(nn.Module):
-        def __init__(self, model: nn.Module):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    class DecoderNoPositionsWithPast(DecoderNoPositions):
-        def forward(self, input_ids, attention_mask, past_key_values: list[torch.Tensor]):  # type: ignore[override]
-            cache = transformers.DynamicCache([(past_key_values[2 * i], past_key_values[2 * i + 1])
-                                               for i in range(n_layers)])
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                             use_cache=True)
-            return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
-
-    return DecoderNoPositionsWithPast if past else DecoderNoPositions
+    if past:
+        n_layers = io["cache_layers"]
+        cls = gen.DecoderWithPast if io["positions"] else gen.DecoderWithPastNoPositions
+        return lambda m: cls(m, n_layers)
+    return gen.DecoderNoPast if io["positions"] else gen.DecoderNoPositions
 
 
-def _dropped(a: Arch, io: dict[str, Any]) -> set[str]:
-    if a.kind == "encoder":
-        return set() if io["token_types"] else {"token_type_ids"}
-    return set() if io["positions"] else {"position_ids"}
+def _no_types(a: Arch, io: dict[str, Any]) -> bool:
+    """An encoder export without a token_type_ids input (generate.py's encoder I/O has one)."""
+    return a.kind == "encoder" and not io["token_types"]
 
 
 def _spec(gen: Any, a: Arch, io: dict[str, Any], past: bool) -> Any:
-    spec = gen.io_spec(a.kind, io.get("cache_layers", 0), past)
-    drop = _dropped(a, io)
+    spec = gen.io_spec(a.kind, io.get("cache_layers", 0), past, positions=io.get("positions", True))
+    drop = {"token_type_ids"} if _no_types(a, io) else set()
     axes = {} if a.static else {k: v for k, v in spec.axes.items() if k not in drop}
     return gen.IOSpec([n for n in spec.input_names if n not in drop], spec.output_names, axes)
 
@@ -498,25 +584,17 @@ def _inputs(gen: Any, a: Arch, io: dict[str, Any], batch: int, seq: int, past_le
             seed: int) -> list[Any]:
     cfg_sum = {"vocab": V, "num_layers": io.get("cache_layers", 0), "num_kv_heads": io.get("kv_heads", 1),
                "head_dim": io.get("head_dim", 1)}
-    args = gen.make_inputs(a.kind, cfg_sum, batch, seq, past_len if past else None, dtype=dtype, seed=seed)
-    if _dropped(a, io):
+    args = gen.make_inputs(a.kind, cfg_sum, batch, seq, past_len if past else None, dtype=dtype, seed=seed,
+                           positions=io.get("positions", True))
+    if _no_types(a, io):
         del args[2]
     return args
 
 
-def _dynamic(a: Arch, io: dict[str, Any], past: bool) -> tuple[Any, ...]:
-    import torch
-
-    Dim = torch.export.Dim
-    batch = Dim("batch_size", min=1, max=1024)
-    seq = Dim("sequence_length", min=1, max=P if a.kind == "encoder" else 4096)
-    n_plain = 3 - len(_dropped(a, io))
-    shapes: list[Any] = [{0: batch, 1: seq} for _ in range(n_plain)]
-    if past:
-        shapes[1] = {0: batch, 1: Dim.DYNAMIC}   # total = past + seq
-        past_len = Dim("past_sequence_length", min=1, max=4096)
-        shapes.append([{0: batch, 2: past_len} for _ in range(2 * io["cache_layers"])])
-    return tuple(shapes)
+def _dynamic(gen: Any, a: Arch, io: dict[str, Any], past: bool) -> tuple[Any, ...]:
+    """generate.py's dynamic shapes for the dynamo exporter, less token_type_ids where the encoder has none."""
+    shapes = gen._dynamo_dynamic_shapes(a.kind, past, io.get("cache_layers", 0), positions=io.get("positions", True))
+    return shapes[:2] if _no_types(a, io) else shapes
 
 
 # ---------------------------------------------------------------------------------------------------- compile child
@@ -553,6 +631,14 @@ def _compile_child(src: str, level: int, target: str, dst: str, result: str) -> 
                 res["diagnosis"] = _diagnose(src, level, target, dst, rep["notes"])
             except Exception as exc:  # noqa: BLE001
                 res["diagnosis"] = {"error": f"{type(exc).__name__}: {_first(exc)}", "where": _where(exc)}
+        if rep.get("coverage"):
+            res.update(coverage=rep["coverage"], coverage_from="report")
+        else:
+            try:
+                res.update(coverage=_count_coverage(dst, res["ops_after"], res.get("diagnosis") or {}),
+                           coverage_from="counted")
+            except Exception as exc:  # noqa: BLE001
+                res["coverage_error"] = f"{type(exc).__name__}: {_first(exc)}"
     Path(result).write_text(json.dumps(res, indent=1, default=str) + "\n")
     return 0
 
@@ -560,9 +646,10 @@ def _compile_child(src: str, level: int, target: str, dst: str, result: str) -> 
 def _diagnose(src: str, level: int, target: str, compiled: str, notes: list[str]) -> dict[str, Any]:
     """Replay the pipeline up to each fusion pass and ask its rules why each leftover site does not match.
 
-    Leftover sites are the compiled model's Softmax (attention), ReduceMean (norms) and Erf/Tanh (GELU) nodes, found
-    by name in the replayed graph. A site's reason is a failed check if any rule got that far, else the most common
-    structural mismatch over the rules and nearby root nodes."""
+    Leftover sites are the compiled model's Softmax (attention), ReduceMean (norms: the first of each site, see
+    `_norm_sites`) and Erf/Tanh (GELU) nodes, found by name in the replayed graph. A site's reason is a failed check
+    if any rule got that far, else the most common structural mismatch over the rules and nearby root nodes.
+    "misses" gives one reason per attention and norm site (for attention, the fuse-gqa note where there is one)."""
     import onnx
     import onnx_ir as ir
     from onnxc import driver, pipeline
@@ -582,6 +669,7 @@ def _diagnose(src: str, level: int, target: str, compiled: str, notes: list[str]
     out = onnx.load(compiled, load_external_data=False)
     left: dict[str, set[str]] = {op: {n.name for n in out.graph.node if n.op_type == op and n.domain in ("", "ai.onnx")}
                                  for op in LEFT}
+    left["ReduceMean"] = {n.name for n in _norm_sites(out.graph)}
     producers = {o: n for n in out.graph.node for o in n.output}
     left["skip"] = {n.name for n in out.graph.node if n.op_type in NORMS and n.domain in ("", "ai.onnx")
                     and getattr(producers.get(n.input[0]), "op_type", "") == "Add"}
@@ -590,18 +678,18 @@ def _diagnose(src: str, level: int, target: str, compiled: str, notes: list[str]
     ctx = pm.PassContext(level=level, target=target)
     chosen = pm.flatten(pipeline.build_pipeline(ctx))
     passes = pm.registered_passes()
-    diag: dict[str, Any] = {}
+    diag: dict[str, Any] = {"misses": {}}
 
     def sites(graph: ir.Graph, ops: tuple[str, ...], key: str | None = None) -> list[ir.Node]:
         named = [n for n in graph if n.op_type in ops and n.domain == "" and n.name in left[key or n.op_type]]
         return named or [n for n in graph if n.op_type in ops and n.domain == ""
                          and any(left[key or o] for o in ops)]
 
-    def why(graph: ir.Graph, seeds: list[ir.Node], rules: list[Any], hops: int) -> Counter[str]:
-        """Per seed, the failure of the rule and nearby root that got furthest (most pattern nodes bound)."""
+    def why(graph: ir.Graph, seeds: list[ir.Node], rules: list[Any], hops: int) -> list[tuple[str, str]]:
+        """Per seed, (its name, the failure of the rule and nearby root that got furthest: most nodes bound)."""
         opset = model.opset_imports.get("", 21)
         positions = {id(n): i for i, n in enumerate(graph)}
-        reasons: Counter[str] = Counter()
+        reasons: list[tuple[str, str]] = []
         for seed in seeds:
             near, frontier = [seed], [seed]
             for _ in range(hops):
@@ -621,8 +709,11 @@ def _diagnose(src: str, level: int, target: str, compiled: str, notes: list[str]
                         depth = 1 << 31
                     if depth > best[0]:
                         best = (depth, text)
-            reasons[best[1]] += 1
+            reasons.append((seed.name, best[1]))
         return reasons
+
+    def count(pairs: list[tuple[str, str]]) -> dict[str, int]:
+        return dict(Counter(r for _, r in pairs))
 
     ran = 0
     for stop in ("fuse-layer-norm", "fuse-gelu", "fuse-attention", "fuse-skip-norm"):
@@ -634,9 +725,11 @@ def _diagnose(src: str, level: int, target: str, compiled: str, notes: list[str]
         g = model.graph
         if stop == "fuse-layer-norm" and any(left["ReduceMean"]):
             rules = [*passes["fuse-layer-norm"].rules(), *passes["fuse-rms-norm"].rules()]
-            diag["norm"] = dict(why(g, sites(g, ("ReduceMean",)), rules, 6))
+            norms = why(g, sites(g, ("ReduceMean",)), rules, 6)
+            diag["norm"] = count(norms)
+            diag["misses"]["norm"] = [{"site": n, "reason": r} for n, r in norms]
         elif stop == "fuse-gelu" and (left["Erf"] or left["Tanh"]):
-            diag["gelu"] = dict(why(g, sites(g, ("Erf", "Tanh")), list(passes["fuse-gelu"].rules()), 4))
+            diag["gelu"] = count(why(g, sites(g, ("Erf", "Tanh")), list(passes["fuse-gelu"].rules()), 4))
         elif stop == "fuse-attention" and left["Softmax"]:
             from onnxc.passes import fuse_attention as fa
             from onnxc.rules import apply_rules
@@ -645,19 +738,65 @@ def _diagnose(src: str, level: int, target: str, compiled: str, notes: list[str]
                    for n in notes if n.startswith("fuse-gqa: attention at ")}
             attn: Counter[str] = Counter()
             gqa_reasons: Counter[str] = Counter()
+            misses = []
             prepared = model.clone() if hasattr(model, "clone") else model
             apply_rules(prepared, getattr(fa, "PREPARE", []))
             pg = prepared.graph
             for sm in sites(pg, ("Softmax",)):
                 if sm.name in gqa:
                     gqa_reasons[gqa[sm.name]] += 1
-                attn.update(why(pg, [sm], list(getattr(fa, "RULES", [])), 3))
+                (_, reason), = why(pg, [sm], list(getattr(fa, "RULES", [])), 3)
+                attn[reason] += 1
+                misses.append({"site": sm.name, "reason": f"fuse-gqa: {gqa[sm.name]}" if sm.name in gqa else reason})
             diag["attention"] = {"fuse-gqa": dict(gqa_reasons), "fuse-attention": dict(attn)}
+            diag["misses"]["attention"] = misses
         elif stop == "fuse-skip-norm" and left["skip"]:
-            diag["skip"] = dict(why(g, sites(g, NORMS, "skip"), list(passes["fuse-skip-norm"].rules()), 0))
+            diag["skip"] = count(why(g, sites(g, NORMS, "skip"), list(passes["fuse-skip-norm"].rules()), 0))
         pm.PassManager([chosen[ran]]).run(model, ctx)
         ran += 1
     return diag
+
+
+def _norm_sites(graph: Any) -> list[Any]:
+    """The unfused norm sites of an ONNX graph, one ReduceMean each: a LayerNorm's mean (its variance ReduceMean,
+    a few nodes below a Sub of that mean, is the same site) or an RMS norm's mean of squares."""
+    reduce = [n for n in graph.node if n.op_type == "ReduceMean" and n.domain in ("", "ai.onnx")]
+    means = {o for n in reduce for o in n.output}
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def centered(n: Any, depth: int = 4) -> bool:
+        """Whether a Sub of another ReduceMean's output lies within `depth` nodes above `n`."""
+        for i in n.input:
+            up = producer.get(i)
+            if up is None:
+                continue
+            if up.op_type == "Sub" and any(j in means for j in up.input):
+                return True
+            if depth > 1 and up.op_type != "ReduceMean" and centered(up, depth - 1):
+                return True
+        return False
+
+    return [n for n in reduce if not centered(n)]
+
+
+def _count_coverage(compiled: str, ops_after: dict[str, int], diag: dict[str, Any]) -> dict[str, Any]:
+    """Coverage the way a compile report's `coverage` key gives it, counted from the compiled graph where the
+    report has none: attention sites are the fused attention ops plus the Softmax nodes left; norm sites the fused
+    norm ops plus the unfused norm sites (`_norm_sites`). A miss's reason comes from the diagnosis."""
+    import onnx
+
+    graph = onnx.load(compiled, load_external_data=False).graph
+    left = {"attention": [n.name for n in graph.node if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")],
+            "norm": [n.name for n in _norm_sites(graph)]}
+    ops = {"attention": ATTN_OPS, "norm": NORM_OPS}
+    why = {fam: {m["site"]: m["reason"] for m in (diag.get("misses") or {}).get(fam, [])} for fam in left}
+    fallback = f"(no diagnosis: {diag['error']})" if "error" in diag else "(not diagnosed)"
+    out = {}
+    for fam, sites in left.items():
+        fused = sum(ops_after.get(op, 0) for op in ops[fam])
+        out[fam] = {"found": fused + len(sites), "fused": fused,
+                    "misses": [{"site": s, "reason": why[fam].get(s, fallback)} for s in sites]}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -717,14 +856,16 @@ def sweep_arch(a: Arch, xs: list[Export], args: argparse.Namespace) -> None:
                 (OUT / x.name).mkdir(parents=True, exist_ok=True)
                 why = "timed out" if rc is None else f"export child exited with {rc}: {tail[:300]}"
                 meta.write_text(json.dumps({"export": x.name, "arch": a.name, "exporter": x.exporter, "past": x.past,
-                                            "opset": x.opset, "failed": {"stage": "child", "error": why}}) + "\n")
+                                            "positions": x.positions, "opset": x.opset, "attn": x.attn,
+                                            "dtype": x.dtype, "variant": x.variant,
+                                            "failed": {"stage": "child", "error": why}}) + "\n")
     for x in xs:
         d = OUT / x.name
         meta = json.loads((d / "meta.json").read_text())
         for level, target in COMPILES:
             res_path = d / f"result-O{level}-{target}.json"
             res_path.unlink(missing_ok=True)
-            if "failed" in meta:
+            if "failed" in meta or "skipped" in meta:
                 continue
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child-compile", str(d / "model.onnx"),
                    str(level), target, str(d / f"O{level}-{target}.onnx"), str(res_path)]
@@ -791,6 +932,9 @@ def render(rows: list[dict[str, Any]], *, full: bool = True) -> str:
             lines.append(f"| {x.name} | {x.opset} | | | | | | | export failed ({f['stage']}) | "
                          f"{_cell(f['error'], 160)} |")
             continue
+        if "skipped" in meta:
+            lines.append(f"| {x.name} | {x.opset} | | | | | | | skipped | {_cell(meta['skipped'], 160)} |")
+            continue
         o2, o3 = row[(2, "cpu")], row[(3, "cuda")]
         after = [str(r.get("nodes_after", "")) if r else "" for r in (o2, o3)]
         ops = (o2 or {}).get("ops_after", {})
@@ -825,13 +969,87 @@ def _cell(s: str, limit: int) -> str:
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
+def _families(cov: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A `coverage` mapping folded into "attention" and "norm" (a report may split them, e.g. fuse-gqa and
+    fuse-attention, fuse-layer-norm and fuse-rms-norm; skip and embed norms are other sites' second fusion and
+    are left out). Families are summed: found, fused and the misses."""
+    out: dict[str, dict[str, Any]] = {}
+    for fam, c in cov.items():
+        f = fam.lower()
+        key = ("attention" if "attn" in f or "attention" in f or "gqa" in f
+               else "norm" if "norm" in f and "skip" not in f and "embed" not in f else None)
+        if key is None or not isinstance(c, dict):
+            continue
+        acc = out.setdefault(key, {"found": 0, "fused": 0, "misses": []})
+        acc["found"] += int(c.get("found", 0))
+        acc["fused"] += int(c.get("fused", 0))
+        acc["misses"] += list(c.get("misses") or [])
+    return out
+
+
+def _ratio(r: dict[str, Any] | None, fam: str) -> str:
+    """"fused/found" of one family in one compile's result, or "" without coverage."""
+    c = _families((r or {}).get("coverage") or {}).get(fam)
+    return f"{c['fused']}/{c['found']}" if c else ""
+
+
+def _misses(r: dict[str, Any] | None) -> list[str]:
+    """One reason per missed attention or norm site, equal reasons counted together ("attn x2: ...")."""
+    fams = _families((r or {}).get("coverage") or {})
+    out = []
+    for fam, tag in (("attention", "attn"), ("norm", "norm")):
+        reasons = Counter(m.get("reason") or "(no reason given)" for m in fams.get(fam, {}).get("misses", []))
+        out += [f"{tag} x{n}: {why}" for why, n in reasons.most_common()]
+    return out
+
+
+def render_coverage(rows: list[dict[str, Any]]) -> str:
+    """The variant table: per (arch, variant), attention and norm sites fused / found at -O2 cpu (-O3 cuda where it
+    differs), both compiles' verification, and one reason per site left unfused."""
+    lines = ["| export | arch | variant | opset | attention fused/found | norms fused/found | verify -O2 / -O3 "
+             "| misses (one reason per unfused site) |", "|---|---|---|---:|---:|---:|---|---|"]
+    for row in rows:
+        x, meta = row["export"], row["meta"]
+        head = f"| {x.name} | {x.arch.name} | {x.variant} | {x.opset} |"
+        if "failed" in meta:
+            f = meta["failed"]
+            lines.append(f"{head} | | export failed ({f['stage']}) | {_cell(f['error'], 300)} |")
+            continue
+        if "skipped" in meta:
+            lines.append(f"{head} | | skipped | {_cell(meta['skipped'], 300)} |")
+            continue
+        o2, o3 = row[(2, "cpu")], row[(3, "cuda")]
+        cells = []
+        for fam in ("attention", "norm"):
+            a2, a3 = _ratio(o2, fam), _ratio(o3, fam)
+            if a2:
+                cells.append(a2 + (f" (-O3 {a3})" if a3 and a3 != a2 else ""))
+            else:
+                cells.append(f"-O3 {a3}" if a3 else "")
+        notes = []
+        chk = meta.get("check", {})
+        if chk and not chk.get("ok"):
+            notes.append(f"export != torch (rel {chk['max_rel']:.1e})")
+        for r, tag in ((o2, "-O2"), (o3, "-O3")):
+            if r and r.get("error"):
+                notes.append(f"{tag}: {r['error'][:200]}" + (f" @ {r['where']}" if r.get("where") else ""))
+            if r and r.get("coverage_error"):
+                notes.append(f"{tag} coverage: {r['coverage_error']}")
+        notes += _misses(o2 if o2 and o2.get("coverage") else o3)
+        status = " / ".join(_status(r) for r in (o2, o3))
+        lines.append(f"{head} {cells[0]} | {cells[1]} | {status} | {_cell('; '.join(notes), 700)} |")
+    return "\n".join(lines)
+
+
 def summary(rows: list[dict[str, Any]]) -> str:
     n = len(rows)
     failed = [r for r in rows if "failed" in r["meta"]]
-    compiled = [r for r in rows if "failed" not in r["meta"]]
+    skipped = [r for r in rows if "skipped" in r["meta"]]
+    compiled = [r for r in rows if "failed" not in r["meta"] and "skipped" not in r["meta"]]
     count = Counter(_status(r[c]) for r in compiled for c in COMPILES)
     unfused = [r["export"].name for r in compiled if ((r[(2, "cpu")] or {}).get("ops_after") or {}).get("Softmax")]
-    return (f"{n} exports: {len(failed)} export failures, {len(compiled)} compiled twice; compile outcomes "
+    return (f"{n} exports: {len(failed)} export failures, " + (f"{len(skipped)} skipped, " if skipped else "")
+            + f"{len(compiled)} compiled twice; compile outcomes "
             + ", ".join(f"{k} {v}" for k, v in sorted(count.items())) + f"; Softmax left at -O2 in {len(unfused)}")
 
 
@@ -842,6 +1060,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="export again even where bench/out/zoo has the export")
     ap.add_argument("--no-doc", action="store_true", help="print only; do not write the markdown report")
     ap.add_argument("--doc", type=Path, default=OUT / "zoo.md", help="markdown report (default bench/out/zoo/zoo.md)")
+    ap.add_argument("--matrix", choices=MATRICES, default="default",
+                    help="variant exports: default (as always); core (+ decoders: dynamo-raw, no position_ids); "
+                         "full (+ every arch: opset 23, the other attention implementation, float16)")
+    ap.add_argument("--markdown", type=Path, metavar="FILE",
+                    help="also write the variant table (sites fused / found, misses) to FILE as markdown")
     ap.add_argument("--list", action="store_true", help="list the exports and exit")
     ap.add_argument("--report-only", action="store_true", help="render the saved results; run nothing")
     ap.add_argument("--compile-timeout", type=int, default=300, help="seconds per compile (default 300)")
@@ -856,13 +1079,15 @@ def main(argv: list[str] | None = None) -> int:
         src, level, target, dst, res = args.child_compile
         return _compile_child(src, int(level), target, dst, res)
 
-    xs = select(args.only)
+    xs = select(args.only, args.matrix)
     if not xs:
         ap.error(f"--only {args.only!r} matches nothing (see --list)")
     if args.list:
         for x in xs:
-            print(f"{x.name:32} opset {x.opset:2}  {x.arch.model_cls} ({x.arch.attn}, {x.arch.dtype}"
-                  + (", static" if x.arch.static else "") + f")  {x.arch.notes}")
+            print(f"{x.name:40} opset {x.opset:2}  {x.arch.model_cls} ({x.exporter}, {x.attn}, {x.dtype}"
+                  + (", nopos" if not x.positions else "") + (", static" if x.arch.static else "")
+                  + f")  {x.arch.notes}")
+        print(f"{len(xs)} exports")
         return 0
     started = time.time()
     if not args.report_only:
@@ -874,18 +1099,28 @@ def main(argv: list[str] | None = None) -> int:
                 fut.result()
     rows = load_results(xs)
     table = render(rows)
+    coverage = render_coverage(rows)
     text = summary(rows)
     print()
     print(table)
     print()
+    print(coverage)
+    print()
     print(text + (f" ({time.time() - started:.0f} s)" if not args.report_only else ""))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(f"# onnxc model-zoo variants (--matrix {args.matrix}"
+                                 + (f", --only {args.only}" if args.only else "") + ")\n\n"
+                                 + f"{text}\n\n{coverage}\n")
+        print(f"wrote {args.markdown}")
     if not args.no_doc:
         git = ["git", "-C", str(ROOT)]
         head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
         dirty = subprocess.run([*git, "status", "--short", "--untracked-files=no"], capture_output=True, text=True,
                                check=False).stdout.splitlines()
         doc = [f"# onnxc model-zoo sweep (rendered {time.strftime('%Y-%m-%d %H:%M')}, onnxc at {head.stdout.strip()}"
-               + (f" + {len(dirty)} modified files" if dirty else "") + ")", "", text, "", table, ""]
+               + (f" + {len(dirty)} modified files" if dirty else "") + ")", "", text, "", table, "",
+               "## Sites fused / found per variant", "", coverage, ""]
         args.doc.parent.mkdir(parents=True, exist_ok=True)
         args.doc.write_text("\n".join(doc))
         print(f"wrote {args.doc}")

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
 from .errors import EXIT_INTERNAL, EXIT_USAGE, OnnxcError, UsageError, first_line
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)   # lines are never wrapped or cut
+out = Console(highlight=False, soft_wrap=True)
 
 
 def _fail(exc: OnnxcError) -> None:
@@ -106,13 +107,14 @@ def _load_plugins(plugins: tuple[str, ...]) -> None:
               help="MatMulNBits accuracy_level (default 4 on cpu: int8 compute; 0 on cuda).")
 @click.option("--io-fp16", is_flag=True, help="fp16 graph inputs and outputs (--target cuda).")
 @click.option("--approximate-gelu", is_flag=True, help="Allow erf GELU to become the tanh approximation (FastGelu).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress or tables.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or tables (the 'wrote ...' line stays).")
+@click.option("-v", "--verbose", is_flag=True, help="Also the notes of passes that found nothing to do.")
 def compile_cmd(model: Path, level: int, target: str, output: Path | None, report: Path | None, passes: str | None,
                 disable: tuple[str, ...], plugin: tuple[str, ...], explain_rule: str | None, no_verify: bool,
                 verify_inputs: str | None, seed: int, external_data: bool | None, max_seq_len: int | None,
                 quantize: str | None, block_size: int | None, symmetric: bool | None, exclude: tuple[str, ...],
                 calibration: str | None, accuracy_level: int | None, io_fp16: bool, approximate_gelu: bool,
-                quiet: bool) -> int:
+                quiet: bool, verbose: bool) -> int:
     """Compile MODEL and write a verified, optimized model."""
     from . import driver
 
@@ -146,7 +148,9 @@ def compile_cmd(model: Path, level: int, target: str, output: Path | None, repor
     if report is not None:
         _write_json_atomic(report, rep)
     if not quiet:
-        _print_summary(rep)
+        _print_summary(rep, verbose)
+    else:
+        err.print(f"wrote {', '.join(rep['written'])}", markup=False)
     return 0
 
 
@@ -165,16 +169,18 @@ def _quantize_options(quantize: str | None, block_size: int | None, symmetric: b
     return {k: v for k, v in opts.items() if v is not None}
 
 
-def _explain(model: Path, rule_name: str, level: int, target: str, passes: str | None,
+def _explain(model: Path, name: str, level: int, target: str, passes: str | None,
              disable: tuple[str, ...]) -> int:
-    """Run the pipeline up to the pass that owns the rule, then report each candidate site."""
+    """Run the pipeline up to the pass that owns the rule (or up to the named pass), then report each candidate site:
+    for a rule, what matched and the deepest reason each other site did not; for a pass, what each of its rules
+    says, then what the pass itself fired and noted when it runs there."""
     from . import driver, pass_manager as pm, pipeline, rules
     from . import ir as irio
 
-    owners = pm.all_rules()
-    if rule_name not in owners:
-        raise UsageError(f"unknown rule '{rule_name}'" + rules.suggest(rule_name, list(owners)))
-    owner, rule = owners[rule_name]
+    owners, registered = pm.all_rules(), pm.registered_passes()
+    if name not in owners and name not in registered:
+        raise UsageError(f"unknown pass or rule '{name}'" + rules.suggest(name, [*registered, *owners]))
+    owner = owners[name][0] if name in owners else registered[name]
     ir_model = irio.load(model)
     driver.check_input(ir_model)
     ctx = pm.PassContext(level=level, target=target)
@@ -184,18 +190,32 @@ def _explain(model: Path, rule_name: str, level: int, target: str, passes: str |
         if p.name == owner.name:
             break
         before.append(p)
+    else:
+        err.print(f"note: '{owner.name}' is not in the -O{level} {target} pipeline; explaining it after the whole "
+                  f"pipeline", markup=False)
     pm.PassManager(before).run(ir_model, ctx)
-    rows = rules.explain(ir_model, rule)
-    table = Table(title=f"{rule_name}: {len(rows)} candidate sites ({rule.root_op[1]} nodes) before '{owner.name}'")
-    table.add_column("node")
-    table.add_column("result")
-    for name, why in rows:
-        table.add_row(name, why)
-    out.print(table)
+    explained = [owners[name][1]] if name in owners else list(owner.rules())
+    for rule in explained:
+        rows = rules.explain(ir_model, rule)
+        table = Table(title=f"{rule.name}: {len(rows)} candidate sites ({rule.root_op[1]} nodes) before "
+                            f"'{owner.name}'")
+        table.add_column("node", overflow="fold")
+        table.add_column("result", overflow="fold")
+        for node, why in rows:
+            table.add_row(escape(node), escape(why))
+        out.print(table)
+    if name in registered:
+        ctx.notes.clear()
+        ctx.details.clear()
+        result = owner.run(ir_model, ctx)
+        fired = ", ".join(f"{k}={v}" for k, v in result.counts.items()) or "nothing"
+        out.print(f"{owner.name}: fired {fired}", markup=False)
+        for line in [*ctx.notes, *ctx.details]:
+            out.print(f"  {line}", markup=False)
     return 0
 
 
-def _print_summary(rep: dict) -> None:
+def _print_summary(rep: dict, verbose: bool = False) -> None:
     before, after = rep["ops_before"], rep["ops_after"]
     table = Table(title=f"{rep['nodes_before']} -> {rep['nodes_after']} nodes")
     table.add_column("op")
@@ -232,8 +252,16 @@ def _print_summary(rep: dict) -> None:
             parts = [f"{k} {s[k]:.4f}" for k in ("cosine", "pooled_cosine", "top1_agreement") if k in s]
             err.print(f"quantization error vs input ('{s['output']}'): max abs {s['max_abs']:.3g}, relative "
                       f"{s['max_rel']:.3g}" + (", " + ", ".join(parts) if parts else ""), markup=False)
+    from . import coverage
+
+    for line in coverage.lines(rep["coverage"]) if "coverage" in rep else []:
+        err.print(line, markup=False)
+    shown = {m["reason"] for c in rep.get("coverage", {}).values() for m in c["misses"]}
     for note in rep["notes"]:
-        err.print(f"note: {note}", markup=False)
+        if not any(note.endswith(r) for r in shown):    # an attention miss is on its coverage line
+            err.print(f"note: {note}", markup=False)
+    for line in rep.get("details", []) if verbose else []:
+        err.print(f"detail: {line}", markup=False)
     err.print(f"wrote {', '.join(rep['written'])} in {rep['seconds']['total']:.2f} s", markup=False)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from . import __version__
+from . import __version__, coverage
 from . import ir as irio
 from . import kvcache
 from . import pass_manager as pm
@@ -107,6 +107,7 @@ def compile(model: Any, level: int = 3, target: str = "cpu", *, output: str | os
         compile_seconds = time.perf_counter() - t0
         _stamp(ir_model)
         after = op_histogram(ir_model)
+        fusion_coverage = coverage.measure(ir_model, ctx.notes) if _fuses(chosen) else None
         weights_after = irio.weight_bytes(ir_model)
 
         destination = out_path if out_path is not None else scratch / "compiled.onnx"
@@ -169,6 +170,8 @@ def compile(model: Any, level: int = 3, target: str = "cpu", *, output: str | os
             "ops_after": after,
             "weight_bytes": weights,
             "notes": ctx.notes,
+            "details": ctx.details,
+            **({"coverage": fusion_coverage} if fusion_coverage is not None else {}),
             "verification": verification,
             "kv_cache": kv_cache,
             **({"quantization": _quant_report(ctx, weights, weights_after, after, quality)}
@@ -239,6 +242,11 @@ def _quant_report(ctx: pm.PassContext, bytes_before: int, bytes_after: int, ops_
             "matmul_nbits": ops_after.get("com.microsoft.MatMulNBits", 0),
             "gather_block_quantized": ops_after.get("com.microsoft.GatherBlockQuantized", 0),
             "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after, "error": quality}
+
+
+def _fuses(chosen: list[pm.Pass]) -> bool:
+    """The pipeline runs a fusion pass (coverage is reported for it)."""
+    return any(p.name.startswith("fuse-") for p in pm.flatten(chosen))
 
 
 def _rule_totals(records: list[pm.PassRecord]) -> dict[str, int]:

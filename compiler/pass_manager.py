@@ -37,6 +37,7 @@ class PassContext:
     options: dict[str, Any] = field(default_factory=dict)
     disabled_rules: frozenset[str] = frozenset()
     notes: list[str] = field(default_factory=list)   # report lines, e.g. a fusion that fell back
+    details: list[str] = field(default_factory=list)  # lines for -v only: a pass that found nothing to do there
 
     def option(self, name: str, default: Any = None) -> Any:
         return self.options.get(name, default)

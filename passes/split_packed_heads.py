@@ -276,7 +276,7 @@ class SplitPackedHeads(Pass):
                 continue
             site = analyze(node, opset)
             if isinstance(site, str):
-                ctx.notes.append(f"split-packed-heads: {node.name}: {site}")
+                ctx.details.append(f"split-packed-heads: {node.name}: {site}")
             elif site is not None:
                 _rewrite(graph, site)
                 count += 1

@@ -90,7 +90,7 @@ def run(text: str, inits: dict[str, np.ndarray], before: tuple[str, ...] = ("inf
     run_passes(model, list(before))
     ctx = pm.PassContext(level=2)
     counts = pm.get_pass(NAME).run(model, ctx).counts
-    return model, counts, ctx.notes
+    return model, counts, ctx.details     # a refusal is a detail: most models have no packed heads
 
 
 # ------------------------------------------------------------------------------------------------ before / after
