@@ -80,8 +80,11 @@ def _shape_only_inputs(node: ir.Node, reads_data: bool) -> int:
     return 1 if node.op_type in _SHAPE_OF_FIRST else 0
 
 
-def cone(graph: ir.Graph, values: Sequence[ir.Value], max_nodes: int = MAX_NODES) -> Cone:
-    """The cone of producers of `values` in `graph`, or ProbeError (subgraphs, outer-scope values, size)."""
+def cone(graph: ir.Graph, values: Sequence[ir.Value], max_nodes: int = MAX_NODES,
+         stop: Sequence[ir.Value] = ()) -> Cone:
+    """The cone of producers of `values` in `graph`, or ProbeError (subgraphs, outer-scope values, size). Values in
+    `stop` end the walk as graph inputs do: they are fed, not computed (a fact about part of a graph, x -> f(x))."""
+    stops = {id(v) for v in stop}
     data: dict[int, bool] = {}       # value id -> read for its data (True) or only its shape (False)
     nodes: dict[int, ir.Node] = {}
     leaves: dict[int, ir.Value] = {}
@@ -91,9 +94,9 @@ def cone(graph: ir.Graph, values: Sequence[ir.Value], max_nodes: int = MAX_NODES
         if id(v) in data and (data[id(v)] or not reads_data):
             continue
         data[id(v)] = reads_data
-        node = v.producer()
+        node = None if id(v) in stops else v.producer()
         if node is None:
-            if v.const_value is None and not v.is_graph_input():
+            if v.const_value is None and not v.is_graph_input() and id(v) not in stops:
                 raise ProbeError(f"value '{v.name}' comes from an outer scope")
             leaves[id(v)] = v
             continue
@@ -131,9 +134,10 @@ def _constant(v: ir.Value, shape_only: frozenset[int]) -> tuple[list[onnx.Tensor
 
 
 def evaluate(graph: ir.Graph, values: Sequence[ir.Value], feeds: Mapping[str, np.ndarray],
-             max_nodes: int = MAX_NODES) -> list[np.ndarray]:
-    """The arrays `values` take when the graph inputs the cone reads take `feeds` (other feeds are ignored)."""
-    c = cone(graph, values, max_nodes)
+             max_nodes: int = MAX_NODES, stop: Sequence[ir.Value] = ()) -> list[np.ndarray]:
+    """The arrays `values` take when the graph inputs the cone reads (and the `stop` values) take `feeds` (other
+    feeds are ignored)."""
+    c = cone(graph, values, max_nodes, stop)
     if c.data_bytes > MAX_DATA_BYTES:
         raise ProbeError(f"the cone reads {c.data_bytes} bytes of constants for their data")
     missing = [v.name for v in c.inputs if v.name not in feeds]

@@ -290,8 +290,36 @@ def _rotate_every_two_of(v: ir.Value) -> ir.Value | None:
     return x if ok else None
 
 
+def _proved_rotation(r: ir.Value, x: ir.Value) -> str | None:
+    """"half" when r = rotate_half(x) = Concat(-x[..., h:], x[..., :h]), "interleaved" when r = rotate_every_two(x),
+    proved by evaluating r's cone from x on random data (the exporters write these with Slice, Split, Gather,
+    Reshape/Unsqueeze stacks and more; what they compute is what matters). r must read x alone (and constants)."""
+    d = _dims(x)
+    node = r.producer()
+    if d is None or not d or not isinstance(d[-1], int) or d[-1] % 2 or node is None or node.graph is None:
+        return None
+    try:
+        c = probe.cone(node.graph, [r], max_nodes=40, stop=[x])
+        if [v.name for v in c.inputs] != [x.name] or c.data_bytes > 1 << 17:     # a (128, 128) rotation matrix
+            return None
+        shape = [k if isinstance(k, int) else (2, 3, 5, 7)[i % 4] for i, k in enumerate(d)]
+        arr = np.random.default_rng(0).standard_normal(shape).astype(x.dtype.numpy() if x.dtype else np.float32)
+        got, = probe.evaluate(node.graph, [r], {x.name: arr}, max_nodes=40, stop=[x])
+    except (probe.ProbeError, TypeError, ValueError):
+        return None
+    h = d[-1] // 2
+    half = np.concatenate([-arr[..., h:], arr[..., :h]], axis=-1)
+    pairs = np.stack([-arr[..., 1::2], arr[..., 0::2]], axis=-1).reshape(arr.shape)
+    if got.shape == half.shape and np.array_equal(got, half):
+        return "half"
+    if got.shape == pairs.shape and np.array_equal(got, pairs):
+        return "interleaved"
+    return None
+
+
 def _parse_rotary(v: ir.Value) -> Rotary | None:
-    """x*cos + rotate_half(x)*sin (any operand order), or Concat(that over x[..., :r], x[..., r:]) for partial."""
+    """x*cos + rotate_half(x)*sin (any operand order), or Concat(that over x[..., :r], x[..., r:]) for partial.
+    rotate_half is read from the graph's structure where it has a known form, else proved by evaluation."""
     c = _prod(v, "Concat")
     if c is not None and len(c.inputs) == 2 and attr_value(c, "axis") in (-1, 3):
         rest = _slice_last(c.inputs[1])
@@ -315,6 +343,14 @@ def _parse_rotary(v: ir.Value) -> Rotary | None:
                     return Rotary(x, cos, sin, _dims(x)[-1])
                 if _rotate_every_two_of(r) is x:
                     return Rotary(x, cos, sin, _dims(x)[-1], interleaved=True)
+    for m1, m2 in ((a.inputs[0], a.inputs[1]), (a.inputs[1], a.inputs[0])):
+        p, q = _prod(m1, "Mul"), _prod(m2, "Mul")
+        if p is None or q is None:
+            continue
+        for x, cos in ((p.inputs[0], p.inputs[1]), (p.inputs[1], p.inputs[0])):
+            for r, sin in ((q.inputs[0], q.inputs[1]), (q.inputs[1], q.inputs[0])):
+                if r is not x and (form := _proved_rotation(r, x)) is not None:
+                    return Rotary(x, cos, sin, _dims(x)[-1], interleaved=form == "interleaved")
     return None
 
 
@@ -375,9 +411,38 @@ class Site:
 
 
 def _same_rotary(rq: Rotary | None, rk: Rotary | None) -> None:
-    if (rq is None) != (rk is None) or (rq and (rq.cos is not rk.cos or rq.sin is not rk.sin or rq.dim != rk.dim
-                                                or rq.interleaved != rk.interleaved)):
+    """Q and K are both rotated, by the same tables (the same values, or values proved equal by evaluation: an
+    export may compute cos/sin once per use), or both not rotated."""
+    if rq is None and rk is None:
+        return
+    if (rq is None) != (rk is None):
+        raise Refuse(f"only {'Q' if rk is None else 'K'} is rotated (no rotary form found on the other)")
+    if rq.dim != rk.dim or rq.interleaved != rk.interleaved:
+        raise Refuse("Q and K are rotated differently (rotary dims or layouts differ)")
+    if rq.cos is rk.cos and rq.sin is rk.sin:
+        return
+    if not _equal_by_evaluation([(rq.cos, rk.cos), (rq.sin, rk.sin)]):
         raise Refuse("Q and K are not rotated by the same rotary tables")
+    rk.cos, rk.sin = rq.cos, rq.sin
+
+
+def _equal_by_evaluation(pairs: list[tuple[ir.Value, ir.Value]]) -> bool:
+    """Each pair of values is equal, element for element, on a prefill and a cached chunk of seeded inputs."""
+    values = [v for pair in pairs for v in pair]
+    node = next((v.producer() for v in values if v.producer() is not None), None)
+    if node is None or node.graph is None:
+        return all(a.const_value is not None and b.const_value is not None and
+                   np.array_equal(a.const_value.numpy(), b.const_value.numpy()) for a, b in pairs)
+    graph = node.graph
+    try:
+        reads = {v.name for v in probe.cone(graph, values).inputs}
+        for sc in (Scenario("tables", 1, 5, 0), Scenario("tables", 2, 3, 4)):
+            got = probe.evaluate(graph, values, make_inputs(graph, sc, seed=3, only=reads))
+            if not all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(got[::2], got[1::2])):
+                return False
+    except probe.ProbeError:
+        return False
+    return True
 
 
 def _is_scores(x: ir.Value) -> bool:

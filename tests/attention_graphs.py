@@ -37,6 +37,9 @@ class Variant:
     upcast: bool = False          # fp16 TorchScript: Cast(scores, fp32) + mask, Softmax, MatMul(P, Cast(V, fp32))
     opset: int = 18
     longrope: int = 0             # Phi-3 longrope: inv_freq = Where(max(position_ids) + 1 > longrope, long, short)
+    rotate: str = "slice"         # rotate_half(x) as: "slice" Concat(Neg(x[h:]), x[:h]); "split" Split then Concat;
+    #                               "matmul" x @ R (a signed permutation); "gather" Gather(x, perm) * signs
+    tables_per_use: bool = False  # Q and K read cos/sin computed twice (equal values, distinct nodes)
 
 
 def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
@@ -113,14 +116,34 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
         cos, sin = op("Cos", emb), op("Sin", emb)
         if v.longrope:
             cos, sin = (op("Mul", t, const(np.array(1.19, np.float32))) for t in (cos, sin))
-        cos = op("Unsqueeze", op("Cast", cos, to=v.dtype), i64(1))
-        sin = op("Unsqueeze", op("Cast", sin, to=v.dtype), i64(1))
+        cos_f, sin_f = cos, sin
 
-        def rot(z):
+        def tables():
+            return (op("Unsqueeze", op("Cast", cos_f, to=v.dtype), i64(1)),
+                    op("Unsqueeze", op("Cast", sin_f, to=v.dtype), i64(1)))
+        cos, sin = tables()
+
+        def rotate_half(z):
+            if v.rotate == "split":
+                lo, hi = f"{z}_lo", f"{z}_hi"
+                nodes.append(helper.make_node("Split", [z, i64(h // 2, h // 2)], [lo, hi], axis=-1))
+                return op("Concat", op("Neg", hi), lo, axis=-1)
+            if v.rotate == "matmul":      # out[j] = -x[j + h/2] (j < h/2), x[j - h/2] (j >= h/2)
+                r = np.zeros((h, h), npdt)
+                r[np.arange(h // 2) + h // 2, np.arange(h // 2)] = -1
+                r[np.arange(h // 2), np.arange(h // 2) + h // 2] = 1
+                return op("MatMul", z, const(r))
+            if v.rotate == "gather":
+                perm = np.concatenate([np.arange(h // 2, h), np.arange(h // 2)]).astype(np.int64)
+                signs = np.concatenate([-np.ones(h // 2), np.ones(h // 2)]).astype(npdt)
+                return op("Mul", op("Gather", z, const(perm), axis=-1), const(signs))
             lo = op("Slice", z, i64(0), i64(h // 2), i64(-1))
             hi = op("Slice", z, i64(h // 2), i64(2 ** 62), i64(-1))
-            half = op("Concat", op("Neg", hi), lo, axis=-1)
-            return op("Add", op("Mul", z, cos), op("Mul", half, sin))
+            return op("Concat", op("Neg", hi), lo, axis=-1)
+
+        def rot(z):
+            c, s_ = tables() if v.tables_per_use and z == k else (cos, sin)
+            return op("Add", op("Mul", z, c), op("Mul", rotate_half(z), s_))
 
         q, k = rot(q), rot(k)
     present_k, present_v = k, val

@@ -444,6 +444,8 @@ variants = st.builds(
     interleaved=st.booleans(),
     upcast=st.booleans(),
     dtype=st.sampled_from([onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16]),
+    rotate=st.sampled_from(["slice", "slice", "split", "matmul", "gather"]),
+    tables_per_use=st.booleans(),
 )
 
 
@@ -459,6 +461,43 @@ def test_fuse_gqa_property_every_variant_fuses_and_agrees(v):
     # idempotent: a second run finds nothing to do
     again = pm.get_pass("fuse-gqa").run(model, pm.PassContext(level=2))
     assert not again.modified
+
+
+# --------------------------------------------------------------------------------------------- rotary forms
+@pytest.mark.parametrize("rotate", ["split", "matmul", "gather"])
+@pytest.mark.parametrize("past", [True, False])
+def test_fuse_gqa_proves_rotate_half_by_evaluation(rotate, past):
+    """rotate_half written as a Split, a matrix product or a signed Gather has no form the structural reader
+    knows; evaluating it from x proves it is rotate_half(x), and the rotary goes inside the kernel."""
+    v = Variant(rotate=rotate, past=past)
+    model, ctx = fuse(build(v))
+    c = ops(model)
+    assert c["GroupQueryAttention"] == 1 and c["Softmax"] == 0, ctx.notes
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert gqa.attributes["do_rotary"].value == 1
+    assert_equivalent(v, build(v), model)
+
+
+def test_fuse_gqa_proves_tables_computed_twice_equal():
+    v = Variant(tables_per_use=True)
+    model, ctx = fuse(build(v))
+    assert ops(model)["GroupQueryAttention"] == 1, ctx.notes
+    assert_equivalent(v, build(v), model)
+
+
+def test_fuse_gqa_refuses_a_rotation_that_is_not_rotate_half():
+    """A signed permutation other than rotate_half is no rotary form: refused with the reason, nothing fused."""
+    v = Variant(rotate="gather")
+    proto = build(v)
+    for init in proto.graph.initializer:            # the sign vector: flip one sign, so it rotates wrongly
+        arr = onnx.numpy_helper.to_array(init)
+        if arr.dtype == np.float32 and arr.shape == (v.head,) and set(np.unique(arr)) == {-1.0, 1.0}:
+            arr = arr.copy()
+            arr[0] = -arr[0]
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    model, ctx = fuse(proto)
+    assert ops(model)["GroupQueryAttention"] == 0
+    assert any("not fused" in n for n in ctx.notes), ctx.notes
 
 
 # --------------------------------------------------------------------------------------------- pack-projections
