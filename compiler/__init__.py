@@ -4,6 +4,8 @@
     result = onnxc.compile("model.onnx", level=2, target="cpu", output="model.opt.onnx")
     result.model   # onnx.ModelProto
     result.report  # dict: passes, rule counts, node counts, verification
+
+Importing onnxc is light: the pass API (Pass, RulePass, Rule, ...) and the compiler load on first use.
 """
 __version__ = "0.1.0"
 
@@ -13,17 +15,29 @@ from .errors import (  # noqa: E402
     PassError,
     UsageError,
     VerificationError,
+    WriteError,
 )
-from .pass_manager import Pass, PassContext, PassResult, RulePass, register_pass  # noqa: E402
-from .rules import Attr, Rule  # noqa: E402
+
+_LAZY = {"Pass": "pass_manager", "PassContext": "pass_manager", "PassResult": "pass_manager",
+         "RulePass": "pass_manager", "register_pass": "pass_manager", "Rule": "rules", "Attr": "rules"}
 
 
-def compile(model, level: int = 3, target: str = "cpu", **kwargs):  # noqa: A001 (the API's name)
-    """Compile `model` (path, onnx.ModelProto, onnx_ir.Model or bytes); see onnxc.driver.compile."""
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'onnxc' has no attribute '{name}'")
+
+
+def compile(model, level: int = 2, target: str = "cpu", **kwargs):  # noqa: A001 (the API's name)
+    """Compile `model` (path, onnx.ModelProto, onnx_ir.Model or bytes) at the command line's default level (-O2);
+    see onnxc.driver.compile."""
     from .driver import compile as _compile
 
     return _compile(model, level, target, **kwargs)
 
 
 __all__ = ["compile", "Pass", "PassContext", "PassResult", "RulePass", "register_pass", "Rule", "Attr",
-           "OnnxcError", "UsageError", "InvalidModelError", "VerificationError", "PassError", "__version__"]
+           "OnnxcError", "UsageError", "InvalidModelError", "VerificationError", "PassError", "WriteError",
+           "__version__"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -16,37 +17,64 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import EXIT_INTERNAL, EXIT_USAGE, OnnxcError, UsageError, first_line
+from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, InvalidModelError, OnnxcError,
+                     UsageError, WriteError, first_line)
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)   # lines are never wrapped or cut
-out = Console(highlight=False, soft_wrap=True)
+# Lines are never wrapped or cut, and text is never read as markup: file, value and pass names may hold brackets.
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+out = Console(highlight=False, soft_wrap=True, markup=False)
 
 
 def _fail(exc: OnnxcError) -> None:
-    err.print(f"[bold red]onnxc: error:[/] {exc.message}", markup=True, soft_wrap=True)
+    err.print(f"[bold red]onnxc: error:[/] {escape(exc.message)}", markup=True, soft_wrap=True)
     sys.exit(exc.exit_code)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so every `finally` (staged output, scratch folders) runs."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+class Interrupted(BaseException):
+    """Ctrl-C inside a command, carried past click (which would print a blank line and raise Abort)."""
 
 
 class _Group(click.Group):
     """Turns every error into one line and a documented exit code."""
 
+    def invoke(self, ctx):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+
     def main(self, *args, **kwargs):  # type: ignore[override]
         kwargs["standalone_mode"] = False
+        signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             rv = super().main(*args, **kwargs)
         except OnnxcError as exc:
             _fail(exc)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
-        except click.Abort:
-            err.print("onnxc: aborted")
-            sys.exit(EXIT_USAGE)
+        except click.Abort:     # click's wrapping of Ctrl-C (KeyboardInterrupt) and of EOF at a prompt
+            err.print("onnxc: interrupted; nothing was written", markup=False)
+            sys.exit(EXIT_INTERRUPTED)
+        except Interrupted:
+            err.print("onnxc: interrupted; nothing was written", markup=False)
+            sys.exit(EXIT_INTERRUPTED)
+        except Terminated:
+            err.print("onnxc: terminated; nothing was written", markup=False)
+            sys.exit(EXIT_TERMINATED)
         except click.ClickException as exc:
             err.print(f"onnxc: error: {exc.format_message()}", markup=False, soft_wrap=True)
             sys.exit(EXIT_USAGE)
         except KeyboardInterrupt:
-            err.print("onnxc: interrupted; nothing was written")
-            sys.exit(130)
+            err.print("onnxc: interrupted; nothing was written", markup=False)
+            sys.exit(EXIT_INTERRUPTED)
         except MemoryError:
             err.print("onnxc: error: out of memory; nothing was written")
             sys.exit(EXIT_INTERNAL)
@@ -79,7 +107,9 @@ def _load_plugins(plugins: tuple[str, ...]) -> None:
 
 @main.command("compile")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-O", "level", type=click.IntRange(0, 3), default=2, show_default=True, help="Optimization level.")
+@click.option("-O", "level", type=click.IntRange(0, 3), default=2, show_default=True,
+              help="Optimization level: 0 none, 1 cleanup, 2 fusions, 3 fusions + float16 compute on --target cuda "
+                   "(on cpu, -O3 is -O2).")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output file (default: <stem>.onnxc.onnx beside the input).")
@@ -118,12 +148,24 @@ def compile_cmd(model: Path, level: int, target: str, output: Path | None, repor
     """Compile MODEL and write a verified, optimized model."""
     from . import driver
 
+    from . import ir as irio
+
+    if io_fp16 and target != "cuda":
+        raise UsageError("--io-fp16 needs --target cuda (the cpu target keeps float32 compute and I/O)")
     _load_plugins(plugin)
     if explain_rule is not None:
         return _explain(model, explain_rule, level, target, passes, disable)
     if output is None:
         output = model.with_name(model.name[:-5] + ".onnxc.onnx" if model.name.endswith(".onnx")
                                  else model.name + ".onnxc.onnx")
+    if not model.is_file():
+        raise InvalidModelError(f"{model}: {'not a regular file' if model.exists() else 'no such file'}")
+    irio.check_writable(output, "output")             # before any work: a bad place fails now, not after it
+    if report is not None:
+        irio.check_writable(report, "--report", suffixes=(".tmp0000000",))
+        if report.absolute() in (output.absolute(), model.absolute()):
+            raise UsageError(f"--report {report} is the {'output' if report.absolute() == output.absolute() else 'input'}"
+                             " model")
     options = {}
     if max_seq_len is not None:
         options["max_seq_len"] = max_seq_len
@@ -267,8 +309,12 @@ def _print_summary(rep: dict, verbose: bool = False) -> None:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"cannot write the report {path}: {exc.strerror or exc}") from None
 
 
 @main.command("passes")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -62,7 +61,7 @@ def check_input(model: ir.Model) -> None:
         raise InvalidModelError("invalid graph: it has no outputs")
 
 
-def compile(model: Any, level: int = 3, target: str = "cpu", *, output: str | os.PathLike | None = None,
+def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os.PathLike | None = None,
             passes: str | None = None, disable: tuple[str, ...] | list[str] = (), verify: bool = True,
             verify_inputs: str | os.PathLike | None = None, seed: int = 0, options: dict[str, Any] | None = None,
             external_data: bool | None = None, memory_budget: int | None = None,
@@ -75,8 +74,9 @@ def compile(model: Any, level: int = 3, target: str = "cpu", *, output: str | os
     """
     started = time.perf_counter()
     input_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
-    with tempfile.TemporaryDirectory(prefix="onnxc-") as scratch:
-        scratch = Path(scratch)
+    if output is not None:
+        irio.check_writable(Path(output))        # before any work
+    with irio.scratch_dir("onnxc-") as scratch:
         reference: Path | None = input_path
         if isinstance(model, ir.Model):
             model = model.clone()

@@ -6,6 +6,8 @@ Exit codes (documented in README.md and docs/cli.md):
     2  usage error (bad option, unknown pass name, output path equal to the input)
     3  invalid or unsafe input model (not ONNX, truncated, cycles, dangling inputs, ...)
     4  internal error: a pass broke an invariant; the message names the pass
+    5  the output could not be written (disk full, I/O error); nothing partial is left
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM): temporary folders are removed, nothing is written
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ EXIT_VERIFY = 1
 EXIT_USAGE = 2
 EXIT_INVALID_INPUT = 3
 EXIT_INTERNAL = 4
+EXIT_WRITE = 5
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -42,6 +47,12 @@ class OnnxcError(Exception):
 
 class UsageError(OnnxcError):
     exit_code = EXIT_USAGE
+
+
+class WriteError(OnnxcError):
+    """Writing the output failed (no space left, an I/O error); what was staged has been removed."""
+
+    exit_code = EXIT_WRITE
 
 
 class InvalidModelError(OnnxcError):

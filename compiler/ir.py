@@ -7,9 +7,13 @@ the caller commits, so a failed compile or a failed verification never leaves a 
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import signal
+import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +23,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from .errors import InvalidModelError, UsageError, first_line
+from .errors import InvalidModelError, UsageError, WriteError, first_line
 
 # Models whose weights exceed this are written with external data even if the input had none.
 EXTERNAL_DATA_THRESHOLD_BYTES = 512 * 1024 * 1024
@@ -180,8 +184,42 @@ def external_data_files(model: ir.Model) -> set[Path]:
     return files
 
 
+def check_writable(path: Path, what: str = "output", suffixes: tuple[str, ...] = (".data",)) -> None:
+    """Refuse, before any work, a place a file cannot be written atomically: a directory, a device, FIFO or other
+    special file (it would be replaced by a regular file), a missing folder, a folder where no file can be created
+    (read-only, /proc, no permission), or a name too long for the folder (with the staging prefix and `suffixes`)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise UsageError(f"{what} path {path}: {exc.strerror or exc}") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{what} path {path} is a directory")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{what} path {path} is not a regular file (a device, FIFO or socket); choose a file path")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise UsageError(f"{what} folder {parent} does not exist")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    longest = len(f".{path.name}.xxxxxxxx") + max((len(s) for s in suffixes), default=0)
+    if len(path.name.encode()) + max((len(s) for s in suffixes), default=0) > name_max or longest > name_max:
+        raise UsageError(f"{what} file name is too long for its folder ({len(path.name)} characters; the folder "
+                         f"takes {name_max} with onnxc's staging prefix and suffixes)")
+    try:
+        fd, probe_path = tempfile.mkstemp(prefix=".onnxc-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe_path)
+    except OSError as exc:
+        raise UsageError(f"cannot write into the {what} folder {parent}: {exc.strerror or exc}") from None
+
+
 def check_output_path(output: Path, input_path: Path | None, model: ir.Model) -> None:
-    """Refuse to write over the input model or over any file the model's weights live in."""
+    """Refuse to write over the input model or over any file the model's weights live in (and what
+    check_writable refuses)."""
     out = output.resolve()
     data = Path(str(out) + ".data")
     if input_path is not None and out == input_path.resolve():
@@ -189,10 +227,30 @@ def check_output_path(output: Path, input_path: Path | None, model: ir.Model) ->
     for f in external_data_files(model):
         if f in (out, data):
             raise UsageError(f"output would overwrite {f}, which holds the input model's weights")
-    if output.exists() and output.is_dir():
-        raise UsageError(f"output path {output} is a directory")
-    if not out.parent.is_dir():
-        raise UsageError(f"output folder {out.parent} does not exist")
+    check_writable(output)
+
+
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def scratch_dir(prefix: str, parent: Path | None = None) -> Iterator[Path]:
+    """A new folder, removed with everything in it when the block ends, however it ends. Ctrl-C and SIGTERM are held
+    back from its creation until its removal is armed, so a signal that lands between the two leaves nothing."""
+    main = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED) if main else None
+    try:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    except BaseException:
+        if held is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
+    try:
+        if held is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)     # a held signal is raised here, inside the try
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class StagedOutput:
@@ -205,11 +263,15 @@ class StagedOutput:
 
     def commit(self) -> list[Path]:
         written = []
-        if self.data_file is not None:
-            target = self.destination.parent / self.data_file.name
-            os.replace(self.data_file, target)
-            written.append(target)
-        os.replace(self.model_file, self.destination)
+        try:
+            if self.data_file is not None:
+                target = self.destination.parent / self.data_file.name
+                os.replace(self.data_file, target)
+                written.append(target)
+            os.replace(self.model_file, self.destination)
+        except OSError as exc:
+            raise WriteError(f"cannot move the output into place at {self.destination}: "
+                             f"{exc.strerror or exc}") from None
         written.insert(0, self.destination)
         return written
 
@@ -226,21 +288,30 @@ def staged_save(model: ir.Model, destination: str | os.PathLike, *, external_dat
     destination = Path(destination)
     if external_data is None:
         external_data = uses_external_data(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        staging = scratch_dir(f".{destination.name}.", destination.parent)
+        tmpdir = staging.__enter__()
+    except OSError as exc:
+        raise WriteError(f"cannot create a staging folder beside {destination}: {exc.strerror or exc}") from None
     try:
         model_file = tmpdir / destination.name
         data_file = None
-        if external_data:
-            data_name = destination.name + ".data"
-            ir.save(model, model_file, external_data=data_name, size_threshold_bytes=INLINE_TENSOR_MAX_BYTES)
-            data_file = tmpdir / data_name
-            if not data_file.exists():
-                data_file = None
-        else:
-            _save_inline(model, model_file)
+        try:
+            if external_data:
+                data_name = destination.name + ".data"
+                ir.save(model, model_file, external_data=data_name, size_threshold_bytes=INLINE_TENSOR_MAX_BYTES)
+                data_file = tmpdir / data_name
+                if not data_file.exists():
+                    data_file = None
+            else:
+                _save_inline(model, model_file)
+        except OSError as exc:
+            why = "no space left on the device" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else \
+                (exc.strerror or str(exc))
+            raise WriteError(f"cannot write {destination}: {why}; nothing was written") from None
         yield StagedOutput(destination, model_file, data_file)
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        staging.__exit__(None, None, None)
 
 
 def _save_inline(model: ir.Model, path: Path) -> None:

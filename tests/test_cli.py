@@ -207,6 +207,6 @@ def test_io_fp16_and_approximate_gelu_are_plumbed_into_options(linear_path, tmp_
         return real(*args, **kwargs)
 
     monkeypatch.setattr(driver, "compile", spy)
-    r = run("compile", linear_path, "-O1", "--io-fp16", "--approximate-gelu", "-o", tmp_path / "o.onnx", "-q")
+    r = run("compile", linear_path, "-O1", "--target", "cuda", "--io-fp16", "--approximate-gelu", "-o", tmp_path / "o.onnx", "-q")
     assert r.exit_code == 0, r.output
     assert seen["io_fp16"] is True and seen["approximate_gelu"] is True and "quantize" not in seen

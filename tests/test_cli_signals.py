@@ -1,0 +1,131 @@
+"""The command line as a user meets it: signals, output places checked before any work, a full disk, defaults.
+Each case checks the exit code, the one line said, and what is left on disk."""
+from __future__ import annotations
+
+import errno
+import inspect
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import onnxc
+import pytest
+from click.testing import CliRunner
+from helpers import FIXTURES_ROOT
+from onnxc.cli import main
+
+MODEL = FIXTURES_ROOT / "models" / "llama_dynamo_past.onnx"
+
+
+def _wait_for(pred, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_signal_mid_compile_removes_every_temporary_folder(tmp_path, sig, code, word):
+    out_dir, scratch = tmp_path / "out", tmp_path / "tmp"
+    out_dir.mkdir()
+    scratch.mkdir()
+    p = subprocess.Popen([sys.executable, "-c", "from onnxc._entry import main; main()", "compile", str(MODEL),
+                          "-O2", "-q", "-o", str(out_dir / "m.onnx")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "TMPDIR": str(scratch)})
+    _wait_for(lambda: any(scratch.iterdir()) or p.poll() is not None)    # the compile's scratch folder exists
+    p.send_signal(sig)
+    _, stderr = p.communicate(timeout=120)
+    if p.returncode == 0:
+        pytest.skip("the compile finished before the signal arrived")
+    assert p.returncode == code, stderr
+    assert stderr.strip().splitlines() == [f"onnxc: {word}; nothing was written"]
+    assert list(out_dir.iterdir()) == [] and list(scratch.iterdir()) == []
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    p = subprocess.Popen([sys.executable, "-c", "from onnxc._entry import main; main()",
+                          "compile", str(MODEL), "-o", str(tmp_path / "m.onnx")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)            # the libraries are still loading
+    p.send_signal(signal.SIGINT)
+    _, stderr = p.communicate(timeout=120)
+    if p.returncode == 0:
+        pytest.skip("the compile finished before the signal arrived")
+    assert p.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "onnxc: interrupted; nothing was written"
+
+
+def _compile(*args: object):
+    return CliRunner().invoke(main, ["compile", str(MODEL), "-O1", *map(str, args)])
+
+
+@pytest.mark.parametrize("place, says", [
+    ("/dev/null", "is not a regular file"),
+    ("{tmp}/missing/m.onnx", "does not exist"),
+    ("/proc/m.onnx", "cannot write into the output folder"),
+    ("{tmp}/" + "a" * 300 + ".onnx", "too long"),
+    ("{tmp}", "is a directory"),
+])
+def test_bad_output_place_is_refused_before_any_work(tmp_path, place, says, monkeypatch):
+    import onnxc.driver
+
+    monkeypatch.setattr(onnxc.driver, "compile", lambda *a, **k: pytest.fail("compiled before checking the output"))
+    r = _compile("-o", place.format(tmp=tmp_path))
+    assert r.exit_code == 2, r.output
+    assert says in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert Path("/dev/null").is_char_device()
+
+
+def test_bad_report_place_is_refused_before_any_work(tmp_path, monkeypatch):
+    import onnxc.driver
+
+    monkeypatch.setattr(onnxc.driver, "compile", lambda *a, **k: pytest.fail("compiled before checking --report"))
+    r = _compile("-o", tmp_path / "m.onnx", "--report", tmp_path / "no" / "r.json")
+    assert r.exit_code == 2 and "--report folder" in r.output, r.output
+    r = _compile("-o", tmp_path / "m.onnx", "--report", tmp_path / "m.onnx")
+    assert r.exit_code == 2 and "is the output model" in r.output, r.output
+
+
+def test_full_disk_during_save_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import onnxc.ir as irio
+
+    def full(model, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(irio, "_save_inline", full)
+    r = _compile("-o", tmp_path / "m.onnx")
+    assert r.exit_code == 5, r.output
+    assert "no space left on the device; nothing was written" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_input_is_exit_3_even_with_a_bracketed_name(tmp_path):
+    r = CliRunner().invoke(main, ["compile", str(tmp_path / "a[" / "x]b[/i].onnx")])
+    assert r.exit_code == 3 and "no such file" in r.output and "x]b[/i]" in r.output, r.output
+
+
+def test_bracketed_file_names_are_printed_as_written(tmp_path):
+    folder = tmp_path / "a["
+    folder.mkdir()
+    src = folder / "x]b[bold].onnx"
+    src.write_bytes(MODEL.read_bytes())
+    r = CliRunner().invoke(main, ["compile", str(src), "-O1", "--no-verify"])
+    assert r.exit_code == 0, r.output
+    assert f"wrote {folder / 'x]b[bold].onnxc.onnx'}" in r.output
+
+
+def test_io_fp16_on_cpu_is_a_usage_error(tmp_path):
+    r = _compile("-o", tmp_path / "m.onnx", "--io-fp16")
+    assert r.exit_code == 2 and "--io-fp16 needs --target cuda" in r.output, r.output
+
+
+def test_the_api_default_level_is_the_command_line_one():
+    from onnxc import driver
+
+    cli_default = next(p.default for p in main.commands["compile"].params if p.name == "level")
+    assert inspect.signature(onnxc.compile).parameters["level"].default == cli_default == 2
+    assert inspect.signature(driver.compile).parameters["level"].default == cli_default
