@@ -389,28 +389,49 @@ def _sig(v) -> dict:
 @main.command("verify")
 @click.argument("reference", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--verify-inputs", type=click.Path(dir_okay=False), default=None)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the generated inputs.")
+@click.option("--inputs", "--verify-inputs", "verify_inputs", type=click.Path(dir_okay=False), default=None,
+              help=".npz of real inputs (arrays named after the graph inputs).")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance (default: by dtype, as compile).")
+@click.option("--atol", type=float, default=None,
+              help="Absolute tolerance (default: by dtype, a fraction of the reference's largest magnitude).")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def verify_cmd(reference: Path, candidate: Path, seed: int, verify_inputs: str | None, report: Path | None) -> int:
-    """Check that CANDIDATE computes what REFERENCE computes (exit 1 if not)."""
-    from . import ir as irio, verify as numeric
-    from .errors import InvalidModelError, EXIT_VERIFY
+def verify_cmd(reference: Path, candidate: Path, seed: int, verify_inputs: str | None, rtol: float | None,
+               atol: float | None, report: Path | None) -> int:
+    """Check that CANDIDATE computes what REFERENCE computes (exit 1 if not).
 
+    Tolerances are compile's, by the precision the candidate computes in (float16 for -O3 --target cuda). A
+    quantized candidate's error is reported without failing unless --rtol/--atol are given."""
+    from . import ir as irio, verify as numeric
+    from .errors import EXIT_VERIFY
+
+    for p in (reference, candidate):
+        if not p.is_file():
+            raise InvalidModelError(f"{p}: {'not a regular file' if p.exists() else 'no such file'}")
+    if report is not None:
+        irio.check_writable(report, "--report", suffixes=(".tmp0000000",))
     ref = irio.load(reference)
     cand = irio.load(candidate)
     if [v.name for v in ref.graph.outputs] != [v.name for v in cand.graph.outputs]:
         raise InvalidModelError("the two models have different outputs")
     feeds = numeric.load_inputs(verify_inputs) if verify_inputs else None
+    precision = numeric.compute_precision(cand)
+    quantized = numeric.is_quantized(cand) and rtol is None and atol is None
     rep = numeric.verify_files(reference, candidate, ref, seed=seed, inputs=feeds,
-                               weight_bytes=max(irio.weight_bytes(ref), irio.weight_bytes(cand)))
+                               weight_bytes=max(irio.weight_bytes(ref), irio.weight_bytes(cand)),
+                               tolerance_dtype=precision, rtol=rtol, atol=atol)
+    if quantized and rep.status == "failed":
+        rep.status, rep.reason = "reported", "quantized candidate: errors reported, not judged (give --rtol/--atol)"
     if report is not None:
         _write_json_atomic(report, rep.to_dict())
     for sc in rep.scenarios:
         for o in sc["outputs"]:
+            verdict = "ok" if o["ok"] else ("differs" if quantized else "MISMATCH")
             out.print(f"{sc['name']:<8} {o['name']:<28} max_abs={o['max_abs']:.3g} max_rel={o['max_rel']:.3g} "
-                      f"{'ok' if o['ok'] else 'MISMATCH'}", markup=False)
-    out.print(f"{rep.status}" + (f": {rep.reason}" if rep.reason else ""), markup=False)
+                      f"passes at tol>={o['min_tol']:.3g} (rtol={o['rtol']:.3g} atol={o['atol']:.3g}) {verdict}")
+    tolerances = (f"--rtol {rtol} --atol {atol}" if rtol is not None or atol is not None else
+                  f"{precision or 'dtype'} tolerances")
+    out.print(f"{rep.status} ({tolerances})" + (f": {rep.reason}" if rep.reason else ""))
     return EXIT_VERIFY if rep.status == "failed" else 0
 
 

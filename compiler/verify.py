@@ -60,6 +60,7 @@ class OutputCheck:
     rtol: float
     atol: float
     ok: bool
+    min_tol: float = 0.0     # the smallest t for which rtol = t, atol = t * max|reference| would pass
 
 
 @dataclass
@@ -259,25 +260,34 @@ def run_model(path: str | os.PathLike, feeds_list: list[dict[str, np.ndarray]], 
     return results
 
 
-def compare(ref: np.ndarray, got: np.ndarray, name: str, tolerance_dtype: str | None = None) -> OutputCheck:
+def compare(ref: np.ndarray, got: np.ndarray, name: str, tolerance_dtype: str | None = None,
+            rtol: float | None = None, atol: float | None = None) -> OutputCheck:
+    """|got - ref| <= atol + rtol * |ref| element-wise. By default rtol and atol (a fraction of max|ref|) come from
+    TOLERANCES for the reference's dtype, or for `tolerance_dtype` (the precision the candidate computes in);
+    `rtol`/`atol` given override them, atol then absolute."""
     dtype = str(ref.dtype)
     if ref.shape != got.shape:
-        return OutputCheck(name, dtype, list(ref.shape), float("inf"), float("inf"), 0, 0, False)
+        return OutputCheck(name, dtype, list(ref.shape), float("inf"), float("inf"), 0, 0, False, float("inf"))
     if ref.dtype.kind not in "fc":
         ok = bool(np.array_equal(ref, got))
-        return OutputCheck(name, dtype, list(ref.shape), 0.0 if ok else float("inf"), 0.0, 0, 0, ok)
-    rtol, atol_frac = TOLERANCES.get(tolerance_dtype or dtype, TOLERANCES["float32"])
+        return OutputCheck(name, dtype, list(ref.shape), 0.0 if ok else float("inf"), 0.0, 0, 0, ok,
+                           0.0 if ok else float("inf"))
+    default_rtol, atol_frac = TOLERANCES.get(tolerance_dtype or dtype, TOLERANCES["float32"])
     r, g = ref.astype(np.float64), got.astype(np.float64)
     nan_ok = bool(np.array_equal(np.isnan(r), np.isnan(g)))
     finite = np.isfinite(r) & np.isfinite(g)
     scale = float(np.max(np.abs(r[finite]))) if finite.any() else 0.0
-    atol = atol_frac * max(scale, 1e-6)
+    rtol = default_rtol if rtol is None else rtol
+    atol = atol_frac * max(scale, 1e-6) if atol is None else atol
     err = np.abs(r - g)[finite]
     max_abs = float(err.max()) if err.size else 0.0
     max_rel = max_abs / max(scale, 1e-30)
     inf_ok = bool(np.array_equal(np.where(np.isinf(r), r, 0), np.where(np.isinf(g), g, 0)))
-    ok = nan_ok and inf_ok and bool(np.all(err <= atol + rtol * np.abs(r[finite])))
-    return OutputCheck(name, dtype, list(ref.shape), max_abs, max_rel, rtol, atol, ok)
+    same_specials = nan_ok and inf_ok
+    ok = same_specials and bool(np.all(err <= atol + rtol * np.abs(r[finite])))
+    min_tol = float(np.max(err / (max(scale, 1e-6) + np.abs(r[finite])))) if err.size else 0.0
+    return OutputCheck(name, dtype, list(ref.shape), max_abs, max_rel, rtol, atol, ok,
+                       min_tol if same_specials else float("inf"))
 
 
 def available_memory() -> int:
@@ -295,7 +305,8 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, mod
                  inputs: list[dict[str, np.ndarray]] | None = None, weight_bytes: int = 0,
                  memory_budget: int | None = None, tolerance_dtype: str | None = None,
                  scenarios: tuple[Scenario, ...] | None = None,
-                 candidate_check: Callable[[Any, list[dict[str, np.ndarray]]], None] | None = None) -> VerifyReport:
+                 candidate_check: Callable[[Any, list[dict[str, np.ndarray]]], None] | None = None,
+                 rtol: float | None = None, atol: float | None = None) -> VerifyReport:
     """Compare `candidate` with `reference` (paths). `model` supplies the signature used to make inputs.
     `candidate_check(session, feeds_list)` runs on the candidate's session before it closes (one load, not two)."""
     budget = memory_budget if memory_budget is not None else int(available_memory() * 0.7)
@@ -325,7 +336,7 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, mod
     for sc, feeds, ref, got in zip(names, feeds_list, refs, gots):
         if sc.get("pad"):
             ref, got = _valid_rows(ref, sc), _valid_rows(got, sc)
-        checks = [compare(ref[n], got[n], n, tolerance_dtype) for n in ref]
+        checks = [compare(ref[n], got[n], n, tolerance_dtype, rtol, atol) for n in ref]
         report.scenarios.append({**sc, "inputs": {k: list(v.shape) for k, v in feeds.items()},
                                  "outputs": [asdict(c) for c in checks]})
         bad = [c for c in checks if not c.ok]
@@ -348,6 +359,26 @@ def _valid_rows(outs: dict[str, np.ndarray], sc: dict) -> dict[str, np.ndarray]:
             v[-1, s - pad:] = 0
         res[k] = v
     return res
+
+
+def compute_precision(model: ir.Model) -> str | None:
+    """"float16" or "bfloat16" when a float32-I/O model computes in a narrower float (onnxc -O3 --target cuda), so
+    it is compared with that precision's tolerances; None otherwise."""
+    narrow = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+    for v in model.graph.initializers.values():
+        if v.dtype in narrow:
+            return narrow[v.dtype]
+    for node in model.graph:
+        if node.op_type == "Cast" and node.attributes.get("to") is not None:
+            to = ir.DataType(node.attributes["to"].as_int())
+            if to in narrow:
+                return narrow[to]
+    return None
+
+
+def is_quantized(model: ir.Model) -> bool:
+    """The model holds block-quantized weights (MatMulNBits, GatherBlockQuantized, DequantizeLinear with blocks)."""
+    return any(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in model.graph)
 
 
 def load_inputs(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:

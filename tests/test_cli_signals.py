@@ -129,3 +129,51 @@ def test_the_api_default_level_is_the_command_line_one():
     cli_default = next(p.default for p in main.commands["compile"].params if p.name == "level")
     assert inspect.signature(onnxc.compile).parameters["level"].default == cli_default == 2
     assert inspect.signature(driver.compile).parameters["level"].default == cli_default
+
+
+# ------------------------------------------------------------------------------------------------ onnxc verify
+@pytest.fixture(scope="module")
+def compiled_pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("verify")
+    r = CliRunner().invoke(main, ["compile", str(MODEL), "-O3", "--target", "cuda", "-o", str(d / "fp16.onnx"), "-q"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["compile", str(MODEL), "-O2", "--quantize", "int4", "-o", str(d / "q.onnx"), "-q"])
+    assert r.exit_code == 0, r.output
+    return d / "fp16.onnx", d / "q.onnx"
+
+
+def test_verify_passes_on_compiles_own_float16_output(compiled_pair):
+    r = CliRunner().invoke(main, ["verify", str(MODEL), str(compiled_pair[0])])
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert lines[-1] == "passed (float16 tolerances)"
+    assert all(" ok" in line and "passes at tol>=" in line for line in lines[:-1])
+
+
+def test_verify_with_tight_tolerances_fails_and_names_the_output(compiled_pair):
+    r = CliRunner().invoke(main, ["verify", str(MODEL), str(compiled_pair[0]), "--rtol", "1e-7", "--atol", "1e-7"])
+    assert r.exit_code == 1, r.output
+    assert "MISMATCH" in r.output and r.output.strip().splitlines()[-1].startswith("failed (--rtol 1e-07")
+
+
+def test_verify_reports_a_quantized_candidate_without_failing_unless_asked(compiled_pair):
+    r = CliRunner().invoke(main, ["verify", str(MODEL), str(compiled_pair[1])])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1].startswith("reported")
+    r = CliRunner().invoke(main, ["verify", str(MODEL), str(compiled_pair[1]), "--rtol", "1e-6", "--atol", "1e-6"])
+    assert r.exit_code == 1 and "MISMATCH" in r.output, r.output
+
+
+def test_verify_takes_inputs_and_a_seed(compiled_pair, tmp_path):
+    import numpy as np
+
+    feeds = {"input_ids": np.array([[5, 6, 7]], np.int64), "attention_mask": np.ones((1, 5), np.int64),
+             "position_ids": np.array([[2, 3, 4]], np.int64)}
+    for i in range(2):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = np.random.default_rng(i).standard_normal((1, 2, 2, 16), np.float32)
+    np.savez(tmp_path / "in.npz", **feeds)
+    r = CliRunner().invoke(main, ["verify", str(MODEL), str(compiled_pair[0]), "--inputs", str(tmp_path / "in.npz")])
+    assert r.exit_code == 0 and "user-0" in r.output, r.output
+    r = CliRunner().invoke(main, ["verify", str(MODEL), str(compiled_pair[0]), "--seed", "7"])
+    assert r.exit_code == 0, r.output
