@@ -16,6 +16,7 @@ model.
     python bench/decode.py                              # prints the table
     python bench/decode.py --int4 --grid                # + onnxc int4 at block 32/64/128, sym/asym, logit error
     python bench/decode.py --model other.onnx --past 512 --threads 4
+    python bench/decode.py --compare a.onnx b.onnx      # only time the given models (e.g. two exports' compiles)
 
 Needs the bench extra (onnxscript); every variant is built here (onnxc's with verification) unless --reuse finds it.
 """
@@ -192,6 +193,22 @@ def _data_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(path.name)) / 2**20
 
 
+def compare(paths: list[Path], args: argparse.Namespace) -> int:
+    """A table of the given models' decode times (each in its fastest mode), the first as the baseline."""
+    timed = time_round_robin(paths, args.past, args.threads, args.warmup, args.runs, args.capacity)
+    print(f"decode 1 token after {args.past} cached, CPU EP, {args.threads} threads, median of {args.runs} "
+          f"(round robin, {args.warmup} warm-up)")
+    print("| model | ms/token | mode | best | " + " | ".join(MODES) + " | vs first | graph |")
+    print("|---|---:|---|---:|" + "---:|" * len(MODES) + "---:|---|")
+    base = None
+    for path, t in zip(paths, timed):
+        mode, (med, best) = min(t.items(), key=lambda kv: kv[1][0])
+        base = base or med
+        per_mode = " | ".join(f"{t[m][0]:.2f}" if m in t else "–" for m in MODES)
+        print(f"| {path} | {med:.2f} | {mode} | {best:.2f} | {per_mode} | {med / base:.2f}x | {_ops(path)} |")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -207,7 +224,11 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=16, help="decode steps for the logit-error columns")
     ap.add_argument("--reuse", action="store_true", help="time models already built in --work instead of rebuilding")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "decode")
+    ap.add_argument("--compare", type=Path, nargs="+", default=None, metavar="MODEL",
+                    help="time only these models, in one round robin, against the first")
     args = ap.parse_args()
+    if args.compare:
+        return compare(args.compare, args)
     if not args.model.exists():
         print(f"{args.model} is missing: run python bench/make_llama.py first", file=sys.stderr)
         return 2

@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-optimize", action="store_true",
                     help="dynamo only: skip the exporter's own graph optimization (the raw export, ~6,000 nodes)")
     args = ap.parse_args(argv)
-    gen.DYNAMO_OPTIMIZE = not args.no_optimize
 
     import torch
 
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"built llama: {args.layers} layers, {n_params / 1e6:.1f}M parameters ({time.time() - t_start:.1f}s)")
 
-    variant = gen.Variant("llama", args.exporter, past=not args.no_past)
+    variant = gen.Variant("llama", args.exporter, past=not args.no_past, optimize=not args.no_optimize)
     t0 = time.time()
     proto, wrapper, spec = gen.export_variant(variant, model, cfg_sum)
     gen.check_symbolic(proto, spec)

@@ -320,19 +320,34 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 @main.command("passes")
 @click.option("--plugin", multiple=True, type=click.Path(dir_okay=False))
 @click.option("--rules", "show_rules", is_flag=True, help="Also list each pass's rules.")
-def passes_cmd(plugin: tuple[str, ...], show_rules: bool) -> int:
-    """List registered passes: name, level, targets, summary."""
+@click.option("--json", "as_json", is_flag=True, help="Passes and their rules as JSON.")
+def passes_cmd(plugin: tuple[str, ...], show_rules: bool, as_json: bool) -> int:
+    """List registered passes: name, level, targets, summary. Names are never cut: the summary wraps instead, and
+    piped output is one line per pass or rule, tab-separated."""
     from . import pass_manager as pm, pipeline  # noqa: F401  (pipeline registers built-ins)
 
     _load_plugins(plugin)
-    table = Table()
-    for col in ("pass", "level", "targets", "summary"):
-        table.add_column(col)
-    for name, p in pm.registered_passes().items():
-        table.add_row(name, f"-O{p.level}", ",".join(p.targets), p.summary)
+    passes = pm.registered_passes()
+    if as_json:
+        out.print(json.dumps([{"name": name, "level": p.level, "targets": list(p.targets), "summary": p.summary,
+                               "rules": [{"name": r.name, "summary": r.summary} for r in p.rules()]}
+                              for name, p in passes.items()], indent=1))
+        return 0
+    rows = []
+    for name, p in passes.items():
+        rows.append((name, f"-O{p.level}", ",".join(p.targets), p.summary))
         if show_rules:
-            for r in p.rules():
-                table.add_row(f"  {r.name}", "", "", r.summary)
+            rows += [(f"  {r.name}", "", "", r.summary) for r in p.rules()]
+    if not out.is_terminal:
+        for row in rows:
+            out.print("\t".join(row).rstrip())
+        return 0
+    table = Table()
+    for col in ("pass", "level", "targets"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("summary", overflow="fold")
+    for row in rows:
+        table.add_row(*row)
     out.print(table)
     return 0
 

@@ -177,3 +177,24 @@ def test_verify_takes_inputs_and_a_seed(compiled_pair, tmp_path):
     assert r.exit_code == 0 and "user-0" in r.output, r.output
     r = CliRunner().invoke(main, ["verify", str(MODEL), str(compiled_pair[0]), "--seed", "7"])
     assert r.exit_code == 0, r.output
+
+
+# ------------------------------------------------------------------------------------------------ onnxc passes
+def test_passes_piped_names_every_pass_and_rule_whole():
+    from onnxc import pass_manager as pm
+
+    r = CliRunner().invoke(main, ["passes", "--rules"])
+    assert r.exit_code == 0, r.output
+    first = {line.split("\t")[0].strip() for line in r.output.splitlines()}
+    assert set(pm.registered_passes()) | set(pm.all_rules()) <= first
+    assert "…" not in r.output
+
+
+def test_passes_json_lists_passes_and_rules():
+    import json
+
+    r = CliRunner().invoke(main, ["passes", "--json"])
+    assert r.exit_code == 0, r.output
+    listed = {p["name"]: p for p in json.loads(r.output)}
+    assert listed["fuse-rms-norm"]["level"] == 2 and "rms-norm" in [x["name"] for x in listed["fuse-rms-norm"]["rules"]]
+    assert listed["canonicalize-sequences"]["rules"] == [] and listed["fuse-gqa"]["targets"] == ["cpu", "cuda"]
