@@ -340,7 +340,7 @@ def passes_cmd(plugin: tuple[str, ...], show_rules: bool, as_json: bool) -> int:
             rows += [(f"  {r.name}", "", "", r.summary) for r in p.rules()]
     if not out.is_terminal:
         for row in rows:
-            out.print("\t".join(row).rstrip())
+            click.echo("\t".join(row).rstrip())
         return 0
     table = Table()
     for col in ("pass", "level", "targets"):
