@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -175,17 +176,24 @@ def compile_cmd(model: Path, level: int, target: str, output: Path | None, repor
         options["approximate_gelu"] = True
     options.update(_quantize_options(quantize, block_size, symmetric, exclude, calibration, accuracy_level))
 
+    # On a terminal a status line says what runs now (the passes, then saving and verification, which on a large
+    # model take most of the time); piped output gets the per-pass lines only.
+    status = err.status("loading and checking the model") if not quiet and err.is_terminal else nullcontext()
+
     def progress(rec) -> None:
         if not quiet:
             counts = ", ".join(f"{k}={v}" for k, v in rec.counts.items())
             err.print(f"  {rec.name:<22} {rec.seconds * 1000:8.1f} ms  nodes={rec.nodes_after:<7} {counts}",
                       markup=False, soft_wrap=True)
+            if hasattr(status, "update"):
+                status.update(f"passes (done: {rec.name}); then saving and verifying")
 
     if not quiet:
         err.print(f"onnxc {__version__}: compiling {model} at -O{level} for {target}", markup=False)
-    result = driver.compile(model, level, target, output=output, passes=passes, disable=disable,
-                            verify=not no_verify, verify_inputs=verify_inputs, seed=seed, options=options,
-                            external_data=external_data, progress=progress)
+    with status:
+        result = driver.compile(model, level, target, output=output, passes=passes, disable=disable,
+                                verify=not no_verify, verify_inputs=verify_inputs, seed=seed, options=options,
+                                external_data=external_data, progress=progress)
     rep = result.report
     if report is not None:
         _write_json_atomic(report, rep)
@@ -296,6 +304,14 @@ def _print_summary(rep: dict, verbose: bool = False) -> None:
                       f"{s['max_rel']:.3g}" + (", " + ", ".join(parts) if parts else ""), markup=False)
     from . import coverage
 
+    sizes = rep.get("sizes", {})
+    if sizes.get("input") and sizes.get("output"):
+        i, o = sizes["input"], sizes["output"]
+        err.print(f"size: model {_mib(i['model'])} -> {_mib(o['model'])}, data {_mib(i['data'])} -> "
+                  f"{_mib(o['data'])}")
+        if o["model"] + o["data"] > i["model"] + i["data"]:
+            err.print(f"warning: the output is larger than the input ({_mib(o['model'] + o['data'])} against "
+                      f"{_mib(i['model'] + i['data'])})")
     for line in coverage.lines(rep["coverage"]) if "coverage" in rep else []:
         err.print(line, markup=False)
     shown = {m["reason"] for c in rep.get("coverage", {}).values() for m in c["misses"]}
@@ -305,6 +321,10 @@ def _print_summary(rep: dict, verbose: bool = False) -> None:
     for line in rep.get("details", []) if verbose else []:
         err.print(f"detail: {line}", markup=False)
     err.print(f"wrote {', '.join(rep['written'])} in {rep['seconds']['total']:.2f} s", markup=False)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

@@ -98,6 +98,7 @@ def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os
         if quantize:
             chosen = _with_quantize(chosen, ctx, scratch)
         input_external = irio.uses_external_data(ir_model)
+        input_files = _file_sizes(input_path, irio.external_data_files(ir_model))
         before = op_histogram(ir_model)
         nodes_before = sum(before.values())
         weights = irio.weight_bytes(ir_model)
@@ -150,12 +151,14 @@ def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os
                                                 ctx.option("tolerance_dtype")))
             verify_seconds = time.perf_counter() - t0
             proto = onnx.load(str(staged.model_file)) if out_path is None else None
+            output_files = _file_sizes(staged.model_file, [staged.data_file] if staged.data_file else [])
             written = staged.commit() if out_path is not None else []
         report = {
             "onnxc": __version__,
             "input": str(input_path) if input_path else None,
             "output": str(out_path) if out_path else None,
             "written": [str(p) for p in written],
+            "sizes": {"input": input_files, "output": output_files},
             "level": level,
             "target": target,
             "pipeline": (",".join(p.name for p in chosen) if quantize else
@@ -242,6 +245,14 @@ def _quant_report(ctx: pm.PassContext, bytes_before: int, bytes_after: int, ops_
             "matmul_nbits": ops_after.get("com.microsoft.MatMulNBits", 0),
             "gather_block_quantized": ops_after.get("com.microsoft.GatherBlockQuantized", 0),
             "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after, "error": quality}
+
+
+def _file_sizes(model_file: Path | None, data_files) -> dict[str, int] | None:
+    """{"model": bytes, "data": bytes of the external data files} (None for an in-memory input)."""
+    if model_file is None:
+        return None
+    return {"model": model_file.stat().st_size, "data": sum(Path(f).stat().st_size for f in data_files
+                                                          if Path(f).is_file())}
 
 
 def _fuses(chosen: list[pm.Pass]) -> bool:

@@ -139,14 +139,30 @@ class PassManager:
     def _run_one(self, p: Pass, model: ir.Model, ctx: PassContext, signature: Signature,
                  done: list[str]) -> ir.Model:
         if isinstance(p, FixedPoint):
-            for _ in range(p.max_iterations):
-                before = len(self.records)
-                for inner in p.passes:
-                    model = self._run_one(inner, model, ctx, signature, done)
-                if not any(r.modified for r in self.records[before:]):
-                    return model
-            raise PassError(p.name, f"did not reach a fixed point within {p.max_iterations} iterations",
-                            previous=tuple(done))
+            # progress sees the group as one line (its passes, rounds and merged counts); records keep every run
+            progress, self.progress, first = self.progress, None, len(self.records)
+            try:
+                for rounds in range(1, p.max_iterations + 1):
+                    before = len(self.records)
+                    for inner in p.passes:
+                        model = self._run_one(inner, model, ctx, signature, done)
+                    if not any(r.modified for r in self.records[before:]):
+                        break
+                else:
+                    raise PassError(p.name, f"did not reach a fixed point within {p.max_iterations} iterations",
+                                    previous=tuple(done))
+            finally:
+                self.progress = progress
+            if progress is not None:
+                runs = self.records[first:]
+                counts: dict[str, int] = {}
+                for r in runs:
+                    for k, v in r.counts.items():
+                        counts[k] = counts.get(k, 0) + v
+                label = f"fixpoint({p.passes[0].name}..{p.passes[-1].name})" if len(p.passes) > 2 else p.name
+                progress(PassRecord(f"{label} x{rounds}", sum(r.seconds for r in runs),
+                                    any(r.modified for r in runs), counts, runs[-1].nodes_after if runs else 0))
+            return model
         start = time.perf_counter()
         try:
             result = p.run(model, ctx)

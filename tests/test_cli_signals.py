@@ -198,3 +198,22 @@ def test_passes_json_lists_passes_and_rules():
     listed = {p["name"]: p for p in json.loads(r.output)}
     assert listed["fuse-rms-norm"]["level"] == 2 and "rms-norm" in [x["name"] for x in listed["fuse-rms-norm"]["rules"]]
     assert listed["canonicalize-sequences"]["rules"] == [] and listed["fuse-gqa"]["targets"] == ["cpu", "cuda"]
+
+
+# ------------------------------------------------------------------------------------------------ the summary
+def test_summary_gives_sizes_groups_the_cleanup_and_warns_when_the_output_grows(tmp_path):
+    r = CliRunner().invoke(main, ["compile", str(MODEL), "-O2", "--no-verify", "-o", str(tmp_path / "m.onnx"),
+                                  "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    import json
+
+    sizes = json.loads((tmp_path / "r.json").read_text())["sizes"]
+    assert sizes["input"] == {"model": MODEL.stat().st_size, "data": 0}
+    assert sizes["output"] == {"model": (tmp_path / "m.onnx").stat().st_size, "data": 0}
+    assert "size: model " in r.output
+    # the tiny fixture's rotary caches (4096 positions) outweigh its weights: the output is larger, and says so
+    grew = sizes["output"]["model"] > sizes["input"]["model"]
+    assert ("warning: the output is larger than the input" in r.output) == grew
+    progress = [line for line in r.output.splitlines() if line.startswith("  ")]
+    assert sum("fixpoint(fold-constants..eliminate-dead) x" in line for line in progress) == 3   # -O2 cleans 3 times
+    assert not any(line.split()[0] == "fold-constants" for line in progress)
