@@ -56,6 +56,11 @@ class Pass:
     name: str = ""
     level: int = 1
     targets: tuple[str, ...] = TARGETS
+    # Where a pass the pipeline table does not name runs (a plugin's): right after or before the named pass, or at
+    # the end of a stage ("cleanup", "canonicalize", "fuse", "lower"). None: only when a pipeline names it.
+    after: str | None = None
+    before: str | None = None
+    stage: str | None = None
 
     @property
     def summary(self) -> str:

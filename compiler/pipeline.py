@@ -67,4 +67,40 @@ def build_pipeline(ctx: pm.PassContext, passes: str | None = None, disable: tupl
     ctx.disabled_rules = frozenset(n for n in disabled if n in known_rules)
     if passes is not None:
         return pm.drop_disabled(pm.parse_pipeline(passes), disabled)
-    return pm.filter_passes(pm.parse_pipeline(pipeline_text(ctx.level, ctx.target)), ctx, disabled)
+    chosen = place_declared(pm.parse_pipeline(pipeline_text(ctx.level, ctx.target)))
+    return pm.filter_passes(chosen, ctx, disabled)
+
+
+# The pass each stage ends with in the table: a pass declaring `stage` runs right after it.
+STAGE_ENDS = {"cleanup": "eliminate-dead", "canonicalize": "split-packed-heads", "fuse": "fuse-transposed-matmul",
+              "lower": "contract-standard-ops"}
+_TABLED = frozenset(name for text in PIPELINES.values() for name in
+                    text.replace("fixpoint(", "").replace(")", "").split(",") if name)
+
+
+def place_declared(passes: list[pm.Pass]) -> list[pm.Pass]:
+    """The table's passes with every registered pass it does not name but that declares where it runs (after=,
+    before= or stage=) put there, at each place its anchor occurs (inside a fixed point too); a declared anchor
+    that is not a pass is a usage error. Level and target filtering come after, so a pass's `level` decides the
+    rows it joins."""
+    declared = [p for name, p in pm.registered_passes().items() if name not in _TABLED
+                and (p.after or p.before or p.stage)]
+    for p in declared:
+        if p.stage is not None and p.stage not in STAGE_ENDS:
+            raise UsageError(f"pass '{p.name}': unknown stage '{p.stage}'; choose one of {', '.join(STAGE_ENDS)}")
+        anchor = p.after or p.before or STAGE_ENDS[p.stage]
+        if anchor not in pm.registered_passes():
+            raise UsageError(f"pass '{p.name}' runs {'before' if p.before else 'after'} '{anchor}', which is no pass"
+                             + pm._rules.suggest(anchor, list(pm.registered_passes())))
+
+    def place(items: list[pm.Pass]) -> list[pm.Pass]:
+        out: list[pm.Pass] = []
+        for item in items:
+            if isinstance(item, pm.FixedPoint):
+                item = pm.FixedPoint(place(item.passes), item.max_iterations)
+            out += [p for p in declared if p.before == item.name] + [item]
+            out += [p for p in declared if (p.after or (STAGE_ENDS.get(p.stage) if not p.before else None))
+                    == item.name]
+        return out
+
+    return place(passes) if declared else passes

@@ -369,3 +369,47 @@ def test_pass_manager_model_untouched_when_nothing_applies():
     PassManager(parse_pipeline("fixpoint(fold-constants,remove-noops,eliminate-cse,eliminate-dead)")).run(
         model, PassContext())
     assert to_bytes(model) == before
+
+
+# ------------------------------------------------------------------------------------------------ declared placement
+def _declared(name: str, **where) -> pm.Pass:
+    class Declared(pm.Pass):
+        level = where.pop("level", 2)
+
+        def run(self, model, ctx):
+            return pm.PassResult(model, False, {})
+
+    p = Declared()
+    p.name = name
+    for k, v in where.items():
+        setattr(p, k, v)
+    return p
+
+
+def _names(passes) -> list[str]:
+    return [p.name if not isinstance(p, pm.FixedPoint) else "[" + ",".join(_names(p.passes)) + "]" for p in passes]
+
+
+def test_a_declared_pass_joins_the_rows_its_level_allows(registry):
+    from onnxc.pipeline import build_pipeline
+
+    pm.register_pass(_declared("my-after", after="fuse-rms-norm"))
+    pm.register_pass(_declared("my-before", before="fuse-gqa"))
+    pm.register_pass(_declared("my-stage", stage="fuse"))
+    pm.register_pass(_declared("my-cleanup", stage="cleanup", level=1))
+    o2 = _names(build_pipeline(pm.PassContext(level=2)))
+    assert o2[o2.index("fuse-rms-norm") + 1] == "my-after"
+    assert o2[o2.index("fuse-gqa") - 1] == "my-before"
+    assert o2[o2.index("fuse-transposed-matmul") + 1] == "my-stage"
+    cleanups = [g for g in o2 if g.startswith("[")]
+    assert cleanups and all(g.endswith("eliminate-dead,my-cleanup]") for g in cleanups)
+    o1 = _names(build_pipeline(pm.PassContext(level=1)))
+    assert "my-after" not in o1 and "my-stage" not in o1 and any("my-cleanup" in g for g in o1)
+
+
+def test_a_declared_anchor_that_is_no_pass_is_a_usage_error(registry):
+    from onnxc.pipeline import build_pipeline
+
+    pm.register_pass(_declared("my-lost", after="fuse-rms-nrom"))
+    with pytest.raises(UsageError, match="runs after 'fuse-rms-nrom', which is no pass; did you mean 'fuse-rms-norm'"):
+        build_pipeline(pm.PassContext(level=2))
