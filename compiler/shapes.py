@@ -19,7 +19,7 @@ import itertools
 import numpy as np
 import onnx_ir as ir
 
-from .rules import const_array
+from .rules import attr_value, const_array
 
 _MS = "com.microsoft"
 SYM_KEY = "onnxc.sym_value"          # flat tuple of elements
@@ -396,3 +396,65 @@ def same_dim(a: ir.Value, ia: int, b: ir.Value, ib: int, depth: int = 3, memo: d
     memo = {} if memo is None else memo
     (pa, la), (pb, lb) = _dim_chain(a, ia, depth, memo), _dim_chain(b, ib, depth, memo)
     return bool(pa & pb or la & lb)
+
+
+# ---------------------------------------------------------------------------------------------------- derived dims
+def _small_ints(v: ir.Value | None) -> list[int] | None:
+    a = const_array(v, 8)
+    return None if a is None else [int(x) for x in a.reshape(-1)]
+
+
+def _perm_of(n: ir.Node) -> list[int] | None:
+    p = attr_value(n, "perm")
+    return list(p) if p is not None else None
+
+
+_DERIVED_ELEMENTWISE = frozenset({"Add", "Mul", "Sub", "Div", "Cast", "Neg", "Pow", "Sqrt", "Reciprocal", "Where", "Sigmoid",
+                          "SimplifiedLayerNormalization", "LayerNormalization", "Tanh", "Erf"})
+
+
+def derived_dims(v: ir.Value | None, depth: int = 10) -> tuple | None:
+    """dims_of(v), with static sizes filled in from the producer: a Reshape's target, Expand's shape, broadcasting
+    elementwise ops, Slice/Concat off their axes, Transpose (fusions read head counts and sizes this way where
+    inference left them symbolic)."""
+    d = dims_of(v)
+    n = v.producer() if v is not None and depth > 0 else None
+    derived = None
+    if n is not None and n.domain == "":
+        if n.op_type == "Reshape":
+            t = sym_value(n.inputs[1])
+            dx = reshape_input_dims(n.inputs[0], n.inputs[1], derived_dims(n.inputs[0], depth - 1)) if t is not None else None
+            derived = reshape_target(dx or (), t) if t is not None else None
+            derived = derived if derived is not None else t
+        elif n.op_type == "Expand":
+            derived = sym_value(n.inputs[1])
+        elif n.op_type in _DERIVED_ELEMENTWISE:
+            derived = None      # numpy broadcasting: right-aligned, missing leading dims are 1
+            ins = [dx for x in n.inputs if x is not None and (dx := derived_dims(x, depth - 1)) is not None]
+            rank = len(d) if d is not None else max((len(dx) for dx in ins), default=0)
+            for dx in ins:
+                if len(dx) > rank:
+                    continue
+                dx = (1,) * (rank - len(dx)) + tuple(dx)
+                derived = dx if derived is None else tuple(
+                    a if isinstance(a, int) and a != 1 else (b if b != 1 else a) for a, b in zip(derived, dx))
+        elif n.op_type == "Slice" and len(n.inputs) > 3 and _small_ints(n.inputs[3]) is not None:
+            dx = derived_dims(n.inputs[0], depth - 1)
+            if dx is not None:
+                axes = {a % len(dx) for a in _small_ints(n.inputs[3])}
+                derived = tuple((d[i] if d is not None else "?") if i in axes else x for i, x in enumerate(dx))
+        elif n.op_type == "Concat" and len(n.inputs) >= 1:
+            dx = derived_dims(n.inputs[0], depth - 1)
+            ax = attr_value(n, "axis")
+            if dx is not None and ax is not None:
+                ax = ax % len(dx)
+                derived = tuple(x if i != ax else d[i] if d is not None else "?" for i, x in enumerate(dx))
+        elif n.op_type == "Transpose" and (p := _perm_of(n)) is not None:
+            di = derived_dims(n.inputs[0], depth - 1)
+            derived = tuple(di[i] for i in p) if di is not None and len(di) == len(p) else None
+    if derived is None or (d is not None and len(d) != len(derived)):
+        return d
+    if d is None:
+        return tuple(derived)
+    return tuple(b if (isinstance(b, int) and b >= 0) or (isinstance(b, str) and not isinstance(a, int)) else a
+                 for a, b in zip(d, derived))

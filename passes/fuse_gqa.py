@@ -50,7 +50,9 @@ import onnx_ir as ir
 from onnxc import probe
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import attr_value, const_array, replace_value
-from onnxc.shapes import dims_of, reshape_input_dims, reshape_target, sym_value
+from onnxc.rotary import Rotary, parse_rotary
+from onnxc.shapes import derived_dims as _dims
+from onnxc.shapes import dims_of, sym_value
 from onnxc.verify import Scenario, input_role, make_inputs
 
 MS = "com.microsoft"
@@ -74,55 +76,6 @@ def _scalar(v: ir.Value | None) -> float | None:
 def _ints(v: ir.Value | None) -> list[int] | None:
     a = const_array(v, 8)
     return None if a is None else [int(x) for x in a.reshape(-1)]
-
-
-_ELEMENTWISE = frozenset({"Add", "Mul", "Sub", "Div", "Cast", "Neg", "Pow", "Sqrt", "Reciprocal", "Where", "Sigmoid",
-                          "SimplifiedLayerNormalization", "LayerNormalization", "Tanh", "Erf"})
-
-
-def _dims(v: ir.Value | None, depth: int = 10) -> tuple | None:
-    """dims_of(v), with static sizes filled in from a producing Reshape's target, Expand's shape or Transpose."""
-    d = dims_of(v)
-    n = v.producer() if v is not None and depth > 0 else None
-    derived = None
-    if n is not None and n.domain == "":
-        if n.op_type == "Reshape":
-            t = sym_value(n.inputs[1])
-            dx = reshape_input_dims(n.inputs[0], n.inputs[1], _dims(n.inputs[0], depth - 1)) if t is not None else None
-            derived = reshape_target(dx or (), t) if t is not None else None
-            derived = derived if derived is not None else t
-        elif n.op_type == "Expand":
-            derived = sym_value(n.inputs[1])
-        elif n.op_type in _ELEMENTWISE:
-            derived = None      # numpy broadcasting: right-aligned, missing leading dims are 1
-            ins = [dx for x in n.inputs if x is not None and (dx := _dims(x, depth - 1)) is not None]
-            rank = len(d) if d is not None else max((len(dx) for dx in ins), default=0)
-            for dx in ins:
-                if len(dx) > rank:
-                    continue
-                dx = (1,) * (rank - len(dx)) + tuple(dx)
-                derived = dx if derived is None else tuple(
-                    a if isinstance(a, int) and a != 1 else (b if b != 1 else a) for a, b in zip(derived, dx))
-        elif n.op_type == "Slice" and len(n.inputs) > 3 and _ints(n.inputs[3]) is not None:
-            dx = _dims(n.inputs[0], depth - 1)
-            if dx is not None:
-                axes = {a % len(dx) for a in _ints(n.inputs[3])}
-                derived = tuple((d[i] if d is not None else "?") if i in axes else x for i, x in enumerate(dx))
-        elif n.op_type == "Concat" and len(n.inputs) >= 1:
-            dx = _dims(n.inputs[0], depth - 1)
-            ax = attr_value(n, "axis")
-            if dx is not None and ax is not None:
-                ax = ax % len(dx)
-                derived = tuple(x if i != ax else d[i] if d is not None else "?" for i, x in enumerate(dx))
-        elif n.op_type == "Transpose" and (p := _perm(n)) is not None:
-            di = _dims(n.inputs[0], depth - 1)
-            derived = tuple(di[i] for i in p) if di is not None and len(di) == len(p) else None
-    if derived is None or (d is not None and len(d) != len(derived)):
-        return d
-    if d is None:
-        return tuple(derived)
-    return tuple(b if (isinstance(b, int) and b >= 0) or (isinstance(b, str) and not isinstance(a, int)) else a
-                 for a, b in zip(d, derived))
 
 
 def _peel_cast(v: ir.Value) -> ir.Value:
@@ -215,143 +168,6 @@ def _unconcat(v: ir.Value) -> tuple[ir.Value | None, ir.Value]:
     if not past.is_graph_input():
         raise Refuse("the past KV is not a graph input")
     return past, ins[1]
-
-
-@dataclass
-class Rotary:
-    x: ir.Value          # the BNSH tensor before rotation
-    cos: ir.Value
-    sin: ir.Value
-    dim: int             # rotated channels
-    interleaved: bool = False
-    bsnh: bool = False   # applied to the (B, S, N, H) view before the head transpose (cos/sin (B, S, 1, dim))
-
-
-def _slice_last(v: ir.Value, step: int = 1) -> tuple[ir.Value, int, int] | None:
-    """Slice(x, start, end, axes=[-1], steps=[step]) -> (x, start, end) with end clipped to the last dim."""
-    n = _prod(v, "Slice")
-    if n is None or len(n.inputs) < 3:
-        return None
-    starts, ends = _ints(n.inputs[1]), _ints(n.inputs[2])
-    axes = _ints(n.inputs[3]) if len(n.inputs) > 3 and n.inputs[3] is not None else None
-    steps = _ints(n.inputs[4]) if len(n.inputs) > 4 and n.inputs[4] is not None else [1]
-    d = _dims(n.inputs[0])
-    if starts is None or ends is None or d is None or not isinstance(d[-1], int) or steps != [step]:
-        return None
-    if axes not in ([-1], [len(d) - 1]) or len(starts) != 1:
-        return None
-    last = d[-1]
-    s, e = starts[0], ends[0]
-    s, e = (s + last if s < 0 else s), (e + last if e < 0 else min(e, last))
-    return n.inputs[0], s, e
-
-
-def _rotate_half_of(v: ir.Value) -> ir.Value | None:
-    """Concat(Neg(x[..., h:]), x[..., :h], axis=-1) -> x."""
-    c = _prod(v, "Concat")
-    if c is None or len(c.inputs) != 2 or attr_value(c, "axis") not in (-1, 3):
-        return None
-    neg = _prod(c.inputs[0], "Neg")
-    hi = _slice_last(neg.inputs[0]) if neg else None
-    lo = _slice_last(c.inputs[1])
-    if hi is None or lo is None or hi[0] is not lo[0]:
-        return None
-    d = _dims(lo[0])
-    h = d[-1] // 2
-    return lo[0] if (lo[1], lo[2], hi[1], hi[2]) == (0, h, h, d[-1]) else None
-
-
-def _last_axis(v: ir.Value, axes: list[int] | None) -> bool:
-    d = _dims(v)
-    return axes is not None and len(axes) == 1 and d is not None and axes[0] in (-1, len(d) - 1)
-
-
-def _rotate_every_two_of(v: ir.Value) -> ir.Value | None:
-    """Reshape(Concat(Unsqueeze(Neg(x[..., 1::2]), -1), Unsqueeze(x[..., 0::2], -1), axis=-1), x.shape) -> x:
-    out[2i] = -x[2i+1], out[2i+1] = x[2i] (GPT-J's rotate_every_two, the interleaved layout)."""
-    r = _prod(v, "Reshape")
-    c = _prod(r.inputs[0], "Concat") if r else None
-    if c is None or len(c.inputs) != 2 or not _last_axis(c.outputs[0], [attr_value(c, "axis")]):
-        return None
-    us = [_prod(i, "Unsqueeze") for i in c.inputs]
-    if any(u is None or len(u.inputs) < 2 or not _last_axis(u.outputs[0], _ints(u.inputs[1])) for u in us):
-        return None
-    neg = _prod(us[0].inputs[0], "Neg")
-    odd = _slice_last(neg.inputs[0], 2) if neg else None
-    even = _slice_last(us[1].inputs[0], 2)
-    if odd is None or even is None or odd[0] is not even[0] or (odd[1], even[1]) != (1, 0):
-        return None
-    x = even[0]
-    dx, dv, dc = _dims(x), _dims(v), _dims(c.outputs[0])
-    # the stack (..., d/2, 2) is flattened back to (..., d): equal leading dims leave d for the last one
-    ok = dx is not None and dv is not None and dc is not None and isinstance(dx[-1], int) and dx[-1] % 2 == 0 \
-        and len(dx) == len(dv) and tuple(dv[:-1]) == tuple(dx[:-1]) and (dv[-1] == dx[-1] or isinstance(dv[-1], str)) \
-        and tuple(dc) == tuple(dx[:-1]) + (dx[-1] // 2, 2) and min(odd[2], even[2]) >= dx[-1] - 1
-    return x if ok else None
-
-
-def _proved_rotation(r: ir.Value, x: ir.Value) -> str | None:
-    """"half" when r = rotate_half(x) = Concat(-x[..., h:], x[..., :h]), "interleaved" when r = rotate_every_two(x),
-    proved by evaluating r's cone from x on random data (the exporters write these with Slice, Split, Gather,
-    Reshape/Unsqueeze stacks and more; what they compute is what matters). r must read x alone (and constants)."""
-    d = _dims(x)
-    node = r.producer()
-    if d is None or not d or not isinstance(d[-1], int) or d[-1] % 2 or node is None or node.graph is None:
-        return None
-    try:
-        c = probe.cone(node.graph, [r], max_nodes=40, stop=[x])
-        if [v.name for v in c.inputs] != [x.name] or c.data_bytes > 1 << 17:     # a (128, 128) rotation matrix
-            return None
-        shape = [k if isinstance(k, int) else (2, 3, 5, 7)[i % 4] for i, k in enumerate(d)]
-        arr = np.random.default_rng(0).standard_normal(shape).astype(x.dtype.numpy() if x.dtype else np.float32)
-        got, = probe.evaluate(node.graph, [r], {x.name: arr}, max_nodes=40, stop=[x])
-    except (probe.ProbeError, TypeError, ValueError):
-        return None
-    h = d[-1] // 2
-    half = np.concatenate([-arr[..., h:], arr[..., :h]], axis=-1)
-    pairs = np.stack([-arr[..., 1::2], arr[..., 0::2]], axis=-1).reshape(arr.shape)
-    if got.shape == half.shape and np.array_equal(got, half):
-        return "half"
-    if got.shape == pairs.shape and np.array_equal(got, pairs):
-        return "interleaved"
-    return None
-
-
-def _parse_rotary(v: ir.Value) -> Rotary | None:
-    """x*cos + rotate_half(x)*sin (any operand order), or Concat(that over x[..., :r], x[..., r:]) for partial.
-    rotate_half is read from the graph's structure where it has a known form, else proved by evaluation."""
-    c = _prod(v, "Concat")
-    if c is not None and len(c.inputs) == 2 and attr_value(c, "axis") in (-1, 3):
-        rest = _slice_last(c.inputs[1])
-        inner = _parse_rotary(c.inputs[0])
-        if rest is not None and inner is not None:
-            head = _slice_last(inner.x)
-            if head is not None and head[0] is rest[0] and head[1:] == (0, rest[1]) \
-                    and rest[2] == _dims(rest[0])[-1]:
-                return Rotary(rest[0], inner.cos, inner.sin, inner.dim, inner.interleaved)
-        return None
-    a = _prod(v, "Add")
-    if a is None:
-        return None
-    for m1, m2 in ((a.inputs[0], a.inputs[1]), (a.inputs[1], a.inputs[0])):
-        p, q = _prod(m1, "Mul"), _prod(m2, "Mul")
-        if p is None or q is None:
-            continue
-        for x, cos in ((p.inputs[0], p.inputs[1]), (p.inputs[1], p.inputs[0])):
-            for r, sin in ((q.inputs[0], q.inputs[1]), (q.inputs[1], q.inputs[0])):
-                if _rotate_half_of(r) is x:
-                    return Rotary(x, cos, sin, _dims(x)[-1])
-                if _rotate_every_two_of(r) is x:
-                    return Rotary(x, cos, sin, _dims(x)[-1], interleaved=True)
-    for m1, m2 in ((a.inputs[0], a.inputs[1]), (a.inputs[1], a.inputs[0])):
-        p, q = _prod(m1, "Mul"), _prod(m2, "Mul")
-        if p is None or q is None:
-            continue
-        for x, cos in ((p.inputs[0], p.inputs[1]), (p.inputs[1], p.inputs[0])):
-            for r, sin in ((q.inputs[0], q.inputs[1]), (q.inputs[1], q.inputs[0])):
-                if r is not x and (form := _proved_rotation(r, x)) is not None:
-                    return Rotary(x, cos, sin, _dims(x)[-1], interleaved=form == "interleaved")
-    return None
 
 
 def _data_users(v: ir.Value) -> list[ir.Node]:
@@ -529,14 +345,14 @@ def _parse_site(sm: ir.Node) -> Site:
         raise Refuse("K and V repeat their heads differently")
     if (past_k is None) != (past_v is None):
         raise Refuse("only one of K and V has a cache")
-    rq, rk = _parse_rotary(q_rot), (_parse_rotary(k_rot) if k_rot is not None else None)
+    rq, rk = parse_rotary(q_rot), (parse_rotary(k_rot) if k_rot is not None else None)
     _same_rotary(rq, rk)
     q4, q_norm = _heads_view(rq.x if rq else q_rot, "Q")
     k4, k_norm = (present_k, None) if k_rot is None else _heads_view(rk.x if rk else k_rot, "K")
     rotated4 = None
     if rq is None and q_norm is None and k_norm is None:
         # rotary applied to the BSNH views before the head transpose (GPT-J, CodeGen)
-        rq, rk = _parse_rotary(q4), _parse_rotary(k4)
+        rq, rk = parse_rotary(q4), parse_rotary(k4)
         _same_rotary(rq, rk)
         if rq is not None:
             rq.bsnh = rk.bsnh = True

@@ -20,7 +20,7 @@ from onnxc.pipeline import CLEANUP, O1
 ROOT = Path(__file__).resolve().parents[2] / "fixtures"
 MANIFEST = json.loads((ROOT / "manifest.json").read_text())["models"]
 DECODERS = [e for e in MANIFEST if e["kind"] == "decoder" and e["family"] != "gpt2"]
-PIPE = f"{O1},fuse-gqa,pack-projections,{CLEANUP},sort-topologically"
+PIPE = f"{O1},canonicalize-rotary,fuse-gqa,pack-projections,{CLEANUP},sort-topologically"
 
 
 def fuse(proto: onnx.ModelProto | ir.Model, passes: str = PIPE, **options) -> tuple[ir.Model, pm.PassContext]:
