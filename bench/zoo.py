@@ -6,21 +6,30 @@ never from_pretrained) for many architectures and graph variants, exports each w
 opset 17, and dynamo, opset 18; the export code of fixtures/generate.py), with and without a KV cache for decoders,
 checks the export against PyTorch on one shape other than the export example, then compiles each export with
 `onnxc.compile(path, 2, "cpu")` and `onnxc.compile(path, 3, "cuda")` (both verify numerically on onnxruntime's CPU
-execution provider). Every export group (one architecture) and every compile runs in its own child process with a
-time limit, so a crash, hang or exporter failure is recorded and the sweep goes on.
+execution provider). Every export group (one architecture) and every export's compiles run in child processes with
+a time limit, so a crash, hang or exporter failure is recorded and the sweep goes on.
+
+`--matrix` adds variant exports, each its own export directory (see `exports_of`): "core" adds, for decoders,
+dynamo with its optimizer off (`_dynamo_raw`) and exports without position_ids (`_nopos`: every exporter, prefill
+and past); "full" adds on top, for every arch, opset 23 (`_op23`; TorchScript refuses it, which is recorded), the
+other attention implementation (`_eager` / `_sdpa`) and float16 (`_fp16`), one axis at a time from each default
+export. A variant that repeats another export's graph is dropped (or, where only the model can tell, skipped).
 
 The table gives, per export: nodes before -> after at -O2 cpu and -O3 cuda, the fused ops -O2 emits, the Softmax
 nodes left, the verification outcome of both compiles, and the first line of any error (with the onnxc source line
-it came from) or the fusion passes' refusal notes. Where attention, a norm or a GELU is left unfused, the child
-replays the pipeline up to the fusion pass and asks the pass's rules why each leftover site does not match
-(the fuse-gqa notes of the compile report; fuse-attention, fuse-layer-norm, fuse-rms-norm and fuse-gelu rules
-matched at the site, as `onnxc compile --explain` does).
+it came from) or the fusion passes' refusal notes. A second table (`--markdown FILE` writes it) gives, per (arch,
+variant), attention and norm sites fused / found and one reason per missed site: from the compile report's
+`coverage` where it has one (the zoo's own count is shown where it differs), else counted from the compiled graph.
+Where attention, a norm or a GELU is left unfused, the child replays the pipeline up to the fusion pass and asks the
+pass's rules why each leftover site does not match (the fuse-gqa notes of the compile report; fuse-attention,
+fuse-layer-norm, fuse-rms-norm and fuse-gelu rules matched at the site, as `onnxc compile --explain` does).
 
     python bench/zoo.py                       # everything: exports (cached) + compiles, table + bench/out/zoo/zoo.md
     python bench/zoo.py --only 'gemma*,bert*' # a glob (comma list) on architecture or export names
     python bench/zoo.py --list                # the architectures and exports
     python bench/zoo.py --jobs 2 --no-doc     # two architectures at a time; print only
     python bench/zoo.py --report-only         # re-render the table from the saved results
+    python bench/zoo.py --matrix core --only 'llama*,qwen2*' --jobs 2 --markdown /tmp/variants.md
 
 Exports land in bench/out/zoo/<export>/model.onnx (with meta.json: config, export check, failure) and are reused
 on later runs unless --fresh; compiles always run again (results in result-O2-cpu.json / result-O3-cuda.json).
@@ -29,6 +38,7 @@ Needs torch and transformers (pip install -e '.[fixtures]').
 from __future__ import annotations
 
 import argparse
+import copy
 import fnmatch
 import json
 import os
@@ -385,7 +395,7 @@ def _export_child(arch_name: str, names: list[str], fresh: bool, per_export_s: i
             and (fresh or not (OUT / x.name / "meta.json").exists())]
     if not todo:
         return 0
-    built: dict[tuple[str, str], tuple[Any, Any]] = {}   # (attn, dtype) -> (model, config)
+    built: dict[tuple[str, str], tuple[Any, Any]] = {}   # (attn, dtype) -> (pristine model, config)
 
     def build(attn: str, dtype: Any) -> tuple[Any, Any]:
         """The arch's model with one attention implementation, cast to `dtype` (same weights for all)."""
@@ -429,6 +439,7 @@ def _export_child(arch_name: str, names: list[str], fresh: bool, per_export_s: i
             if (x.attn, x.dtype) not in built:
                 built[x.attn, x.dtype] = build(x.attn, dtype)
             model, cfg = built[x.attn, x.dtype]
+            model = copy.deepcopy(model)    # an export can leave state behind (longrope's tables after dynamo)
             stage = "probe"
             io = _io(a, model, cfg, x)
             meta["io"] = {k: v for k, v in io.items() if k != "wrap"}
@@ -631,14 +642,22 @@ def _compile_child(src: str, level: int, target: str, dst: str, result: str) -> 
                 res["diagnosis"] = _diagnose(src, level, target, dst, rep["notes"])
             except Exception as exc:  # noqa: BLE001
                 res["diagnosis"] = {"error": f"{type(exc).__name__}: {_first(exc)}", "where": _where(exc)}
-        if rep.get("coverage"):
-            res.update(coverage=rep["coverage"], coverage_from="report")
-        else:
-            try:
-                res.update(coverage=_count_coverage(dst, res["ops_after"], res.get("diagnosis") or {}),
-                           coverage_from="counted")
-            except Exception as exc:  # noqa: BLE001
-                res["coverage_error"] = f"{type(exc).__name__}: {_first(exc)}"
+        try:
+            counted = _count_coverage(dst, res["ops_after"], res.get("diagnosis") or {})
+        except Exception as exc:  # noqa: BLE001
+            counted = None
+            res["coverage_error"] = f"{type(exc).__name__}: {_first(exc)}"
+        if rep.get("coverage"):     # the report's own count; where the zoo's count differs, that is kept too
+            res.update(coverage=_refine(rep["coverage"], res.get("diagnosis") or {}), coverage_from="report")
+            theirs = _families(res["coverage"])
+            res["coverage_disagrees"] = {
+                fam: f"{c['fused']}/{c['found']}" for fam, c in (counted or {}).items()
+                if (c["fused"], c["found"]) != (theirs.get(fam, {}).get("fused"), theirs.get(fam, {}).get("found"))}
+            listed = {fam: {m.get("site") for m in c["misses"]} for fam, c in theirs.items()}
+            res["coverage_extra"] = {fam: extra for fam, c in (counted or {}).items()
+                                     if (extra := [m for m in c["misses"] if m["site"] not in listed.get(fam, ())])}
+        elif counted is not None:
+            res.update(coverage=counted, coverage_from="counted")
     Path(result).write_text(json.dumps(res, indent=1, default=str) + "\n")
     return 0
 
@@ -758,36 +777,54 @@ def _diagnose(src: str, level: int, target: str, compiled: str, notes: list[str]
 
 
 def _norm_sites(graph: Any) -> list[Any]:
-    """The unfused norm sites of an ONNX graph, one ReduceMean each: a LayerNorm's mean (its variance ReduceMean,
-    a few nodes below a Sub of that mean, is the same site) or an RMS norm's mean of squares."""
-    reduce = [n for n in graph.node if n.op_type == "ReduceMean" and n.domain in ("", "ai.onnx")]
-    means = {o for n in reduce for o in n.output}
+    """The unfused norm sites of an ONNX graph, one per LayerNorm or RMS norm: its ReduceMean over a square
+    (Pow(x, 2) or Mul(x, x)), as compiler/coverage.py counts them."""
     producer = {o: n for n in graph.node for o in n.output}
 
-    def centered(n: Any, depth: int = 4) -> bool:
-        """Whether a Sub of another ReduceMean's output lies within `depth` nodes above `n`."""
-        for i in n.input:
-            up = producer.get(i)
-            if up is None:
-                continue
-            if up.op_type == "Sub" and any(j in means for j in up.input):
-                return True
-            if depth > 1 and up.op_type != "ReduceMean" and centered(up, depth - 1):
-                return True
-        return False
+    def square(v: str) -> bool:
+        p = producer.get(v)
+        return p is not None and (p.op_type == "Pow" or p.op_type == "Mul" and p.input[0] == p.input[1])
 
-    return [n for n in reduce if not centered(n)]
+    return [n for n in graph.node if n.op_type == "ReduceMean" and n.domain in ("", "ai.onnx") and square(n.input[0])]
+
+
+def _attention_sites(graph: Any) -> list[Any]:
+    """The unfused attention sites of an ONNX graph: Softmax nodes whose output is the first operand of a MatMul
+    (through at most three Cast/Where/Reshape: bloom-style bmm reshapes the probabilities), so that a router's
+    Softmax is none."""
+    readers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i, v in enumerate(n.input):
+            readers.setdefault(v, []).append((n, i))
+
+    def to_matmul(v: str, depth: int = 3) -> bool:
+        return any(n.op_type == "MatMul" and i == 0 or n.op_type in ("Cast", "Where", "Reshape") and depth > 0
+                   and bool(n.output) and to_matmul(n.output[0], depth - 1) for n, i in readers.get(v, []))
+
+    return [n for n in graph.node if n.op_type == "Softmax" and n.domain in ("", "ai.onnx") and to_matmul(n.output[0])]
+
+
+def _refine(coverage: dict[str, Any], diag: dict[str, Any]) -> dict[str, Any]:
+    """The report's coverage with each miss whose reason only points at `--explain` given the zoo diagnosis's
+    reason for the same site instead (a fuse-gqa refusal is kept as the report words it)."""
+    known = {fam: {m["site"]: m["reason"] for m in ms} for fam, ms in (diag.get("misses") or {}).items()}
+    for fam, c in coverage.items():
+        for m in c.get("misses", []) if isinstance(c, dict) else []:
+            better = known.get(fam, {}).get(m.get("site"))
+            if better and "--explain" in str(m.get("reason", "")):
+                m["reason"] = better
+    return coverage
 
 
 def _count_coverage(compiled: str, ops_after: dict[str, int], diag: dict[str, Any]) -> dict[str, Any]:
     """Coverage the way a compile report's `coverage` key gives it, counted from the compiled graph where the
-    report has none: attention sites are the fused attention ops plus the Softmax nodes left; norm sites the fused
-    norm ops plus the unfused norm sites (`_norm_sites`). A miss's reason comes from the diagnosis."""
+    report has none: attention sites are the fused attention ops plus the Softmax nodes left (`_attention_sites`);
+    norm sites the fused norm ops plus the unfused norm sites (`_norm_sites`). A miss's reason comes from the
+    diagnosis."""
     import onnx
 
     graph = onnx.load(compiled, load_external_data=False).graph
-    left = {"attention": [n.name for n in graph.node if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")],
-            "norm": [n.name for n in _norm_sites(graph)]}
+    left = {"attention": [n.name for n in _attention_sites(graph)], "norm": [n.name for n in _norm_sites(graph)]}
     ops = {"attention": ATTN_OPS, "norm": NORM_OPS}
     why = {fam: {m["site"]: m["reason"] for m in (diag.get("misses") or {}).get(fam, [])} for fam in left}
     fallback = f"(no diagnosis: {diag['error']})" if "error" in diag else "(not diagnosed)"
@@ -862,22 +899,39 @@ def sweep_arch(a: Arch, xs: list[Export], args: argparse.Namespace) -> None:
     for x in xs:
         d = OUT / x.name
         meta = json.loads((d / "meta.json").read_text())
-        for level, target in COMPILES:
-            res_path = d / f"result-O{level}-{target}.json"
+        jobs = [(level, target, d / f"result-O{level}-{target}.json") for level, target in COMPILES]
+        for level, target, res_path in jobs:
             res_path.unlink(missing_ok=True)
-            if "failed" in meta or "skipped" in meta:
-                continue
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child-compile", str(d / "model.onnx"),
-                   str(level), target, str(d / f"O{level}-{target}.onnx"), str(res_path)]
-            t0 = time.time()
-            rc, tail = _run(cmd, args.compile_timeout, d / f"O{level}-{target}.log")
-            if not res_path.exists():
-                status = "timeout" if rc is None else "child-crash"
-                res_path.write_text(json.dumps({"level": level, "target": target, "status": status,
-                                                "error": f"child rc={rc}: {tail[:300]}"}) + "\n")
+            (d / f"O{level}-{target}.log").unlink(missing_ok=True)
+        if "failed" in meta or "skipped" in meta:
+            continue
+        _compile_export(d, jobs, args.compile_timeout)
+        for level, target, res_path in jobs:
             r = json.loads(res_path.read_text())
-            print(f"[{x.name}] -O{level} {target}: {r['status']} ({time.time() - t0:.0f} s)"
+            print(f"[{x.name}] -O{level} {target}: {r['status']} ({r.get('seconds', '?')} s)"
                   + (f" {r.get('error', '')[:160]}" if r.get("error") else ""), flush=True)
+
+
+def _compile_export(d: Path, jobs: list[tuple[int, str, Path]], timeout: int) -> None:
+    """Every compile of one export in one child (one interpreter start, not one per compile). Compiles the child
+    left without a result run again one child each; after a time-out the compile it was in is recorded as such."""
+    me = str(Path(__file__).resolve())
+
+    def cmd(todo: list[tuple[int, str, Path]]) -> list[str]:
+        return [sys.executable, me, "--child-compile", *[a for level, target, res in todo for a in (
+            str(d / "model.onnx"), str(level), target, str(d / f"O{level}-{target}.onnx"), str(res))]]
+
+    rc, tail = _run(cmd(jobs), timeout * len(jobs), d / "compile.log")
+    cut = next((k for k, (*_, res) in enumerate(jobs) if not res.exists()), None) if rc is None else None
+    for k, (level, target, res_path) in enumerate(jobs):
+        if res_path.exists():
+            continue
+        if k != cut:
+            rc, tail = _run(cmd([jobs[k]]), timeout, d / f"O{level}-{target}.log")
+        if not res_path.exists():
+            status = "timeout" if rc is None else "child-crash"
+            res_path.write_text(json.dumps({"level": level, "target": target, "status": status,
+                                            "error": f"child rc={rc}: {tail[:300]}"}) + "\n")
 
 
 def load_results(xs: list[Export]) -> list[dict[str, Any]]:
@@ -994,12 +1048,15 @@ def _ratio(r: dict[str, Any] | None, fam: str) -> str:
 
 
 def _misses(r: dict[str, Any] | None) -> list[str]:
-    """One reason per missed attention or norm site, equal reasons counted together ("attn x2: ...")."""
+    """One reason per missed attention or norm site, equal reasons counted together ("attn x2: ..."); then the
+    sites the zoo counts and the report's coverage does not ("attn x2 (zoo only): ...")."""
     fams = _families((r or {}).get("coverage") or {})
+    extra = (r or {}).get("coverage_extra") or {}
     out = []
     for fam, tag in (("attention", "attn"), ("norm", "norm")):
-        reasons = Counter(m.get("reason") or "(no reason given)" for m in fams.get(fam, {}).get("misses", []))
-        out += [f"{tag} x{n}: {why}" for why, n in reasons.most_common()]
+        for misses, more in ((fams.get(fam, {}).get("misses", []), ""), (extra.get(fam, []), " (zoo only)")):
+            reasons = Counter(m.get("reason") or "(no reason given)" for m in misses)
+            out += [f"{tag} x{n}{more}: {why}" for why, n in reasons.most_common()]
     return out
 
 
@@ -1035,6 +1092,8 @@ def render_coverage(rows: list[dict[str, Any]]) -> str:
                 notes.append(f"{tag}: {r['error'][:200]}" + (f" @ {r['where']}" if r.get("where") else ""))
             if r and r.get("coverage_error"):
                 notes.append(f"{tag} coverage: {r['coverage_error']}")
+        for fam, ratio in ((o2 or {}).get("coverage_disagrees") or {}).items():
+            notes.append(f"zoo counts {fam} {ratio} where the report's coverage says {_ratio(o2, fam)}")
         notes += _misses(o2 if o2 and o2.get("coverage") else o3)
         status = " / ".join(_status(r) for r in (o2, o3))
         lines.append(f"{head} {cells[0]} | {cells[1]} | {status} | {_cell('; '.join(notes), 700)} |")
@@ -1070,14 +1129,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile-timeout", type=int, default=300, help="seconds per compile (default 300)")
     ap.add_argument("--export-timeout", type=int, default=300, help="seconds per export (default 300)")
     ap.add_argument("--child-export", nargs=2, metavar=("ARCH", "EXPORTS"), help=argparse.SUPPRESS)
-    ap.add_argument("--child-compile", nargs=5, metavar=("SRC", "LEVEL", "TARGET", "DST", "JSON"),
-                    help=argparse.SUPPRESS)
+    ap.add_argument("--child-compile", nargs="+", metavar="SRC LEVEL TARGET DST JSON", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child_export:
         return _export_child(args.child_export[0], args.child_export[1].split(","), args.fresh, args.export_timeout)
-    if args.child_compile:
-        src, level, target, dst, res = args.child_compile
-        return _compile_child(src, int(level), target, dst, res)
+    if args.child_compile:   # one or more compiles, five arguments each
+        c = args.child_compile
+        for src, level, target, dst, res in (c[i:i + 5] for i in range(0, len(c), 5)):
+            _compile_child(src, int(level), target, dst, res)
+        return 0
 
     xs = select(args.only, args.matrix)
     if not xs:

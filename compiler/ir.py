@@ -230,6 +230,38 @@ def check_output_path(output: Path, input_path: Path | None, model: ir.Model) ->
     check_writable(output)
 
 
+class GraphWriter:
+    """Nodes and constants a rewrite writes into a graph: each named `prefix/stem_N` (never an initializer's name
+    already taken), inserted before `before` (or the writer's anchor, or the graph's first node), outputs named too
+    so the saved file is deterministic."""
+
+    def __init__(self, graph: ir.Graph, prefix: str, anchor: ir.Node | None = None):
+        self.graph, self.prefix, self.count = graph, prefix, 0
+        self.anchor = anchor if anchor is not None else (graph[0] if len(graph) else None)
+
+    def name(self, stem: str) -> str:
+        while True:
+            self.count += 1
+            name = f"{self.prefix}/{stem}_{self.count}"
+            if name not in self.graph.initializers:
+                return name
+
+    def const(self, arr: np.ndarray, stem: str = "c") -> ir.Value:
+        v = ir.Value(name=self.name(stem), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+                     shape=ir.Shape(arr.shape), const_value=ir.tensor(arr))
+        self.graph.register_initializer(v)
+        return v
+
+    def node(self, op: str, inputs: list, before: ir.Node | None = None, domain: str = "", n_out: int = 1,
+             **attrs) -> ir.Node:
+        node = ir.node(op, inputs, attributes=attrs, domain=domain, num_outputs=n_out, name=self.name(op))
+        for o in node.outputs:
+            o.name = self.name(f"{op}_out")
+        anchor = before or self.anchor
+        self.graph.insert_before(anchor, node) if anchor is not None else self.graph.append(node)
+        return node
+
+
 _DEFERRED = (signal.SIGINT, signal.SIGTERM)
 
 

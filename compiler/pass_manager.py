@@ -96,7 +96,13 @@ class RulePass(Pass):
         return self._rules
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        graph = model.graph
+        idle = {name for name, v in graph.initializers.items() if not v.uses()}
         stats = _rules.apply_rules(model, self._rules, disabled=ctx.disabled_rules)
+        if stats.applied:   # constants only the replaced nodes read go with them (others are eliminate-dead's)
+            for name, v in list(graph.initializers.items()):
+                if name not in idle and not v.uses() and not v.is_graph_output() and not v.is_graph_input():
+                    graph.initializers.pop(name)
         return PassResult(model, bool(stats.applied), dict(stats.applied))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnxc.ir import GraphWriter
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rotary import parse_rotary, proved_rotation, rotate_every_two_of, rotate_half_of
 from onnxc.shapes import derived_dims
@@ -41,35 +42,22 @@ def _candidates(add: ir.Node):
                     yield q, k, x, r
 
 
-class _Writer:
-    def __init__(self, graph: ir.Graph, anchor: ir.Node, base: str):
-        self.graph, self.anchor, self.base, self.count = graph, anchor, base, 0
-        self.consts: dict[tuple[int, ...], ir.Value] = {}
+class _Writer(GraphWriter):
+    """GraphWriter with int64 constants shared within one rewrite and typed outputs (the fusions read these shapes
+    before inference runs again)."""
 
-    def name(self, stem: str) -> str:
-        while True:
-            self.count += 1
-            name = f"{self.base}/{stem}_{self.count}"
-            if name not in self.graph.initializers:
-                return name
+    def __init__(self, graph: ir.Graph, anchor: ir.Node, prefix: str):
+        super().__init__(graph, prefix, anchor)
+        self.consts: dict[tuple[int, ...], ir.Value] = {}
 
     def ints(self, *values: int) -> ir.Value:
         if values not in self.consts:
-            arr = np.array(values, np.int64)
-            v = ir.Value(name=self.name("c"), type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(arr.shape),
-                         const_value=ir.tensor(arr))
-            self.graph.register_initializer(v)
-            self.consts[values] = v
+            self.consts[values] = self.const(np.array(values, np.int64))
         return self.consts[values]
 
     def op(self, op_type: str, *inputs: ir.Value, like: ir.Value | None = None, dims: tuple | None = None,
            **attrs: int) -> ir.Value:
-        """A node's output, typed as `like` with `dims` (the fusions read these shapes before inference runs)."""
-        node = ir.Node("", op_type, list(inputs), attributes=[ir.Attr(k, ir.AttributeType.INT, v)
-                                                               for k, v in attrs.items()],
-                       name=self.name(op_type))
-        self.graph.insert_before(self.anchor, node)
-        out = node.outputs[0]
+        out = self.node(op_type, list(inputs), **attrs).outputs[0]
         if like is not None:
             out.type = like.type
         if dims is not None:

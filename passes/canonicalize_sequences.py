@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnxc.ir import GraphWriter
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import attr_value, const_array, replace_value
 from onnxc.shapes import dims_of
@@ -84,31 +85,18 @@ def rewrite(graph: ir.Graph, node: ir.Node, sizes: list[int], opset: int) -> Non
     x, n = node.inputs[0], len(sizes)
     axis = attr_value(node, "axis", default=0)
     squeeze = (len(node.inputs) < 2 or node.inputs[1] is None) and attr_value(node, "keepdims", default=1) == 0
-    base = node.name or "split_to_sequence"
+    w = GraphWriter(graph, f"{node.name or 'split_to_sequence'}/canonical", node)
 
     def const(arr: np.ndarray, stem: str) -> ir.Value:
-        name = f"{base}/{stem}"
-        while name in graph.initializers:
-            add.count += 1
-            name = f"{base}/{stem}_{add.count}"
-        v = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
-                     shape=ir.Shape(arr.shape), const_value=ir.tensor(arr))
-        graph.register_initializer(v)
-        return v
+        return w.const(arr, stem)
 
     def add(op: str, inputs: list, n_out: int = 1, **attrs) -> ir.Node:
-        new = ir.Node("", op, inputs, attributes=[ir.Attr(k, ir.AttributeType.INT, v) for k, v in attrs.items()],
-                      num_outputs=n_out, name=f"{base}/{op}_{add.count}")
-        add.count += 1
-        graph.insert_before(node, new)
-        return new
-    add.count = 0
+        return w.node(op, inputs, n_out=n_out, **attrs)
 
     if opset >= 13:
         split = add("Split", [x, const(np.array(sizes, np.int64), "sizes")], n, axis=axis)
     else:
-        split = add("Split", [x], n, axis=axis)
-        split.attributes["split"] = ir.Attr("split", ir.AttributeType.INTS, sizes)
+        split = add("Split", [x], n, axis=axis, split=sizes)
     dims = dims_of(x)
     parts = []
     for k, out in enumerate(split.outputs):
@@ -119,7 +107,8 @@ def rewrite(graph: ir.Graph, node: ir.Node, sizes: list[int], opset: int) -> Non
         parts.append(out)
     if squeeze:
         ax = const(np.array([axis], np.int64), "axis")
-        parts = [add("Squeeze", [p, ax]).outputs[0] if opset >= 13 else _squeeze_attr(add, p, axis) for p in parts]
+        parts = [add("Squeeze", [p, ax]).outputs[0] if opset >= 13 else add("Squeeze", [p], axes=[axis]).outputs[0]
+                 for p in parts]
     for user, _ in list(node.outputs[0].uses()):
         if user.op_type == "SequenceAt":
             part = parts[_index(user, n)]
@@ -134,20 +123,8 @@ def rewrite(graph: ir.Graph, node: ir.Node, sizes: list[int], opset: int) -> Non
             if attr_value(user, "new_axis", default=0) == 1:
                 ax = const(np.array([c_axis], np.int64), "new_axis")
                 pieces = [add("Unsqueeze", [p, ax]).outputs[0] if opset >= 13 else
-                          _unsqueeze_attr(add, p, c_axis) for p in parts]
+                          add("Unsqueeze", [p], axes=[c_axis]).outputs[0] for p in parts]
             replace_value(user.outputs[0], add("Concat", pieces, axis=c_axis).outputs[0])
-
-
-def _squeeze_attr(add, p: ir.Value, axis: int) -> ir.Value:
-    n = add("Squeeze", [p])
-    n.attributes["axes"] = ir.Attr("axes", ir.AttributeType.INTS, [axis])
-    return n.outputs[0]
-
-
-def _unsqueeze_attr(add, p: ir.Value, axis: int) -> ir.Value:
-    n = add("Unsqueeze", [p])
-    n.attributes["axes"] = ir.Attr("axes", ir.AttributeType.INTS, [axis])
-    return n.outputs[0]
 
 
 @register_pass

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 from onnxc import probe
+from onnxc.ir import GraphWriter
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import attr_value, const_array, replace_value
 from onnxc.rotary import Rotary, parse_rotary
@@ -634,29 +635,7 @@ def _read_tables(model: ir.Model, rot: Rotary, max_len: int) -> tuple[np.ndarray
 
 
 # -------------------------------------------------------------------------------------------------- rewrite
-class _Builder:
-    def __init__(self, graph: ir.Graph, prefix: str):
-        self.graph, self.prefix, self.count = graph, prefix, 0
-        self.front = graph[0] if len(graph) else None   # nodes with no anchor go before it, in creation order
-
-    def name(self, stem: str) -> str:
-        self.count += 1
-        return f"{self.prefix}/{stem}_{self.count}"
-
-    def const(self, arr: np.ndarray, stem: str) -> ir.Value:
-        v = ir.Value(name=self.name(stem), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
-                     shape=ir.Shape(arr.shape), const_value=ir.tensor(arr))
-        self.graph.register_initializer(v)
-        return v
-
-    def node(self, op: str, inputs: list, before: ir.Node | None, domain: str = "", n_out: int = 1,
-             **attrs) -> ir.Node:
-        node = ir.node(op, inputs, attributes=attrs, domain=domain, num_outputs=n_out, name=self.name(op))
-        for o in node.outputs:
-            o.name = self.name(f"{op}_out")
-        anchor = before or self.front
-        self.graph.insert_before(anchor, node) if anchor is not None else self.graph.append(node)
-        return node
+_Builder = GraphWriter
 
 
 def _flat(b: _Builder, x4: ir.Value, anchor: ir.Node) -> ir.Value:

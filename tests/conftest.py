@@ -6,3 +6,10 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 pytest.register_assert_rewrite("helpers")
+
+# The suite writes nothing into the repository: no hypothesis example database (failing examples are printed,
+# and fixed ones are kept as @example in the tests).
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("onnxc", database=None)
+settings.load_profile("onnxc")

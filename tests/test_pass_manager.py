@@ -413,3 +413,20 @@ def test_a_declared_anchor_that_is_no_pass_is_a_usage_error(registry):
     pm.register_pass(_declared("my-lost", after="fuse-rms-nrom"))
     with pytest.raises(UsageError, match="runs after 'fuse-rms-nrom', which is no pass; did you mean 'fuse-rms-norm'"):
         build_pipeline(pm.PassContext(level=2))
+
+
+def test_rule_pass_drops_the_constants_its_rewrites_orphan(registry):
+    """A rule that replaces x * c by Neg(x) leaves c unread: the pass removes it, and leaves a constant that was
+    unread before it ran to eliminate-dead."""
+    import numpy as np
+    from helpers import parse
+    from onnxc.rules import Rule
+
+    model = parse("""
+    g (float[2] x) => (float[2] y) {
+      y = Mul(x, c)
+    }""", {"c": np.array([-1.0, -1.0], np.float32), "idle": np.array([3.0], np.float32)})
+    rule = Rule("mul-minus-one", lambda op, x, c: op.Mul(x, c), lambda op, x, c: op.Neg(x))
+    result = pm.RulePass("negate", [rule]).run(model, pm.PassContext())
+    assert result.counts == {"mul-minus-one": 1}
+    assert sorted(model.graph.initializers) == ["idle"]
