@@ -4,7 +4,7 @@ of the others was not.
 A site is counted in the compiled graph, by what it computes, not by which pass looked at it:
 
 - attention: a fused attention op (GroupQueryAttention, MultiHeadAttention, Attention, ONNX Attention), or a
-  Softmax left whose probabilities are multiplied by values (MatMul(P, V), through Cast/Where); a router's
+  Softmax left whose probabilities are multiplied by values (MatMul(P, V), through Cast/Where/Reshape); a router's
   Softmax (read by TopK) is no attention site;
 - norm: a fused norm (LayerNormalization, SimplifiedLayerNormalization, RMSNormalization and the skip and embed
   forms), or a ReduceMean left over a square (Pow(x, 2) or Mul(x, x)): each LayerNorm or RMSNorm has exactly one;
@@ -29,7 +29,7 @@ NORM_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "RMS
 SKIP_NORM_OPS = frozenset({"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"})
 EMBED_NORM_OPS = frozenset({"EmbedLayerNormalization"})
 GELU_OPS = frozenset({"Gelu", "FastGelu", "BiasGelu", "QuickGelu", "BiasFastGelu"})
-PASSTHROUGH = frozenset({"Cast", "Where", "Dropout", "Identity"})
+PASSTHROUGH = frozenset({"Cast", "Where", "Dropout", "Identity", "Reshape"})   # BLOOM/DeBERTa merge heads first
 _NOTE = re.compile(r"^fuse-gqa: attention at (?P<site>.+?) not fused: (?P<reason>.*)$")
 FAMILIES = ("attention", "norm", "skip_norm", "gelu")
 
@@ -39,7 +39,7 @@ def _readers(v: ir.Value) -> list[ir.Node]:
 
 
 def _feeds_value_product(sm: ir.Node, depth: int = 3) -> bool:
-    """Softmax output reaches MatMul as its first operand, through at most `depth` Cast/Where."""
+    """Softmax output reaches MatMul as its first operand, through at most `depth` Cast/Where/Reshape."""
     frontier = [sm.outputs[0]]
     for _ in range(depth + 1):
         nxt = []

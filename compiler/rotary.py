@@ -139,6 +139,8 @@ def parse_rotary(v: ir.Value, prove: bool = False) -> Rotary | None:
         rest = slice_last(c.inputs[1])
         inner = parse_rotary(c.inputs[0], prove)
         if rest is not None and inner is not None:
+            if inner.x is rest[0] and rest[1] == rest[2] == _dims(rest[0])[-1]:
+                return inner            # Concat(rotary(x), x[..., d:]): the pass-through part is empty
             head = slice_last(inner.x)
             if head is not None and head[0] is rest[0] and head[1:] == (0, rest[1]) \
                     and rest[2] == _dims(rest[0])[-1]:

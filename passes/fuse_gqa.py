@@ -562,12 +562,13 @@ def _pinned(model: ir.Model, where: ir.Node, flag: bool, read):
         model.graph.initializers.pop(pin.name)
 
 
-def _implied_positions(graph: ir.Graph, feeds: dict[str, np.ndarray], sc: Scenario) -> np.ndarray:
-    """The positions a model without a position input gives its S new tokens: the last S of the total length, which
-    its mask's length states (a prefill-only model has no past, so they are 0..S-1 whatever the scenario says)."""
+def _implied_positions(graph: ir.Graph, feeds: dict[str, np.ndarray], sc: Scenario, seq: int) -> np.ndarray:
+    """The positions a model without a position input gives its `seq` new tokens (the tables' length as evaluated:
+    a static model keeps its own): the last ones of the total length, which its mask's length states (a
+    prefill-only model has no past, so they are 0..S-1 whatever the scenario says)."""
     masks = [feeds[v.name] for v in graph.inputs if input_role(v) == "mask" and v.name in feeds]
-    total = masks[0].shape[-1] if masks and masks[0].ndim == 2 else sc.past + sc.seq
-    return np.arange(total - sc.seq, total)[None]
+    total = masks[0].shape[-1] if masks and masks[0].ndim == 2 else sc.past + seq
+    return np.arange(total - seq, total)[None]
 
 
 def _read_tables(model: ir.Model, rot: Rotary, max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -591,7 +592,8 @@ def _read_tables(model: ir.Model, rot: Rotary, max_len: int) -> tuple[np.ndarray
             cos, sin = probe.evaluate(model.graph, [rot.cos, rot.sin], feeds)
         except probe.ProbeError as exc:
             raise Refuse(f"the rotary tables cannot be evaluated: {exc}") from None
-        pos = feeds[pos_ins[0].name] if pos_ins else _implied_positions(model.graph, feeds, sc)
+        seq = cos.shape[1 if rot.bsnh else -2] if cos.ndim >= 2 else sc.seq
+        pos = feeds[pos_ins[0].name] if pos_ins else _implied_positions(model.graph, feeds, sc, seq)
         shape = pos.shape[:-1] + (pos.shape[-1], rot.dim) if pos.ndim == 2 else (sc.batch, sc.seq, rot.dim)
         try:
             ax = 2 if rot.bsnh else 1      # the head axis of (B, 1, S, D) or (B, S, 1, D) tables
@@ -745,8 +747,16 @@ class FuseGQA(Pass):
                 if do_rotary:
                     key = (id(site.rotary.cos), id(site.rotary.sin))
                     if key not in rot_cache:
-                        rot_cache[key] = _probe_rotary(model, site.rotary, max_len)
+                        try:
+                            rot_cache[key] = _probe_rotary(model, site.rotary, max_len)
+                        except Refuse as exc:
+                            # the kernel cannot derive these tables; the graph's own rotation stays outside it
+                            rot_cache[key] = exc
+                            ctx.notes.append(f"fuse-gqa: rotary at {sm.name} stays outside GroupQueryAttention: "
+                                             f"{exc}")
                     tables = rot_cache[key]
+                    if isinstance(tables, Refuse):
+                        do_rotary, tables = False, None
             except (Refuse, ValueError, IndexError, TypeError) as exc:   # an unexpected graph is refused, never fatal
                 if sm.outputs[0].uses():
                     why = exc if isinstance(exc, Refuse) else f"unexpected graph ({type(exc).__name__}: {exc})"

@@ -98,3 +98,15 @@ def test_cli_explain_takes_a_pass_without_rules():
     assert "fuse-gqa: fired fuse-gqa=2" in r.output
     r = CliRunner().invoke(main, ["compile", str(MODELS / "llama_dynamo_past.onnx"), "--explain", "fuse-gq"])
     assert r.exit_code == 2 and "did you mean 'fuse-gqa'" in r.output
+
+
+def test_coverage_follows_a_head_merging_reshape_to_the_value_product():
+    """BLOOM and DeBERTa merge batch and heads between the Softmax and MatMul(P, V): still an attention site."""
+    model = parse("""
+    g (float[2, 4, 3, 3] s, float[8, 3, 5] v) => (float[8, 3, 5] y) {
+      p = Softmax<axis=-1>(s)
+      pr = Reshape(p, shape)
+      y = MatMul(pr, v)
+    }""", {"shape": np.array([8, 3, 3], np.int64)})
+    cov = coverage.measure(model, [])
+    assert (cov["attention"]["found"], cov["attention"]["fused"]) == (1, 0)

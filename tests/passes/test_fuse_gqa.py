@@ -243,16 +243,24 @@ def test_fuse_gqa_interleaved_rotary_stays_outside_below_the_kernel_size():
     assert_equivalent(v, build(v), model)
 
 
-def test_fuse_gqa_refuses_interleaved_tables_that_are_not_pairwise():
-    proto = build(Variant(interleaved=True))
+def _rotary_outside(model: ir.Model, ctx: pm.PassContext, reason: str) -> None:
+    """Attention fused, the graph's own rotation left outside the kernel (do_rotary=0), with the reason noted."""
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 1 and gqa[0].attributes["do_rotary"].value == 0, ctx.notes
+    assert any("stays outside GroupQueryAttention" in n and reason in n for n in ctx.notes), ctx.notes
+
+
+def test_fuse_gqa_keeps_interleaved_tables_that_are_not_pairwise_outside():
+    v = Variant(interleaved=True)
+    proto = build(v)
     g = proto.graph
     pairs = next(n for n in g.node if n.op_type == "Concat" and len(n.input) == 2 and n.input[0] == n.input[1])
     g.initializer.append(onnx.numpy_helper.from_array(np.array(1.5, np.float32), "c_odd"))
     g.node.insert(list(g.node).index(pairs), onnx.helper.make_node("Mul", [pairs.input[1], "c_odd"], ["f_odd"]))
     pairs.input[1] = "f_odd"
     model, ctx = fuse(proto)
-    assert ops(model)["GroupQueryAttention"] == 0
-    assert any("not repeated pairwise" in n for n in ctx.notes), ctx.notes
+    _rotary_outside(model, ctx, "not repeated pairwise")
+    assert_equivalent(v, proto, model)
 
 
 @pytest.mark.parametrize("past", [True, False])
@@ -354,8 +362,9 @@ def test_fuse_gqa_refuses_masks_it_cannot_express(variant, reason):
     assert any(reason in note for note in ctx.notes), ctx.notes
 
 
-def test_fuse_gqa_refuses_rotary_that_depends_on_more_than_position():
-    proto = build(Variant())
+def test_fuse_gqa_keeps_rotary_that_depends_on_more_than_position_outside():
+    v = Variant()
+    proto = build(v)
     # scale cos by the attention mask's length: no longer a function of the position alone
     g = proto.graph
     cos_node = next(n for n in g.node if n.op_type == "Cos")
@@ -368,8 +377,8 @@ def test_fuse_gqa_refuses_rotary_that_depends_on_more_than_position():
     for k, n in enumerate([t, tf, mul]):
         g.node.insert(idx + 1 + k, n)
     model, ctx = fuse(proto)
-    assert ops(model)["GroupQueryAttention"] == 0
-    assert any("not a function of the position alone" in n or "not two equal halves" in n for n in ctx.notes)
+    _rotary_outside(model, ctx, "not a function of the position alone")
+    assert_equivalent(v, proto, model)
 
 
 def _cases_agree(v: Variant, before: onnx.ModelProto, after: ir.Model, cases) -> None:
@@ -400,7 +409,7 @@ def test_fuse_gqa_longrope_switches_tables_at_the_total_length():
                                    (1, 2, 5)])
 
 
-def test_fuse_gqa_refuses_a_switch_that_reads_more_than_the_largest_position():
+def test_fuse_gqa_keeps_a_switch_that_reads_more_than_the_largest_position_outside():
     # the condition reads the sum of the position ids: a decode step (one position) and a prefill of the same total
     # length disagree, so no threshold on the total length expresses it
     proto = build(Variant(longrope=6))
@@ -410,8 +419,8 @@ def test_fuse_gqa_refuses_a_switch_that_reads_more_than_the_largest_position():
     red.ClearField("attribute")
     red.attribute.append(onnx.helper.make_attribute("keepdims", 0))
     model, ctx = fuse(proto, max_seq_len=64)
-    assert ops(model)["GroupQueryAttention"] == 0
-    assert any("not a function of the position alone" in n for n in ctx.notes), ctx.notes
+    _rotary_outside(model, ctx, "not a function of the position alone")
+    _cases_agree(Variant(longrope=6), proto, model, [(1, 4, 0), (1, 1, 9), (1, 3, 6)])
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
