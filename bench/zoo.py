@@ -54,7 +54,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "out" / "zoo"
+# ONNXC_ZOO_OUT moves the exports and results (e.g. a sweep under another transformers, run with that venv's python:
+#   ONNXC_ZOO_OUT=bench/out/zoo-tf524 /path/to/venv/bin/python bench/zoo.py --matrix core --only 'llama*')
+OUT = Path(os.environ.get("ONNXC_ZOO_OUT", ROOT / "bench" / "out" / "zoo")).resolve()
 COMPILES = ((2, "cpu"), (3, "cuda"))
 MS = "com.microsoft."
 FUSED = {MS + "GroupQueryAttention": "GQA", MS + "Attention": "Attn", MS + "MultiHeadAttention": "MHA",
