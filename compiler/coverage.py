@@ -53,11 +53,6 @@ def _feeds_value_product(sm: ir.Node, depth: int = 3) -> bool:
     return False
 
 
-def _producer_op(v: ir.Value | None) -> str | None:
-    p = v.producer() if v is not None else None
-    return p.op_type if p is not None else None
-
-
 def _is_square(v: ir.Value | None) -> bool:
     p = v.producer() if v is not None else None
     if p is None:
@@ -73,11 +68,9 @@ def _computed(v: ir.Value | None) -> bool:
 
 
 def _residual(v: ir.Value | None) -> bool:
-    """v is Add(a, b) of two computed values (a residual sum), not a bias add."""
+    """v is Add(a, b) of two computed values (a residual sum; a bias Add has a constant operand)."""
     p = v.producer() if v is not None else None
-    return p is not None and p.op_type == "Add" and len(p.inputs) == 2 and all(_computed(i) for i in p.inputs) \
-        and not any(i.producer() is not None and i.producer().op_type in ("MatMul", "Gemm") and
-                    p.inputs[1 - k].const_value is not None for k, i in enumerate(p.inputs))
+    return p is not None and p.op_type == "Add" and len(p.inputs) == 2 and all(_computed(i) for i in p.inputs)
 
 
 def _tanh_gelu(t: ir.Node) -> bool:
