@@ -100,6 +100,12 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _check_model_file(path: Path) -> None:
+    """A model path names a regular file (exit 3 before any other check or work)."""
+    if not path.is_file():
+        raise InvalidModelError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
+
+
 def _load_plugins(plugins: tuple[str, ...]) -> None:
     from . import pass_manager as pm
     for p in plugins:
@@ -159,8 +165,7 @@ def compile_cmd(model: Path, level: int, target: str, output: Path | None, repor
     if output is None:
         output = model.with_name(model.name[:-5] + ".onnxc.onnx" if model.name.endswith(".onnx")
                                  else model.name + ".onnxc.onnx")
-    if not model.is_file():
-        raise InvalidModelError(f"{model}: {'not a regular file' if model.exists() else 'no such file'}")
+    _check_model_file(model)
     irio.check_writable(output, "output")             # before any work: a bad place fails now, not after it
     if report is not None:
         irio.check_writable(report, "--report", suffixes=(".tmp0000000",))
@@ -441,8 +446,7 @@ def verify_cmd(reference: Path, candidate: Path, seed: int, verify_inputs: str |
     from .errors import EXIT_VERIFY
 
     for p in (reference, candidate):
-        if not p.is_file():
-            raise InvalidModelError(f"{p}: {'not a regular file' if p.exists() else 'no such file'}")
+        _check_model_file(p)
     if report is not None:
         irio.check_writable(report, "--report", suffixes=(".tmp0000000",))
     ref = irio.load(reference)
