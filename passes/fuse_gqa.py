@@ -496,36 +496,45 @@ def _probe_rotary(model: ir.Model, rot: Rotary, max_len: int) -> Tables:
 
 def _length_switch(model: ir.Model, rot: Rotary, max_len: int) -> tuple[ir.Node, int] | None:
     """(Where node, t0) when exactly one Where in the rotary cone has a scalar condition read from the position ids
-    alone, and that condition holds exactly when the total length T (positions 0..T-1, or the last ones of them)
-    exceeds t0, at every length probed. None otherwise."""
+    alone (or, in a model without a position input, from the shapes of its other inputs: the positions are then
+    the last ones of the total length), and that condition holds exactly when the total length T exceeds t0, at
+    every length probed. None otherwise."""
     graph = model.graph
     try:
         cone = probe.cone(graph, [rot.cos, rot.sin])
     except probe.ProbeError:
         return None
     pos_ins = [v for v in cone.inputs if input_role(v) == "position"]
-    if len(pos_ins) != 1:
+    if len(pos_ins) > 1:
         return None
-    pos = pos_ins[0]
+    pos = pos_ins[0] if pos_ins else None
+    has_past = any(input_role(v) == "past" for v in graph.inputs)
     found = []
     for n in cone.nodes:
         d = dims_of(n.inputs[0]) if n.op_type == "Where" and n.domain == "" else None
         if d is None or not all(isinstance(x, int) for x in d) or int(np.prod(d)) != 1:
             continue
         try:
-            inputs = probe.cone(graph, [n.inputs[0]]).inputs
+            c = probe.cone(graph, [n.inputs[0]])
         except probe.ProbeError:
             continue
-        if [v.name for v in inputs] == [pos.name]:
+        if pos is not None and [v.name for v in c.inputs] == [pos.name]:
+            found.append(n)
+        elif pos is None and c.inputs and not c.data_inputs:      # shapes only: the lengths
             found.append(n)
     if len(found) != 1:
         return None
-    where, dtype = found[0], pos.dtype.numpy() if pos.dtype is not None else np.int64
+    where = found[0]
+    reads = {v.name for v in probe.cone(graph, [where.inputs[0]]).inputs}
 
     def holds(total: int, batch: int = 1, seq: int | None = None) -> bool:
         seq = total if seq is None else seq
-        ids = np.broadcast_to(np.arange(total - seq, total, dtype=dtype), (batch, seq)).copy()
-        return bool(probe.evaluate(graph, [where.inputs[0]], {pos.name: ids})[0].reshape(-1)[0])
+        if pos is not None:
+            dtype = pos.dtype.numpy() if pos.dtype is not None else np.int64
+            feeds = {pos.name: np.broadcast_to(np.arange(total - seq, total, dtype=dtype), (batch, seq)).copy()}
+        else:
+            feeds = make_inputs(graph, Scenario("switch", batch, seq, total - seq), seed=0, only=reads)
+        return bool(probe.evaluate(graph, [where.inputs[0]], feeds)[0].reshape(-1)[0])
 
     try:
         lo, hi = 0, max_len            # smallest T in [1, max_len] where it holds, max_len + 1 if none
@@ -540,7 +549,10 @@ def _length_switch(model: ir.Model, rot: Rotary, max_len: int) -> tuple[ir.Node,
         probes = {t for t in (1, 2, 3, t0 - 1, t0, t0 + 1, t0 + 2, max_len // 2, max_len) if 1 <= t <= max_len}
         for t in sorted(probes):
             want = t > t0
-            if holds(t) != want or holds(t, seq=1) != want or holds(t, batch=2, seq=min(t, 3)) != want:
+            if holds(t) != want or holds(t, batch=2) != want:
+                return None
+            if (pos is not None or has_past) and (holds(t, seq=1) != want or
+                                                   holds(t, batch=2, seq=min(t, 3)) != want):
                 return None
     except probe.ProbeError:
         return None
@@ -621,10 +633,12 @@ def _read_tables(model: ir.Model, rot: Rotary, max_len: int) -> tuple[np.ndarray
     # chunk of a batch of two, and single tokens after caches of growing lengths (a switch on the total length,
     # as longrope's, shows up between two of them).
     checks = [Scenario("positions", 2, 4, 3)]
-    if pos_ins and not static_total:
+    if not static_total:
+        # a model without position input or cache is checked on prefills of the same growing lengths
+        one_step = bool(pos_ins) or any(input_role(v) == "past" for v in model.graph.inputs)
         total = 1
         while total < len(cos_cache):
-            checks.append(Scenario("positions", 1, 1, total - 1))
+            checks.append(Scenario("positions", 1, 1, total - 1) if one_step else Scenario("positions", 1, total, 0))
             total = total * 3 // 2 + 1
     for sc in checks:
         c2, s2, pos = run(sc)

@@ -40,6 +40,7 @@ class Variant:
     rotate: str = "slice"         # rotate_half(x) as: "slice" Concat(Neg(x[h:]), x[:h]); "split" Split then Concat;
     #                               "matmul" x @ R (a signed permutation); "gather" Gather(x, perm) * signs
     tables_per_use: bool = False  # Q and K read cos/sin computed twice (equal values, distinct nodes)
+    positions: bool = True        # a position_ids input; False: positions are Range(past, total) from the shapes
 
 
 def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
@@ -74,6 +75,8 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
     s = op("Gather", op("Shape", x), const(np.array(1, dtype=np.int64)), axis=0)
     t = op("Gather", op("Shape", mask), const(np.array(1, dtype=np.int64)), axis=0)
     p = op("Sub", t, s)
+    if not v.positions:      # the model numbers its tokens itself: past .. total - 1 (HF's cache_position)
+        pos = op("Unsqueeze", op("Range", p, t, const(np.array(1, np.int64))), i64(0))
 
     def proj(width, heads, bnsh=True):
         w = const((rng.standard_normal((hidden, width)) * 0.2).astype(npdt))
@@ -213,8 +216,9 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
     bd, sd, td, pd = ("batch", "seq", "total", "past") if v.static is None else \
         (v.static[0], v.static[1], v.static[1] + v.static[2], v.static[2])
     inputs = [helper.make_tensor_value_info("x", v.dtype, [bd, sd, hidden]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [bd, td]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [bd, sd])]
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [bd, td])]
+    if v.positions:
+        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, [bd, sd]))
     outputs = [helper.make_tensor_value_info("out", v.dtype, [bd, sd, hidden])]
     if v.past:
         for kind in ("key", "value"):

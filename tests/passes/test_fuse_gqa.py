@@ -43,6 +43,8 @@ def feeds_for(v: Variant, batch: int, seq: int, past: int, pad: int = 0, seed: i
         mask[-1, past + seq - pad:] = 0
     f = {"x": rng.standard_normal((batch, seq, 32)).astype(dt), "attention_mask": mask,
          "position_ids": np.broadcast_to(np.arange(past, past + seq), (batch, seq)).astype(np.int64).copy()}
+    if not v.positions:
+        del f["position_ids"]
     if v.past:
         for kind in ("key", "value"):
             f[f"past_key_values.0.{kind}"] = rng.standard_normal((batch, v.kv_heads, past, v.head)).astype(dt)
@@ -455,6 +457,7 @@ variants = st.builds(
     dtype=st.sampled_from([onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16]),
     rotate=st.sampled_from(["slice", "slice", "split", "matmul", "gather"]),
     tables_per_use=st.booleans(),
+    positions=st.booleans(),
 )
 
 
@@ -485,6 +488,28 @@ def test_fuse_gqa_proves_rotate_half_by_evaluation(rotate, past):
     gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
     assert gqa.attributes["do_rotary"].value == 1
     assert_equivalent(v, build(v), model)
+
+
+@pytest.mark.parametrize("past", [True, False])
+def test_fuse_gqa_reads_the_positions_of_a_model_without_a_position_input(past):
+    """Positions Range(past, total) from the shapes (HF's cache_position): the tables are read at the positions the
+    mask's length implies, and the rotary goes inside the kernel."""
+    v = Variant(positions=False, past=past)
+    model, ctx = fuse(build(v))
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 1 and gqa[0].attributes["do_rotary"].value == 1, ctx.notes
+    assert_equivalent(v, build(v), model)
+
+
+def test_fuse_gqa_longrope_switch_without_a_position_input():
+    """longrope's switch reads the total length from the shapes alone: found, both regimes stored, rotary inside;
+    prefills and decode steps on both sides of the switch agree."""
+    v = Variant(longrope=6, positions=False)
+    proto = build(v)
+    model, ctx = fuse(proto, max_seq_len=64)
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 1 and gqa[0].attributes["do_rotary"].value == 1, ctx.notes
+    _cases_agree(v, proto, model, [(1, 4, 0), (1, 9, 0), (1, 1, 3), (1, 1, 9), (1, 3, 6), (2, 1, 12)])
 
 
 def test_fuse_gqa_proves_tables_computed_twice_equal():
