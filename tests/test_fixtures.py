@@ -114,6 +114,12 @@ def test_fixture_reaches_full_fusion(entry, level, target, fused):
         assert ops.get(op, 0) == count, (op, ops, report["notes"])
     for gone in ("Softmax", "ReduceMean", "Erf", "Tanh", "Expand"):
         assert gone not in ops, (gone, ops)
+    cov = report["coverage"]
+    layers = entry["config"]["num_layers"]
+    assert cov["attention"] == {"found": layers, "fused": layers, "misses": []}, cov
+    for family in ("norm", "skip_norm", "gelu"):
+        assert cov[family]["fused"] == cov[family]["found"] and not cov[family]["misses"], (family, cov)
+    assert cov["skip_norm"]["found"] == 2 * layers
 
 
 @pytest.mark.parametrize("name", ["llama_dynamo_past", "gpt2_ts_past", "bert_dynamo"])
