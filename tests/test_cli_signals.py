@@ -217,3 +217,18 @@ def test_summary_gives_sizes_groups_the_cleanup_and_warns_when_the_output_grows(
     progress = [line for line in r.output.splitlines() if line.startswith("  ")]
     assert sum("fixpoint(fold-constants..eliminate-dead) x" in line for line in progress) == 3   # -O2 cleans 3 times
     assert not any(line.split()[0] == "fold-constants" for line in progress)
+
+
+def test_level_help_says_what_o3_does_on_cpu():
+    r = CliRunner().invoke(main, ["compile", "--help"])
+    assert r.exit_code == 0 and "on cpu, -O3 is -O2" in " ".join(r.output.split())
+
+
+def test_every_dependency_states_a_tested_range():
+    """A fresh install gets only releases CI has run: each requirement has a lower and an upper bound (or a pin)."""
+    import tomllib
+
+    project = tomllib.loads((FIXTURES_ROOT.parent / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    for req in reqs:
+        assert "==" in req or (">=" in req and "<" in req.replace("<=", "")), req
