@@ -319,9 +319,9 @@ def _print_summary(rep: dict, verbose: bool = False) -> None:
                       f"{_mib(i['model'] + i['data'])})")
     for line in coverage.lines(rep["coverage"]) if "coverage" in rep else []:
         err.print(line, markup=False)
-    shown = {m["reason"] for c in rep.get("coverage", {}).values() for m in c["misses"]}
+    shown = {m["site"] for c in rep.get("coverage", {}).values() for m in c["misses"]}
     for note in rep["notes"]:
-        if not any(note.endswith(r) for r in shown):    # an attention miss is on its coverage line
+        if coverage.noted_miss(note)[0] not in shown:    # an attention miss is on its coverage line
             err.print(f"note: {note}", markup=False)
     for line in rep.get("details", []) if verbose else []:
         err.print(f"detail: {line}", markup=False)

@@ -79,13 +79,19 @@ def _tanh_gelu(t: ir.Node) -> bool:
                for n in _readers(t.outputs[0]))
 
 
+def noted_miss(note: str) -> tuple[str | None, str | None]:
+    """(site, reason) of a pass note recording an attention site left unfused, (None, None) for other notes."""
+    m = _NOTE.match(note)
+    return (m["site"], m["reason"]) if m else (None, None)
+
+
 def measure(model: ir.Model, notes: list[str]) -> dict[str, dict[str, Any]]:
     """{family: {"found": N, "fused": M, "misses": [{"site": name, "reason": text}, ...]}} for the compiled graph."""
     reasons: dict[str, str] = {}
     for note in notes:
-        m = _NOTE.match(note)
-        if m:
-            reasons.setdefault(m["site"], m["reason"])
+        site, reason = noted_miss(note)
+        if site is not None:
+            reasons.setdefault(site, reason)
     out = {f: {"found": 0, "fused": 0, "misses": []} for f in FAMILIES}
 
     def miss(family: str, node: ir.Node, reason: str) -> None:

@@ -131,13 +131,25 @@ def proved_rotation(r: ir.Value, x: ir.Value) -> str | None:
     return None
 
 
-def parse_rotary(v: ir.Value, prove: bool = False) -> Rotary | None:
-    """x*cos + rotate_half(x)*sin (any operand order), or Concat(that over x[..., :r], x[..., r:]) for partial.
-    rotate_half is read from the graph's canonical structure; with `prove`, other forms are proved by evaluation."""
+def readings(add: ir.Node):
+    """Every way to read Add(Mul, Mul) as x * cos + r * sin: (the Mul reading r, r's input index there, x, cos, r,
+    sin), either operand order of the Add and of each Mul."""
+    for m1, m2 in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
+        p, q = _prod(m1, "Mul"), _prod(m2, "Mul")
+        if p is None or q is None:
+            continue
+        for x, cos in ((p.inputs[0], p.inputs[1]), (p.inputs[1], p.inputs[0])):
+            for k in (0, 1):
+                yield q, k, x, cos, q.inputs[k], q.inputs[1 - k]
+
+
+def parse_rotary(v: ir.Value) -> Rotary | None:
+    """x*cos + rotate_half(x)*sin (any operand order), or Concat(that over x[..., :r], x[..., r:]) for partial,
+    with rotate_half in its canonical structure (canonicalize-rotary brings other forms there)."""
     c = _prod(v, "Concat")
     if c is not None and len(c.inputs) == 2 and attr_value(c, "axis") in (-1, 3):
         rest = slice_last(c.inputs[1])
-        inner = parse_rotary(c.inputs[0], prove)
+        inner = parse_rotary(c.inputs[0])
         if rest is not None and inner is not None:
             if inner.x is rest[0] and rest[1] == rest[2] == _dims(rest[0])[-1]:
                 return inner            # Concat(rotary(x), x[..., d:]): the pass-through part is empty
@@ -149,22 +161,9 @@ def parse_rotary(v: ir.Value, prove: bool = False) -> Rotary | None:
     a = _prod(v, "Add")
     if a is None:
         return None
-    for m1, m2 in ((a.inputs[0], a.inputs[1]), (a.inputs[1], a.inputs[0])):
-        p, q = _prod(m1, "Mul"), _prod(m2, "Mul")
-        if p is None or q is None:
-            continue
-        for x, cos in ((p.inputs[0], p.inputs[1]), (p.inputs[1], p.inputs[0])):
-            for r, sin in ((q.inputs[0], q.inputs[1]), (q.inputs[1], q.inputs[0])):
-                if rotate_half_of(r) is x:
-                    return Rotary(x, cos, sin, _dims(x)[-1])
-                if rotate_every_two_of(r) is x:
-                    return Rotary(x, cos, sin, _dims(x)[-1], interleaved=True)
-    for m1, m2 in ((a.inputs[0], a.inputs[1]), (a.inputs[1], a.inputs[0])) if prove else ():
-        p, q = _prod(m1, "Mul"), _prod(m2, "Mul")
-        if p is None or q is None:
-            continue
-        for x, cos in ((p.inputs[0], p.inputs[1]), (p.inputs[1], p.inputs[0])):
-            for r, sin in ((q.inputs[0], q.inputs[1]), (q.inputs[1], q.inputs[0])):
-                if r is not x and (form := proved_rotation(r, x)) is not None:
-                    return Rotary(x, cos, sin, _dims(x)[-1], interleaved=form == "interleaved")
+    for _, _, x, cos, r, sin in readings(a):
+        if rotate_half_of(r) is x:
+            return Rotary(x, cos, sin, _dims(x)[-1])
+        if rotate_every_two_of(r) is x:
+            return Rotary(x, cos, sin, _dims(x)[-1], interleaved=True)
     return None

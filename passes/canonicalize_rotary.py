@@ -19,27 +19,10 @@ import numpy as np
 import onnx_ir as ir
 from onnxc.ir import GraphWriter
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
-from onnxc.rotary import parse_rotary, proved_rotation, rotate_every_two_of, rotate_half_of
+from onnxc.rotary import parse_rotary, proved_rotation, readings
 from onnxc.shapes import derived_dims
 
 INT64_MAX = 2**63 - 1
-
-
-def _mul(v: ir.Value) -> ir.Node | None:
-    n = v.producer()
-    return n if n is not None and n.op_type == "Mul" and n.domain == "" else None
-
-
-def _candidates(add: ir.Node):
-    """(mul node, index of r in it, x, r) for every reading of Add(Mul, Mul) as x * c + r * s."""
-    for m1, m2 in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
-        p, q = _mul(m1), _mul(m2)
-        if p is None or q is None:
-            continue
-        for x in dict.fromkeys(p.inputs):
-            for k, r in enumerate(q.inputs):
-                if r is not x:
-                    yield q, k, x, r
 
 
 class _Writer(GraphWriter):
@@ -99,9 +82,9 @@ class CanonicalizeRotary(Pass):
         for add in [n for n in graph if n.op_type == "Add" and n.domain == "" and len(n.inputs) == 2]:
             if parse_rotary(add.outputs[0]) is not None:
                 continue                                   # already canonical
-            for mul, k, x, r in _candidates(add):
-                if rotate_half_of(r) is x or rotate_every_two_of(r) is x:
-                    break
+            for mul, k, x, _, r, _ in readings(add):
+                if r is x:
+                    continue
                 form = proved_rotation(r, x)
                 if form is None:
                     continue
