@@ -519,13 +519,13 @@ def _length_switch(model: ir.Model, rot: Rotary, max_len: int) -> tuple[ir.Node,
         except probe.ProbeError:
             continue
         if pos is not None and [v.name for v in c.inputs] == [pos.name]:
-            found.append(n)
+            found.append((n, c))
         elif pos is None and c.inputs and not c.data_inputs:      # shapes only: the lengths
-            found.append(n)
+            found.append((n, c))
     if len(found) != 1:
         return None
-    where = found[0]
-    reads = {v.name for v in probe.cone(graph, [where.inputs[0]]).inputs}
+    (where, where_cone), = found
+    reads = {v.name for v in where_cone.inputs}
 
     def holds(total: int, batch: int = 1, seq: int | None = None) -> bool:
         seq = total if seq is None else seq
