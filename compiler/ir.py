@@ -265,24 +265,40 @@ class GraphWriter:
 _DEFERRED = (signal.SIGINT, signal.SIGTERM)
 
 
+def _hold_signals() -> object | None:
+    """Block Ctrl-C and SIGTERM in the main thread; the previous mask, to give to _release_signals."""
+    main = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED) if main else None
+
+
+def _release_signals(held: object | None) -> None:
+    if held is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)    # a held signal is raised here
+
+
 @contextmanager
 def scratch_dir(prefix: str, parent: Path | None = None) -> Iterator[Path]:
     """A new folder, removed with everything in it when the block ends, however it ends. Ctrl-C and SIGTERM are held
-    back from its creation until its removal is armed, so a signal that lands between the two leaves nothing."""
-    main = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED) if main else None
+    back while it is created until its removal is armed, and while it is removed, so a signal that lands in either
+    window leaves nothing (it is raised once the folder is gone)."""
+    held = _hold_signals()
     try:
         path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     except BaseException:
-        if held is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        _release_signals(held)
         raise
     try:
-        if held is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)     # a held signal is raised here, inside the try
+        _release_signals(held)
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        held = None
+        try:
+            held = _hold_signals()
+        finally:                # a signal before the hold lands here: the folder still goes
+            try:
+                shutil.rmtree(path, ignore_errors=True)
+            finally:
+                _release_signals(held)
 
 
 class StagedOutput:
