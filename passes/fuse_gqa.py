@@ -5,7 +5,9 @@
       ->  o, K, V = GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache,
                                         num_heads=N, kv_num_heads=KV, scale=s, do_rotary, local_window_size=W)
     with seqlens_k = ReduceSum(attention_mask, 1) - 1 and total_len = Gather(Shape(attention_mask), 1), computed
-    once (nodes valid at every opset from 11: ReduceSum's axes input from 13, no Shape start/end).
+    once (nodes valid at every opset from 11: ReduceSum's axes input from 13, no Shape start/end). A model without
+    an attention_mask input (its mask made from shapes alone, nothing padded): total_len = S + P from the shapes the
+    mask reads (input_ids, the cache) and seqlens_k = total_len - 1 in every row.
 
 The attention core is read from the Softmax outward: scaling (Mul/Div by a scalar, on q, on k or on the scores,
 any mix), K's transposition (Transpose, or the Reshape/Transpose/Reshape triple of the dynamo exporter), the
@@ -24,8 +26,8 @@ and the NaN guard after Softmax. Also:
 
 Two facts cannot be read off the graph's shape, so they are proved by evaluation (compiler/probe.py):
 - the mask: evaluated on a right-padded prefill, a decode step and a chunked prefill, it must show exactly the
-  causal rule, the padding of attention_mask and, when present, a sliding window of W keys (local_window_size) on
-  every non-padded query row. This is GroupQueryAttention's contract: right padding, positions continuing the past.
+  causal rule, the padding of attention_mask (none without that input) and, when present, a sliding window of W
+  keys (local_window_size) on every non-padded query row. This is GroupQueryAttention's contract: right padding, positions continuing the past.
   Static input dims override the probes' sizes; a window is invisible at a length <= W, so with a static mask
   length (the only length the model accepts) "no window" is proven there, and with a dynamic one a window probe
   that static dims keep short is a refusal.
@@ -381,9 +383,8 @@ def _cone_inputs(graph: ir.Graph, values: list[ir.Value], what: str) -> list[ir.
         raise Refuse(f"the {what} cannot be evaluated: {exc}") from None
 
 
-def _mask_input(graph: ir.Graph, values: list[ir.Value]) -> ir.Value | None:
-    ins = [v for v in _cone_inputs(graph, values, "mask") if input_role(v) == "mask"]
-    return ins[0] if len(ins) == 1 and ins[0].shape is not None and len(ins[0].shape) == 2 else None
+def _mask_inputs(graph: ir.Graph, values: list[ir.Value]) -> list[ir.Value]:
+    return [v for v in _cone_inputs(graph, values, "mask") if input_role(v) == "mask"]
 
 
 def _visible(arr: np.ndarray, kind: str, scale: float = 1.0) -> np.ndarray:
@@ -395,34 +396,70 @@ def _visible(arr: np.ndarray, kind: str, scale: float = 1.0) -> np.ndarray:
     return arr.astype(bool) if kind == "keep" else ~arr.astype(bool)
 
 
-def _actual(model: ir.Model, feeds: dict[str, np.ndarray], mask: np.ndarray, sc: Scenario) -> Scenario:
-    """The scenario the feeds really hold: static input dims override the requested batch and lengths."""
+def _actual(model: ir.Model, feeds: dict[str, np.ndarray], mask: np.ndarray | None, sc: Scenario) -> Scenario:
+    """The scenario the feeds really hold: static input dims override the requested batch and lengths. Without a
+    mask input, the batch and new length are the ids input's (2-D), else the scenario's."""
     past = next((f.shape[2] for v in model.graph.inputs if input_role(v) == "past"
                  and (f := feeds.get(v.name)) is not None and f.ndim == 4), 0)
-    return Scenario(sc.name, mask.shape[0], mask.shape[1] - past, past)
+    if mask is not None:
+        return Scenario(sc.name, mask.shape[0], mask.shape[1] - past, past)
+    ids = next((f for v in model.graph.inputs if input_role(v) == "ids"
+                and (f := feeds.get(v.name)) is not None and f.ndim == 2), None)
+    return Scenario(sc.name, *(ids.shape if ids is not None else (sc.batch, sc.seq)), past)
 
 
-def _probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tuple[ir.Value, int]:
+@dataclass(frozen=True)
+class Lengths:
+    """Where GroupQueryAttention's seqlens_k and total length are read: the attention_mask input (row sums, width),
+    or, for a mask made from shapes alone (nothing padded), a (B, S, ...) value and the past (B, KV, P, H)."""
+    mask: ir.Value | None = None
+    rows: ir.Value | None = None
+    past: ir.Value | None = None
+
+
+def _lengths(model: ir.Model, site: Site, mask_in: ir.Value | None) -> Lengths:
+    """The mask's own sources where it reads one ids input and at most one past input, else the site's q/past."""
+    if mask_in is not None:
+        return Lengths(mask=mask_in)
+    reads = _cone_inputs(model.graph, [site.mask], "mask")
+    ids = [v for v in reads if input_role(v) == "ids" and v.shape is not None and len(v.shape) == 2]
+    pasts = [v for v in reads if input_role(v) == "past" and v.shape is not None and len(v.shape) == 4]
+    rows = ids[0] if len(ids) == 1 else site.q
+    past = pasts[0] if len(pasts) == 1 else site.past_k
+    return Lengths(rows=rows, past=past)
+
+
+def _probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tuple[ir.Value | None, int]:
     """Prove the mask is causal + right padding (+ a window); return (attention_mask input, window or -1).
+
+    A mask computed from shapes alone (the model takes no attention_mask) must be causal (+ a window) with nothing
+    padded; the attention_mask input returned is then None.
 
     Static input dims override the probes' sizes. A window of W keys cannot be seen at a total length <= W, so
     when the mask's length is static (the model accepts that one length) "no window" is proven at that length;
     when the window probe comes out shorter than asked for a dynamic length, the site is refused."""
-    mask_in = _mask_input(model.graph, [site.mask])
-    if mask_in is None:
+    masks = _mask_inputs(model.graph, [site.mask])
+    if len(masks) > 1 or (masks and (masks[0].shape is None or len(masks[0].shape) != 2)):
         raise Refuse("the mask does not come from one 2-D attention_mask input")
-    static_total = isinstance(mask_in.shape[1], int)
+    mask_in = masks[0] if masks else None
+    if mask_in is not None:
+        static_total = isinstance(mask_in.shape[1], int)
+    else:   # a mask made from shapes alone (no attention_mask input): causal, nothing padded
+        static_total = all(isinstance(d, int) for v in model.graph.inputs if input_role(v) in ("ids", "past")
+                           and v.shape is not None for d in list(v.shape)[1:3])
 
     def run(sc: Scenario, pad: int = 0) -> tuple[np.ndarray, np.ndarray, Scenario]:
         feeds = make_inputs(model, sc, seed=0)
-        m = feeds[mask_in.name]
-        if pad:
+        m = feeds[mask_in.name] if mask_in is not None else None
+        if pad and m is not None:
             m[-1, m.shape[1] - pad:] = 0
         try:
             (arr,) = probe.evaluate(model.graph, [site.mask], feeds)
         except probe.ProbeError as exc:
             raise Refuse(f"the mask cannot be evaluated: {exc}") from None
         act = _actual(model, feeds, m, sc)
+        if m is None:
+            m = np.ones((act.batch, act.past + act.seq), dtype=np.int64)
         if arr.ndim != 4 or act.seq < 1:
             raise Refuse(f"the mask is not (B, N, S, T) ({sc.name} probe: shape {arr.shape})")
         try:
@@ -579,7 +616,8 @@ def _implied_positions(graph: ir.Graph, feeds: dict[str, np.ndarray], sc: Scenar
     a static model keeps its own): the last ones of the total length, which its mask's length states (a
     prefill-only model has no past, so they are 0..S-1 whatever the scenario says)."""
     masks = [feeds[v.name] for v in graph.inputs if input_role(v) == "mask" and v.name in feeds]
-    total = masks[0].shape[-1] if masks and masks[0].ndim == 2 else sc.past + seq
+    has_past = any(input_role(v) == "past" for v in graph.inputs)
+    total = masks[0].shape[-1] if masks and masks[0].ndim == 2 else sc.past + seq if has_past else seq
     return np.arange(total - seq, total)[None]
 
 
@@ -706,23 +744,37 @@ def _cache_values(b: _Builder, t: Tables, total: ir.Value, dtype) -> tuple[ir.Va
     return out[0], out[1]
 
 
-def _seq_inputs(b: _Builder, mask: ir.Value, opset: int) -> tuple[ir.Value, ir.Value]:
-    """seqlens_k = int32(ReduceSum(mask, 1) - 1), total = int32(Gather(Shape(mask), 1)), at the graph's start.
+def _seq_inputs(b: _Builder, src: Lengths, opset: int) -> tuple[ir.Value, ir.Value]:
+    """seqlens_k and total_sequence_length (int32), computed once.
 
-    Opset-correct for 11..23: ReduceSum takes axes as an input from opset 13 (an attribute before), and the
-    total is a Gather of the whole Shape (Shape's start/end exist only from opset 15)."""
-    m64 = b.node("Cast", [mask], None, to=ir.DataType.INT64).outputs[0]
-    if opset >= 13:
-        total = b.node("ReduceSum", [m64, b.const(np.array([1], dtype=np.int64), "axes")], None, keepdims=0)
-    else:
-        total = b.node("ReduceSum", [m64], None, axes=[1], keepdims=0)
+    From a mask: seqlens_k = ReduceSum(mask, 1) - 1, total = Gather(Shape(mask), 1). From shapes (no mask): total =
+    S + P (S = rows' axis 1, P = the past's axis 2, 0 without one) and seqlens_k = ConstantOfShape([B], 0) +
+    (total - 1). Opset-correct for 11..23: ReduceSum takes axes as an input from opset 13 (an attribute before),
+    and dims are Gathers of the whole Shape (Shape's start/end exist only from opset 15)."""
+    def dim(v: ir.Value, axis, stem: str) -> ir.Value:
+        shp = b.node("Shape", [v], None).outputs[0]
+        return b.node("Gather", [shp, b.const(np.array(axis, dtype=np.int64), stem)], None, axis=0).outputs[0]
+
     one = b.const(np.array(1, dtype=np.int64), "one")
-    seqlens = b.node("Cast", [b.node("Sub", [total.outputs[0], one], None).outputs[0]], None,
-                     to=ir.DataType.INT32).outputs[0]
-    shp = b.node("Shape", [mask], None).outputs[0]
-    sq = b.node("Gather", [shp, b.const(np.array(1, dtype=np.int64), "one")], None, axis=0).outputs[0]
-    tot = b.node("Cast", [sq], None, to=ir.DataType.INT32).outputs[0]
-    seqlens.dtype, seqlens.shape = ir.DataType.INT32, ir.Shape([mask.shape[0]])
+    if src.mask is not None:
+        m64 = b.node("Cast", [src.mask], None, to=ir.DataType.INT64).outputs[0]
+        if opset >= 13:
+            total = b.node("ReduceSum", [m64, b.const(np.array([1], dtype=np.int64), "axes")], None, keepdims=0)
+        else:
+            total = b.node("ReduceSum", [m64], None, axes=[1], keepdims=0)
+        last = b.node("Sub", [total.outputs[0], one], None).outputs[0]
+        width, batch = dim(src.mask, 1, "one"), src.mask.shape[0]
+    else:
+        width = dim(src.rows, 1, "one")
+        if src.past is not None:
+            width = b.node("Add", [width, dim(src.past, 2, "two")], None).outputs[0]
+        zeros = b.node("ConstantOfShape", [dim(src.rows, [0], "zero")], None,
+                       value=ir.tensor(np.array([0], dtype=np.int64))).outputs[0]
+        last = b.node("Add", [zeros, b.node("Sub", [width, one], None).outputs[0]], None).outputs[0]
+        batch = src.rows.shape[0] if src.rows.shape is not None else None
+    seqlens = b.node("Cast", [last], None, to=ir.DataType.INT32).outputs[0]
+    tot = b.node("Cast", [width], None, to=ir.DataType.INT32).outputs[0]
+    seqlens.dtype, seqlens.shape = ir.DataType.INT32, ir.Shape([batch])
     tot.dtype, tot.shape = ir.DataType.INT32, ir.Shape([])
     return seqlens, tot
 
@@ -740,7 +792,7 @@ class FuseGQA(Pass):
         max_len = int(ctx.option("max_seq_len") or DEFAULT_MAX_SEQ_LEN)
         has_past = any(input_role(v) == "past" for v in graph.inputs)
         b = _Builder(graph, "fuse-gqa")
-        seq_cache: dict[int, tuple[ir.Value, ir.Value]] = {}
+        seq_cache: dict[tuple, tuple[ir.Value, ir.Value]] = {}
         mask_cache: dict[tuple, tuple[ir.Value, int]] = {}
         rot_cache: dict[tuple[int, int], Tables] = {}
         cache_values: dict[tuple, tuple[ir.Value, ir.Value]] = {}
@@ -776,9 +828,11 @@ class FuseGQA(Pass):
                     why = exc if isinstance(exc, Refuse) else f"unexpected graph ({type(exc).__name__}: {exc})"
                     ctx.notes.append(f"fuse-gqa: attention at {sm.name} not fused: {why}")
                 continue
-            if id(mask_in) not in seq_cache:
-                seq_cache[id(mask_in)] = _seq_inputs(b, mask_in, opset)
-            seqlens, total = seq_cache[id(mask_in)]
+            src = _lengths(model, site, mask_in)
+            skey = (id(src.mask), id(src.rows), id(src.past))
+            if skey not in seq_cache:
+                seq_cache[skey] = _seq_inputs(b, src, opset)
+            seqlens, total = seq_cache[skey]
             caches = None
             if tables is not None:
                 ckey = (id(tables), id(total) if tables.long is not None else None)

@@ -41,6 +41,7 @@ class Variant:
     #                               "matmul" x @ R (a signed permutation); "gather" Gather(x, perm) * signs
     tables_per_use: bool = False  # Q and K read cos/sin computed twice (equal values, distinct nodes)
     positions: bool = True        # a position_ids input; False: positions are Range(past, total) from the shapes
+    mask_input: bool = True       # an attention_mask input; False: the mask is causal from the shapes (no padding)
 
 
 def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
@@ -73,7 +74,12 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
     x, mask, pos = "x", "attention_mask", "position_ids"
     b = op("Gather", op("Shape", x), const(np.array(0, dtype=np.int64)), axis=0)
     s = op("Gather", op("Shape", x), const(np.array(1, dtype=np.int64)), axis=0)
-    t = op("Gather", op("Shape", mask), const(np.array(1, dtype=np.int64)), axis=0)
+    if v.mask_input:
+        t = op("Gather", op("Shape", mask), const(np.array(1, dtype=np.int64)), axis=0)
+    elif v.past:             # total = S + the cache's length
+        t = op("Add", s, op("Gather", op("Shape", "past_key_values.0.key"), const(np.array(2, np.int64)), axis=0))
+    else:
+        t = s
     p = op("Sub", t, s)
     if not v.positions:      # the model numbers its tokens itself: past .. total - 1 (HF's cache_position)
         pos = op("Unsqueeze", op("Range", p, t, const(np.array(1, np.int64))), i64(0))
@@ -190,8 +196,10 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
     keep = op("LessOrEqual", kj, qi) if not v.noncausal else op("LessOrEqual", kj, op("Add", qi, t))
     if v.window:
         keep = op("And", keep, op("Greater", kj, op("Sub", qi, i64(v.window))))
-    padm = op("Unsqueeze", op("Cast", mask, to=TensorProto.BOOL), i64(1, 2))           # (B, 1, 1, T)
-    keep = op("And", op("Unsqueeze", keep, i64(0, 1)), padm)                          # (B, 1, S, T)
+    keep = op("Unsqueeze", keep, i64(0, 1))                                           # (1, 1, S, T)
+    if v.mask_input:
+        padm = op("Unsqueeze", op("Cast", mask, to=TensorProto.BOOL), i64(1, 2))       # (B, 1, 1, T)
+        keep = op("And", keep, padm)                                                  # (B, 1, S, T)
     sdt = np.float32 if v.upcast else npdt                # the type scores, mask and softmax are computed in
     if v.upcast:
         scores, vf = op("Cast", scores, to=TensorProto.FLOAT), op("Cast", vf, to=TensorProto.FLOAT)
@@ -215,8 +223,9 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
 
     bd, sd, td, pd = ("batch", "seq", "total", "past") if v.static is None else \
         (v.static[0], v.static[1], v.static[1] + v.static[2], v.static[2])
-    inputs = [helper.make_tensor_value_info("x", v.dtype, [bd, sd, hidden]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [bd, td])]
+    inputs = [helper.make_tensor_value_info("x", v.dtype, [bd, sd, hidden])]
+    if v.mask_input:
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [bd, td]))
     if v.positions:
         inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, [bd, sd]))
     outputs = [helper.make_tensor_value_info("out", v.dtype, [bd, sd, hidden])]
