@@ -10,8 +10,8 @@ execution provider). Every export group (one architecture) and every export's co
 a time limit, so a crash, hang or exporter failure is recorded and the sweep goes on.
 
 `--matrix` adds variant exports, each its own export directory (see `exports_of`): "core" adds, for decoders,
-dynamo with its optimizer off (`_dynamo_raw`) and exports without position_ids (`_nopos`: every exporter, prefill
-and past); "full" adds on top, for every arch, opset 23 (`_op23`; TorchScript refuses it, which is recorded), the
+dynamo with its optimizer off (`_dynamo_raw`), exports without position_ids (`_nopos`: every exporter, prefill
+and past) and exports from input_ids and the cache alone (`_nomask`: no attention_mask, no position_ids); "full" adds on top, for every arch, opset 23 (`_op23`; TorchScript refuses it, which is recorded), the
 other attention implementation (`_eager` / `_sdpa`) and float16 (`_fp16`), one axis at a time from each default
 export. A variant that repeats another export's graph is dropped (or, where only the model can tell, skipped).
 
@@ -124,6 +124,7 @@ class Export:
     exporter: str                       # one of EXPORTERS
     past: bool
     positions: bool = True              # decoders: False drops position_ids even where the model takes them
+    mask: bool = True                   # decoders: False exports input_ids (and the cache) alone, positions dropped
     opset_: int | None = None           # None: the arch's default for the exporter
     attn_: str | None = None            # None: the arch's attn_implementation
     dtype_: str | None = None           # None: the arch's dtype
@@ -156,7 +157,7 @@ class Export:
     @property
     def is_default(self) -> bool:
         """Whether this is one of the default sweep's exports (names and results as before the matrix)."""
-        return self.exporter != "dynamo-raw" and self.positions and not self.tags()
+        return self.exporter != "dynamo-raw" and self.positions and self.mask and not self.tags()
 
     def tags(self) -> list[str]:
         """The variant axes that differ from the arch's defaults, other than exporter and past."""
@@ -168,20 +169,24 @@ class Export:
     def variant(self) -> str:
         """A short description: exporter, prefill or past, then the non-default axes."""
         return ", ".join([self.exporter, "past" if self.past else "prefill" if self.arch.kind == "decoder" else "-",
-                          *([] if self.positions else ["nopos"]), *self.tags()])
+                          *([] if self.positions else ["nopos"]), *([] if self.mask else ["nomask"]),
+                          *self.tags()])
 
     @property
     def name(self) -> str:
-        """`<arch>_<ts|dynamo>[_raw][_nopos][_past][_opNN][_eager|_sdpa][_fp16]`, as fixtures/generate.py names."""
+        """`<arch>_<ts|dynamo>[_raw][_nomask|_nopos][_past][_opNN][_eager|_sdpa][_fp16]`, as fixtures/generate.py
+        names."""
         return (f"{self.arch.name}_{self.tool}" + ("_raw" if not self.optimize else "")
-                + ("_nopos" if not self.positions else "") + ("_past" if self.past else "")
+                + ("_nomask" if not self.mask else "_nopos" if not self.positions else "")
+                + ("_past" if self.past else "")
                 + "".join("_" + t for t in self.tags()))
 
     def key(self) -> str:
         """What makes two exports the same graph (the arch name aside): config, classes and every axis."""
         a = self.arch
         return json.dumps([a.config_cls, a.model_cls, a.config, a.model_kwargs, a.static, self.exporter, self.past,
-                           self.positions, self.opset, self.attn, self.dtype], sort_keys=True, default=str)
+                           self.positions, self.opset, self.attn, self.dtype]
+                          + ([] if self.mask else ["nomask"]), sort_keys=True, default=str)
 
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -352,6 +357,7 @@ def exports_of(a: Arch, matrix: str = "default") -> list[Export]:
     if matrix in ("core", "full") and a.kind == "decoder":
         out += [Export(a, e, p) for e in raw for p in pasts]
         out += [Export(a, e, p, positions=False) for e in (*a.exporters, *raw) for p in pasts]
+        out += [Export(a, e, p, positions=False, mask=False) for e in (*a.exporters, *raw) for p in pasts]
     if matrix == "full":
         other = "eager" if a.attn != "eager" else "sdpa"
         for e in a.exporters:
@@ -445,7 +451,7 @@ def _export_child(arch_name: str, names: list[str], fresh: bool, per_export_s: i
             stage = "probe"
             io = _io(a, model, cfg, x)
             meta["io"] = {k: v for k, v in io.items() if k != "wrap"}
-            if a.kind == "decoder" and not x.positions and not io["takes_positions"]:
+            if a.kind == "decoder" and not x.positions and x.mask and not io["takes_positions"]:
                 meta["skipped"] = "the model takes no position_ids: the default export is already without them"
                 raise _Skip()
             stage = "export"
@@ -541,6 +547,7 @@ def _io(a: Arch, model: Any, cfg: Any, x: Export) -> dict[str, Any]:
     else:
         io["takes_positions"] = "position_ids" in params
         io["positions"] = io["takes_positions"] and x.positions
+        io["mask"] = x.mask
         if x.past:
             with torch.no_grad():
                 out = model(input_ids=torch.tensor([[3, 4]]), use_cache=True)
@@ -576,8 +583,11 @@ def _wrapper(kind: str, io: dict[str, Any], past: bool) -> Any:
         return EncoderNoTypes
     if past:
         n_layers = io["cache_layers"]
-        cls = gen.DecoderWithPast if io["positions"] else gen.DecoderWithPastNoPositions
+        cls = (gen.DecoderWithPastNoMask if not io["mask"] else gen.DecoderWithPast if io["positions"]
+               else gen.DecoderWithPastNoPositions)
         return lambda m: cls(m, n_layers)
+    if not io["mask"]:
+        return gen.DecoderNoMask
     return gen.DecoderNoPast if io["positions"] else gen.DecoderNoPositions
 
 
@@ -587,7 +597,8 @@ def _no_types(a: Arch, io: dict[str, Any]) -> bool:
 
 
 def _spec(gen: Any, a: Arch, io: dict[str, Any], past: bool) -> Any:
-    spec = gen.io_spec(a.kind, io.get("cache_layers", 0), past, positions=io.get("positions", True))
+    spec = gen.io_spec(a.kind, io.get("cache_layers", 0), past, positions=io.get("positions", True),
+                       mask=io.get("mask", True))
     drop = {"token_type_ids"} if _no_types(a, io) else set()
     axes = {} if a.static else {k: v for k, v in spec.axes.items() if k not in drop}
     return gen.IOSpec([n for n in spec.input_names if n not in drop], spec.output_names, axes)
@@ -598,7 +609,7 @@ def _inputs(gen: Any, a: Arch, io: dict[str, Any], batch: int, seq: int, past_le
     cfg_sum = {"vocab": V, "num_layers": io.get("cache_layers", 0), "num_kv_heads": io.get("kv_heads", 1),
                "head_dim": io.get("head_dim", 1)}
     args = gen.make_inputs(a.kind, cfg_sum, batch, seq, past_len if past else None, dtype=dtype, seed=seed,
-                           positions=io.get("positions", True))
+                           positions=io.get("positions", True), mask_input=io.get("mask", True))
     if _no_types(a, io):
         del args[2]
     return args
@@ -606,7 +617,8 @@ def _inputs(gen: Any, a: Arch, io: dict[str, Any], batch: int, seq: int, past_le
 
 def _dynamic(gen: Any, a: Arch, io: dict[str, Any], past: bool) -> tuple[Any, ...]:
     """generate.py's dynamic shapes for the dynamo exporter, less token_type_ids where the encoder has none."""
-    shapes = gen._dynamo_dynamic_shapes(a.kind, past, io.get("cache_layers", 0), positions=io.get("positions", True))
+    shapes = gen._dynamo_dynamic_shapes(a.kind, past, io.get("cache_layers", 0), positions=io.get("positions", True),
+                                        mask=io.get("mask", True))
     return shapes[:2] if _no_types(a, io) else shapes
 
 

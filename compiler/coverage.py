@@ -34,6 +34,10 @@ _NOTE = re.compile(r"^fuse-gqa: attention at (?P<site>.+?) not fused: (?P<reason
 FAMILIES = ("attention", "norm", "skip_norm", "gelu")
 
 
+class Refusal(Exception):
+    """A site a fusion leaves as it is, with the reason (one line): what coverage reports for the site."""
+
+
 def _readers(v: ir.Value) -> list[ir.Node]:
     return [n for n, _ in v.uses()]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnxc.domains import DEFAULT_OPSET
 from onnxc.ir import GraphWriter
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import attr_value, const_array, replace_value
@@ -135,7 +136,7 @@ class CanonicalizeSequences(Pass):
     level = 1
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        graph, opset = model.graph, model.opset_imports.get("", 18)
+        graph, opset = model.graph, model.opset_imports.get("", DEFAULT_OPSET)
         count = 0
         for node in [n for n in graph if n.op_type == "SplitToSequence" and n.domain == ""]:
             sizes = split_sizes(node)

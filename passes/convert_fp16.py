@@ -90,13 +90,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnxc.domains import DEFAULT_OPSET, MS
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import const_array
 
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 FP16_MAX = float(np.finfo(np.float16).max)
 DEFAULT_LAZY_BYTES = 1 << 20
-MS = "com.microsoft"
 ALL = None  # every float output
 
 # ORT ops (domain, op) -> output slots that become float16 (inputs: every float32 input).
@@ -416,7 +416,7 @@ def _wanted(node: ir.Node, index: int, graph: ir.Graph, plan: dict) -> ir.DataTy
 def convert(model: ir.Model, *, io_fp16: bool = False, lazy_bytes: int = DEFAULT_LAZY_BYTES) -> dict[str, int]:
     """Convert the main graph in place; return counts (converted nodes, casts, initializers)."""
     graph = model.graph
-    opset = model.opset_imports.get("", 18)
+    opset = model.opset_imports.get("", DEFAULT_OPSET)
     _infer_dtypes(graph, opset)
     plan = _plan(graph, opset)
     rw = _Rewriter(graph, lazy_bytes)

@@ -35,13 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
+from onnxc.coverage import Refusal
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import attr_value, replace_value
 from onnxc.shapes import SYM_KEY, dims_of
-
-
-class Refuse(Exception):
-    """A standard op left as is, with the reason."""
 
 
 MARK = "expand-standard-ops"          # node/initializer meta: created by the expansion
@@ -112,7 +109,7 @@ def _rms_norm(b: _Builder, n: ir.Node, opset: int) -> None:
     axis, eps = int(attr_value(n, "axis", opset, -1)), float(attr_value(n, "epsilon", opset, 1e-5))
     stash = int(attr_value(n, "stash_type", opset, 1))
     if d is None or x.dtype is None:
-        raise Refuse("the input's rank or dtype is unknown")
+        raise Refusal("the input's rank or dtype is unknown")
     axis %= len(d)
     wd = dims_of(w)
     last = d[-1]
@@ -152,15 +149,15 @@ def _tables(b: _Builder, n: ir.Node, head_axis: int, cache: dict) -> tuple[ir.Va
 def _rotary(b: _Builder, n: ir.Node, opset: int, cache: dict) -> None:
     x = n.inputs[0]
     if int(attr_value(n, "interleaved", opset, 0)):
-        raise Refuse("interleaved rotary is not expanded (no fusion reads its expansion)")
+        raise Refusal("interleaved rotary is not expanded (no fusion reads its expansion)")
     d = dims_of(x)
     if d is None or len(d) not in (3, 4) or x.dtype is None:
-        raise Refuse("the input is not 3-D or 4-D with a known dtype")
+        raise Refusal("the input is not 3-D or 4-D with a known dtype")
     dt = x.dtype
     if len(d) == 3:
         heads = int(attr_value(n, "num_heads", opset, 0) or 0)
         if not heads or not isinstance(d[2], int) or d[2] % heads:
-            raise Refuse("a 3-D input needs num_heads dividing a static hidden size")
+            raise Refusal("a 3-D input needs num_heads dividing a static hidden size")
         head = d[2] // heads
         x4 = b("Reshape", x, b.ints(0, 0, heads, head), dtype=dt, shape=(d[0], d[1], heads, head))
         head_axis = 2
@@ -168,7 +165,7 @@ def _rotary(b: _Builder, n: ir.Node, opset: int, cache: dict) -> None:
         head, x4, head_axis = d[3], x, 1
     rot = int(attr_value(n, "rotary_embedding_dim", opset, 0) or 0) or head
     if not isinstance(head, int) or rot % 2 or rot > head:
-        raise Refuse("the head size is not static, or the rotary width is odd or larger than it")
+        raise Refusal("the head size is not static, or the rotary width is odd or larger than it")
     c, s = _tables(b, n, head_axis, cache)
     xr = b("Slice", x4, b.ints(0), b.ints(rot), b.ints(-1), dtype=dt) if rot < head else x4
     h = rot // 2
@@ -214,28 +211,28 @@ def _attention(b: _Builder, n: ir.Node, opset: int) -> None:
     ins = list(n.inputs) + [None] * (6 - len(n.inputs))
     q, k, v, mask, past_k, past_v = ins[:6]
     if len(n.inputs) > 6 and any(i is not None for i in n.inputs[6:]):
-        raise Refuse("inputs beyond past_value are not expanded")
+        raise Refusal("inputs beyond past_value are not expanded")
     if len(n.outputs) > 3 and _used(n.outputs[3]):
-        raise Refuse("qk_matmul_output is used")
+        raise Refusal("qk_matmul_output is used")
     if (past_k is None) != (past_v is None):
-        raise Refuse("only one of past_key and past_value is given")
+        raise Refusal("only one of past_key and past_value is given")
     dq, dk, dv = dims_of(q), dims_of(k), dims_of(v)
     if dq is None or dk is None or dv is None or q.dtype is None or len(dq) != len(dk) or len(dq) != len(dv) \
             or len(dq) not in (3, 4):
-        raise Refuse("Q, K and V are not all 3-D or all 4-D with known dtypes")
+        raise Refusal("Q, K and V are not all 3-D or all 4-D with known dtypes")
     dt = q.dtype
     three_d = len(dq) == 3
     if three_d:
         nq, nkv = (int(attr_value(n, a, opset, 0) or 0) for a in ("q_num_heads", "kv_num_heads"))
         if not nq or not nkv or not isinstance(dq[2], int) or dq[2] % nq:
-            raise Refuse("3-D inputs need q_num_heads/kv_num_heads dividing a static hidden size")
+            raise Refusal("3-D inputs need q_num_heads/kv_num_heads dividing a static hidden size")
         q, k, v = _split_heads(b, q, nq), _split_heads(b, k, nkv), _split_heads(b, v, nkv)
         dq, dk, dv = dims_of(q), dims_of(k), dims_of(v)
     nq, nkv, head = dq[1], dk[1], dq[3]
     scale = attr_value(n, "scale", opset)
     if scale is None:
         if not isinstance(head, int):
-            raise Refuse("no scale and the head size is not static")
+            raise Refusal("no scale and the head size is not static")
         scale = 1.0 / math.sqrt(head)
     if past_k is not None:
         k = b("Concat", past_k, k, axis=2, dtype=k.dtype)
@@ -246,7 +243,7 @@ def _attention(b: _Builder, n: ir.Node, opset: int) -> None:
     present = (k, v)
     if nq != nkv:
         if not (isinstance(nq, int) and isinstance(nkv, int)) or nq % nkv:
-            raise Refuse("query and KV head counts are not static multiples")
+            raise Refusal("query and KV head counts are not static multiples")
         k, v = _repeat(b, k, nq // nkv, nq), _repeat(b, v, nq // nkv, nq)
     kt = b("Transpose", k, perm=[0, 1, 3, 2], dtype=dt)
     s = b("Mul", b("MatMul", q, kt, dtype=dt), b.const(np.array(scale, _np(dt)), "scale"), dtype=dt)
@@ -287,7 +284,7 @@ def _attention(b: _Builder, n: ir.Node, opset: int) -> None:
     for i, new in ((1, present[0]), (2, present[1])):
         if len(n.outputs) > i and _used(n.outputs[i]):
             if past_k is None:
-                raise Refuse("present_key/value without past")   # pragma: no cover - checked before building
+                raise Refusal("present_key/value without past")   # pragma: no cover - checked before building
             b.replace(n.outputs[i], new)
 
 
@@ -297,7 +294,7 @@ def _precheck(n: ir.Node) -> None:
     if n.op_type == "Attention":
         past = len(n.inputs) > 4 and n.inputs[4] is not None
         if not past and any(_used(o) for o in n.outputs[1:3]):
-            raise Refuse("present_key/value are used without past inputs")
+            raise Refusal("present_key/value are used without past inputs")
 
 
 _EXPANDERS = {"RMSNormalization": ("rms-norm", _rms_norm), "RotaryEmbedding": ("rotary", _rotary),
@@ -324,7 +321,7 @@ class ExpandStandardOps(Pass):
             try:
                 _precheck(n)
                 expand(b, n, opset, cache) if n.op_type == "RotaryEmbedding" else expand(b, n, opset)
-            except Refuse as exc:                 # undo a partial build: nothing was replaced yet
+            except Refusal as exc:                 # undo a partial build: nothing was replaced yet
                 graph.remove([x for x in graph if id(x) not in start], safe=False)
                 for name in set(graph.initializers) - inits:
                     graph.initializers.pop(name)

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxc.domains import DEFAULT_OPSET
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import const_array, const_tensor, read_elsewhere
 from onnxc.shapes import SYM_ARRAY_KEY, SYM_KEY, Unknown, dims_of
@@ -188,7 +189,7 @@ class FoldConstants(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         limit = int(ctx.option("fold_limit_bytes", DEFAULT_LIMIT_BYTES))
-        opset = model.opset_imports.get("", 18)
+        opset = model.opset_imports.get("", DEFAULT_OPSET)
         graph = model.graph
         interned: dict[tuple, ir.Value] = {}
         for v in graph.initializers.values():

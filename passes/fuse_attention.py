@@ -57,13 +57,14 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from onnxc import probe
+from onnxc.coverage import Refusal
+from onnxc.domains import MS
 from onnxc.ir import derived_tensor
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import Rule, apply_rules, attr_value, const_tensor
 from onnxc.shapes import Unknown, dims_equal, dims_of, same_dim, sym_value
 from onnxc.verify import Scenario, make_inputs
 
-MS = "com.microsoft"
 LARGE_NEGATIVE = -1e4          # a hidden mask entry must be at most this (or -inf)
 ORT_MASK_FILTER = -10000.0     # ORT's default mask_filter_value
 _MASK_KEY = "onnxc.fuse_attention.mask"
@@ -133,10 +134,6 @@ def pattern_key_transpose(op, key, r1, r2):
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-class _Refused(Exception):
-    """A check condition failed; the message is the reason."""
-
-
 def _same(a: Any, b: Any) -> bool:
     """Two dims (int, symbol name or Unknown) are provably equal."""
     if isinstance(a, Unknown) or isinstance(b, Unknown):
@@ -149,9 +146,9 @@ def _split_heads(node: ir.Node, what: str) -> tuple[int, int, tuple]:
     xd, od = dims_of(node.inputs[0]), dims_of(node.outputs[0])
     target = sym_value(node.inputs[1])
     if xd is None or len(xd) != 3 or not isinstance(xd[2], int):
-        raise _Refused(f"{what} is not (batch, sequence, hidden) with a static hidden size")
+        raise Refusal(f"{what} is not (batch, sequence, hidden) with a static hidden size")
     if target is None or len(target) != 4:
-        raise _Refused(f"{what} head split target is not a known 4-element shape")
+        raise Refusal(f"{what} head split target is not a known 4-element shape")
     if od is None or len(od) != 4:
         od = (None,) * 4
     hidden = xd[2]
@@ -162,12 +159,12 @@ def _split_heads(node: ir.Node, what: str) -> tuple[int, int, tuple]:
     if n is None and h:
         n = hidden // h
     if not n or not h or n * h != hidden:
-        raise _Refused(f"{what} head split {target} does not divide hidden size {hidden}")
+        raise Refusal(f"{what} head split {target} does not divide hidden size {hidden}")
     allowzero = node.attributes.get("allowzero")
     for i in (0, 1):
         if not (_same(od[i], xd[i]) or _same(target[i], xd[i]) or (target[i] == 0 and not (allowzero and
                                                                                            allowzero.as_int()))):
-            raise _Refused(f"cannot prove the {what} head split keeps batch and sequence ({target})")
+            raise Refusal(f"cannot prove the {what} head split keeps batch and sequence ({target})")
     return n, h, xd
 
 
@@ -176,9 +173,9 @@ def _heads_of(m) -> tuple[int, int, tuple]:
     nk, hk, _ = _split_heads(m.node("k_reshape"), "key")
     nv, hv, _ = _split_heads(m.node("v_reshape"), "value")
     if nk != nq or nv != nq:
-        raise _Refused(f"grouped KV heads ({nq} query heads, {nk} key heads, {nv} value heads)")
+        raise Refusal(f"grouped KV heads ({nq} query heads, {nk} key heads, {nv} value heads)")
     if hk != hq or hv != hq:
-        raise _Refused(f"head sizes differ (query {hq}, key {hk}, value {hv})")
+        raise Refusal(f"head sizes differ (query {hq}, key {hk}, value {hv})")
     return nq, hq, qd
 
 
@@ -190,10 +187,10 @@ def _scale(m, head_size: int) -> float | None:
         if var in m.binds:
             c = m.scalar(var)
             if c is None or not math.isfinite(c) or c == 0:
-                raise _Refused(f"scale factor '{var}' is not a finite nonzero scalar constant")
+                raise Refusal(f"scale factor '{var}' is not a finite nonzero scalar constant")
             s = s / c if divide else s * c
     if s <= 0:
-        raise _Refused(f"scale {s} is not positive")
+        raise Refusal(f"scale {s} is not positive")
     default = 1.0 / math.sqrt(head_size)
     return None if abs(s - default) <= 1e-6 * default else s
 
@@ -203,12 +200,12 @@ def _softmax_ok(m) -> None:
     axis = m.attr("softmax", "axis", -1)
     rank = len(dims_of(sm.inputs[0]) or ()) or 4
     if axis not in (-1, rank - 1) or rank != 4:
-        raise _Refused(f"softmax axis {axis} is not the key axis of a 4-D score")
+        raise Refusal(f"softmax axis {axis} is not the key axis of a 4-D score")
     for name in ("cast_in", "cast_out"):
         if name in m.named:
             to = ir.DataType(m.attr(name, "to"))
             if not to.is_floating_point():
-                raise _Refused(f"{name} casts the scores to {to.name}")
+                raise Refusal(f"{name} casts the scores to {to.name}")
 
 
 def _linear(v: ir.Value | None, what: str) -> None:
@@ -228,7 +225,7 @@ def _linear(v: ir.Value | None, what: str) -> None:
                 v = p.inputs[consts.index(False)]
                 continue
         break
-    raise _Refused(f"{what} is not a linear projection (rotary embedding or other transform in between)")
+    raise Refusal(f"{what} is not a linear projection (rotary embedding or other transform in between)")
 
 
 # -- the mask
@@ -243,20 +240,20 @@ def _keep_table(values: list[np.ndarray], kinds: list[str]) -> tuple[np.ndarray,
             k = a == 0
             bad = a[~k]
             if bad.size and not np.all(bad <= LARGE_NEGATIVE):
-                raise _Refused("mask holds values other than 0 and large negatives (a position bias?)")
+                raise Refusal("mask holds values other than 0 and large negatives (a position bias?)")
             hidden |= {float(x) for x in np.unique(bad)}
         keep = k if keep is None else keep & k
     return keep, hidden
 
 
 def _analyze_mask(m, graph: ir.Graph, past: bool) -> dict[str, Any]:
-    """{mask_input, causal, hidden} for the matched mask operands, or _Refused."""
+    """{mask_input, causal, hidden} for the matched mask operands, or Refusal."""
     operands = [(m.binds[n], kind) for n, kind in (("bias", "bias"), ("cond", "cond")) if n in m.binds]
     hidden_extra: set[float] = set()
     if "neg" in m.binds:
         neg = m.scalar("neg")
         if neg is None or not neg <= LARGE_NEGATIVE:
-            raise _Refused("the Where mask fill is not a large negative constant")
+            raise Refusal("the Where mask fill is not a large negative constant")
         hidden_extra.add(float(neg))
     if not operands:
         return {"mask_input": None, "causal": False, "hidden": hidden_extra}
@@ -266,11 +263,11 @@ def _analyze_mask(m, graph: ir.Graph, past: bool) -> dict[str, Any]:
     if key not in cache:
         try:
             cache[key] = _probe_mask([v for v, _ in operands], [k for _, k in operands], graph, past)
-        except _Refused as exc:
+        except Refusal as exc:
             cache[key] = str(exc)
     result = cache[key]
     if isinstance(result, str):
-        raise _Refused(result)
+        raise Refusal(result)
     return {**result, "hidden": result["hidden"] | hidden_extra}
 
 
@@ -278,13 +275,13 @@ def _probe_mask(values: list[ir.Value], kinds: list[str], graph: ir.Graph, past:
     try:
         data_in = probe.cone(graph, values).data_inputs
     except probe.ProbeError as exc:
-        raise _Refused(f"mask cannot be evaluated: {exc}") from None
+        raise Refusal(f"mask cannot be evaluated: {exc}") from None
     if len(data_in) > 1:
-        raise _Refused("mask reads the data of several graph inputs: "
+        raise Refusal("mask reads the data of several graph inputs: "
                        + ", ".join(sorted(v.name or "?" for v in data_in)))
     mask_in = data_in[0] if data_in else None
     if mask_in is not None and (mask_in.shape is None or len(mask_in.shape) != 2):
-        raise _Refused(f"mask input '{mask_in.name}' is not 2-D (batch, keys)")
+        raise Refusal(f"mask input '{mask_in.name}' is not 2-D (batch, keys)")
     scenarios = [Scenario("probe", 2, 4, 3), Scenario("probe", 3, 2, 5)] if past else \
         [Scenario("probe", 2, 5, 0), Scenario("probe", 3, 3, 0)]
     candidates = [(p, c) for p in (True, False) for c in (True, False) if mask_in is not None or not p]
@@ -299,14 +296,14 @@ def _probe_mask(values: list[ir.Value], kinds: list[str], graph: ir.Graph, past:
         try:
             arrays = probe.evaluate(graph, values, feeds)
         except probe.ProbeError as exc:
-            raise _Refused(f"mask could not be evaluated on probe inputs: {exc}") from None
+            raise Refusal(f"mask could not be evaluated on probe inputs: {exc}") from None
         keep, h = _keep_table(arrays, kinds)
         hidden |= h
         if keep.ndim != 4 or keep.shape[-1] < 2:
-            raise _Refused(f"mask of shape {keep.shape} is not (batch, heads, queries, keys)")
+            raise Refusal(f"mask of shape {keep.shape} is not (batch, heads, queries, keys)")
         b, _, s, t = keep.shape
         if pad is not None and (pad.shape[1] != t or b not in (1, pad.shape[0])):
-            raise _Refused(f"mask of shape {keep.shape} does not index keys by mask input '{mask_in.name}' "
+            raise Refusal(f"mask of shape {keep.shape} does not index keys by mask input '{mask_in.name}' "
                            f"{pad.shape}")
         batch = pad.shape[0] if pad is not None else b
         i, j = np.arange(s)[:, None], np.arange(t)[None, :]
@@ -316,7 +313,7 @@ def _probe_mask(values: list[ir.Value], kinds: list[str], graph: ir.Graph, past:
             full, np.broadcast_to((pad[:, None, None, :] if p else True) & (causal_table if c else True),
                                   full.shape))]
         if not candidates:
-            raise _Refused("mask is neither key padding nor key padding + causal")
+            raise Refusal("mask is neither key padding nor key padding + causal")
         if s == 1:
             candidates = [(p, c) for p, c in candidates if not c] or candidates
     padding, causal = candidates[0]
@@ -328,7 +325,7 @@ def _attention_attrs(m, past: bool, head_size: int) -> dict[str, Any]:
     scale = _scale(m, head_size)
     try:
         mask = _analyze_mask(m, m.graph, past)
-    except _Refused as exc:
+    except Refusal as exc:
         return {"scale": scale, "unidirectional": None, "mask_input": None, "mask_filter_value": None,
                 "attention_bias": _whole_bias(m, exc)}
     mfv = None
@@ -339,7 +336,7 @@ def _attention_attrs(m, past: bool, head_size: int) -> dict[str, Any]:
             "mask_filter_value": mfv, "attention_bias": _position_bias(m, past)}
 
 
-def _whole_bias(m, refused: _Refused) -> ir.Value:
+def _whole_bias(m, refused: Refusal) -> ir.Value:
     """An additive term that is no mask the analysis recognizes (T5: the relative position bias with the padding
     mask folded in) still adds exactly its values as attention_bias, when it is one Add operand of rank 4 whose
     last two dims are provably the scores' (queries, keys) and whose first two are the scores' or 1. Otherwise the
@@ -369,14 +366,14 @@ def _position_bias(m, past: bool) -> ir.Value | None:
     try:
         reads = probe.cone(m.graph, [r]).data_inputs
     except probe.ProbeError as exc:
-        raise _Refused(f"the bias added to the scores cannot be evaluated: {exc}") from None
+        raise Refusal(f"the bias added to the scores cannot be evaluated: {exc}") from None
     if reads:
         _probe_mask([r], ["bias"], m.graph, past)
-        raise _Refused("the bias added to the scores reads graph input data: "
+        raise Refusal("the bias added to the scores reads graph input data: "
                        + ", ".join(sorted(v.name or "?" for v in reads)))
     d = dims_of(r)
     if d is None or len(d) != 4:
-        raise _Refused(f"the bias added to the scores is not (batch or 1, heads, queries, keys) (dims {d})")
+        raise Refusal(f"the bias added to the scores is not (batch or 1, heads, queries, keys) (dims {d})")
     return r
 
 
@@ -384,7 +381,7 @@ def _checked(fn):
     def check(m):
         try:
             return fn(m)
-        except _Refused as exc:
+        except Refusal as exc:
             return m.fail(str(exc))
     check.__name__ = fn.__name__
     return check
@@ -393,12 +390,12 @@ def _checked(fn):
 def _weight(m, name: str, rows: int | None, cols: int) -> None:
     shape = m.shape(name)
     if shape is None or len(shape) != 2 or shape[1] != cols or (rows is not None and shape[0] != rows):
-        raise _Refused(f"weight '{name}' shape {shape} is not ({rows}, {cols})")
+        raise Refusal(f"weight '{name}' shape {shape} is not ({rows}, {cols})")
 
 
 def _bias(m, name: str, size: int) -> None:
     if name in m.binds and (m.shape(name) is None or tuple(m.shape(name)) != (size,)):
-        raise _Refused(f"bias '{name}' shape {m.shape(name)} is not ({size},)")
+        raise Refusal(f"bias '{name}' shape {m.shape(name)} is not ({size},)")
 
 
 @_checked
@@ -407,7 +404,7 @@ def check_separate(m):
     hidden = n * h
     d_in = dims_of(m["x"])
     if d_in is None or len(d_in) != 3 or not isinstance(d_in[2], int):
-        raise _Refused("input is not (batch, sequence, hidden) with a static hidden size")
+        raise Refusal("input is not (batch, sequence, hidden) with a static hidden size")
     for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")):
         _weight(m, w, d_in[2], hidden)
         _bias(m, b, hidden)
@@ -420,31 +417,31 @@ def check_packed(m):
     hidden = n * h
     split = m.node("split")
     if len(split.outputs) != 3:
-        raise _Refused(f"Split has {len(split.outputs)} outputs")
+        raise Refusal(f"Split has {len(split.outputs)} outputs")
     axis = m.attr("split", "axis", 0)
     if axis not in (-1, 2):
-        raise _Refused(f"Split axis {axis} is not the hidden axis")
+        raise Refusal(f"Split axis {axis} is not the hidden axis")
     sizes = split.attributes.get("split")
     sizes = list(sizes.value) if sizes is not None else None
     if len(split.inputs) > 1 and split.inputs[1] is not None:
         sizes = sym_value(split.inputs[1])
     if sizes is not None and list(sizes) != [hidden] * 3:
-        raise _Refused(f"Split sizes {sizes} are not three equal parts of {3 * hidden}")
+        raise Refusal(f"Split sizes {sizes} are not three equal parts of {3 * hidden}")
     d_in = dims_of(m["x"])
     if d_in is None or len(d_in) != 3 or not isinstance(d_in[2], int):
-        raise _Refused("input is not (batch, sequence, hidden) with a static hidden size")
+        raise Refusal("input is not (batch, sequence, hidden) with a static hidden size")
     trans_b = 0
     if "gemm" in m.named:
         if m.attr("gemm", "alpha", 1.0) != 1.0 or m.attr("gemm", "beta", 1.0) != 1.0 or m.attr("gemm", "transA", 0):
-            raise _Refused("Gemm has alpha/beta != 1 or transA")
+            raise Refusal("Gemm has alpha/beta != 1 or transA")
         trans_b = m.attr("gemm", "transB", 0)
         out = dims_of(m.node("split").inputs[0])
         if out is None or len(out) != 3 or not (_same(out[0], d_in[0]) and _same(out[1], d_in[1])):
-            raise _Refused("cannot prove the Gemm reshapes restore (batch, sequence)")
+            raise Refusal("cannot prove the Gemm reshapes restore (batch, sequence)")
     ws = m.shape("w")
     want = (3 * hidden, d_in[2]) if trans_b else (d_in[2], 3 * hidden)
     if ws is None or tuple(ws) != want:
-        raise _Refused(f"packed weight shape {ws} is not {want}")
+        raise Refusal(f"packed weight shape {ws} is not {want}")
     _bias(m, "b", 3 * hidden)
     return {"num_heads": n, "head_size": h, "bsd": xd, "trans_b": trans_b, **_attention_attrs(m, False, h)}
 
@@ -455,11 +452,11 @@ def check_past(m):
     for name in ("k_concat", "v_concat"):
         axis = m.attr(name, "axis")
         if axis not in (2, -2):
-            raise _Refused(f"{name} concatenates on axis {axis}, not the sequence axis")
+            raise Refusal(f"{name} concatenates on axis {axis}, not the sequence axis")
     for name in ("past_k", "past_v"):
         pd = dims_of(m[name])
         if pd is None or len(pd) != 4 or any(isinstance(d, int) and d != want for d, want in ((pd[1], n), (pd[3], h))):
-            raise _Refused(f"{name} shape {pd} is not (batch, {n}, past, {h})")
+            raise Refusal(f"{name} shape {pd} is not (batch, {n}, past, {h})")
     _linear(m["q"], "query")
     _linear(m["k"], "key")
     return {"num_heads": n, "head_size": h, "bsd": xd, **_attention_attrs(m, True, h)}
@@ -469,7 +466,7 @@ def check_past(m):
 def check_key_transpose(m):
     kd, mid, out = dims_of(m["key"]), dims_of(m.node("r1").outputs[0]), dims_of(m.outputs[0])
     if kd is None or len(kd) != 4:
-        raise _Refused("key is not 4-D")
+        raise Refusal("key is not 4-D")
     want = (kd[0], kd[1], kd[3], kd[2])
     ok_mid = mid is not None and len(mid) == 3 and _same(mid[1], kd[2]) and _same(mid[2], kd[3])
     t1, t2 = sym_value(m["r1"]), sym_value(m["r2"])
@@ -479,10 +476,10 @@ def check_key_transpose(m):
     if not ok_out and t2 is not None and len(t2) == 4:
         ok_out = sum(x == -1 for x in t2) <= 1 and all(x == -1 or _same(x, w) for x, w in zip(t2, want))
     if not (ok_mid and ok_out):
-        raise _Refused("cannot prove the reshapes around the transpose swap the last two axes of the key")
+        raise Refusal("cannot prove the reshapes around the transpose swap the last two axes of the key")
     _key_parts(m["key"])
     if not _feeds_softmax(m.outputs[0]):
-        raise _Refused("the transposed key does not feed an attention Softmax")
+        raise Refusal("the transposed key does not feed an attention Softmax")
 
 
 def _key_parts(key: ir.Value) -> tuple[ir.Value, ir.Node, ir.Value | None]:
@@ -491,13 +488,13 @@ def _key_parts(key: ir.Value) -> tuple[ir.Value, ir.Node, ir.Value | None]:
     if node is not None and node.op_type == "Concat" and len(node.inputs) == 2 and node.inputs[1] is not None:
         axis = node.attributes.get("axis")
         if axis is None or axis.as_int() not in (2, -2):
-            raise _Refused("key Concat is not on the sequence axis")
+            raise Refusal("key Concat is not on the sequence axis")
         past, node = node.inputs[0], node.inputs[1].producer()
     perm = node.attributes.get("perm") if node is not None else None
     reshape = node.inputs[0].producer() if node is not None and node.inputs[0] is not None else None
     if node is None or node.op_type != "Transpose" or perm is None or list(perm.value) != [0, 2, 1, 3] \
             or reshape is None or reshape.op_type != "Reshape":
-        raise _Refused("key is not a head split of a projection (rotary, grouped KV heads or other transform)")
+        raise Refusal("key is not a head split of a projection (rotary, grouped KV heads or other transform)")
     return reshape.inputs[0], reshape, past
 
 
@@ -537,11 +534,11 @@ def check_key_shape(m):
     n, h, _ = _split_heads(reshape, "key")
     k = _source(k)
     if len(dims_of(k) or ()) != 3:
-        raise _Refused("the key's projection input is not (batch, sequence, hidden)")
+        raise Refusal("the key's projection input is not (batch, sequence, hidden)")
     if not any(_feeds_softmax(u.node.outputs[0]) for u in m["key"].uses() if u.node.op_type == "Transpose") \
             and not any(_feeds_softmax(v) for u in m["key"].uses() for v in u.node.outputs
                         if u.node.op_type == "Reshape"):
-        raise _Refused("the key does not feed an attention Softmax")
+        raise Refusal("the key does not feed an attention Softmax")
     start, end = m.attr("shape", "start", 0), m.attr("shape", "end", None)
     return {"k": k, "past": past, "num_heads": n, "head_size": h, "start": start, "end": end}
 
@@ -562,12 +559,12 @@ def rewrite_key_shape(op, k, past, num_heads, head_size, start, end):
 def check_output(m):
     fused = m["y"].producer()
     if fused is None or fused.domain != MS or fused.op_type not in ("Attention", "MultiHeadAttention"):
-        raise _Refused("not the output of a fused attention")
+        raise Refusal("not the output of a fused attention")
     heads, target = sym_value(m["heads"]), sym_value(m["target"])
     if heads is None or len(heads) != 4 or list(heads[:2]) != [0, 0]:
-        raise _Refused(f"head split {heads} is not (0, 0, N, H)")
+        raise Refusal(f"head split {heads} is not (0, 0, N, H)")
     if target is None or len(target) < 2 or any(t == 0 for t in target[2:]) or m.attr("out", "allowzero", 0):
-        raise _Refused(f"target {target} copies a dim past batch and sequence")
+        raise Refusal(f"target {target} copies a dim past batch and sequence")
     yd = dims_of(m["y"])
     if target[:2] == (0, 0) and len(target) == 3 and (target[2] == -1 or (yd and target[2] == yd[-1])):
         return {"direct": True}

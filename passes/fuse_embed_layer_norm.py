@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnxc.domains import MS
 from onnxc.pass_manager import RulePass, register_pass
 from onnxc.rules import Attr, Rule, const_array
 from onnxc.shapes import dims_of, sym_value
 
-MS = "com.microsoft"
 TABLE_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 ID_TYPES = (ir.DataType.INT32, ir.DataType.INT64)
 ARANGE_MAX = 1 << 20   # largest constant position buffer read

@@ -33,11 +33,11 @@ import math
 
 import numpy as np
 import onnx_ir as ir
+from onnxc.domains import MS
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import Attr, Rule, apply_rules, const_array, const_tensor
 from onnxc.shapes import dims_of
 
-MS = "com.microsoft"
 SQRT2 = math.sqrt(2.0)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 TANH_COEF = 0.044715

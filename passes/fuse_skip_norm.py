@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnxc.domains import MS
 from onnxc.pass_manager import RulePass, register_pass
 from onnxc.rules import Attr, Rule, const_tensor
 from onnxc.shapes import dims_of, same_dim
 
-MS = "com.microsoft"
 
 
 # ---------------------------------------------------------------------------------------------------- shape proofs

@@ -23,12 +23,12 @@ leaves such Transposes unfolded (an unshared W is folded into W^T instead).
 """
 from __future__ import annotations
 
+from onnxc.domains import MS
 from onnxc.ir import transposed_equal
 from onnxc.pass_manager import RulePass, register_pass
 from onnxc.rules import Attr, Rule, attr_value, const_tensor, read_elsewhere
 from onnxc.shapes import dims_of
 
-MS = "com.microsoft"
 
 
 def pattern(op, x, w):

@@ -14,12 +14,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnxc.domains import DEFAULT_OPSET, MS
 from onnxc.ir import derived_tensor
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import attr_value, const_array, replace_value
 from onnxc.shapes import dims_of
 
-MS = "com.microsoft"
 
 
 def _weight(n: ir.Node) -> ir.Value | None:
@@ -128,7 +128,7 @@ class PackProjections(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         graph = model.graph
-        opset = model.opset_imports.get("", 17)
+        opset = model.opset_imports.get("", DEFAULT_OPSET)
         counts: dict[str, int] = {}
         groups: dict[int, list[ir.Node]] = {}
         for n in graph:

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnxc.domains import MS
 from onnxc.errors import UsageError, first_line
 from onnxc.ir import release_weights
 from onnxc.kernels import quantize as kq
@@ -50,7 +51,6 @@ from onnxc.rules import const_tensor
 from onnxc.verify import QUANT_META as META  # node.meta key: the QuantSource a node replaced
 from onnxc.verify import available_memory
 
-MS = "com.microsoft"
 TABLE_ROWS = 4096               # rows per chunk when a Gather table is compared with a weight
 SPILL_BYTES = 4096               # quantized tensors at least this large live in the scratch file
 HESSIAN_BUDGET = (128 << 20, 2 << 30)  # float64 Hessians per pass over the calibration: a quarter of the available

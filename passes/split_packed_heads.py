@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from onnxc.domains import DEFAULT_OPSET
 from onnxc.ir import derived_tensor
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import attr_value, const_array
@@ -269,7 +270,7 @@ class SplitPackedHeads(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         graph = model.graph
-        opset = model.opset_imports.get("", 17)
+        opset = model.opset_imports.get("", DEFAULT_OPSET)
         count = 0
         for node in list(graph):
             if node.op_type != "Reshape" or node.domain != "" or node.graph is not graph:

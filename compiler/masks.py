@@ -1,0 +1,137 @@
+"""The mask of an attention site, proved by evaluation (compiler/probe.py) to be a canonical description:
+causal, the padding of one attention_mask input (or no padding at all), and a sliding window of W keys or none.
+
+the mask: evaluated on a right-padded prefill, a decode step and a chunked prefill, it must show exactly the
+causal rule, the padding of attention_mask (none without that input) and, when present, a sliding window of W
+keys (local_window_size) on every non-padded query row. This is GroupQueryAttention's contract: right padding, positions continuing the past.
+Static input dims override the probes' sizes; a window is invisible at a length <= W, so with a static mask
+length (the only length the model accepts) "no window" is proven there, and with a dynamic one a window probe
+that static dims keep short is a refusal.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from onnxc import probe
+from onnxc.attention_core import Site, cone_inputs
+from onnxc.coverage import Refusal
+from onnxc.verify import Scenario, input_role, make_inputs
+
+
+def _mask_inputs(graph: ir.Graph, values: list[ir.Value]) -> list[ir.Value]:
+    return [v for v in cone_inputs(graph, values, "mask") if input_role(v) == "mask"]
+
+
+def _visible(arr: np.ndarray, kind: str, scale: float = 1.0) -> np.ndarray:
+    if kind == "bias":
+        a = arr.astype(np.float64) * scale
+        if not np.all((a == 0) | (a <= -1e4)):
+            raise Refusal("the additive mask holds values other than 0 and a large negative (a bias, not a mask)")
+        return a == 0
+    return arr.astype(bool) if kind == "keep" else ~arr.astype(bool)
+
+
+def _actual(model: ir.Model, feeds: dict[str, np.ndarray], mask: np.ndarray | None, sc: Scenario) -> Scenario:
+    """The scenario the feeds really hold: static input dims override the requested batch and lengths. Without a
+    mask input, the batch and new length are the ids input's (2-D), else the scenario's."""
+    past = next((f.shape[2] for v in model.graph.inputs if input_role(v) == "past"
+                 and (f := feeds.get(v.name)) is not None and f.ndim == 4), 0)
+    if mask is not None:
+        return Scenario(sc.name, mask.shape[0], mask.shape[1] - past, past)
+    ids = next((f for v in model.graph.inputs if input_role(v) == "ids"
+                and (f := feeds.get(v.name)) is not None and f.ndim == 2), None)
+    return Scenario(sc.name, *(ids.shape if ids is not None else (sc.batch, sc.seq)), past)
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """Where GroupQueryAttention's seqlens_k and total length are read: the attention_mask input (row sums, width),
+    or, for a mask made from shapes alone (nothing padded), a (B, S, ...) value and the past (B, KV, P, H)."""
+    mask: ir.Value | None = None
+    rows: ir.Value | None = None
+    past: ir.Value | None = None
+
+
+def lengths(model: ir.Model, site: Site, mask_in: ir.Value | None) -> Lengths:
+    """The mask's own sources where it reads one ids input and at most one past input, else the site's q/past."""
+    if mask_in is not None:
+        return Lengths(mask=mask_in)
+    reads = cone_inputs(model.graph, [site.mask], "mask")
+    ids = [v for v in reads if input_role(v) == "ids" and v.shape is not None and len(v.shape) == 2]
+    pasts = [v for v in reads if input_role(v) == "past" and v.shape is not None and len(v.shape) == 4]
+    rows = ids[0] if len(ids) == 1 else site.q
+    past = pasts[0] if len(pasts) == 1 else site.past_k
+    return Lengths(rows=rows, past=past)
+
+
+def probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tuple[ir.Value | None, int]:
+    """Prove the mask is causal + right padding (+ a window); return (attention_mask input, window or -1).
+
+    A mask computed from shapes alone (the model takes no attention_mask) must be causal (+ a window) with nothing
+    padded; the attention_mask input returned is then None.
+
+    Static input dims override the probes' sizes. A window of W keys cannot be seen at a total length <= W, so
+    when the mask's length is static (the model accepts that one length) "no window" is proven at that length;
+    when the window probe comes out shorter than asked for a dynamic length, the site is refused."""
+    masks = _mask_inputs(model.graph, [site.mask])
+    if len(masks) > 1 or (masks and (masks[0].shape is None or len(masks[0].shape) != 2)):
+        raise Refusal("the mask does not come from one 2-D attention_mask input")
+    mask_in = masks[0] if masks else None
+    if mask_in is not None:
+        static_total = isinstance(mask_in.shape[1], int)
+    else:   # a mask made from shapes alone (no attention_mask input): causal, nothing padded
+        static_total = all(isinstance(d, int) for v in model.graph.inputs if input_role(v) in ("ids", "past")
+                           and v.shape is not None for d in list(v.shape)[1:3])
+
+    def run(sc: Scenario, pad: int = 0) -> tuple[np.ndarray, np.ndarray, Scenario]:
+        feeds = make_inputs(model, sc, seed=0)
+        m = feeds[mask_in.name] if mask_in is not None else None
+        if pad and m is not None:
+            m[-1, m.shape[1] - pad:] = 0
+        try:
+            (arr,) = probe.evaluate(model.graph, [site.mask], feeds)
+        except probe.ProbeError as exc:
+            raise Refusal(f"the mask cannot be evaluated: {exc}") from None
+        act = _actual(model, feeds, m, sc)
+        if m is None:
+            m = np.ones((act.batch, act.past + act.seq), dtype=np.int64)
+        if arr.ndim != 4 or act.seq < 1:
+            raise Refusal(f"the mask is not (B, N, S, T) ({sc.name} probe: shape {arr.shape})")
+        try:
+            vis = np.broadcast_to(_visible(arr, site.mask_kind, site.mask_scale), (act.batch, arr.shape[1], act.seq, act.past + act.seq))
+        except ValueError:
+            raise Refusal(f"the mask of shape {arr.shape} is not (B, N, S, T) for {act}") from None
+        if not (vis == vis[:, :1]).all():
+            raise Refusal("the mask differs between heads")
+        return vis[:, 0], m, act
+
+    scenarios = [(Scenario("prefill", 2, 6, 0), 2)]
+    if has_past:
+        scenarios += [(Scenario("decode", 2, 1, 5), 0), (Scenario("chunk", 1, 3, 4), 0)]
+    long = Scenario("window", 1, 1, max_len - 1) if has_past else Scenario("window", 1, min(max_len, 1024), 0)
+    vis, _, act = run(long)
+    if act.past + act.seq < long.past + long.seq and not static_total:
+        raise Refusal(f"the window probe cannot be sized: static dims give length {act.past + act.seq}, "
+                     f"not {long.past + long.seq}, while the mask's length is dynamic")
+    window = int(vis[0, -1].sum())
+    window = window if window < vis.shape[-1] else -1
+    if window > 0:   # the window's edge, crossed inside a prefill and by a decode step
+        scenarios.append((Scenario("window-prefill", 1, window + 5, 0), 0))
+        if has_past:
+            scenarios.append((Scenario("window-decode", 2, 1, window + 3), 0))
+    seen: set[tuple] = set()
+    for sc, pad in scenarios:
+        vis, m, act = run(sc, pad)
+        if (act.batch, act.seq, act.past, pad) in seen:
+            continue
+        seen.add((act.batch, act.seq, act.past, pad))
+        i = np.arange(act.seq)[:, None] + act.past
+        j = np.arange(act.past + act.seq)[None, :]
+        want = (j <= i) & ((j > i - window) if window > 0 else True)
+        want = want[None] & (m[:, None, :] != 0)
+        rows = m[:, act.past:] != 0                     # non-padded query rows
+        if not (vis == want)[rows].all():
+            raise Refusal(f"the mask is not causal + padding{' + window' if window > 0 else ''} ({sc.name} probe)")
+    return mask_in, window
