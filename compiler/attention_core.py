@@ -335,6 +335,8 @@ def parse_site(sm: ir.Node) -> Site:
     n_heads, head, kv = dq[2], dq[3], dk[2]
     if not all(isinstance(x, int) for x in (n_heads, head, kv)) or dk[3] != head or dv[2:] != (kv, head):
         raise Refusal("head counts or head size are not static and consistent")
+    if kv == 1 and rep_k == 1 and n_heads > 1:
+        rep_k = n_heads     # one KV head broadcast over the query heads by the MatMuls (multi-query, Falcon)
     if n_heads != kv * rep_k:
         raise Refusal(f"{n_heads} query heads are not {kv} KV heads repeated {rep_k} times")
     return Site(out, rs[0], q4, k4, v4, q_rot, k_rot, past_k, past_v, present_k, present_v, mask, kind,

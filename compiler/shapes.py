@@ -415,8 +415,8 @@ _DERIVED_ELEMENTWISE = frozenset({"Add", "Mul", "Sub", "Div", "Cast", "Neg", "Po
 
 def derived_dims(v: ir.Value | None, depth: int = 10) -> tuple | None:
     """dims_of(v), with static sizes filled in from the producer: a Reshape's target, Expand's shape, broadcasting
-    elementwise ops, Slice/Concat off their axes, Transpose (fusions read head counts and sizes this way where
-    inference left them symbolic)."""
+    elementwise ops, Slice/Concat off their axes, Transpose, Gather (fusions read head counts and sizes this way
+    where inference left them symbolic)."""
     d = dims_of(v)
     n = v.producer() if v is not None and depth > 0 else None
     derived = None
@@ -452,6 +452,12 @@ def derived_dims(v: ir.Value | None, depth: int = 10) -> tuple | None:
         elif n.op_type == "Transpose" and (p := _perm_of(n)) is not None:
             di = derived_dims(n.inputs[0], depth - 1)
             derived = tuple(di[i] for i in p) if di is not None and len(di) == len(p) else None
+        elif n.op_type == "Gather" and len(n.inputs) == 2:
+            dx, di = derived_dims(n.inputs[0], depth - 1), dims_of(n.inputs[1])
+            ax = attr_value(n, "axis", default=0)
+            if dx is not None and di is not None and -len(dx) <= ax < len(dx):
+                ax %= len(dx)
+                derived = tuple(dx[:ax]) + tuple(di) + tuple(dx[ax + 1:])
     if derived is None or (d is not None and len(d) != len(derived)):
         return d
     if d is None:
