@@ -489,8 +489,9 @@ def write_json(result: dict[str, Any], path: Path) -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Latency distributions per (model, mode) and the ratio to the first model, one row of two panels per
-    provider, scenario and batch; written atomically in the format the suffix names."""
+    """Per provider, scenario and batch, one row of two panels: the latency distribution of every (model, mode) on a
+    log axis, and per model the ratio of its fastest mode's p50 to the first model's fastest. Written atomically in
+    the format the suffix names."""
     check_plot_extra()
     import matplotlib
 
@@ -501,25 +502,30 @@ def plot(result: dict[str, Any], path: Path) -> None:
     groups = list(dict.fromkeys(_group(r) for r in rows))
     if not groups:
         raise UsageError("--plot: nothing was timed, so there is nothing to draw")
-    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 3.2 + 0.35 * max(len(rows) // len(groups), 1)) if
-                             len(groups) == 1 else (12, 3.6 * len(groups)), squeeze=False)
     names = _short_names([r["model"] for r in rows])
+    height = [max(2.6, 0.4 * sum(1 for r in rows if _group(r) == g) + 1.4) for g in groups]
+    fig, axes = plt.subplots(len(groups), 2, figsize=(13, sum(height)), squeeze=False,
+                             gridspec_kw={"height_ratios": height, "width_ratios": [3, 2]})
     for (ax_lat, ax_ratio), group in zip(axes, groups):
         mine = [r for r in rows if _group(r) == group]
-        labels = [f"{names[r['model']]} [{r['model_index']}] {r['mode']}" for r in mine]
-        ax_lat.boxplot([r["samples_ms"] for r in mine], vert=False, showfliers=True)
-        ax_lat.set_yticks(range(1, len(mine) + 1), labels, fontsize=8)
+        ax_lat.boxplot([r["samples_ms"] for r in mine], vert=False, whis=(5, 95), flierprops={"markersize": 3})
+        ax_lat.set_yticks(range(1, len(mine) + 1), [f"[{r['model_index']}] {names[r['model']]} {r['mode']}"
+                                                     for r in mine], fontsize=8)
         ax_lat.invert_yaxis()
-        ax_lat.set_xlabel("latency per run (ms)")
+        ax_lat.set_xscale("log")
+        ax_lat.set_xlabel("latency per run (ms, log scale; box p25-p75, whiskers p5-p95)")
         ax_lat.set_title(f"{group[0]} {group[1]} batch {group[2]}: latency", fontsize=10)
-        ratios = [r["ratio"] if r["ratio"] is not None else 0.0 for r in mine]
-        ax_ratio.barh(range(len(mine)), ratios, color=["C0" if x <= 1 else "C3" for x in ratios])
+        best = [b for b in result["best"] if (b["provider"], b["scenario"], b["batch"]) == group]
+        ratios = [b["ratio"] or 0.0 for b in best]
+        ax_ratio.barh(range(len(best)), ratios, color=["C0" if x <= 1 else "C3" for x in ratios])
         ax_ratio.axvline(1.0, color="k", linewidth=0.8)
-        ax_ratio.set_yticks(range(len(mine)), labels, fontsize=8)
+        ax_ratio.set_yticks(range(len(best)), [f"[{b['model_index']}] {names[b['model']]} ({b['mode']})"
+                                               for b in best], fontsize=8)
         ax_ratio.invert_yaxis()
         for k, x in enumerate(ratios):
-            ax_ratio.text(x, k, f" {x:.2f}x" if x else " (first model has no such mode)", va="center", fontsize=8)
-        ax_ratio.set_xlabel("p50 / first model's p50, same mode")
+            ax_ratio.text(x, k, f" {x:.2f}x", va="center", fontsize=8)
+        ax_ratio.set_xlim(0, max(ratios + [1.0]) * 1.2)
+        ax_ratio.set_xlabel("fastest mode's p50 / model [0]'s fastest")
         ax_ratio.set_title("ratio to the first model", fontsize=10)
     fig.tight_layout()
     fmt = path.suffix.lower().lstrip(".")
@@ -553,9 +559,13 @@ def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
         raise
 
 
-def table_lines(result: dict[str, Any]) -> list[tuple[str, ...]]:
-    """Rows for the printed table: model, provider, scenario, batch, mode, p50/p90/p99 ms, tokens/s, ratio."""
+def table_text(result: dict[str, Any]) -> list[str]:
+    """The rows as aligned text: model, provider, scenario, batch, mode, p50/p90/p99 ms, tokens/s, ratio."""
     names = _short_names([r["model"] for r in result["rows"]])
-    return [(f"[{r['model_index']}] {names[r['model']]}", r["provider"], r["scenario"], str(r["batch"]), r["mode"],
+    head = ("model", "provider", "scenario", "batch", "mode", "p50 ms", "p90 ms", "p99 ms", "tokens/s", "ratio")
+    body = [(f"[{r['model_index']}] {names[r['model']]}", r["provider"], r["scenario"], str(r["batch"]), r["mode"],
              f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['tokens_per_s']:.1f}",
              "-" if r["ratio"] is None else f"{r['ratio']:.2f}x") for r in result["rows"]]
+    widths = [max(len(row[k]) for row in [head, *body]) for k in range(len(head))]
+    return ["  ".join(c.ljust(w) if k < 5 else c.rjust(w) for k, (c, w) in enumerate(zip(row, widths))).rstrip()
+            for row in [head, *body]]
