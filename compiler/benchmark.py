@@ -279,6 +279,10 @@ def bench(models: Sequence[str | os.PathLike], *, providers: Sequence[str] | str
     from .verify import input_role
 
     say = progress or (lambda line: None)
+    if isinstance(models, (str, os.PathLike)):
+        models = [models]
+    if isinstance(batches, int):
+        batches = [batches]
     if not models:
         raise UsageError("give at least one model")
     if runs < 1 or warmup < 0:
@@ -381,6 +385,7 @@ def _time_workload(cands: list[_Candidate], work: Workload, device: str, memory:
 
     rows: list[dict[str, Any]] = []
     timed: list[tuple[_Candidate, str, int, Callable[[], Any]]] = []
+    built: list[tuple[_Candidate, dict[str, Callable[[], Any]]]] = []
     for c in cands:
         if work.phase == "decode" and not c.has_past:
             rows.append({"skipped": True, "model": str(c.path), "model_index": c.index, "provider": c.provider,
@@ -410,11 +415,16 @@ def _time_workload(cands: list[_Candidate], work: Workload, device: str, memory:
         c.held += grown
         tokens = _tokens(feeds, roles, work)
         timed += [(c, mode, tokens, run) for mode, run in made.items()]
+        built.append((c, made))
     if not timed:
         return rows
     say(f"{cands[0].provider}: timing {work.name} batch {work.batch}: {len(timed)} runners x {runs} runs, "
         "interleaved")
     samples = interleave([t[3] for t in timed], runs, warmup)
+    timed = [(c, mode, tokens, None) for c, mode, tokens, _ in timed]
+    for c, made in built:          # what a model gives back when its bindings go counts against what it holds
+        _, grown, _ = memory.measure(lambda made=made: (made.clear(), gc.collect()))
+        c.held += grown
     for (c, mode, tokens, _), ms in zip(timed, samples):
         p50, p90, p99 = (float(x) for x in np.percentile(ms, [50, 90, 99]))
         rows.append({"model": str(c.path), "model_index": c.index, "provider": c.provider, "scenario": work.name,
