@@ -77,8 +77,10 @@ bench_to() {
     local name="$1"; shift
     local args=("$@" --provider "$PROVIDER" "${BENCH_ARGS[@]}" --json "$OUT/bench-$name.json")
     if [ "$HAVE_PLOT" = 1 ]; then args+=(--plot "$OUT/bench-$name.png"); fi
-    onnxc bench "${args[@]}" >"$WORK/reports/bench-$name.txt" 2>>"$LOG"
+    local rc=0
+    onnxc bench "${args[@]}" >"$WORK/reports/bench-$name.txt" 2>>"$LOG" || rc=$?
     tee -a "$SUMMARY" <"$WORK/reports/bench-$name.txt"
+    return "$rc"
 }
 
 say "onnxc from $("$PY" -c 'import onnxc, pathlib; print(pathlib.Path(onnxc.__file__).resolve().parent.parent)')"
@@ -102,30 +104,37 @@ verified=$(grep -c ": passed (" "$WORK/reports/verify-fixtures.txt" || true)
 while read -r line; do failed+=("verify: $line"); done < <(grep -E ": failed" "$WORK/reports/verify-fixtures.txt" || true)
 say "fixtures: ${#FIXTURES[@]}, compiled at -O3 --target cuda: $((${#pairs[@]} / 2)), verified on $PROVIDER: $verified"
 
+# run WHAT COMMAND...: run it with its output in the log; a failure is noted in the summary, the check goes on.
+run() {
+    local what="$1"; shift
+    step "$what"
+    if ! "$@" >>"$LOG" 2>&1; then failed+=("$what (see gpu_check.log)"); return 1; fi
+}
+
 # 3: bench the Llama fixture: its unoptimized float16 export against onnxc -O3 --target cuda --io-fp16.
-step "compile llama_dynamo_past -O3 --target cuda --io-fp16"
-onnxc compile "$ROOT/fixtures/models/llama_dynamo_past.onnx" -O3 --target cuda --io-fp16 \
-    -o "$WORK/models/llama_fixture.O3.fp16io.onnx" --report "$WORK/reports/llama_fixture.O3.fp16io.json" -q >>"$LOG" 2>&1
-step "bench the Llama fixture on $PROVIDER"
-bench_to fixture "$ROOT/fixtures/models/llama_dynamo_past_fp16.onnx" "$WORK/models/llama_fixture.O3.fp16io.onnx"
+if run "compile llama_dynamo_past -O3 --target cuda --io-fp16" onnxc compile \
+    "$ROOT/fixtures/models/llama_dynamo_past.onnx" -O3 --target cuda --io-fp16 \
+    -o "$WORK/models/llama_fixture.O3.fp16io.onnx" --report "$WORK/reports/llama_fixture.O3.fp16io.json" -q; then
+    step "bench the Llama fixture on $PROVIDER"
+    bench_to fixture "$ROOT/fixtures/models/llama_dynamo_past_fp16.onnx" \
+        "$WORK/models/llama_fixture.O3.fp16io.onnx" || failed+=("bench the Llama fixture (see gpu_check.log)")
+fi
 
 # The 30-layer model: built with torch (bench/make_llama.py), compiled, verified and benched the same way.
+L="$WORK/llama30"
 if [ "$DRY" = 1 ]; then
     say "30-layer model: skipped in --dry-run (building it needs torch)"
 elif ! "$PY" -c "import torch, transformers" 2>/dev/null; then
     say "30-layer model: skipped: torch and transformers are not importable (pip install -e '.[fixtures]')"
 elif [ $((SECONDS - START)) -gt 240 ]; then
     say "30-layer model: skipped: $((SECONDS - START)) s already spent, and it takes about 4 minutes more"
-else
-    L="$WORK/llama30"
-    step "build the 30-layer model"
-    "$PY" "$ROOT/bench/make_llama.py" --out "$L/model.onnx" --no-verify >>"$LOG" 2>&1
-    step "compile the 30-layer model: -O3 --target cuda (fp32 and fp16 I/O), and convert-fp16 alone"
-    onnxc compile "$L/model.onnx" -O3 --target cuda -o "$L/model.O3.onnx" --report "$WORK/reports/llama30.O3.json" -q >>"$LOG" 2>&1
-    onnxc compile "$L/model.onnx" -O3 --target cuda --io-fp16 -o "$L/model.O3.fp16io.onnx" \
-        --report "$WORK/reports/llama30.O3.fp16io.json" -q >>"$LOG" 2>&1
-    onnxc compile "$L/model.onnx" --target cuda --passes convert-fp16 --io-fp16 -o "$L/model.fp16.onnx" \
-        --report "$WORK/reports/llama30.fp16.json" -q >>"$LOG" 2>&1
+elif run "build the 30-layer model" "$PY" "$ROOT/bench/make_llama.py" --out "$L/model.onnx" --no-verify \
+    && run "compile the 30-layer model at -O3 --target cuda" onnxc compile "$L/model.onnx" -O3 --target cuda \
+        -o "$L/model.O3.onnx" --report "$WORK/reports/llama30.O3.json" -q \
+    && run "compile it with --io-fp16" onnxc compile "$L/model.onnx" -O3 --target cuda --io-fp16 \
+        -o "$L/model.O3.fp16io.onnx" --report "$WORK/reports/llama30.O3.fp16io.json" -q \
+    && run "convert it to float16 alone (the unoptimized fp16 model)" onnxc compile "$L/model.onnx" --target cuda \
+        --passes convert-fp16 --io-fp16 -o "$L/model.fp16.onnx" --report "$WORK/reports/llama30.fp16.json" -q; then
     step "verify the 30-layer model on $PROVIDER"
     if "$PY" "$ROOT/bench/verify_provider.py" --provider "$PROVIDER" "$L/model.onnx" "$L/model.O3.onnx" \
         >"$WORK/reports/llama30.verify.txt" 2>&1; then
@@ -134,7 +143,7 @@ else
         failed+=("llama30: verify on $PROVIDER ($(tail -1 "$WORK/reports/llama30.verify.txt"))")
     fi
     step "bench the 30-layer model on $PROVIDER"
-    bench_to llama30 "$L/model.fp16.onnx" "$L/model.O3.fp16io.onnx"
+    bench_to llama30 "$L/model.fp16.onnx" "$L/model.O3.fp16io.onnx" || failed+=("bench the 30-layer model")
 fi
 
 tar -czf "$OUT/reports.tar.gz" -C "$WORK" reports

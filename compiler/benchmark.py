@@ -518,7 +518,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                              gridspec_kw={"height_ratios": height, "width_ratios": [3, 2]})
     for (ax_lat, ax_ratio), group in zip(axes, groups):
         mine = [r for r in rows if _group(r) == group]
-        ax_lat.boxplot([r["samples_ms"] for r in mine], orientation="horizontal", whis=(5, 95), flierprops={"markersize": 3})
+        ax_lat.boxplot([r["samples_ms"] for r in mine], orientation="horizontal", whis=(5, 95),
+                       flierprops={"markersize": 3})
         ax_lat.set_yticks(range(1, len(mine) + 1), [f"[{r['model_index']}] {names[r['model']]} {r['mode']}"
                                                      for r in mine], fontsize=8)
         ax_lat.invert_yaxis()

@@ -484,7 +484,8 @@ def verify_cmd(reference: Path, candidate: Path, seed: int, verify_inputs: str |
 @click.option("--batch", multiple=True, help="Batch sizes, comma-separated (default 1).")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own choice).")
 @click.option("--runs", type=int, default=50, show_default=True, help="Timed runs per model and mode.")
-@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs first.")
+@click.option("--warmup", type=int, default=5, show_default=True,
+              help="Untimed rounds first (every model and mode once each).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the generated inputs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the table (and every sample) as JSON.")
@@ -513,7 +514,8 @@ def bench_cmd(models: tuple[Path, ...], provider: tuple[str, ...], scenario: tup
                              threads=threads, runs=runs, warmup=warmup, seed=seed,
                              progress=lambda line: err.print(line, markup=False))
     for s in result["skipped"]:
-        where = f"{s['model']} {s['scenario']} batch {s['batch']} on {s['provider']}" if "model" in s else s["provider"]
+        where = (f"{s['model']} {s['scenario']} batch {s['batch']} on {s['provider']}" if "model" in s
+                 else s["provider"])
         err.print(f"skipped: {where}: {s['reason']}", markup=False)
     out.print(f"{runs} runs after {warmup} warm-up, interleaved; ratio = p50 / model [0]'s p50 in the same mode",
               markup=False)
