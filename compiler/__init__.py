@@ -4,6 +4,7 @@
     result = onnxc.compile("model.onnx", level=2, target="cpu", output="model.opt.onnx")
     result.model   # onnx.ModelProto
     result.report  # dict: passes, rule counts, node counts, verification
+    table = onnxc.bench(["model.onnx", "model.opt.onnx"], scenarios=["decode:256"])   # latency, memory, ratios
 
 Importing onnxc is light: the pass API (Pass, RulePass, Rule, ...) and the compiler load on first use.
 """
@@ -38,6 +39,14 @@ def compile(model, level: int = 2, target: str = "cpu", **kwargs):  # noqa: A001
     return _compile(model, level, target, **kwargs)
 
 
-__all__ = ["compile", "Pass", "PassContext", "PassResult", "RulePass", "register_pass", "Rule", "Attr",
+def bench(models, **kwargs):
+    """Time models interleaved in one process and return the table as data (rows with p50/p90/p99 latency, tokens/s,
+    session time, memory and the ratio to the first model); see onnxc.benchmark.bench."""
+    from .benchmark import bench as _bench
+
+    return _bench(models, **kwargs)
+
+
+__all__ = ["compile", "bench", "Pass", "PassContext", "PassResult", "RulePass", "register_pass", "Rule", "Attr",
            "OnnxcError", "UsageError", "InvalidModelError", "VerificationError", "PassError", "WriteError",
            "__version__"]

@@ -474,5 +474,70 @@ def verify_cmd(reference: Path, candidate: Path, seed: int, verify_inputs: str |
     return EXIT_VERIFY if rep.status == "failed" else 0
 
 
+# ---------------------------------------------------------------------------------------------------- bench
+@main.command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--provider", multiple=True, help="cpu, cuda or both, comma-separated (default: cpu, and cuda "
+              "where onnxruntime has it).")
+@click.option("--scenario", multiple=True, help="prefill:N or decode:N (repeatable; default prefill:128 and "
+              "decode:256).")
+@click.option("--batch", multiple=True, help="Batch sizes, comma-separated (default 1).")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own choice).")
+@click.option("--runs", type=int, default=50, show_default=True, help="Timed runs per model and mode.")
+@click.option("--warmup", type=int, default=5, show_default=True,
+              help="Untimed rounds first (every model and mode once each).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the generated inputs.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the table (and every sample) as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Draw latency distributions and ratios (.png, .svg, .pdf; needs onnxc[plot]).")
+def bench_cmd(models: tuple[Path, ...], provider: tuple[str, ...], scenario: tuple[str, ...], batch: tuple[str, ...],
+              threads: int | None, runs: int, warmup: int, seed: int, json_path: Path | None,
+              plot_path: Path | None) -> int:
+    """Time MODELS interleaved in one process: latency, tokens/s, session time and memory, with the ratio of
+    each to the first model (docs/bench.md)."""
+    from . import benchmark
+    from . import ir as irio
+
+    for p in models:
+        _check_model_file(p)
+    if plot_path is not None:
+        benchmark.check_plot_extra()
+        if plot_path.suffix.lower() not in benchmark.PLOT_SUFFIXES:
+            raise UsageError(f"--plot {plot_path}: the name must end in {', '.join(benchmark.PLOT_SUFFIXES)}")
+    for path, what in ((json_path, "--json"), (plot_path, "--plot")):
+        if path is not None:
+            irio.check_writable(path, what, suffixes=(".tmp0000000",))
+            if path.absolute() in {m.absolute() for m in models}:
+                raise UsageError(f"{what} {path} is an input model")
+    result = benchmark.bench(models, providers=provider or None, scenarios=scenario or None, batches=batch or None,
+                             threads=threads, runs=runs, warmup=warmup, seed=seed,
+                             progress=lambda line: err.print(line, markup=False))
+    for s in result["skipped"]:
+        where = (f"{s['model']} {s['scenario']} batch {s['batch']} on {s['provider']}" if "model" in s
+                 else s["provider"])
+        err.print(f"skipped: {where}: {s['reason']}", markup=False)
+    out.print(f"{runs} runs after {warmup} warm-up, interleaved; ratio = p50 / model [0]'s p50 in the same mode",
+              markup=False)
+    for line in benchmark.table_text(result):
+        out.print(line, markup=False)
+    for b in result["best"]:
+        ratio = "" if b["ratio"] is None else f", {b['ratio']:.2f}x model [0]'s fastest"
+        out.print(f"[{b['model_index']}] {b['provider']} {b['scenario']} batch {b['batch']}: fastest {b['mode']} "
+                  f"{b['p50_ms']:.3f} ms{ratio}", markup=False)
+    for s in result["sessions"]:
+        kv = s["kv_cache"]
+        out.print(f"[{s['model_index']}] {s['model']} on {s['provider']}: session {s['session_s'] * 1000:.0f} ms, "
+                  f"holds {s['session_rss_mib']:.1f} MiB, peak {s['peak_rss_mib']:.1f} MiB; in-place KV cache "
+                  f"{kv['status']}" + (f" ({kv['reason']})" if kv.get("reason") else ""), markup=False)
+    if json_path is not None:
+        benchmark.write_json(result, json_path)
+        err.print(f"wrote {json_path}", markup=False)
+    if plot_path is not None:
+        benchmark.plot(result, plot_path)
+        err.print(f"wrote {plot_path}", markup=False)
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

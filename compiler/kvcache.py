@@ -65,11 +65,12 @@ def shared_cache_pairs(model: ir.Model) -> CacheLayout:
     return CacheLayout(pairs)
 
 
-def bind_shared(session: Any, feeds: dict[str, np.ndarray], pairs: list[tuple[str, str]], capacity: int
-                ) -> tuple[Any, list[str], dict[str, np.ndarray]]:
+def bind_shared(session: Any, feeds: dict[str, np.ndarray], pairs: list[tuple[str, str]], capacity: int,
+                device: str = "cpu") -> tuple[Any, list[str], dict[str, Any]]:
     """An IOBinding of `session` with each past and its present bound to one buffer of `capacity` positions, the
     past copied into its head, and the other outputs left to onnxruntime (bound first, in session order). Returns
-    (binding, those outputs' names, {present name: buffer}); the binding may be run again and again."""
+    (binding, those outputs' names, {present name: buffer}); the binding may be run again and again. On another
+    `device` ("cuda") every input and buffer lives there, and each buffer is returned as its OrtValue."""
     import onnxruntime as ort
 
     present_of = dict(pairs)
@@ -77,20 +78,20 @@ def bind_shared(session: Any, feeds: dict[str, np.ndarray], pairs: list[tuple[st
     presents = set(present_of.values())
     others = [o.name for o in session.get_outputs() if o.name not in presents]
     for n in others:                        # bound first, so get_outputs() lists them first, in this order
-        binding.bind_output(n, "cpu")
-    buffers: dict[str, np.ndarray] = {}
+        binding.bind_output(n, device)
+    buffers: dict[str, Any] = {}
     for name, a in feeds.items():
         if name in present_of:
             if a.ndim != 4 or a.shape[2] > capacity:
                 raise ValueError(f"past '{name}' of shape {list(a.shape)} does not fit a {capacity}-position buffer")
             buf = np.zeros(a.shape[:2] + (capacity,) + a.shape[3:], dtype=a.dtype)
             buf[:, :, :a.shape[2]] = a
-            value = ort.OrtValue.ortvalue_from_numpy(buf)
+            value = ort.OrtValue.ortvalue_from_numpy(buf, device, 0)
             binding.bind_ortvalue_input(name, value)
             binding.bind_ortvalue_output(present_of[name], value)
-            buffers[present_of[name]] = buf
+            buffers[present_of[name]] = buf if device == "cpu" else value
         else:
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)))
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), device, 0))
     return binding, others, buffers
 
 
