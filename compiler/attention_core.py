@@ -151,6 +151,14 @@ def _same_heads_reshape(r: ir.Node) -> bool:
         and t[1] in (-1, d[1]) and t[3] == d[3] and isinstance(d[3], int)
 
 
+def _heads_kept(r: ir.Node) -> bool:
+    """Reshape(x (?, N, ?, H), (B', N, S', H)): heads and head size kept, the other two dims to be checked against
+    the query's (B, S) once those are read."""
+    d, t = dims_of(r.inputs[0]), sym_value(r.inputs[1])
+    return d is not None and t is not None and len(d) == 4 and len(t) == 4 and isinstance(d[1], int) \
+        and isinstance(d[3], int) and t[1] == d[1] and t[3] == d[3] and -1 not in t
+
+
 _LAST_AXIS_NORMS = ("SimplifiedLayerNormalization", "LayerNormalization")
 
 
@@ -256,7 +264,9 @@ def parse_site(sm: ir.Node) -> Site:
     pv = users[0]
     o = pv.outputs[0]
     tr = _data_users(o)
-    if len(tr) == 1 and tr[0].op_type == "Reshape" and _same_heads_reshape(tr[0]):
+    restated = None     # a (B, N, S, H) view re-stated with dims inference lost track of: checked against Q below
+    if len(tr) == 1 and tr[0].op_type == "Reshape" and (_same_heads_reshape(tr[0]) or _heads_kept(tr[0])):
+        restated = None if _same_heads_reshape(tr[0]) else sym_value(tr[0].inputs[1])
         o = tr[0].outputs[0]
         tr = _data_users(o)
     if len(tr) != 1 or tr[0].op_type != "Transpose" or _perm(tr[0]) != [0, 2, 1, 3]:
@@ -335,6 +345,8 @@ def parse_site(sm: ir.Node) -> Site:
     n_heads, head, kv = dq[2], dq[3], dk[2]
     if not all(isinstance(x, int) for x in (n_heads, head, kv)) or dk[3] != head or dv[2:] != (kv, head):
         raise Refusal("head counts or head size are not static and consistent")
+    if restated is not None and not (restated[0] in (dq[0], 0) and restated[2] == dq[1]):
+        raise Refusal("the attention output is re-stated as a view that is not (B, N, S, H)")
     if kv == 1 and rep_k == 1 and n_heads > 1:
         rep_k = n_heads     # one KV head broadcast over the query heads by the MatMuls (multi-query, Falcon)
     if n_heads != kv * rep_k:

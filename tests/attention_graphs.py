@@ -42,6 +42,7 @@ class Variant:
     tables_per_use: bool = False  # Q and K read cos/sin computed twice (equal values, distinct nodes)
     positions: bool = True        # a position_ids input; False: positions are Range(past, total) from the shapes
     mask_input: bool = True       # an attention_mask input; False: the mask is causal from the shapes (no padding)
+    broadcast_kv: bool = False    # kv_heads 1 read by the MatMuls as it is (broadcast over the heads, Falcon)
 
 
 def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
@@ -163,7 +164,7 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
         nodes.append(helper.make_node("Identity", [present_v], ["present.0.value"]))
 
     def repeat(z):
-        if n == kv:
+        if n == kv or (v.broadcast_kv and kv == 1):
             return z
         shape5 = op("Concat", op("Unsqueeze", b, i64(0)), i64(kv, n // kv), op("Unsqueeze", t, i64(0)), i64(h), axis=0)
         shape4 = op("Concat", op("Unsqueeze", b, i64(0)), i64(n), op("Unsqueeze", t, i64(0)), i64(h), axis=0)

@@ -518,6 +518,18 @@ def test_fuse_gqa_reads_the_lengths_of_a_model_without_a_mask_input(past, window
     assert_equivalent(v, build(v), model)
 
 
+@pytest.mark.parametrize("past", [True, False])
+def test_fuse_gqa_one_kv_head_broadcast_by_the_matmuls(past):
+    """One KV head that the scores' and the values' MatMuls broadcast over the query heads (no repeat chain) is
+    multi-query attention: kv_num_heads 1."""
+    v = Variant(heads=4, kv_heads=1, broadcast_kv=True, past=past)
+    model, ctx = fuse(build(v))
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 1, ctx.notes
+    assert gqa[0].attributes["num_heads"].value == 4 and gqa[0].attributes["kv_num_heads"].value == 1
+    assert_equivalent(v, build(v), model)
+
+
 def test_fuse_gqa_longrope_switch_without_a_position_input():
     """longrope's switch reads the total length from the shapes alone: found, both regimes stored, rotary inside;
     prefills and decode steps on both sides of the switch agree."""
