@@ -1,16 +1,22 @@
 """The mask of an attention site, proved by evaluation (compiler/probe.py) to be a canonical description:
 causal, the padding of one attention_mask input (or no padding at all), and a sliding window of W keys or none.
 
-the mask: evaluated on a right-padded prefill, a decode step and a chunked prefill, it must show exactly the
+For GroupQueryAttention (probe_mask): evaluated on a right-padded prefill, a decode step and a chunked prefill, it must show exactly the
 causal rule, the padding of attention_mask (none without that input) and, when present, a sliding window of W
-keys (local_window_size) on every non-padded query row. This is GroupQueryAttention's contract: right padding, positions continuing the past.
+keys (local_window_size) on every non-padded query row. This is GroupQueryAttention's contract: right padding,
+positions continuing the past.
 Static input dims override the probes' sizes; a window is invisible at a length <= W, so with a static mask
 length (the only length the model accepts) "no window" is proven there, and with a dynamic one a window probe
 that static dims keep short is a refusal.
+
+For Attention / MultiHeadAttention (probe_padding_mask): the mask's operands, evaluated on two probe sizes with
+random 0/1 masks, must give the key padding of one 2-D input, optionally AND the causal rule, hidden entries at most
+LARGE_NEGATIVE (or -inf).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -18,6 +24,8 @@ from onnxc import probe
 from onnxc.attention_core import Site, cone_inputs
 from onnxc.coverage import Refusal
 from onnxc.verify import Scenario, input_role, make_inputs
+
+LARGE_NEGATIVE = -1e4          # a hidden additive-mask entry must be at most this (or -inf)
 
 
 def _mask_inputs(graph: ir.Graph, values: list[ir.Value]) -> list[ir.Value]:
@@ -135,3 +143,73 @@ def probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tup
         if not (vis == want)[rows].all():
             raise Refusal(f"the mask is not causal + padding{' + window' if window > 0 else ''} ({sc.name} probe)")
     return mask_in, window
+
+
+# -------------------------------------------------------------------------------------------- padding masks
+def keep_table(values: list[np.ndarray], kinds: list[str]) -> tuple[np.ndarray, set[float]]:
+    """Combine the probed mask operands into a bool keep table and the set of hidden values."""
+    keep, hidden = None, set()
+    for arr, kind in zip(values, kinds):
+        if kind == "cond":
+            k = np.asarray(arr).astype(bool)
+        else:
+            a = np.asarray(arr, np.float64)
+            k = a == 0
+            bad = a[~k]
+            if bad.size and not np.all(bad <= LARGE_NEGATIVE):
+                raise Refusal("mask holds values other than 0 and large negatives (a position bias?)")
+            hidden |= {float(x) for x in np.unique(bad)}
+        keep = k if keep is None else keep & k
+    return keep, hidden
+
+
+def probe_padding_mask(values: list[ir.Value], kinds: list[str], graph: ir.Graph, past: bool) -> dict[str, Any]:
+    """The mask whose operands are `values` ("bias": additive, "cond": a boolean keep condition), proved on probe
+    inputs to be the key padding of one 2-D input, causal, both or neither: {mask_input (None without padding),
+    causal, hidden (the values hidden entries hold)}; a Refusal otherwise."""
+    try:
+        data_in = probe.cone(graph, values).data_inputs
+    except probe.ProbeError as exc:
+        raise Refusal(f"mask cannot be evaluated: {exc}") from None
+    if len(data_in) > 1:
+        raise Refusal("mask reads the data of several graph inputs: "
+                       + ", ".join(sorted(v.name or "?" for v in data_in)))
+    mask_in = data_in[0] if data_in else None
+    if mask_in is not None and (mask_in.shape is None or len(mask_in.shape) != 2):
+        raise Refusal(f"mask input '{mask_in.name}' is not 2-D (batch, keys)")
+    scenarios = [Scenario("probe", 2, 4, 3), Scenario("probe", 3, 2, 5)] if past else \
+        [Scenario("probe", 2, 5, 0), Scenario("probe", 3, 3, 0)]
+    candidates = [(p, c) for p in (True, False) for c in (True, False) if mask_in is not None or not p]
+    hidden: set[float] = set()
+    for seed, sc in enumerate(scenarios):
+        pad = None
+        feeds = make_inputs(graph, sc, seed)
+        if mask_in is not None:
+            shape = feeds[mask_in.name].shape
+            pad = np.random.default_rng(100 + seed).random(shape) < 0.6
+            feeds[mask_in.name] = pad.astype(feeds[mask_in.name].dtype)
+        try:
+            arrays = probe.evaluate(graph, values, feeds)
+        except probe.ProbeError as exc:
+            raise Refusal(f"mask could not be evaluated on probe inputs: {exc}") from None
+        keep, h = keep_table(arrays, kinds)
+        hidden |= h
+        if keep.ndim != 4 or keep.shape[-1] < 2:
+            raise Refusal(f"mask of shape {keep.shape} is not (batch, heads, queries, keys)")
+        b, _, s, t = keep.shape
+        if pad is not None and (pad.shape[1] != t or b not in (1, pad.shape[0])):
+            raise Refusal(f"mask of shape {keep.shape} does not index keys by mask input '{mask_in.name}' "
+                           f"{pad.shape}")
+        batch = pad.shape[0] if pad is not None else b
+        i, j = np.arange(s)[:, None], np.arange(t)[None, :]
+        causal_table = j <= (t - s) + i
+        full = np.broadcast_to(keep, (batch, keep.shape[1], s, t))
+        candidates = [(p, c) for p, c in candidates if np.array_equal(
+            full, np.broadcast_to((pad[:, None, None, :] if p else True) & (causal_table if c else True),
+                                  full.shape))]
+        if not candidates:
+            raise Refusal("mask is neither key padding nor key padding + causal")
+        if s == 1:
+            candidates = [(p, c) for p, c in candidates if not c] or candidates
+    padding, causal = candidates[0]
+    return {"mask_input": mask_in if padding else None, "causal": causal, "hidden": hidden}

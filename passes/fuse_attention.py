@@ -56,16 +56,14 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnxc import probe
+from onnxc import masks, probe
 from onnxc.coverage import Refusal
 from onnxc.domains import MS
 from onnxc.ir import derived_tensor
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import Rule, apply_rules, attr_value, const_tensor
 from onnxc.shapes import Unknown, dims_equal, dims_of, same_dim, sym_value
-from onnxc.verify import Scenario, make_inputs
 
-LARGE_NEGATIVE = -1e4          # a hidden mask entry must be at most this (or -inf)
 ORT_MASK_FILTER = -10000.0     # ORT's default mask_filter_value
 _MASK_KEY = "onnxc.fuse_attention.mask"
 
@@ -229,30 +227,13 @@ def _linear(v: ir.Value | None, what: str) -> None:
 
 
 # -- the mask
-def _keep_table(values: list[np.ndarray], kinds: list[str]) -> tuple[np.ndarray, set[float]]:
-    """Combine the probed mask operands into a bool keep table and the set of hidden values."""
-    keep, hidden = None, set()
-    for arr, kind in zip(values, kinds):
-        if kind == "cond":
-            k = np.asarray(arr).astype(bool)
-        else:
-            a = np.asarray(arr, np.float64)
-            k = a == 0
-            bad = a[~k]
-            if bad.size and not np.all(bad <= LARGE_NEGATIVE):
-                raise Refusal("mask holds values other than 0 and large negatives (a position bias?)")
-            hidden |= {float(x) for x in np.unique(bad)}
-        keep = k if keep is None else keep & k
-    return keep, hidden
-
-
 def _analyze_mask(m, graph: ir.Graph, past: bool) -> dict[str, Any]:
     """{mask_input, causal, hidden} for the matched mask operands, or Refusal."""
     operands = [(m.binds[n], kind) for n, kind in (("bias", "bias"), ("cond", "cond")) if n in m.binds]
     hidden_extra: set[float] = set()
     if "neg" in m.binds:
         neg = m.scalar("neg")
-        if neg is None or not neg <= LARGE_NEGATIVE:
+        if neg is None or not neg <= masks.LARGE_NEGATIVE:
             raise Refusal("the Where mask fill is not a large negative constant")
         hidden_extra.add(float(neg))
     if not operands:
@@ -262,62 +243,13 @@ def _analyze_mask(m, graph: ir.Graph, past: bool) -> dict[str, Any]:
     key = tuple(v.name for v, _ in operands) + (past,)
     if key not in cache:
         try:
-            cache[key] = _probe_mask([v for v, _ in operands], [k for _, k in operands], graph, past)
+            cache[key] = masks.probe_padding_mask([v for v, _ in operands], [k for _, k in operands], graph, past)
         except Refusal as exc:
             cache[key] = str(exc)
     result = cache[key]
     if isinstance(result, str):
         raise Refusal(result)
     return {**result, "hidden": result["hidden"] | hidden_extra}
-
-
-def _probe_mask(values: list[ir.Value], kinds: list[str], graph: ir.Graph, past: bool) -> dict[str, Any]:
-    try:
-        data_in = probe.cone(graph, values).data_inputs
-    except probe.ProbeError as exc:
-        raise Refusal(f"mask cannot be evaluated: {exc}") from None
-    if len(data_in) > 1:
-        raise Refusal("mask reads the data of several graph inputs: "
-                       + ", ".join(sorted(v.name or "?" for v in data_in)))
-    mask_in = data_in[0] if data_in else None
-    if mask_in is not None and (mask_in.shape is None or len(mask_in.shape) != 2):
-        raise Refusal(f"mask input '{mask_in.name}' is not 2-D (batch, keys)")
-    scenarios = [Scenario("probe", 2, 4, 3), Scenario("probe", 3, 2, 5)] if past else \
-        [Scenario("probe", 2, 5, 0), Scenario("probe", 3, 3, 0)]
-    candidates = [(p, c) for p in (True, False) for c in (True, False) if mask_in is not None or not p]
-    hidden: set[float] = set()
-    for seed, sc in enumerate(scenarios):
-        pad = None
-        feeds = make_inputs(graph, sc, seed)
-        if mask_in is not None:
-            shape = feeds[mask_in.name].shape
-            pad = np.random.default_rng(100 + seed).random(shape) < 0.6
-            feeds[mask_in.name] = pad.astype(feeds[mask_in.name].dtype)
-        try:
-            arrays = probe.evaluate(graph, values, feeds)
-        except probe.ProbeError as exc:
-            raise Refusal(f"mask could not be evaluated on probe inputs: {exc}") from None
-        keep, h = _keep_table(arrays, kinds)
-        hidden |= h
-        if keep.ndim != 4 or keep.shape[-1] < 2:
-            raise Refusal(f"mask of shape {keep.shape} is not (batch, heads, queries, keys)")
-        b, _, s, t = keep.shape
-        if pad is not None and (pad.shape[1] != t or b not in (1, pad.shape[0])):
-            raise Refusal(f"mask of shape {keep.shape} does not index keys by mask input '{mask_in.name}' "
-                           f"{pad.shape}")
-        batch = pad.shape[0] if pad is not None else b
-        i, j = np.arange(s)[:, None], np.arange(t)[None, :]
-        causal_table = j <= (t - s) + i
-        full = np.broadcast_to(keep, (batch, keep.shape[1], s, t))
-        candidates = [(p, c) for p, c in candidates if np.array_equal(
-            full, np.broadcast_to((pad[:, None, None, :] if p else True) & (causal_table if c else True),
-                                  full.shape))]
-        if not candidates:
-            raise Refusal("mask is neither key padding nor key padding + causal")
-        if s == 1:
-            candidates = [(p, c) for p, c in candidates if not c] or candidates
-    padding, causal = candidates[0]
-    return {"mask_input": mask_in if padding else None, "causal": causal, "hidden": hidden}
 
 
 def _attention_attrs(m, past: bool, head_size: int) -> dict[str, Any]:
@@ -368,7 +300,7 @@ def _position_bias(m, past: bool) -> ir.Value | None:
     except probe.ProbeError as exc:
         raise Refusal(f"the bias added to the scores cannot be evaluated: {exc}") from None
     if reads:
-        _probe_mask([r], ["bias"], m.graph, past)
+        masks.probe_padding_mask([r], ["bias"], m.graph, past)
         raise Refusal("the bias added to the scores reads graph input data: "
                        + ", ".join(sorted(v.name or "?" for v in reads)))
     d = dims_of(r)
