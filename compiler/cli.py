@@ -257,7 +257,7 @@ def _explain(model: Path, name: str, level: int, target: str, passes: str | None
         table.add_column("node", overflow="fold")
         table.add_column("result", overflow="fold")
         for node, why in rows:
-            table.add_row(escape(node), escape(why))
+            table.add_row(node, why)   # plain text: the console reads no markup
         out.print(table)
     if name in registered:
         ctx.notes.clear()
