@@ -346,13 +346,19 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 @click.option("--plugin", multiple=True, type=click.Path(dir_okay=False))
 @click.option("--rules", "show_rules", is_flag=True, help="Also list each pass's rules.")
 @click.option("--json", "as_json", is_flag=True, help="Passes and their rules as JSON.")
-def passes_cmd(plugin: tuple[str, ...], show_rules: bool, as_json: bool) -> int:
+@click.option("--markdown", is_flag=True, help="The catalogue as Markdown tables (the generated part of docs/passes.md).")
+def passes_cmd(plugin: tuple[str, ...], show_rules: bool, as_json: bool, markdown: bool) -> int:
     """List registered passes: name, level, targets, summary. Names are never cut: the summary wraps instead, and
     piped output is one line per pass or rule, tab-separated."""
     from . import pass_manager as pm, pipeline  # noqa: F401  (pipeline registers built-ins)
 
     _load_plugins(plugin)
     passes = pm.registered_passes()
+    if markdown:
+        from . import passdoc
+
+        click.echo(passdoc.render(passes), nl=False)
+        return 0
     if as_json:
         out.print(json.dumps([{"name": name, "level": p.level, "targets": list(p.targets), "summary": p.summary,
                                "rules": [{"name": r.name, "summary": r.summary} for r in p.rules()]}
