@@ -121,6 +121,7 @@ def _load_plugins(plugins: tuple[str, ...]) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output file (default: <stem>.onnxc.onnx beside the input).")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a JSON report.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout (docs/report.md).")
 @click.option("--passes", default=None, help="Explicit pipeline, e.g. 'fold-constants,fixpoint(a,b)'.")
 @click.option("--disable", multiple=True, help="Disable a pass or rule (repeatable).")
 @click.option("--plugin", multiple=True, type=click.Path(dir_okay=False), help="Python file registering passes.")
@@ -151,7 +152,7 @@ def compile_cmd(model: Path, level: int, target: str, output: Path | None, repor
                 verify_inputs: str | None, seed: int, external_data: bool | None, max_seq_len: int | None,
                 quantize: str | None, block_size: int | None, symmetric: bool | None, exclude: tuple[str, ...],
                 calibration: str | None, accuracy_level: int | None, io_fp16: bool, approximate_gelu: bool,
-                quiet: bool, verbose: bool) -> int:
+                quiet: bool, verbose: bool, as_json: bool = False) -> int:
     """Compile MODEL and write a verified, optimized model."""
     from . import driver
 
@@ -202,6 +203,8 @@ def compile_cmd(model: Path, level: int, target: str, output: Path | None, repor
     rep = result.report
     if report is not None:
         _write_json_atomic(report, rep)
+    if as_json:
+        click.echo(json.dumps(rep, indent=2, default=str))
     if not quiet:
         _print_summary(rep, verbose)
     else:
