@@ -350,17 +350,23 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 @click.option("--rules", "show_rules", is_flag=True, help="Also list each pass's rules.")
 @click.option("--json", "as_json", is_flag=True, help="Passes and their rules as JSON.")
 @click.option("--markdown", is_flag=True, help="The catalogue as Markdown tables (the generated part of docs/passes.md).")
-def passes_cmd(plugin: tuple[str, ...], show_rules: bool, as_json: bool, markdown: bool) -> int:
+@click.option("--pipeline", "show_pipeline", is_flag=True,
+              help="Print the pipeline -O and --target run, one pass a line, declared passes in their places.")
+@click.option("-O", "level", type=click.IntRange(0, 3), default=2, show_default=True, help="With --pipeline.")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="With --pipeline.")
+def passes_cmd(plugin: tuple[str, ...], show_rules: bool, as_json: bool, markdown: bool, show_pipeline: bool = False,
+               level: int = 2, target: str = "cpu") -> int:
     """List registered passes: name, level, targets, summary. Names are never cut: the summary wraps instead, and
     piped output is one line per pass or rule, tab-separated."""
     from . import pass_manager as pm, pipeline  # noqa: F401  (pipeline registers built-ins)
 
     _load_plugins(plugin)
     passes = pm.registered_passes()
-    if markdown:
+    if markdown or show_pipeline:
         from . import passdoc
 
-        click.echo(passdoc.render(passes), nl=False)
+        click.echo(passdoc.pipeline_text(level, target) if show_pipeline else passdoc.render(passes), nl=False)
         return 0
     if as_json:
         out.print(json.dumps([{"name": name, "level": p.level, "targets": list(p.targets), "summary": p.summary,

@@ -110,6 +110,19 @@ def render(passes: dict[str, pm.Pass] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pipeline_text(level: int, target: str) -> str:
+    """The pipeline (level, target) runs, as built (registered passes that declare a place are in it), one pass a
+    line; a fixed point's passes are indented under it."""
+    ctx = pm.PassContext(level=level, target=target)
+    lines = []
+    for item in pipeline.build_pipeline(ctx):
+        if isinstance(item, pm.FixedPoint):
+            lines += [f"fixpoint (at most {item.max_iterations} rounds)"] + [f"  {p.name}" for p in item.passes]
+        else:
+            lines.append(item.name)
+    return "\n".join(lines) + "\n"
+
+
 def splice(document: str, generated: str) -> str:
     """`document` with the text between the markers replaced by `generated` (the markers must be there)."""
     head, sep, rest = document.partition(BEGIN + "\n")

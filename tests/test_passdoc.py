@@ -51,3 +51,16 @@ def test_passdoc_splice_needs_the_markers():
         passdoc.splice("no markers here", "x")
     assert passdoc.splice(f"a\n{passdoc.BEGIN}\nold\n{passdoc.END}\nb", "new\n") == \
         f"a\n{passdoc.BEGIN}\nnew\n{passdoc.END}\nb"
+
+
+def test_passdoc_pipeline_places_a_declared_plugin(tmp_path):
+    plugin = tmp_path / "late_pass.py"
+    plugin.write_text("from onnxc import RulePass, register_pass\n"
+                      "register_pass(RulePass('doc-late-pass', [], level=2, after='fuse-gelu'))\n")
+    o2 = _onnxc("passes", "--pipeline", "-O2", "--plugin", str(plugin)).splitlines()
+    assert o2[o2.index("fuse-gelu") + 1] == "doc-late-pass"
+    assert o2.count("fixpoint (at most 10 rounds)") == 3 and o2[-1] == "sort-topologically"
+    o1 = _onnxc("passes", "--pipeline", "-O1", "--plugin", str(plugin)).splitlines()
+    assert "doc-late-pass" not in o1 and "fuse-gelu" not in o1           # level 2 passes stay out of -O1
+    cuda = _onnxc("passes", "--pipeline", "-O3", "--target", "cuda").splitlines()
+    assert "convert-fp16" in cuda and "convert-fp16" not in o2
