@@ -349,7 +349,8 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 @click.option("--plugin", multiple=True, type=click.Path(dir_okay=False))
 @click.option("--rules", "show_rules", is_flag=True, help="Also list each pass's rules.")
 @click.option("--json", "as_json", is_flag=True, help="Passes and their rules as JSON.")
-@click.option("--markdown", is_flag=True, help="The catalogue as Markdown tables (the generated part of docs/passes.md).")
+@click.option("--markdown", is_flag=True,
+              help="The catalogue as Markdown tables (the generated part of docs/passes.md).")
 @click.option("--pipeline", "show_pipeline", is_flag=True,
               help="Print the pipeline -O and --target run, one pass a line, declared passes in their places.")
 @click.option("-O", "level", type=click.IntRange(0, 3), default=2, show_default=True, help="With --pipeline.")
