@@ -60,7 +60,14 @@ def test_passdoc_pipeline_places_a_declared_plugin(tmp_path):
     o2 = _onnxc("passes", "--pipeline", "-O2", "--plugin", str(plugin)).splitlines()
     assert o2[o2.index("fuse-gelu") + 1] == "doc-late-pass"
     assert o2.count("fixpoint (at most 10 rounds)") == 3 and o2[-1] == "sort-topologically"
-    o1 = _onnxc("passes", "--pipeline", "-O1", "--plugin", str(plugin)).splitlines()
+
+
+def test_passdoc_pipeline_rows_follow_level_and_target(monkeypatch):
+    monkeypatch.setattr(pm, "_REGISTRY", dict(pm._REGISTRY))      # the pass registered here goes with the test
+    pm.register_pass(pm.RulePass("doc-late-pass", [], level=2, after="fuse-gelu"))
+    o2 = passdoc.pipeline_text(2, "cpu").splitlines()
+    assert o2[o2.index("fuse-gelu") + 1] == "doc-late-pass"
+    o1 = passdoc.pipeline_text(1, "cpu").splitlines()
     assert "doc-late-pass" not in o1 and "fuse-gelu" not in o1           # level 2 passes stay out of -O1
-    cuda = _onnxc("passes", "--pipeline", "-O3", "--target", "cuda").splitlines()
-    assert "convert-fp16" in cuda and "convert-fp16" not in o2
+    cuda = passdoc.pipeline_text(3, "cuda").splitlines()
+    assert "convert-fp16" in cuda and "convert-fp16" not in o2 and "doc-late-pass" in cuda
