@@ -32,10 +32,13 @@ def __getattr__(name: str):
 
 
 def compile(model, level: int = 2, target: str = "cpu", **kwargs):  # noqa: A001 (the API's name)
-    """Compile `model` (path, onnx.ModelProto, onnx_ir.Model or bytes) at the command line's default level (-O2);
-    see onnxc.driver.compile."""
+    """Compile `model` (path, onnx.ModelProto, onnx_ir.Model, bytes, or an onnx-graphsurgeon Graph) at the command
+    line's default level (-O2); see onnxc.driver.compile."""
     from .driver import compile as _compile
+    from .integrations import graphsurgeon
 
+    if graphsurgeon.is_graph(model):
+        model = graphsurgeon.to_model_proto(model)
     return _compile(model, level, target, **kwargs)
 
 
@@ -47,6 +50,14 @@ def bench(models, **kwargs):
     return _bench(models, **kwargs)
 
 
-__all__ = ["compile", "bench", "Pass", "PassContext", "PassResult", "RulePass", "register_pass", "Rule", "Attr",
+def to_graphsurgeon(result):
+    """The compiled model of an onnxc.compile result as an onnx-graphsurgeon Graph (docs/integrations.md)."""
+    from .integrations import graphsurgeon
+
+    return graphsurgeon.to_graphsurgeon(result)
+
+
+__all__ = ["compile", "bench", "to_graphsurgeon", "Pass", "PassContext", "PassResult", "RulePass", "register_pass",
+           "Rule", "Attr",
            "OnnxcError", "UsageError", "InvalidModelError", "VerificationError", "PassError", "WriteError",
            "__version__"]

@@ -121,6 +121,7 @@ def _load_plugins(plugins: tuple[str, ...]) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output file (default: <stem>.onnxc.onnx beside the input).")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a JSON report.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout (docs/report.md).")
 @click.option("--passes", default=None, help="Explicit pipeline, e.g. 'fold-constants,fixpoint(a,b)'.")
 @click.option("--disable", multiple=True, help="Disable a pass or rule (repeatable).")
 @click.option("--plugin", multiple=True, type=click.Path(dir_okay=False), help="Python file registering passes.")
@@ -151,7 +152,7 @@ def compile_cmd(model: Path, level: int, target: str, output: Path | None, repor
                 verify_inputs: str | None, seed: int, external_data: bool | None, max_seq_len: int | None,
                 quantize: str | None, block_size: int | None, symmetric: bool | None, exclude: tuple[str, ...],
                 calibration: str | None, accuracy_level: int | None, io_fp16: bool, approximate_gelu: bool,
-                quiet: bool, verbose: bool) -> int:
+                quiet: bool, verbose: bool, as_json: bool = False) -> int:
     """Compile MODEL and write a verified, optimized model."""
     from . import driver
 
@@ -202,6 +203,8 @@ def compile_cmd(model: Path, level: int, target: str, output: Path | None, repor
     rep = result.report
     if report is not None:
         _write_json_atomic(report, rep)
+    if as_json:
+        click.echo(json.dumps(rep, indent=2, default=str))
     if not quiet:
         _print_summary(rep, verbose)
     else:
@@ -257,7 +260,7 @@ def _explain(model: Path, name: str, level: int, target: str, passes: str | None
         table.add_column("node", overflow="fold")
         table.add_column("result", overflow="fold")
         for node, why in rows:
-            table.add_row(escape(node), escape(why))
+            table.add_row(node, why)   # plain text: the console reads no markup
         out.print(table)
     if name in registered:
         ctx.notes.clear()
@@ -346,13 +349,26 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 @click.option("--plugin", multiple=True, type=click.Path(dir_okay=False))
 @click.option("--rules", "show_rules", is_flag=True, help="Also list each pass's rules.")
 @click.option("--json", "as_json", is_flag=True, help="Passes and their rules as JSON.")
-def passes_cmd(plugin: tuple[str, ...], show_rules: bool, as_json: bool) -> int:
+@click.option("--markdown", is_flag=True,
+              help="The catalogue as Markdown tables (the generated part of docs/passes.md).")
+@click.option("--pipeline", "show_pipeline", is_flag=True,
+              help="Print the pipeline -O and --target run, one pass a line, declared passes in their places.")
+@click.option("-O", "level", type=click.IntRange(0, 3), default=2, show_default=True, help="With --pipeline.")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="With --pipeline.")
+def passes_cmd(plugin: tuple[str, ...], show_rules: bool, as_json: bool, markdown: bool, show_pipeline: bool = False,
+               level: int = 2, target: str = "cpu") -> int:
     """List registered passes: name, level, targets, summary. Names are never cut: the summary wraps instead, and
     piped output is one line per pass or rule, tab-separated."""
     from . import pass_manager as pm, pipeline  # noqa: F401  (pipeline registers built-ins)
 
     _load_plugins(plugin)
     passes = pm.registered_passes()
+    if markdown or show_pipeline:
+        from . import passdoc
+
+        click.echo(passdoc.pipeline_text(level, target) if show_pipeline else passdoc.render(passes), nl=False)
+        return 0
     if as_json:
         out.print(json.dumps([{"name": name, "level": p.level, "targets": list(p.targets), "summary": p.summary,
                                "rules": [{"name": r.name, "summary": r.summary} for r in p.rules()]}

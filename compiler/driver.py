@@ -17,6 +17,7 @@ from . import ir as irio
 from . import kvcache
 from . import pass_manager as pm
 from . import pipeline as pipelines
+from . import report as report_frame
 from . import verify as numeric
 from .errors import InvalidModelError, UsageError, VerificationError, summarize
 from .verifier import check_model
@@ -183,6 +184,8 @@ def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os
                         "save": round(save_seconds, 3), "verify": round(verify_seconds, 3),
                         "total": round(time.perf_counter() - started, 3)},
         }
+    report = report_frame.framed(report, verify_inputs=verify_inputs, seed=seed,
+                                 tolerance_dtype=ctx.option("tolerance_dtype"))
     return CompileResult(report, out_path, proto)
 
 

@@ -81,10 +81,12 @@ class RulePass(Pass):
     """A pass made of pattern rules, applied largest pattern first until none fires."""
 
     def __init__(self, name: str, rules: Sequence[_rules.Rule], *, level: int = 1,
-                 targets: tuple[str, ...] = TARGETS, summary: str = ""):
+                 targets: tuple[str, ...] = TARGETS, summary: str = "", after: str | None = None,
+                 before: str | None = None, stage: str | None = None):
         self.name = name
         self.level = level
         self.targets = targets
+        self.after, self.before, self.stage = after, before, stage
         self._rules = list(rules)
         self._summary = summary
 
