@@ -35,7 +35,10 @@ def test_signal_mid_compile_removes_every_temporary_folder(tmp_path, sig, code, 
     p = subprocess.Popen([sys.executable, "-c", "from onnxc._entry import main; main()", "compile", str(MODEL),
                           "-O2", "-q", "-o", str(out_dir / "m.onnx")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env={**os.environ, "TMPDIR": str(scratch)})
-    _wait_for(lambda: any(scratch.iterdir()) or p.poll() is not None)    # the compile's scratch folder exists
+    # the compile's scratch folder exists (not just the file Python's tempfile writes and removes once, to test the
+    # folder, which a signal landing at that instant would leave behind before onnxc runs any code of its own)
+    _wait_for(lambda: any(f.is_dir() and f.name.startswith("onnxc-") for f in scratch.iterdir())
+              or p.poll() is not None)
     p.send_signal(sig)
     _, stderr = p.communicate(timeout=120)
     if p.returncode == 0:
