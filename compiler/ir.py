@@ -74,7 +74,7 @@ def from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike | None = None
     except Exception as exc:  # onnx-ir raises several types on malformed protos
         raise InvalidModelError(f"malformed ONNX model ({first_line(exc, 200)})") from None
     if folder is not None:
-        loader.set_base_dir(model, folder)
+        loader.resolve_external(model, folder)
     model.meta[LOAD_NOTES] = report.notes
     return model
 

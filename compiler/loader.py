@@ -34,10 +34,11 @@ import onnx_ir as ir
 
 from .errors import InvalidModelError, UsageError, quote
 
-MAX_GRAPH_DEPTH = 32                    # subgraphs inside subgraphs; onnx-ir's deserializer recurses per level
+MAX_GRAPH_DEPTH = 24                    # subgraphs inside subgraphs (protobuf parsing stops near 32)
 MAX_LOCATION_BYTES = 1024
 MAX_TENSOR_BYTES = 1 << 40              # 1 TiB: no real tensor comes near; also bounds the dims' product
 MAX_DENSIFIED_BYTES = 1 << 30
+MAX_ATTRIBUTE_BYTES = 256 << 20         # external data read at load because it sits in a node attribute
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _KNOWN_KEYS = ("location", "offset", "length", "checksum", "basepath")
 
@@ -427,11 +428,38 @@ def ir_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
                     stack.extend(attr.value)
 
 
-def set_base_dir(model: ir.Model, base_dir: Path) -> None:
-    """Point every external tensor (functions and attributes included) at the model's folder."""
+def resolve_external(model: ir.Model, base_dir: Path) -> None:
+    """Point every external tensor at the model's folder. Initializers stay memory-mapped; a tensor held in a node
+    attribute (a Constant in a function or a subgraph) is read now, up to MAX_ATTRIBUTE_BYTES, because onnx-ir
+    saves only initializers to a data file: kept external, the output would point into its own folder."""
     for t in ir_tensors(model):
         if isinstance(t, ir.ExternalTensor):
             t.base_dir = str(base_dir)
+    stack: list[ir.Graph | ir.Function] = [*model.functions.values(), model.graph]
+    while stack:
+        g = stack.pop()
+        for node in g:
+            for name, attr in list(node.attributes.items()):
+                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                    node.attributes[name] = ir.AttrTensor(name, _read_attribute(attr.value, node, name))
+                elif attr.type == ir.AttributeType.TENSORS and \
+                        any(isinstance(t, ir.ExternalTensor) for t in attr.value):
+                    node.attributes[name] = ir.AttrTensors(name, [_read_attribute(t, node, name) if isinstance(
+                        t, ir.ExternalTensor) else t for t in attr.value])
+                elif attr.type == ir.AttributeType.GRAPH:
+                    stack.append(attr.value)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    stack.extend(attr.value)
+
+
+def _read_attribute(t: ir.ExternalTensor, node: ir.Node, name: str) -> ir.TensorProtocol:
+    if t.nbytes > MAX_ATTRIBUTE_BYTES:
+        raise InvalidModelError(f"node {quote(node.name or node.op_type)} attribute {quote(name)}: {t.nbytes} bytes "
+                                f"of external data in an attribute (at most {MAX_ATTRIBUTE_BYTES}; use an "
+                                "initializer)")
+    data = np.array(t.numpy())          # a copy: the file's map is released
+    t.release()
+    return ir.Tensor(data, dtype=t.dtype, name=t.name)
 
 
 def check_regular_file(path: str | os.PathLike, what: str) -> Path:
