@@ -380,6 +380,16 @@ def cases() -> list[Case]:
     ]
 
 
+# `import onnxruntime` writes the state file of its telemetry library (`.ses`) into TMPDIR once; it is not onnxc's
+# and is the same for any program that imports onnxruntime.
+ORT_STATE_FILES = frozenset({".ses"})
+
+
+def left_in(tmp: Path) -> list[str]:
+    """What is left in a TMPDIR after a compile, but onnxruntime's own state file."""
+    return sorted(p.name for p in tmp.iterdir() if p.name not in ORT_STATE_FILES)
+
+
 def make_secret(root: Path) -> bytes:
     data = SECRET * 256
     (root / "secret.bin").write_bytes(data)
