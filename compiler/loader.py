@@ -467,6 +467,8 @@ def check_regular_file(path: str | os.PathLike, what: str) -> Path:
     path = Path(path)
     try:
         st = path.stat()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path}: no such file") from None
     except OSError as exc:
         raise UsageError(f"{what} {path}: {exc.strerror or 'cannot read'}") from None
     if not stat.S_ISREG(st.st_mode):

@@ -364,6 +364,8 @@ def cases() -> list[Case]:
         Case("model-fifo", model_fifo, 3, "not a regular file"),
         Case("verify-inputs-fifo", inputs_special(lambda f: _fifo(f, "in.npz")), 2, "not a regular file",
              ["--verify-inputs", "{folder}/in.npz"]),
+        Case("calibration-fifo", inputs_special(lambda f: _fifo(f, "cal.npz")), 2, "not a regular file",
+             ["--quantize", "int4:gptq", "--calibration", "{folder}/cal.npz"]),
         Case("verify-inputs-device", inputs_special(lambda f: None), 2, "not a regular file",
              ["--verify-inputs", "/dev/zero"]),
         Case("model-garbage", raw_file(b"\x08\x07garbage that is not protobuf \xff\xff\xff"), 3, "ONNX"),
