@@ -32,13 +32,16 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 _CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 
-def one_line(text: str) -> str:
-    """`text` with newlines, NUL and other control characters escaped (\\n, \\x00), so it prints as one line."""
+def one_line(text: str | bytes) -> str:
+    """`text` with newlines, NUL and other control characters escaped (\\n, \\x00), so it prints as one line.
+    Bytes (protobuf gives a string field that is not UTF-8 as bytes) are decoded with escapes."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", "backslashreplace")
     return _CONTROL.sub(lambda m: {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(m.group(), ascii(m.group())[1:-1]),
                         text)
 
 
-def quote(name: str, limit: int = 200) -> str:
+def quote(name: str | bytes, limit: int = 200) -> str:
     """A name from the model as it is shown in messages: quoted, control characters escaped, cut to `limit`."""
     shown = one_line(name)
     return f"'{shown[:limit]}" + ("...'" if len(shown) > limit else "'")

@@ -393,12 +393,30 @@ def _drop_contradicted_shapes(model: onnx.ModelProto, report: LoadReport) -> Non
             o.type.CopyFrom(got)
 
 
+def _check_text(model: onnx.ModelProto) -> None:
+    """Every string field is UTF-8 (protobuf hands one that is not over as bytes, which no name may be)."""
+    stack: list = [model]
+    while stack:
+        msg = stack.pop()
+        for fd, value in msg.ListFields():
+            repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+            if fd.type == fd.TYPE_STRING:
+                if any(isinstance(v, bytes) for v in (value if repeated else [value])):
+                    raise InvalidModelError(f"field {fd.full_name} is not valid UTF-8")
+            elif fd.type == fd.TYPE_MESSAGE:
+                if repeated:
+                    stack.extend(value)
+                else:
+                    stack.append(value)
+
+
 # ------------------------------------------------------------------------------------------------- entry points
 def prepare(model: onnx.ModelProto, base_dir: Path | None) -> LoadReport:
     """Check (and, for sparse tensors and contradicted shapes, fix) a model proto in place before deserializing it.
     `base_dir` is the model's folder; None for a model that did not come from a file (it may not use external
     data)."""
     report = LoadReport()
+    _check_text(model)
     _densify_all(model, report)
     seen: dict[str, os.stat_result] = {}
     for site in tensor_sites(model):

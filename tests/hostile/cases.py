@@ -347,6 +347,8 @@ def cases() -> list[Case]:
         Case("long-chain", proto(lambda: long_chain(3000)), 0, args=["-O1"]),
         # names
         Case("name-newline-dangling", proto(lambda: named("evil\nname", dangling=True)), 3, "evil\\nname"),
+        Case("name-invalid-utf8", raw_file(named("QQQQ", dangling=True).SerializeToString().replace(
+            b"QQQQ", b"\xff\xfe\xfd\xfc")), 3, "not valid UTF-8"),
         Case("name-nul-lying-size", proto(lambda: named("nul\0name")), 3, "nul\\x00name"),
         # models onnxruntime refuses
         Case("ort-unknown-op", proto(unknown_op), 3, "onnxruntime cannot load"),
