@@ -11,11 +11,13 @@ iteratively (no recursion limit; subgraph nesting is capped at MAX_GRAPH_DEPTH) 
   not the file itself may be a symbolic link; the file is a regular file (a FIFO or device is never opened) with one
   link (no hard links); offset and length are decimal integers; the bytes they name lie inside the file and are
   exactly the tensor's size (without a length, the file from the offset on must hold at least that);
+- every string field is UTF-8;
 - sparse tensors are densified (onnx-ir has no sparse tensors), up to MAX_DENSIFIED_BYTES;
 - graph inputs, outputs and value_info have no negative dims;
 - value_info shapes are hints: those ONNX shape inference contradicts are dropped (a note says which).
 
-Nothing is read from external files here: only their metadata is looked at. Every failure is an InvalidModelError
+Nothing is read from external files here: only their metadata is looked at (`resolve_external`, after
+deserialization, reads external data held in node attributes). Every failure is an InvalidModelError
 (exit 3) with one line naming the tensor and the reason.
 """
 from __future__ import annotations
