@@ -8,6 +8,7 @@ the caller commits, so a failed compile or a failed verification never leaves a 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
@@ -319,8 +320,8 @@ class StagedOutput:
 
     The data file's name carries a hash of its bytes, so it never replaces the weights of another model: it is
     renamed into place first, then the model (the one step readers see), then the data files of the model it
-    replaced are removed, unless the model now in place references them. A concurrent writer to the same path thus
-    never leaves a model beside another model's weights."""
+    replaced are removed, unless the model now in place references them. Commits to one folder hold a lock on it, so
+    a concurrent writer to the same path never leaves a model beside another model's weights, or without its own."""
 
     def __init__(self, destination: Path, model_file: Path, data_file: Path | None):
         self.destination = destination
@@ -329,24 +330,45 @@ class StagedOutput:
 
     def commit(self) -> list[Path]:
         folder = self.destination.parent
-        old = owned_data_files(self.destination)
-        placed = None
-        try:
-            if self.data_file is not None:
-                placed = folder / self.data_file.name
-                os.replace(self.data_file, placed)
-            os.replace(self.model_file, self.destination)
-        except OSError as exc:
-            if placed is not None and placed.name not in owned_data_files(self.destination):
-                placed.unlink(missing_ok=True)
-            raise WriteError(f"cannot move the output into place at {self.destination}: "
-                             f"{exc.strerror or exc}") from None
-        for name in old - owned_data_files(self.destination):
+        with _folder_lock(folder):
+            old = owned_data_files(self.destination)
+            placed = None
             try:
-                (folder / name).unlink(missing_ok=True)
-            except OSError:
-                pass            # a stale weights file left behind is harmless; the model in place is whole
+                if self.data_file is not None:
+                    placed = folder / self.data_file.name
+                    os.replace(self.data_file, placed)
+                os.replace(self.model_file, self.destination)
+            except OSError as exc:
+                if placed is not None and placed.name not in owned_data_files(self.destination):
+                    placed.unlink(missing_ok=True)
+                raise WriteError(f"cannot move the output into place at {self.destination}: "
+                                 f"{exc.strerror or exc}") from None
+            for name in old - owned_data_files(self.destination):
+                try:
+                    (folder / name).unlink(missing_ok=True)
+                except OSError:
+                    pass        # a stale weights file left behind is harmless; the model in place is whole
         return [self.destination] + ([placed] if placed is not None else [])
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on the output folder while a commit runs, so that two onnxc commits to one folder never
+    interleave: one could otherwise remove a data file (named by its bytes) that the other has just put back for the
+    model it is about to rename into place. Where the folder cannot be locked, the commit runs unlocked."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)            # releases the lock
 
 
 @contextmanager

@@ -183,3 +183,54 @@ def test_derived_tensor_computes_when_read_and_releases_mapped_sources(tmp_path,
     np.testing.assert_array_equal(t.numpy(), np.concatenate([a, b], axis=1))
     assert calls == [1] and released == ["w"]
     assert t.dtype == ir.DataType.FLOAT and list(t.shape) == [2, 5]
+
+
+def test_concurrent_commits_leave_a_model_with_its_own_weights(tmp_path):
+    """Two writers commit different models to one path, over and over: whatever is in place at the end (and at
+    each step a reader looks) is one writer's model with that writer's weights, never a mix. A reader that holds a
+    model while the next commit replaces it may find its data file gone, never another model's."""
+    import threading
+
+    sources = []
+    for seed in (0, 1):
+        src = tmp_path / f"m{seed}.onnx"
+        _save_external(tiny_lm(vocab=64, hidden=16, seed=seed), src)
+        sources.append(src)
+    weights = {tuple(onnx.numpy_helper.to_array(t).ravel()[:4]) for s in sources
+               for t in onnx.load(str(s)).graph.initializer if t.name == "emb"}
+    dest = tmp_path / "out" / "o.onnx"
+    dest.parent.mkdir()
+    errors = []
+
+    def writer(src):
+        try:
+            for _ in range(12):
+                with irio.staged_save(irio.load(src), dest) as staged:
+                    staged.commit()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(s,)) for s in sources]
+    for t in threads:
+        t.start()
+    seen = 0
+    while any(t.is_alive() for t in threads):
+        try:
+            before = os.stat(dest).st_ino
+            proto = onnx.load(str(dest))
+        except FileNotFoundError:
+            continue                      # before the first commit
+        except onnx.checker.ValidationError:
+            # Its data file went with the next commit while this reader held the model: it must have been replaced.
+            assert os.stat(dest).st_ino != before
+            continue
+        emb = next(t for t in proto.graph.initializer if t.name == "emb")
+        assert tuple(onnx.numpy_helper.to_array(emb).ravel()[:4]) in weights
+        seen += 1
+    for t in threads:
+        t.join()
+    assert not errors
+    proto = onnx.load(str(dest))
+    assert {tuple(onnx.numpy_helper.to_array(t).ravel()[:4]) for t in proto.graph.initializer
+            if t.name == "emb"} <= weights
+    assert irio.owned_data_files(dest) <= {p.name for p in dest.parent.iterdir()}
