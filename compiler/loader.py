@@ -10,7 +10,8 @@ iteratively (no recursion limit; subgraph nesting is capped at MAX_GRAPH_DEPTH) 
   path, no NUL; it is resolved against the model's folder (never the working directory); no folder on the way and
   not the file itself may be a symbolic link; the file is a regular file (a FIFO or device is never opened) with one
   link (no hard links); offset and length are decimal integers; the bytes they name lie inside the file and are
-  exactly the tensor's size (without a length, the file from the offset on must hold at least that);
+  exactly the tensor's size (without a length, the file from the offset on must hold at least that); keys other
+  than location, offset, length, checksum and basepath are refused (onnxruntime refuses them too);
 - every string field is UTF-8;
 - sparse tensors are densified (onnx-ir has no sparse tensors), up to MAX_DENSIFIED_BYTES;
 - graph inputs, outputs and value_info have no negative dims;
@@ -212,8 +213,10 @@ def _check_external(t: onnx.TensorProto, where: str, size: int, base_dir: Path |
         raise InvalidModelError(f"{where}: a string tensor cannot live in external data")
     info: dict[str, str] = {}
     for entry in t.external_data:
-        if entry.key in _KNOWN_KEYS:
-            info[entry.key] = entry.value
+        if entry.key not in _KNOWN_KEYS:        # onnxruntime refuses the model too
+            raise InvalidModelError(f"{where}: unknown external data key {quote(entry.key, 40)} (known: "
+                                    f"{', '.join(_KNOWN_KEYS)})")
+        info[entry.key] = entry.value
     location = info.get("location", "")
     if location not in seen:
         seen[location] = stat_external(base_dir, location, where)

@@ -53,9 +53,11 @@ def _model(nodes, inits=(), functions=(), inputs=None, outputs=None, value_info=
 
 
 def _external(name: str, location: str, *, dims=(4, 4), offset: str | None = "0", length: str | None = "64",
-              dtype=TensorProto.FLOAT) -> TensorProto:
+              dtype=TensorProto.FLOAT, extra: dict[str, str] | None = None) -> TensorProto:
     t = TensorProto(name=name, dims=list(dims), data_type=dtype, data_location=TensorProto.EXTERNAL)
     t.external_data.add(key="location", value=location)
+    for k, v in (extra or {}).items():
+        t.external_data.add(key=k, value=v)
     if offset is not None:
         t.external_data.add(key="offset", value=offset)
     if length is not None:
@@ -319,6 +321,7 @@ def cases() -> list[Case]:
         # malformed external data keys
         Case("ext-long-location", graph_weight("a" * 5000, WEIGHTS), 3, "location is 5000 characters"),
         Case("ext-nul-location", graph_weight("w.bin\0x", WEIGHTS), 3, "NUL"),
+        Case("ext-unknown-key", graph_weight("w.bin", WEIGHTS, extra={"\0ffset": "0"}), 3, "unknown external data key"),
         Case("ext-no-location", graph_weight("", WEIGHTS), 3, "no location"),
         Case("ext-text-offset", graph_weight("w.bin", WEIGHTS, offset="12abc"), 3, "offset"),
         Case("ext-negative-offset", graph_weight("w.bin", WEIGHTS, offset="-4"), 3, "offset"),
