@@ -398,6 +398,28 @@ def _drop_contradicted_shapes(model: onnx.ModelProto, report: LoadReport) -> Non
             o.type.CopyFrom(got)
 
 
+_ATTRIBUTE_FIELD = {onnx.AttributeProto.GRAPH: "g", onnx.AttributeProto.TENSOR: "t",
+                    onnx.AttributeProto.SPARSE_TENSOR: "sparse_tensor", onnx.AttributeProto.TYPE_PROTO: "tp"}
+
+
+def _check_attributes(model: onnx.ModelProto) -> None:
+    """Every node attribute has a type, and holds the value its type names (a GRAPH attribute has a graph)."""
+    for g, label, _ in _graphs(model):
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.ref_attr_name:
+                    continue
+                where = f"{label} node {quote(node.name or node.op_type)} attribute {quote(attr.name)}"
+                if attr.type == onnx.AttributeProto.UNDEFINED:
+                    raise InvalidModelError(f"{where} has no type")
+                if attr.type not in onnx.AttributeProto.AttributeType.values():
+                    raise InvalidModelError(f"{where} has an unknown type {attr.type}")
+                field = _ATTRIBUTE_FIELD.get(attr.type)
+                if field is not None and not attr.HasField(field):
+                    raise InvalidModelError(f"{where} is typed {onnx.AttributeProto.AttributeType.Name(attr.type)} "
+                                            "but holds no such value")
+
+
 def _check_text(model: onnx.ModelProto) -> None:
     """Every string field is UTF-8 (protobuf hands one that is not over as bytes, which no name may be)."""
     stack: list = [model]
@@ -422,6 +444,7 @@ def prepare(model: onnx.ModelProto, base_dir: Path | None) -> LoadReport:
     data)."""
     report = LoadReport()
     _check_text(model)
+    _check_attributes(model)
     _densify_all(model, report)
     seen: dict[str, os.stat_result] = {}
     for site in tensor_sites(model):

@@ -220,6 +220,13 @@ def nested_ifs(depth: int) -> onnx.ModelProto:
     return _model(nodes, [numpy_helper.from_array(np.array(True), "cond")])
 
 
+def untyped_attribute() -> onnx.ModelProto:
+    """An If whose then_branch attribute lost its type (the graph is still there)."""
+    m = nested_ifs(1)
+    m.graph.node[0].attribute[0].type = onnx.AttributeProto.UNDEFINED
+    return m
+
+
 def long_chain(n: int) -> onnx.ModelProto:
     nodes, prev = [], "x"
     for k in range(n):
@@ -348,6 +355,7 @@ def cases() -> list[Case]:
         Case("nesting-too-deep", proto(lambda: nested_ifs(28)), 3, "nested more than"),
         Case("nesting-allowed", proto(lambda: nested_ifs(4)), 0),
         Case("long-chain", proto(lambda: long_chain(3000)), 0, args=["-O1"]),
+        Case("attribute-without-type", proto(untyped_attribute), 3, "has no type"),
         # names
         Case("name-newline-dangling", proto(lambda: named("evil\nname", dangling=True)), 3, "evil\\nname"),
         Case("name-invalid-utf8", raw_file(named("QQQQ", dangling=True).SerializeToString().replace(
