@@ -44,8 +44,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxc.errors import UsageError, first_line
 from onnxc.ir import release_weights
-from onnxc.loader import check_regular_file
 from onnxc.kernels import quantize as kq
+from onnxc.loader import check_regular_file
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import const_tensor
 from onnxc.verify import QUANT_META as META  # node.meta key: the QuantSource a node replaced
