@@ -63,8 +63,9 @@ def test_compile_bytes_do_not_depend_on_the_hash_seed(tmp_path, quantize):
     for seed in ("1", "2"):
         out = tmp_path / f"out{seed}" / "o.onnx"
         out.parent.mkdir()
-        r = subprocess.run([sys.executable, "-c", "from onnxc._entry import main; main()", "compile", str(src), "-o", str(out), "-q",
-                            *quantize], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True)
+        cmd = [sys.executable, "-c", "from onnxc._entry import main; main()", "compile", str(src), "-o", str(out), "-q"]
+        r = subprocess.run([*cmd, *quantize], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True,
+                           text=True)
         assert r.returncode == 0, r.stderr
         written.append({p.name: p.read_bytes() for p in out.parent.iterdir()})
     assert written[0] == written[1]
