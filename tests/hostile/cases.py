@@ -354,7 +354,7 @@ def cases() -> list[Case]:
         # structure
         Case("nesting-too-deep", proto(lambda: nested_ifs(28)), 3, "nested more than"),
         Case("nesting-allowed", proto(lambda: nested_ifs(4)), 0),
-        Case("long-chain", proto(lambda: long_chain(3000)), 0, args=["-O1"]),
+        Case("long-chain", proto(lambda: long_chain(1500)), 0, args=["-O1"]),
         Case("attribute-without-type", proto(untyped_attribute), 3, "has no type"),
         # names
         Case("name-newline-dangling", proto(lambda: named("evil\nname", dangling=True)), 3, "evil\\nname"),
