@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from onnxc.ir import owned_data_files
+
 
 def build(out: Path, gigabytes: float, hidden: int = 8192) -> Path:
     out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +92,7 @@ def main() -> None:
             print(p.stderr, file=sys.stderr)
             sys.exit(p.returncode)
         r = json.loads(p.stdout.strip().splitlines()[-1])
-        size = dst.with_name(dst.name + ".data").stat().st_size
+        size = sum(dst.with_name(n).stat().st_size for n in owned_data_files(dst))
         rows.append((step, r["seconds"], r["peak_rss"], size))
         onnx.load(str(dst), load_external_data=False)  # the written file parses
     print(f"external data: {data / 2**30:.2f} GiB in {src.with_name(src.name + '.data')}")

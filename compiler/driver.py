@@ -94,6 +94,7 @@ def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os
         feeds = numeric.load_inputs(verify_inputs) if verify_inputs is not None else None
 
         ctx = pm.PassContext(level=level, target=target, options=dict(options or {}))
+        ctx.details.extend(f"load: {note}" for note in irio.load_notes(ir_model))
         chosen = pipelines.build_pipeline(ctx, passes, tuple(disable))
         quantize = ctx.option("quantize") is not None
         if quantize:

@@ -11,6 +11,8 @@ Exit codes (documented in README.md and docs/cli.md):
 """
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_VERIFY = 1
 EXIT_USAGE = 2
@@ -24,7 +26,25 @@ EXIT_TERMINATED = 143
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type name when empty), cut to `limit` characters."""
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:limit]
+    return one_line(text[0] if text else type(exc).__name__)[:limit]
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+def one_line(text: str | bytes) -> str:
+    """`text` with newlines, NUL and other control characters escaped (\\n, \\x00), so it prints as one line.
+    Bytes (protobuf gives a string field that is not UTF-8 as bytes) are decoded with escapes."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(m.group(), ascii(m.group())[1:-1]),
+                        text)
+
+
+def quote(name: str | bytes, limit: int = 200) -> str:
+    """A name from the model as it is shown in messages: quoted, control characters escaped, cut to `limit`."""
+    shown = one_line(name)
+    return f"'{shown[:limit]}" + ("...'" if len(shown) > limit else "'")
 
 
 def summarize(problems: list[str]) -> str:
@@ -38,6 +58,7 @@ class OnnxcError(Exception):
     exit_code = EXIT_INTERNAL
 
     def __init__(self, message: str):
+        message = one_line(message)
         super().__init__(message)
         self.message = message
 

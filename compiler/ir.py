@@ -8,6 +8,8 @@ the caller commits, so a failed compile or a failed verification never leaves a 
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import os
 import shutil
 import signal
@@ -23,6 +25,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from . import loader
 from .errors import InvalidModelError, UsageError, WriteError, first_line
 
 # Models whose weights exceed this are written with external data even if the input had none.
@@ -31,36 +34,55 @@ EXTERNAL_DATA_THRESHOLD_BYTES = 512 * 1024 * 1024
 INLINE_TENSOR_MAX_BYTES = 1024
 
 
+LOAD_NOTES = "onnxc.load_notes"     # model.meta key: what the loader changed (dropped shapes, densified tensors)
+
+
 def load(path: str | os.PathLike) -> ir.Model:
-    """Load a model file; raise InvalidModelError with one clear line when it is not a usable ONNX model."""
+    """Load a model file; raise InvalidModelError with one clear line when it is not a usable ONNX model or breaks
+    one of the loader's rules (compiler/loader.py)."""
     path = Path(path)
-    if not path.exists():
-        raise InvalidModelError(f"{path}: no such file")
-    if path.is_dir():
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InvalidModelError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise InvalidModelError(f"{path}: {exc.strerror or 'cannot read'}") from None
+    if stat.S_ISDIR(st.st_mode):
         raise InvalidModelError(f"{path}: is a directory, not an ONNX file")
-    if path.stat().st_size == 0:
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidModelError(f"{path}: not a regular file")
+    if st.st_size == 0:
         raise InvalidModelError(f"{path}: file is empty")
     try:
         proto = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+    except (DecodeError, RuntimeError, ValueError, OSError, RecursionError) as exc:
         raise InvalidModelError(f"{path}: not a readable ONNX model ({first_line(exc, 200)})") from None
     return from_proto(proto, base_dir=path.parent)
 
 
 def from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> ir.Model:
+    """An onnx-ir model from a proto, after the loader's checks (every tensor, wherever it sits). `base_dir` is the
+    model's folder; a proto without one may not use external data. The proto is changed in place (sparse tensors
+    densified, contradicted value_info dropped)."""
     if not isinstance(proto, onnx.ModelProto) or not proto.HasField("graph"):
         raise InvalidModelError("not an ONNX model: it has no graph")
     if proto.ir_version <= 0:
         raise InvalidModelError(f"not an ONNX model: ir_version is {proto.ir_version}")
-    if base_dir is not None:
-        _check_external_data(proto.graph, Path(base_dir))
+    folder = Path(base_dir) if base_dir is not None else None
+    report = loader.prepare(proto, folder)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx-ir raises several types on malformed protos
         raise InvalidModelError(f"malformed ONNX model ({first_line(exc, 200)})") from None
-    if base_dir is not None:
-        ir.external_data.set_base_dir(model.graph, str(base_dir))
+    if folder is not None:
+        loader.resolve_external(model, folder)
+    model.meta[LOAD_NOTES] = report.notes
     return model
+
+
+def load_notes(model: ir.Model) -> list[str]:
+    """What the loader changed in `model` (for the report's details)."""
+    return list(model.meta.get(LOAD_NOTES, ()))
 
 
 def as_model(model: str | os.PathLike | onnx.ModelProto | ir.Model | bytes) -> ir.Model:
@@ -68,54 +90,19 @@ def as_model(model: str | os.PathLike | onnx.ModelProto | ir.Model | bytes) -> i
     if isinstance(model, ir.Model):
         return model
     if isinstance(model, onnx.ModelProto):
-        return from_proto(model)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)            # the caller's proto is not changed
+        return from_proto(copy)
     if isinstance(model, (bytes, bytearray)):
         proto = onnx.ModelProto()
         try:
             proto.ParseFromString(bytes(model))
-        except DecodeError as exc:
+        except (DecodeError, RecursionError) as exc:
             raise InvalidModelError(f"not a readable ONNX model ({first_line(exc, 200)})") from None
         return from_proto(proto)
     if isinstance(model, (str, os.PathLike)):
         return load(model)
     raise UsageError(f"cannot compile an object of type {type(model).__name__}; give a path, ModelProto or onnx_ir.Model")
-
-
-def _check_external_data(graph: onnx.GraphProto, base_dir: Path) -> None:
-    """Refuse external data that is missing, too short, or that points outside the model's folder."""
-    sizes: dict[str, int] = {}
-    for tensor in _all_tensors(graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        if not location or os.path.isabs(location) or ".." in Path(location).parts:
-            raise InvalidModelError(
-                f"tensor '{tensor.name}': external data location '{location}' is outside the model's folder")
-        if location not in sizes:
-            file = base_dir / location
-            if not file.is_file():
-                raise InvalidModelError(f"tensor '{tensor.name}': external data file '{location}' not found")
-            sizes[location] = file.stat().st_size
-        offset = int(info.get("offset", 0) or 0)
-        length = info.get("length")
-        if length is not None and offset + int(length) > sizes[location]:
-            raise InvalidModelError(
-                f"tensor '{tensor.name}': external data '{location}' is truncated "
-                f"(needs {offset + int(length)} bytes, has {sizes[location]})")
-
-
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_tensors(g)
 
 
 def weight_bytes(model: ir.Model) -> int:
@@ -170,18 +157,13 @@ def transposed_equal(a: ir.TensorProtocol, b: ir.TensorProtocol, block: int = 10
 
 
 def uses_external_data(model: ir.Model) -> bool:
-    return any(isinstance(v.const_value, ir.ExternalTensor)
-               for g in model.graphs() for v in g.initializers.values())
+    return any(isinstance(t, ir.ExternalTensor) for t in loader.ir_tensors(model))
 
 
 def external_data_files(model: ir.Model) -> set[Path]:
-    files = set()
-    for g in model.graphs():
-        for v in g.initializers.values():
-            t = v.const_value
-            if isinstance(t, ir.ExternalTensor):
-                files.add(Path(t.base_dir, t.location).resolve())
-    return files
+    """The files the model's external tensors live in (functions and attributes included)."""
+    return {Path(t.base_dir, t.location).resolve() for t in loader.ir_tensors(model)
+            if isinstance(t, ir.ExternalTensor)}
 
 
 def check_writable(path: Path, what: str = "output", suffixes: tuple[str, ...] = (".data",)) -> None:
@@ -221,12 +203,11 @@ def check_output_path(output: Path, input_path: Path | None, model: ir.Model) ->
     """Refuse to write over the input model or over any file the model's weights live in (and what
     check_writable refuses)."""
     out = output.resolve()
-    data = Path(str(out) + ".data")
     if input_path is not None and out == input_path.resolve():
         raise UsageError(f"output path {output} is the input model; choose another with -o")
     for f in external_data_files(model):
-        if f in (out, data):
-            raise UsageError(f"output would overwrite {f}, which holds the input model's weights")
+        if f == out or (f.parent == out.parent and _is_owned(out, f.name)):
+            raise UsageError(f"output would overwrite or remove {f}, which holds the input model's weights")
     check_writable(output)
 
 
@@ -301,8 +282,46 @@ def scratch_dir(prefix: str, parent: Path | None = None) -> Iterator[Path]:
                 _release_signals(held)
 
 
+DATA_DIGEST_CHARS = 16
+_OLD_MODEL_MAX_BYTES = 64 << 20     # an output model larger than this holds its weights inline: no data file to remove
+
+
+def data_file_name(destination: Path, digest: str) -> str:
+    """`<output>.<digest>.data`: the weights file of one compiled model, named by a hash of its bytes."""
+    return f"{destination.name}.{digest[:DATA_DIGEST_CHARS]}.data"
+
+
+def owned_data_files(destination: Path) -> set[str]:
+    """Names of the data files beside `destination` that the model now there references and that onnxc would have
+    written for it (`<name>.*.data`, or the `<name>.data` of earlier versions); empty when there is none."""
+    try:
+        st = destination.stat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _OLD_MODEL_MAX_BYTES:
+            return set()
+        proto = onnx.load(str(destination), load_external_data=False)
+        sites = [s.tensor for s in loader.tensor_sites(proto)]
+    except Exception:  # noqa: BLE001 - whatever is there is not a model onnxc wrote: leave its files alone
+        return set()
+    names = set()
+    for t in sites:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+            if _is_owned(destination, loc):
+                names.add(loc)
+    return names
+
+
+def _is_owned(destination: Path, name: str) -> bool:
+    return "/" not in name and "\\" not in name and name.startswith(destination.name + ".") and name.endswith(".data")
+
+
 class StagedOutput:
-    """Files written to a temporary folder beside the destination; `commit` renames them into place."""
+    """Files written to a temporary folder beside the destination; `commit` moves them into place as one unit.
+
+    The data file's name carries a hash of its bytes, so it never replaces the weights of another model: it is
+    renamed into place first, then the model (the one step readers see), then the data files of the model it
+    replaced are removed, unless the model now in place references them. Commits to one folder hold a lock on it, so
+    a concurrent writer to the same path never leaves a model beside another model's weights, or without its own."""
 
     def __init__(self, destination: Path, model_file: Path, data_file: Path | None):
         self.destination = destination
@@ -310,18 +329,46 @@ class StagedOutput:
         self.data_file = data_file
 
     def commit(self) -> list[Path]:
-        written = []
+        folder = self.destination.parent
+        with _folder_lock(folder):
+            old = owned_data_files(self.destination)
+            placed = None
+            try:
+                if self.data_file is not None:
+                    placed = folder / self.data_file.name
+                    os.replace(self.data_file, placed)
+                os.replace(self.model_file, self.destination)
+            except OSError as exc:
+                if placed is not None and placed.name not in owned_data_files(self.destination):
+                    placed.unlink(missing_ok=True)
+                raise WriteError(f"cannot move the output into place at {self.destination}: "
+                                 f"{exc.strerror or exc}") from None
+            for name in old - owned_data_files(self.destination):
+                try:
+                    (folder / name).unlink(missing_ok=True)
+                except OSError:
+                    pass        # a stale weights file left behind is harmless; the model in place is whole
+        return [self.destination] + ([placed] if placed is not None else [])
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on the output folder while a commit runs, so that two onnxc commits to one folder never
+    interleave: one could otherwise remove a data file (named by its bytes) that the other has just put back for the
+    model it is about to rename into place. Where the folder cannot be locked, the commit runs unlocked."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
+        return
+    try:
         try:
-            if self.data_file is not None:
-                target = self.destination.parent / self.data_file.name
-                os.replace(self.data_file, target)
-                written.append(target)
-            os.replace(self.model_file, self.destination)
-        except OSError as exc:
-            raise WriteError(f"cannot move the output into place at {self.destination}: "
-                             f"{exc.strerror or exc}") from None
-        written.insert(0, self.destination)
-        return written
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)            # releases the lock
 
 
 @contextmanager
@@ -331,7 +378,8 @@ def staged_save(model: ir.Model, destination: str | os.PathLike, *, external_dat
 
     The caller verifies the staged files and calls `.commit()` to move them into place atomically.
     external_data: True/False forces the layout; None keeps weights inline unless the input used external data
-    or the weights exceed EXTERNAL_DATA_THRESHOLD_BYTES.
+    or the weights exceed EXTERNAL_DATA_THRESHOLD_BYTES. The data file is `<output>.<hash of its bytes>.data`, and
+    only exists when some tensor is larger than INLINE_TENSOR_MAX_BYTES.
     """
     destination = Path(destination)
     if external_data is None:
@@ -346,11 +394,7 @@ def staged_save(model: ir.Model, destination: str | os.PathLike, *, external_dat
         data_file = None
         try:
             if external_data:
-                data_name = destination.name + ".data"
-                ir.save(model, model_file, external_data=data_name, size_threshold_bytes=INLINE_TENSOR_MAX_BYTES)
-                data_file = tmpdir / data_name
-                if not data_file.exists():
-                    data_file = None
+                data_file = _save_external(model, model_file, destination)
             else:
                 _save_inline(model, model_file)
         except OSError as exc:
@@ -360,6 +404,34 @@ def staged_save(model: ir.Model, destination: str | os.PathLike, *, external_dat
         yield StagedOutput(destination, model_file, data_file)
     finally:
         staging.__exit__(None, None, None)
+
+
+def _save_external(model: ir.Model, model_file: Path, destination: Path) -> Path | None:
+    """Save with tensors over INLINE_TENSOR_MAX_BYTES in one data file beside `model_file`, then name that file by
+    the hash of its bytes (and point the model at it). No data file when no tensor went there."""
+    staged_name = destination.name + ".staged.data"
+    ir.save(model, model_file, external_data=staged_name, size_threshold_bytes=INLINE_TENSOR_MAX_BYTES)
+    data = model_file.parent / staged_name
+    proto = onnx.load(str(model_file), load_external_data=False)
+    users = []
+    for site in loader.tensor_sites(proto):
+        for e in site.tensor.external_data:
+            if e.key == "location" and e.value == staged_name:
+                users.append(e)
+    if not users or not data.exists() or data.stat().st_size == 0:
+        if users:
+            raise WriteError(f"cannot write {destination}: the weights file came out empty")
+        data.unlink(missing_ok=True)
+        return None
+    with open(data, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    final = model_file.parent / data_file_name(destination, digest)
+    os.replace(data, final)
+    for e in users:
+        e.value = final.name
+    with open(model_file, "wb") as f:
+        f.write(proto.SerializeToString(deterministic=True))
+    return final
 
 
 def _save_inline(model: ir.Model, path: Path) -> None:

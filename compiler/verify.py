@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from .errors import UsageError, VerificationError, first_line
+from .errors import InvalidModelError, UsageError, VerificationError, first_line
+from .loader import check_regular_file
 
 # dtype -> (relative tolerance, absolute tolerance as a fraction of the reference's largest magnitude)
 TOLERANCES: dict[str, tuple[float, float]] = {
@@ -324,8 +325,7 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, mod
     try:
         refs = run_model(reference, feeds_list)
     except Exception as exc:
-        raise VerificationError(f"cannot verify: onnxruntime cannot run the input model ({first_line(exc)}); "
-                                "use --no-verify to skip") from None
+        raise _input_refused(exc, inputs is not None) from None
     try:
         gots = run_model(candidate, feeds_list, inspect=None if candidate_check is None else
                          (lambda session: candidate_check(session, feeds_list)))
@@ -347,6 +347,15 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, mod
                              f"{worst.max_abs:.3g} (relative {worst.max_rel:.3g}), tolerance rtol={worst.rtol:g} "
                              f"atol={worst.atol:.3g}")
     return report
+
+
+def _input_refused(exc: Exception, user_inputs: bool) -> InvalidModelError | UsageError:
+    """onnxruntime refused the input model on inputs made from its own signature: the model is invalid (exit 3),
+    not the compile; on --verify-inputs arrays, the arrays may be what is wrong (exit 2)."""
+    if user_inputs:
+        return UsageError(f"onnxruntime cannot run the input model on the --verify-inputs arrays: {first_line(exc)}")
+    return InvalidModelError(f"onnxruntime cannot load or run the input model: {first_line(exc)} (use --no-verify "
+                             "to compile without running it)")
 
 
 def _valid_rows(outs: dict[str, np.ndarray], sc: dict) -> dict[str, np.ndarray]:
@@ -383,7 +392,7 @@ def is_quantized(model: ir.Model) -> bool:
 
 def load_inputs(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
     """Read --verify-inputs: an .npz whose arrays are named after graph inputs (one scenario)."""
-    path = Path(path)
+    path = check_regular_file(path, "--verify-inputs")
     try:
         with np.load(path, allow_pickle=False) as data:
             return [{k: data[k] for k in data.files}]
@@ -533,8 +542,7 @@ def verify_quantized(reference: str | os.PathLike, compiled: str | os.PathLike, 
     try:
         refs = run_model(reference, feeds_list)
     except Exception as exc:
-        raise VerificationError(f"cannot verify: onnxruntime cannot run the input model ({first_line(exc)}); "
-                                "use --no-verify to skip") from None
+        raise _input_refused(exc, inputs is not None) from None
     report = VerifyReport("passed", "", seed)
     steps = (("outputs", run(unquantized, "compiled model with float weights"), refs,
               "the compiled model with its float weights differs from the input"),

@@ -46,6 +46,7 @@ from onnxc.domains import MS
 from onnxc.errors import UsageError, first_line
 from onnxc.ir import release_weights
 from onnxc.kernels import quantize as kq
+from onnxc.loader import check_regular_file
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rules import const_tensor
 from onnxc.verify import QUANT_META as META  # node.meta key: the QuantSource a node replaced
@@ -101,8 +102,8 @@ def options_of(ctx: PassContext) -> QuantOptions:
     if calibration and method not in kq.CALIBRATED:
         raise UsageError(f"--calibration: no selected method uses calibration data (int4:{method} is data-free; "
                          f"{', '.join('int4:' + m for m in kq.CALIBRATED)} uses it)")
-    if calibration and not Path(calibration).is_file():
-        raise UsageError(f"--calibration {calibration}: no such file")
+    if calibration:
+        check_regular_file(calibration, "--calibration")    # missing, or a FIFO or device: exit 2 before any work
     level = ctx.option("accuracy_level", DEFAULT_ACCURACY.get(ctx.target, 0))
     if level not in (0, 1, 2, 3, 4):
         raise UsageError(f"accuracy_level must be 0-4, got {level}")

@@ -1,6 +1,10 @@
 """The Python API: any input form, the same bytes, deterministic output."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import onnx
 import onnx_ir as ir
 import pytest
@@ -47,3 +51,22 @@ def test_compile_rejects_bad_objects():
         onnxc.compile(42)
     with pytest.raises(InvalidModelError):
         onnxc.compile(b"not onnx")
+
+
+@pytest.mark.parametrize("quantize", [[], ["--quantize", "int4"]])
+def test_compile_bytes_do_not_depend_on_the_hash_seed(tmp_path, quantize):
+    """Two processes with different PYTHONHASHSEED write the same model and data file (name included)."""
+    src = tmp_path / "m.onnx"
+    onnx.save(tiny_lm(vocab=64, hidden=32, seed=5), str(src), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0)
+    written = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"out{seed}" / "o.onnx"
+        out.parent.mkdir()
+        cmd = [sys.executable, "-c", "from onnxc._entry import main; main()", "compile", str(src), "-o", str(out), "-q"]
+        r = subprocess.run([*cmd, *quantize], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr
+        written.append({p.name: p.read_bytes() for p in out.parent.iterdir()})
+    assert written[0] == written[1]
+    assert any(name.endswith(".data") for name in written[0])
