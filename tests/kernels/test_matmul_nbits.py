@@ -1,6 +1,5 @@
 """MatMulNBits reference and RTN quantizer against onnxruntime (CPU kernel, and ORT's own quantizer)."""
 
-import time
 
 import numpy as np
 import pytest
@@ -67,13 +66,16 @@ def test_quantize_rtn_symmetric_scale_keeps_the_sign_of_the_peak():
     np.testing.assert_array_equal(unpack(quantize_rtn(w, 16, True, 4)[0], 16)[:, [3, 5]], [[0, 8], [8, 0]])
 
 
-def test_quantize_rtn_is_fast_on_an_lm_head_sized_weight():
+def test_quantize_rtn_on_an_lm_head_sized_weight():
+    """An lm_head-sized weight (its speed is bench/quantize.py's to measure): the layout, and columns that
+    dequantize back within one step of their blocks' scales (half a step, but for the clipped extreme code)."""
     w = rng(2).standard_normal((576, 49152), dtype=np.float32)
-    t = time.perf_counter()
     b, s, _ = quantize_rtn(w, 32, True, 4)
-    elapsed = time.perf_counter() - t
     assert b.shape == (49152, 18, 16) and s.shape == (49152, 18)
-    assert elapsed < 1.0, f"quantize_rtn took {elapsed:.2f} s"
+    cols = slice(12345, 12349)
+    back = dequantize(b[cols], s[cols], K=576, N=4, bits=4, block_size=32)         # (576, 4)
+    step = np.repeat(np.abs(s[cols]), 32, axis=1)[:, :576].T
+    np.testing.assert_array_less(np.abs(back - w[:, cols]), step + 1e-6)
 
 
 def _node_inputs(r, k, n, block_size, bits=4, symmetric=True, dtype=np.float32, zp_kind="packed", a_shape=(2, 3),
