@@ -49,10 +49,13 @@ def test_signal_mid_compile_removes_every_temporary_folder(tmp_path, sig, code, 
 
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
-    p = subprocess.Popen([sys.executable, "-c", "from onnxc._entry import main; main()",
+    # the signal lands once the console script's entry point runs (a signal during Python's own start-up, before
+    # any onnxc code, is Python's to report), while the command line's libraries are still loading
+    p = subprocess.Popen([sys.executable, "-c", "from onnxc._entry import main; print('start', flush=True); main()",
                           "compile", str(MODEL), "-o", str(tmp_path / "m.onnx")],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)            # the libraries are still loading
+    assert p.stdout.readline().strip() == "start"
+    time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     _, stderr = p.communicate(timeout=120)
     if p.returncode == 0:
