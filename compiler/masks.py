@@ -53,6 +53,10 @@ def _actual(model: ir.Model, feeds: dict[str, np.ndarray], mask: np.ndarray | No
     return Scenario(sc.name, *(ids.shape if ids is not None else (sc.batch, sc.seq)), past)
 
 
+class _Unevaluable(Refusal):
+    """The mask's producers fail on the probe's inputs."""
+
+
 @dataclass(frozen=True)
 class Lengths:
     """Where GroupQueryAttention's seqlens_k and total length are read: the attention_mask input (row sums, width),
@@ -101,10 +105,12 @@ def probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tup
         try:
             (arr,) = probe.evaluate(model.graph, [site.mask], feeds)
         except probe.ProbeError as exc:
-            raise Refusal(f"the mask cannot be evaluated: {exc}") from None
+            raise _Unevaluable(f"the mask cannot be evaluated: {exc}") from None
         act = _actual(model, feeds, m, sc)
         if m is None:
             m = np.ones((act.batch, act.past + act.seq), dtype=np.int64)
+        if arr.ndim < 4:    # added to (B, N, S, T) scores, a lower rank broadcasts from the right
+            arr = arr.reshape((1,) * (4 - arr.ndim) + arr.shape)
         if arr.ndim != 4 or act.seq < 1:
             raise Refusal(f"the mask is not (B, N, S, T) ({sc.name} probe: shape {arr.shape})")
         try:
@@ -118,8 +124,16 @@ def probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tup
     scenarios = [(Scenario("prefill", 2, 6, 0), 2)]
     if has_past:
         scenarios += [(Scenario("decode", 2, 1, 5), 0), (Scenario("chunk", 1, 3, 4), 0)]
-    long = Scenario("window", 1, 1, max_len - 1) if has_past else Scenario("window", 1, min(max_len, 1024), 0)
-    vis, _, act = run(long)
+    length = max_len if has_past else min(max_len, 1024)
+    while True:     # a length the model cannot evaluate (a table of positions ends first) is one it cannot run
+        long = Scenario("window", 1, 1, length - 1) if has_past else Scenario("window", 1, length, 0)
+        try:
+            vis, _, act = run(long)
+            break
+        except _Unevaluable:
+            if length <= 16:
+                raise
+            length //= 2
     if act.past + act.seq < long.past + long.seq and not static_total:
         raise Refusal(f"the window probe cannot be sized: static dims give length {act.past + act.seq}, "
                      f"not {long.past + long.seq}, while the mask's length is dynamic")
