@@ -13,6 +13,7 @@ import onnx
 import onnx_ir as ir
 
 from . import __version__, coverage
+from . import bisect
 from . import ir as irio
 from . import kvcache
 from . import pass_manager as pm
@@ -65,12 +66,15 @@ def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os
             passes: str | None = None, disable: tuple[str, ...] | list[str] = (), verify: bool = True,
             verify_inputs: str | os.PathLike | None = None, seed: int = 0, options: dict[str, Any] | None = None,
             external_data: bool | None = None, memory_budget: int | None = None,
-            progress: Callable[[pm.PassRecord], None] | None = None) -> CompileResult:
+            progress: Callable[[pm.PassRecord], None] | None = None,
+            save_repro: str | os.PathLike | None = None) -> CompileResult:
     """Compile a model (path, ModelProto, onnx_ir.Model or serialized bytes).
 
     With `output`, the compiled model is written there (atomically, after verification). Without it, the result
     lives only in memory: `.model` is the ModelProto. `passes` replaces the (level, target) pipeline with explicit
-    pipeline text. Raises an OnnxcError subclass (with an exit code) on bad input or failed verification.
+    pipeline text. Raises an OnnxcError subclass (with an exit code) on bad input or failed verification; a failed
+    verification is bisected to the pass (and rule and site) that broke the model, and `save_repro` (a folder) then
+    receives the model before that pass and the command that replays the failure (compiler/bisect.py).
     """
     started = time.perf_counter()
     input_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
@@ -93,6 +97,7 @@ def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os
         feeds = numeric.load_inputs(verify_inputs) if verify_inputs is not None else None
 
         ctx = pm.PassContext(level=level, target=target, options=dict(options or {}))
+        given_options = dict(options or {})
         chosen = pipelines.build_pipeline(ctx, passes, tuple(disable))
         quantize = ctx.option("quantize") is not None
         if quantize:
@@ -137,12 +142,21 @@ def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os
                     kv_cache.update(kvcache.check_session(session, ir_model, feeds_list,
                                                           ctx.option("tolerance_dtype")))
 
-                rep = numeric.verify_files(reference, staged.model_file, ir_model, seed=seed, inputs=feeds,
-                                           weight_bytes=weights, memory_budget=memory_budget,
-                                           tolerance_dtype=ctx.option("tolerance_dtype"), candidate_check=kv_check)
+                try:
+                    rep = numeric.verify_files(reference, staged.model_file, ir_model, seed=seed, inputs=feeds,
+                                               weight_bytes=weights, memory_budget=memory_budget,
+                                               tolerance_dtype=ctx.option("tolerance_dtype"),
+                                               candidate_check=kv_check)
+                except VerificationError as exc:
+                    if not exc.message.startswith("verification failed: "):
+                        raise
+                    rep = numeric.VerifyReport("failed", exc.message[len("verification failed: "):], seed)
                 verification = rep.to_dict()
                 if rep.status == "failed":
-                    raise VerificationError(f"verification failed: {rep.reason}; nothing was written")
+                    raise _bisected(rep, bisect.Setup(
+                        reference, chosen, level, target, given_options, ctx.disabled_rules, manager.records,
+                        scratch, seed, feeds, ctx.option("tolerance_dtype"), check_input),
+                        None if save_repro is None else Path(save_repro))
             if verification["status"] != "passed":
                 kv_cache.clear()
                 kv_cache.update({"status": "not run", "reason": verification.get("reason", "")})
@@ -184,6 +198,19 @@ def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os
                         "total": round(time.perf_counter() - started, 3)},
         }
     return CompileResult(report, out_path, proto)
+
+
+def _bisected(rep: numeric.VerifyReport, setup: bisect.Setup, save_repro: Path | None) -> VerificationError:
+    """The error for a failed verification, naming the pass (rule, site) bisection finds; its `.report` holds the
+    verification result with the bisection under "bisect"."""
+    culprit, files, note = bisect.diagnose(setup, save_repro)
+    where = f" {culprit.where()}" if culprit is not None else ""
+    saved = f"; repro saved in {save_repro} (replay: sh {save_repro / 'replay.sh'})" if files else ""
+    exc = VerificationError(f"verification failed{where}: {rep.reason}; nothing was written{saved}")
+    found = ({"status": "found", **culprit.to_dict(), "repro": [str(f) for f in files]} if culprit is not None
+             else {"status": "not found", "reason": note})
+    exc.report = {"verification": {**rep.to_dict(), "bisect": found}}     # type: ignore[attr-defined]
+    return exc
 
 
 def _check_kv_cache(model: ir.Model, compiled: Path, feeds: list[dict[str, Any]] | None, seed: int,
