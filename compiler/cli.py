@@ -295,6 +295,11 @@ def _print_summary(rep: dict, verbose: bool = False) -> None:
             qw = max((o["max_rel"] for s in v["scenarios"] for o in s["quantized_outputs"]), default=0.0)
             err.print(f"verified: quantized model == its dequantized-weights twin (accuracy_level 0), worst "
                       f"relative error {qw:.2e}", markup=False)
+    elif v.get("checks") == "local":
+        loc = v["local"]
+        skipped = f"; {loc['unchecked']} not checkable (see the report)" if loc["unchecked"] else ""
+        err.print(f"verified locally: {loc['checked']} rewrites{skipped}; whole-model scenarios not run: "
+                  f"{v['reason']}", markup=False)
     else:
         err.print(f"verification {v['status']}: {v.get('reason', '')}", markup=False)
     kv = rep.get("kv_cache", {})
