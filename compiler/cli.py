@@ -302,6 +302,8 @@ def _print_summary(rep: dict, verbose: bool = False) -> None:
                   f"{v['reason']}", markup=False)
     else:
         err.print(f"verification {v['status']}: {v.get('reason', '')}", markup=False)
+    for note in v.get("notes", []) if v["status"] != "skipped" else []:     # scenarios shrunk to fit memory
+        err.print(f"note: {note}", markup=False)
     kv = rep.get("kv_cache", {})
     if kv.get("status") == "verified":
         err.print(f"KV cache: past and present may share one buffer ({kv['pairs']} pairs, checked in "
