@@ -150,9 +150,9 @@ def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os
                 if rep.status == "failed":
                     raise VerificationError(f"verification failed: {rep.reason}; nothing was written")
             elif verify and reference is not None:
-                def kv_check(session: Any, feeds_list: list[dict[str, Any]]) -> None:
+                def kv_check(session: Any, feeds_list: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> None:
                     kv_cache.update(kvcache.check_session(session, ir_model, feeds_list,
-                                                          ctx.option("tolerance_dtype")))
+                                                          ctx.option("tolerance_dtype"), outputs=outputs))
 
                 try:
                     rep = numeric.verify_files(reference, staged.model_file, ir_model, seed=seed, inputs=feeds,

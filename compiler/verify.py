@@ -249,13 +249,15 @@ def narrow_feeds(feeds: dict[str, np.ndarray], session: Any) -> dict[str, np.nda
 
 
 def run_model(path: str | os.PathLike, feeds_list: list[dict[str, np.ndarray]], threads: int = 2,
-              inspect: Callable[[Any], None] | None = None) -> list[dict[str, np.ndarray]]:
-    """Every output of the model at `path` on each feed; `inspect(session)` runs before the session closes."""
+              inspect: Callable[[Any, list[dict[str, np.ndarray]]], None] | None = None
+              ) -> list[dict[str, np.ndarray]]:
+    """Every output of the model at `path` on each feed; `inspect(session, outputs)` runs before the session
+    closes."""
     session = session_for(path, threads)
     names = [o.name for o in session.get_outputs()]
     results = [dict(zip(names, session.run(names, narrow_feeds(feeds, session)))) for feeds in feeds_list]
     if inspect is not None:
-        inspect(session)
+        inspect(session, results)
     del session
     gc.collect()
     return results
@@ -306,10 +308,12 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, mod
                  inputs: list[dict[str, np.ndarray]] | None = None, weight_bytes: int = 0,
                  memory_budget: int | None = None, tolerance_dtype: str | None = None,
                  scenarios: tuple[Scenario, ...] | None = None,
-                 candidate_check: Callable[[Any, list[dict[str, np.ndarray]]], None] | None = None,
+                 candidate_check: Callable[[Any, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]], None]
+                 | None = None,
                  rtol: float | None = None, atol: float | None = None) -> VerifyReport:
     """Compare `candidate` with `reference` (paths). `model` supplies the signature used to make inputs.
-    `candidate_check(session, feeds_list)` runs on the candidate's session before it closes (one load, not two)."""
+    `candidate_check(session, feeds_list, outputs)` runs on the candidate's session before it closes (one load, not
+    two), with the candidate's outputs on each feed (not computed twice)."""
     budget = memory_budget if memory_budget is not None else int(available_memory() * 0.7)
     need = int(weight_bytes * 2.5)
     if need > budget:
@@ -329,7 +333,7 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, mod
                                 "use --no-verify to skip") from None
     try:
         gots = run_model(candidate, feeds_list, inspect=None if candidate_check is None else
-                         (lambda session: candidate_check(session, feeds_list)))
+                         (lambda session, outputs: candidate_check(session, feeds_list, outputs)))
     except Exception as exc:
         raise VerificationError(f"verification failed: onnxruntime cannot run the compiled model ({first_line(exc)})"
                                 ) from None
@@ -390,6 +394,13 @@ def fit_scenarios(model_files: list[Path], model: ir.Model, scenarios: tuple[Sce
                 kept.append(feeds)
                 names.append({"name": f"user-{k}"})
         return kept, names, notes
+    # One estimate at the largest batch, tokens and past of all scenarios bounds them all (activation sizes grow
+    # with the dims); only when that bound is over the budget is each scenario estimated on its own.
+    bound = Scenario("bound", max(sc.batch for sc in scenarios), max(sc.seq for sc in scenarios),
+                     max(sc.past for sc in scenarios))
+    if need(make_inputs(model, bound, seed)).peak_bytes <= budget:
+        return ([make_inputs(model, sc, seed + k) for k, sc in enumerate(scenarios)], [asdict(sc) for sc in scenarios],
+                [])
     feeds_list, names = [], []
     for k, sc in enumerate(scenarios):
         first, cur = None, sc
