@@ -36,7 +36,8 @@ from .errors import VerificationError, first_line
 
 RUNNABLE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 PULL_MAX_NODES = 400               # unchanged producers pulled into one site's models
-MAX_CONSTANT_BYTES = 256 << 20      # a site reading more constant data than this is not checked (noted)
+MAX_CONSTANT_BYTES = 32 << 20       # a site reading more constant data than this is not checked (noted)
+PULL_MAX_WEIGHT_BYTES = 4 << 20     # a producer reading a larger constant is not pulled in (its output is an input)
 MAX_SITES = 5000                    # checks per compile; further sites are counted as not checked
 DEFAULT_DIM = 3                     # a symbolic dim the verification scenario does not size
 
@@ -327,7 +328,8 @@ def _pull(region_b: list[_State], region_a: list[_State], pairs: list[tuple[ir.V
     """The producers each side's model computes rather than draw at random (the before model from the graph before
     the pass, the after model from the graph after it): those of inputs only one side reads, of integer and boolean
     inputs, and of inputs with a dim the scenario does not size, recursively (at most PULL_MAX_NODES nodes a side),
-    stopping at graph inputs, constants and ops onnxruntime cannot run."""
+    stopping at graph inputs, constants, ops onnxruntime cannot run and ops reading a weight (a constant over
+    PULL_MAX_WEIGHT_BYTES: the site then takes its output as an input)."""
     pulled: dict[str, list[_State]] = {"b": [], "a": []}
     have = {"b": {id(s.node) for s in region_b}, "a": {id(s.node) for s in region_a}}
     regions = {"b": region_b, "a": region_a}
@@ -355,7 +357,9 @@ def _pull(region_b: list[_State], region_a: list[_State], pairs: list[tuple[ir.V
                 one_sided = key not in r["a" if side == "b" else "b"]
                 narrow = v.dtype is not None and not v.dtype.is_floating_point()
                 if (one_sided or narrow or unsized(v)) and st.domain in RUNNABLE_DOMAINS and not any(
-                        a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in st.attrs.values()):
+                        a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in st.attrs.values()) \
+                        and not any(w is not None and w.const_value is not None
+                                    and w.const_value.nbytes > PULL_MAX_WEIGHT_BYTES for w in st.inputs):
                     pulled[side].append(st)
                     have[side].add(id(st.node))
                     grew = True
@@ -378,8 +382,10 @@ def _build(nodes: list[_State], outputs: list[ir.Value], names: dict[int, str], 
             new = ir.Value(name=names[id(v)], type=v.type, shape=v.shape)
             if id(v) not in produced:
                 if v.const_value is not None:
-                    new.const_value = v.const_value
-                    constant_bytes += v.const_value.nbytes
+                    t = v.const_value
+                    # a weight in an external data file is read into the site's model (it is serialized to bytes)
+                    new.const_value = ir.Tensor(np.array(t.numpy())) if isinstance(t, ir.ExternalTensor) else t
+                    constant_bytes += t.nbytes
                     if constant_bytes > MAX_CONSTANT_BYTES:
                         raise _NotCheckable(f"the site reads over {MAX_CONSTANT_BYTES >> 20} MiB of constants")
                     initializers.append(new)
