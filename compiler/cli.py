@@ -150,7 +150,8 @@ def _load_plugins(plugins: tuple[str, ...]) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Also the notes of passes that found nothing to do.")
 def compile_cmd(model: Path, level: int, target: str, output: Path | None, report: Path | None, passes: str | None,
                 disable: tuple[str, ...], plugin: tuple[str, ...], explain_rule: str | None, no_verify: bool,
-                verify_inputs: str | None, seed: int, save_repro: Path | None, external_data: bool | None, max_seq_len: int | None,
+                verify_inputs: str | None, seed: int, save_repro: Path | None, external_data: bool | None,
+                max_seq_len: int | None,
                 quantize: str | None, block_size: int | None, symmetric: bool | None, exclude: tuple[str, ...],
                 calibration: str | None, accuracy_level: int | None, io_fp16: bool, approximate_gelu: bool,
                 quiet: bool, verbose: bool) -> int:

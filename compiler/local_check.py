@@ -16,7 +16,8 @@ Integer and boolean inputs (shape and index arithmetic), inputs only one side re
 scenario does not size are computed: each model pulls in their producers from its own graph (before or after the
 pass), recursively, down to graph inputs (fed as whole-model verification feeds them: token ids below the table
 size, masks of ones, positions after the past) or to a custom op, so a rewrite that relies on how its inputs relate
-is checked on related inputs. The rest are drawn at random, of their inferred dtype and shape. Both run in onnxruntime and every compared pair must agree within the dtype's tolerance.
+is checked on related inputs. The rest are drawn at random, of their inferred dtype and shape. Both run in
+onnxruntime and every compared pair must agree within the dtype's tolerance.
 A site whose "before" model cannot run (it holds the custom op, an input of unknown shape, a subgraph, or random
 values it rejects) is reported as not checkable, with the reason; a site whose "after" model disagrees, or fails
 to run while "before" ran, fails the compile at that pass, naming the site.

@@ -388,8 +388,9 @@ def fit_scenarios(model_files: list[Path], model: ir.Model, scenarios: tuple[Sce
         for k, feeds in enumerate(inputs):
             e = need(feeds)
             if e.peak_bytes > budget:
-                notes.append(f"inputs {k} skipped: activations need about {mib(e.peak_bytes)} (largest '{e.largest[0]}' "
-                             f"{mib(e.largest[1])}), over the {mib(max(budget, 0))} left after the weights")
+                notes.append(f"inputs {k} skipped: activations need about {mib(e.peak_bytes)} (largest "
+                             f"'{e.largest[0]}' {mib(e.largest[1])}), over the {mib(max(budget, 0))} left after the "
+                             "weights")
             else:
                 kept.append(feeds)
                 names.append({"name": f"user-{k}"})

@@ -49,8 +49,8 @@ def custom_model(path: Path) -> Path:
              helper.make_node("Relu", ["f1"], ["y"], name="relu")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 8])], inits)
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("example.custom", 1)],
-                                ir_version=8), str(path))
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("example.custom", 1)]
+    onnx.save(helper.make_model(g, opset_imports=opsets, ir_version=8), str(path))
     return path
 
 
