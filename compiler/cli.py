@@ -19,7 +19,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, InvalidModelError, OnnxcError,
-                     UsageError, WriteError, first_line)
+                     UsageError, VerificationError, WriteError, first_line)
 
 # Lines are never wrapped or cut, and text is never read as markup: file, value and pass names may hold brackets.
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
@@ -129,6 +129,8 @@ def _load_plugins(plugins: tuple[str, ...]) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip numeric verification.")
 @click.option("--verify-inputs", type=click.Path(dir_okay=False), default=None, help=".npz of real inputs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for verification inputs.")
+@click.option("--save-repro", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              help="When verification fails: save the model before the failing pass and a replay script in DIR.")
 @click.option("--external-data/--no-external-data", default=None, help="Force weights into (or out of) a .data file.")
 @click.option("--max-seq-len", type=int, default=None, help="Maximum sequence length for rotary caches.")
 @click.option("--quantize", default=None, metavar="int4[:METHOD]",
@@ -149,7 +151,8 @@ def _load_plugins(plugins: tuple[str, ...]) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Also the notes of passes that found nothing to do.")
 def compile_cmd(model: Path, level: int, target: str, output: Path | None, report: Path | None, passes: str | None,
                 disable: tuple[str, ...], plugin: tuple[str, ...], explain_rule: str | None, no_verify: bool,
-                verify_inputs: str | None, seed: int, external_data: bool | None, max_seq_len: int | None,
+                verify_inputs: str | None, seed: int, save_repro: Path | None, external_data: bool | None,
+                max_seq_len: int | None,
                 quantize: str | None, block_size: int | None, symmetric: bool | None, exclude: tuple[str, ...],
                 calibration: str | None, accuracy_level: int | None, io_fp16: bool, approximate_gelu: bool,
                 quiet: bool, verbose: bool, as_json: bool = False) -> int:
@@ -197,9 +200,14 @@ def compile_cmd(model: Path, level: int, target: str, output: Path | None, repor
     if not quiet:
         err.print(f"onnxc {__version__}: compiling {model} at -O{level} for {target}", markup=False)
     with status:
-        result = driver.compile(model, level, target, output=output, passes=passes, disable=disable,
-                                verify=not no_verify, verify_inputs=verify_inputs, seed=seed, options=options,
-                                external_data=external_data, progress=progress)
+        try:
+            result = driver.compile(model, level, target, output=output, passes=passes, disable=disable,
+                                    verify=not no_verify, verify_inputs=verify_inputs, seed=seed, options=options,
+                                    external_data=external_data, progress=progress, save_repro=save_repro)
+        except VerificationError as exc:     # the report says what failed and which pass broke the model
+            if report is not None and getattr(exc, "report", None):
+                _write_json_atomic(report, exc.report)
+            raise
     rep = result.report
     if report is not None:
         _write_json_atomic(report, rep)
@@ -291,8 +299,15 @@ def _print_summary(rep: dict, verbose: bool = False) -> None:
             qw = max((o["max_rel"] for s in v["scenarios"] for o in s["quantized_outputs"]), default=0.0)
             err.print(f"verified: quantized model == its dequantized-weights twin (accuracy_level 0), worst "
                       f"relative error {qw:.2e}", markup=False)
+    elif v.get("checks") == "local":
+        loc = v["local"]
+        skipped = f"; {loc['unchecked']} not checkable (see the report)" if loc["unchecked"] else ""
+        err.print(f"verified locally: {loc['checked']} rewrites{skipped}; whole-model scenarios not run: "
+                  f"{v['reason']}", markup=False)
     else:
         err.print(f"verification {v['status']}: {v.get('reason', '')}", markup=False)
+    for note in v.get("notes", []) if v["status"] != "skipped" else []:     # scenarios shrunk to fit memory
+        err.print(f"note: {note}", markup=False)
     kv = rep.get("kv_cache", {})
     if kv.get("status") == "verified":
         err.print(f"KV cache: past and present may share one buffer ({kv['pairs']} pairs, checked in "

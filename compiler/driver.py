@@ -13,6 +13,7 @@ import onnx
 import onnx_ir as ir
 
 from . import __version__, coverage
+from . import bisect, local_check
 from . import ir as irio
 from . import kvcache
 from . import pass_manager as pm
@@ -66,12 +67,17 @@ def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os
             passes: str | None = None, disable: tuple[str, ...] | list[str] = (), verify: bool = True,
             verify_inputs: str | os.PathLike | None = None, seed: int = 0, options: dict[str, Any] | None = None,
             external_data: bool | None = None, memory_budget: int | None = None,
-            progress: Callable[[pm.PassRecord], None] | None = None) -> CompileResult:
+            progress: Callable[[pm.PassRecord], None] | None = None,
+            save_repro: str | os.PathLike | None = None, local_checks: bool = False) -> CompileResult:
     """Compile a model (path, ModelProto, onnx_ir.Model or serialized bytes).
 
     With `output`, the compiled model is written there (atomically, after verification). Without it, the result
     lives only in memory: `.model` is the ModelProto. `passes` replaces the (level, target) pipeline with explicit
-    pipeline text. Raises an OnnxcError subclass (with an exit code) on bad input or failed verification.
+    pipeline text. Raises an OnnxcError subclass (with an exit code) on bad input or failed verification; a failed
+    verification is bisected to the pass (and rule and site) that broke the model, and `save_repro` (a folder) then
+    receives the model before that pass and the command that replays the failure (compiler/bisect.py). A model
+    with ops onnxruntime cannot run (a custom domain), or any model with `local_checks`, is verified rewrite by
+    rewrite instead of whole (compiler/local_check.py).
     """
     started = time.perf_counter()
     input_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
@@ -95,6 +101,7 @@ def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os
 
         ctx = pm.PassContext(level=level, target=target, options=dict(options or {}))
         ctx.details.extend(f"load: {note}" for note in irio.load_notes(ir_model))
+        given_options = dict(options or {})
         chosen = pipelines.build_pipeline(ctx, passes, tuple(disable))
         quantize = ctx.option("quantize") is not None
         if quantize:
@@ -104,7 +111,11 @@ def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os
         before = op_histogram(ir_model)
         nodes_before = sum(before.values())
         weights = irio.weight_bytes(ir_model)
-        manager = pm.PassManager(chosen, progress=progress)
+        # A model onnxruntime cannot run whole (an op of a custom domain) is checked rewrite by rewrite instead
+        missing = local_check.unrunnable_ops(ir_model) if verify and reference is not None and not quantize else []
+        local = (local_check.LocalChecker(ir_model, seed, ctx.option("tolerance_dtype"))
+                 if missing or (local_checks and verify and not quantize) else None)
+        manager = pm.PassManager(local.wrap(chosen) if local is not None else chosen, progress=progress)
         t0 = time.perf_counter()
         ir_model = manager.run(ir_model, ctx)
         compile_seconds = time.perf_counter() - t0
@@ -127,7 +138,13 @@ def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os
             quality: dict[str, Any] = {}
             t0 = time.perf_counter()
             quantized = quantize and any(numeric.QUANT_META in n.meta for n in ir_model.graph)
-            if verify and reference is not None and quantized:
+            if local is not None:
+                verification = {"status": "local", "checks": "local", "seed": seed, "scenarios": [],
+                                "reason": (f"onnxruntime cannot run {', '.join(missing)}" if missing else
+                                           "local checks were asked for") + ": the whole model was not run; each "
+                                          "rewrite was checked where it happened",
+                                "local": local.report.to_dict()}
+            elif verify and reference is not None and quantized:
                 rep, quality = _verify_quantized(ir_model, reference, staged.model_file, scratch, seed=seed,
                                                  inputs=feeds, weight_bytes=weights, memory_budget=memory_budget,
                                                  tolerance_dtype=ctx.option("tolerance_dtype"))
@@ -135,16 +152,25 @@ def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os
                 if rep.status == "failed":
                     raise VerificationError(f"verification failed: {rep.reason}; nothing was written")
             elif verify and reference is not None:
-                def kv_check(session: Any, feeds_list: list[dict[str, Any]]) -> None:
+                def kv_check(session: Any, feeds_list: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> None:
                     kv_cache.update(kvcache.check_session(session, ir_model, feeds_list,
-                                                          ctx.option("tolerance_dtype")))
+                                                          ctx.option("tolerance_dtype"), outputs=outputs))
 
-                rep = numeric.verify_files(reference, staged.model_file, ir_model, seed=seed, inputs=feeds,
-                                           weight_bytes=weights, memory_budget=memory_budget,
-                                           tolerance_dtype=ctx.option("tolerance_dtype"), candidate_check=kv_check)
-                verification = rep.to_dict()
+                try:
+                    rep = numeric.verify_files(reference, staged.model_file, ir_model, seed=seed, inputs=feeds,
+                                               weight_bytes=weights, memory_budget=memory_budget,
+                                               tolerance_dtype=ctx.option("tolerance_dtype"),
+                                               candidate_check=kv_check)
+                except VerificationError as exc:
+                    if not exc.message.startswith("verification failed: "):
+                        raise
+                    rep = numeric.VerifyReport("failed", exc.message[len("verification failed: "):], seed)
+                verification = {**rep.to_dict(), "checks": "whole-model"}
                 if rep.status == "failed":
-                    raise VerificationError(f"verification failed: {rep.reason}; nothing was written")
+                    raise _bisected(rep, bisect.Setup(
+                        reference, chosen, level, target, given_options, ctx.disabled_rules, manager.records,
+                        scratch, seed, feeds, ctx.option("tolerance_dtype"), check_input),
+                        None if save_repro is None else Path(save_repro))
             if verification["status"] != "passed":
                 kv_cache.clear()
                 kv_cache.update({"status": "not run", "reason": verification.get("reason", "")})
@@ -188,6 +214,19 @@ def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os
     report = report_frame.framed(report, verify_inputs=verify_inputs, seed=seed,
                                  tolerance_dtype=ctx.option("tolerance_dtype"))
     return CompileResult(report, out_path, proto)
+
+
+def _bisected(rep: numeric.VerifyReport, setup: bisect.Setup, save_repro: Path | None) -> VerificationError:
+    """The error for a failed verification, naming the pass (rule, site) bisection finds; its `.report` holds the
+    verification result with the bisection under "bisect"."""
+    culprit, files, note = bisect.diagnose(setup, save_repro)
+    where = f" {culprit.where()}" if culprit is not None else ""
+    saved = f"; repro saved in {save_repro} (replay: sh {save_repro / 'replay.sh'})" if files else ""
+    exc = VerificationError(f"verification failed{where}: {rep.reason}; nothing was written{saved}")
+    found = ({"status": "found", **culprit.to_dict(), "repro": [str(f) for f in files]} if culprit is not None
+             else {"status": "not found", "reason": note})
+    exc.report = {"verification": {**rep.to_dict(), "bisect": found}}     # type: ignore[attr-defined]
+    return exc
 
 
 def _check_kv_cache(model: ir.Model, compiled: Path, feeds: list[dict[str, Any]] | None, seed: int,

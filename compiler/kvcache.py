@@ -138,24 +138,28 @@ def check_shared(path: str | Path, model: ir.Model, feeds_list: list[dict[str, n
 
 
 def check_session(session: Any, model: ir.Model, feeds_list: list[dict[str, np.ndarray]],
-                  tolerance_dtype: str | None = None, slack: int = 8) -> dict[str, Any]:
+                  tolerance_dtype: str | None = None, slack: int = 8,
+                  outputs: list[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """Run the model on each feed with a non-empty past and a full mask both ways (a fresh present per run, and
-    past and present in one buffer of past + new + `slack` positions) and compare every output. Returns a report:
-    status "verified", "differs", "not applicable" or "not run", with a reason."""
+    past and present in one buffer of past + new + `slack` positions) and compare every output. `outputs`, when
+    given, are the session's outputs on each feed already (verification's run): the copying way is not run again.
+    Returns a report: status "verified", "differs", "not applicable" or "not run", with a reason."""
     layout = shared_cache_pairs(model)
     if not layout.shareable:
         return {"status": "not applicable", "reason": layout.reason}
     present_of = dict(layout.pairs)
     masks = {v.name for v in model.graph.inputs if input_role(v) == "mask"}
-    cases = [f for f in feeds_list if any(n in present_of and a.ndim == 4 and a.shape[2] > 0 for n, a in f.items())
+    cases = [(k, f) for k, f in enumerate(feeds_list)
+             if any(n in present_of and a.ndim == 4 and a.shape[2] > 0 for n, a in f.items())
              and all(np.all(a) for n, a in f.items() if n in masks)]
     if not cases:
         return {"status": "not run", "reason": "no verification input has a non-empty past and a full mask"}
     worst = 0.0
     try:
-        for feeds in cases:
+        for k, feeds in cases:
             feeds = narrow_feeds(feeds, session)
-            ref = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+            ref = outputs[k] if outputs is not None else \
+                dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
             new = appended_positions(model, feeds)
             capacity = max(a.shape[2] for n, a in feeds.items() if n in present_of) + new + slack
             got = run_shared(session, feeds, layout.pairs, capacity, new)

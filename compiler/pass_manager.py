@@ -206,6 +206,7 @@ class PassManager:
 # ---------------------------------------------------------------------------------------------------- registry
 _REGISTRY: dict[str, Pass] = {}
 _ENTRY_POINTS_LOADED = False
+PLUGIN_FILES: dict[str, Path] = {}     # pass name -> the --plugin file that registered it
 
 
 def register_pass(p: Pass | type[Pass]) -> Pass | type[Pass]:
@@ -269,12 +270,14 @@ def load_plugin(path: str | Path) -> None:
         raise UsageError(f"plugin {path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
+    known = set(_REGISTRY)
     try:
         spec.loader.exec_module(module)
     except OnnxcError:
         raise
     except Exception as exc:
         raise UsageError(f"plugin {path} failed to load: {type(exc).__name__}: {exc}") from None
+    PLUGIN_FILES.update({name: path.resolve() for name in set(_REGISTRY) - known})
 
 
 # ---------------------------------------------------------------------------------------------------- pipeline text

@@ -716,11 +716,14 @@ def _outside_use(graph: ir.Graph, nodes: list[ir.Node], outputs: list[ir.Value])
 class RuleStats:
     applied: dict[str, int] = field(default_factory=dict)
     refused: dict[str, int] = field(default_factory=dict)
+    sites: list[tuple[str, str]] = field(default_factory=list)    # (rule, root node name) of each rewrite, in order
 
 
 def apply_rules(model: ir.Model, rules: Sequence[Rule], *, max_sweeps: int = 8,
-                disabled: frozenset[str] = frozenset()) -> RuleStats:
-    """Apply rules, larger patterns first, sweeping until no rule fires (or max_sweeps)."""
+                disabled: frozenset[str] = frozenset(), limit: int | None = None) -> RuleStats:
+    """Apply rules, larger patterns first, sweeping until no rule fires (or max_sweeps). With `limit`, stop after
+    that many rewrites: the same rewrites, in the same order, as the first `limit` of an unlimited run (bisection
+    over a pass's rewrites, compiler/bisect.py)."""
     graph = model.graph
     opset = model.opset_imports.get("", 21)
     order = sorted((r for r in rules if r.name not in disabled), key=lambda r: (-r.size, r.name))
@@ -752,18 +755,22 @@ def apply_rules(model: ir.Model, rules: Sequence[Rule], *, max_sweeps: int = 8,
                 m = rule.match(graph, node, opset, positions)
                 if isinstance(m, Failure):
                     continue
+                if limit is not None and len(stats.sites) >= limit:
+                    break
+                site = node.name or node.op_type
                 applied, sort, domains = rule.apply(graph, m, namer, positions)
                 if applied:
                     fired = True
                     needs_sort |= sort
                     stats.applied[rule.name] = stats.applied.get(rule.name, 0) + 1
+                    stats.sites.append((rule.name, site))
                     for d in domains:
                         model.opset_imports.setdefault(d, 1)
                 else:
                     stats.refused[rule.name] = stats.refused.get(rule.name, 0) + 1
         if needs_sort:
             graph.sort()
-        if not fired:
+        if not fired or (limit is not None and len(stats.sites) >= limit):
             break
     return stats
 

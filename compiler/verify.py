@@ -70,6 +70,7 @@ class VerifyReport:
     reason: str = ""
     seed: int = 0
     scenarios: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)      # scenarios shrunk or skipped to fit the memory budget
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -249,13 +250,15 @@ def narrow_feeds(feeds: dict[str, np.ndarray], session: Any) -> dict[str, np.nda
 
 
 def run_model(path: str | os.PathLike, feeds_list: list[dict[str, np.ndarray]], threads: int = 2,
-              inspect: Callable[[Any], None] | None = None) -> list[dict[str, np.ndarray]]:
-    """Every output of the model at `path` on each feed; `inspect(session)` runs before the session closes."""
+              inspect: Callable[[Any, list[dict[str, np.ndarray]]], None] | None = None
+              ) -> list[dict[str, np.ndarray]]:
+    """Every output of the model at `path` on each feed; `inspect(session, outputs)` runs before the session
+    closes."""
     session = session_for(path, threads)
     names = [o.name for o in session.get_outputs()]
     results = [dict(zip(names, session.run(names, narrow_feeds(feeds, session)))) for feeds in feeds_list]
     if inspect is not None:
-        inspect(session)
+        inspect(session, results)
     del session
     gc.collect()
     return results
@@ -306,33 +309,35 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, mod
                  inputs: list[dict[str, np.ndarray]] | None = None, weight_bytes: int = 0,
                  memory_budget: int | None = None, tolerance_dtype: str | None = None,
                  scenarios: tuple[Scenario, ...] | None = None,
-                 candidate_check: Callable[[Any, list[dict[str, np.ndarray]]], None] | None = None,
+                 candidate_check: Callable[[Any, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]], None]
+                 | None = None,
                  rtol: float | None = None, atol: float | None = None) -> VerifyReport:
     """Compare `candidate` with `reference` (paths). `model` supplies the signature used to make inputs.
-    `candidate_check(session, feeds_list)` runs on the candidate's session before it closes (one load, not two)."""
+    `candidate_check(session, feeds_list, outputs)` runs on the candidate's session before it closes (one load, not
+    two), with the candidate's outputs on each feed (not computed twice)."""
     budget = memory_budget if memory_budget is not None else int(available_memory() * 0.7)
     need = int(weight_bytes * 2.5)
     if need > budget:
         return VerifyReport("skipped", f"one model needs about {need >> 20} MiB, over the {budget >> 20} MiB "
                             "memory budget; per-rewrite checks still ran", seed)
     scenarios = scenarios or scenarios_for(model)
-    if inputs is None:
-        feeds_list = [make_inputs(model, sc, seed + k) for k, sc in enumerate(scenarios)]
-        names = [asdict(sc) for sc in scenarios]
-    else:
-        feeds_list = inputs
-        names = [{"name": f"user-{k}"} for k in range(len(inputs))]
+    feeds_list, names, notes = fit_scenarios([Path(reference), Path(candidate)], model, scenarios, seed, inputs,
+                                             budget - need)
+    if not feeds_list:
+        return VerifyReport("skipped", notes[0] if len(notes) == 1 else
+                            f"every scenario is over the memory budget ({notes[0]}; +{len(notes) - 1} more)",
+                            seed, notes=notes)
     try:
         refs = run_model(reference, feeds_list)
     except Exception as exc:
         raise _input_refused(exc, inputs is not None) from None
     try:
         gots = run_model(candidate, feeds_list, inspect=None if candidate_check is None else
-                         (lambda session: candidate_check(session, feeds_list)))
+                         (lambda session, outputs: candidate_check(session, feeds_list, outputs)))
     except Exception as exc:
         raise VerificationError(f"verification failed: onnxruntime cannot run the compiled model ({first_line(exc)})"
                                 ) from None
-    report = VerifyReport("passed", "", seed)
+    report = VerifyReport("passed", "", seed, notes=notes)
     for sc, feeds, ref, got in zip(names, feeds_list, refs, gots):
         if sc.get("pad"):
             ref, got = _valid_rows(ref, sc), _valid_rows(got, sc)
@@ -356,6 +361,78 @@ def _input_refused(exc: Exception, user_inputs: bool) -> InvalidModelError | Usa
         return UsageError(f"onnxruntime cannot run the input model on the --verify-inputs arrays: {first_line(exc)}")
     return InvalidModelError(f"onnxruntime cannot load or run the input model: {first_line(exc)} (use --no-verify "
                              "to compile without running it)")
+
+
+def _smaller(sc: Scenario) -> Scenario | None:
+    """The next smaller scenario: batch 1 first, then half the tokens and half the past (a past stays non-empty)."""
+    if sc.batch > 1:
+        return Scenario(sc.name, 1, sc.seq, sc.past, 0)
+    if sc.seq > 1 or sc.past > 1:
+        return Scenario(sc.name, 1, max(1, sc.seq // 2), max(1, sc.past // 2) if sc.past else 0, 0)
+    return None
+
+
+def fit_scenarios(model_files: list[Path], model: ir.Model, scenarios: tuple[Scenario, ...], seed: int,
+                  inputs: list[dict[str, np.ndarray]] | None, budget: int
+                  ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, Any]], list[str]]:
+    """Feeds and names for the scenarios whose activations (compiler/activation.py, the larger of the models'
+    estimates) fit `budget` bytes: a scenario over it is shrunk (batch 1, then fewer tokens) until it fits, or
+    skipped; user inputs are kept or skipped. Returns (feeds_list, names, notes on what was shrunk or skipped)."""
+    from . import activation
+
+    cache: dict[Path, Any] = {}
+    notes: list[str] = []
+
+    def need(feeds: dict[str, np.ndarray]) -> activation.Estimate:
+        try:
+            return activation.peak_of(model_files, {k: v.shape for k, v in feeds.items()}, cache)
+        except Exception:      # a model the estimate cannot read is run as before
+            return activation.Estimate(0, ("", 0), 0)
+
+    def mib(n: int) -> str:
+        return f"{n / 2**20:.0f} MiB"
+
+    if inputs is not None:
+        kept, names = [], []
+        for k, feeds in enumerate(inputs):
+            e = need(feeds)
+            if e.peak_bytes > budget:
+                notes.append(f"inputs {k} skipped: activations need about {mib(e.peak_bytes)} (largest "
+                             f"'{e.largest[0]}' {mib(e.largest[1])}), over the {mib(max(budget, 0))} left after the "
+                             "weights")
+            else:
+                kept.append(feeds)
+                names.append({"name": f"user-{k}"})
+        return kept, names, notes
+    # One estimate at the largest batch, tokens and past of all scenarios bounds them all (activation sizes grow
+    # with the dims); only when that bound is over the budget is each scenario estimated on its own.
+    bound = Scenario("bound", max(sc.batch for sc in scenarios), max(sc.seq for sc in scenarios),
+                     max(sc.past for sc in scenarios))
+    if need(make_inputs(model, bound, seed)).peak_bytes <= budget:
+        return ([make_inputs(model, sc, seed + k) for k, sc in enumerate(scenarios)], [asdict(sc) for sc in scenarios],
+                [])
+    feeds_list, names = [], []
+    for k, sc in enumerate(scenarios):
+        first, cur = None, sc
+        while cur is not None:
+            feeds = make_inputs(model, cur, seed + k)
+            e = need(feeds)
+            first = first or e
+            if e.peak_bytes <= budget:
+                break
+            cur = _smaller(cur)
+        if cur is None:
+            notes.append(f"scenario '{sc.name}' skipped: activations need about {mib(first.peak_bytes)} (largest "
+                         f"'{first.largest[0]}' {mib(first.largest[1])}) even at batch 1 x 1 token, over the "
+                         f"{mib(max(budget, 0))} left after the weights")
+            continue
+        if cur != sc:
+            notes.append(f"scenario '{sc.name}' shrunk from batch {sc.batch} x {sc.seq} tokens (past {sc.past}) to "
+                         f"batch {cur.batch} x {cur.seq} (past {cur.past}): activations need about "
+                         f"{mib(first.peak_bytes)}, over the {mib(max(budget, 0))} left after the weights")
+        feeds_list.append(feeds)
+        names.append(asdict(cur))
+    return feeds_list, names, notes
 
 
 def _valid_rows(outs: dict[str, np.ndarray], sc: dict) -> dict[str, np.ndarray]:
@@ -524,13 +601,10 @@ def verify_quantized(reference: str | os.PathLike, compiled: str | os.PathLike, 
     if need > budget:
         return VerifyReport("skipped", f"one model needs about {need >> 20} MiB, over the {budget >> 20} MiB "
                             "memory budget; per-rewrite checks still ran", seed), {}
-    if inputs is None:
-        scenarios = scenarios_for(model)
-        feeds_list = [make_inputs(model, sc, seed + k) for k, sc in enumerate(scenarios)]
-        names = [asdict(sc) for sc in scenarios]
-    else:
-        feeds_list = inputs
-        names = [{"name": f"user-{k}"} for k in range(len(inputs))]
+    feeds_list, names, notes = fit_scenarios([Path(reference), Path(unquantized)], model, scenarios_for(model), seed,
+                                             inputs, budget - need)
+    if not feeds_list:
+        return VerifyReport("skipped", notes[0], seed, notes=notes), {}
 
     def run(path, what):
         try:
@@ -543,7 +617,7 @@ def verify_quantized(reference: str | os.PathLike, compiled: str | os.PathLike, 
         refs = run_model(reference, feeds_list)
     except Exception as exc:
         raise _input_refused(exc, inputs is not None) from None
-    report = VerifyReport("passed", "", seed)
+    report = VerifyReport("passed", "", seed, notes=notes)
     steps = (("outputs", run(unquantized, "compiled model with float weights"), refs,
               "the compiled model with its float weights differs from the input"),
              ("quantized_outputs", run(exact, "quantized model"), run(dequantized, "dequantized-weights model"),

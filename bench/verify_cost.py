@@ -1,0 +1,66 @@
+"""What verification costs a compile: time (load, passes, save, verify, total) and peak RSS, with and without it.
+
+    python bench/verify_cost.py [MODEL] [-O3] [--repeat N] [--pythonpath DIR]
+
+MODEL defaults to /tmp/verify-l30/model.onnx (`python bench/make_llama.py --out /tmp/verify-l30/model.onnx`: the
+30-layer Llama-shaped decoder with a KV cache, 513 MiB of weights). Each compile runs in its own child process
+(`python -m onnxc.cli compile ... --report`), so the peak RSS is that compile's; the best of --repeat runs is
+printed. --pythonpath puts another onnxc first on the child's path, to measure an older version the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def one(model: Path, level: str, verify: bool, pythonpath: str | None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="onnxc-bench-") as tmp:
+        out, report = Path(tmp) / "out.onnx", Path(tmp) / "r.json"
+        cmd = [sys.executable, "-m", "onnxc.cli", "compile", str(model), level, "-o", str(out), "--report",
+               str(report), "-q"] + ([] if verify else ["--no-verify"])
+        env = dict(os.environ)
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"compile failed: {proc.stderr.read().decode()[-500:]}")
+        rep = json.loads(report.read_text())
+    return {"wall": wall, "rss": usage.ru_maxrss * 1024, "seconds": rep["seconds"], "weights": rep["weight_bytes"],
+            "verification": rep["verification"]["status"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", default="/tmp/verify-l30/model.onnx")
+    ap.add_argument("-O", dest="level", default="3")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--pythonpath", default=None)
+    args = ap.parse_args()
+    model = Path(args.model)
+    if not model.exists():
+        raise SystemExit(f"{model}: no such file (python bench/make_llama.py --out {model})")
+    print(f"{model} at -O{args.level}; {platform.machine()}, {os.cpu_count()} CPUs; best of {args.repeat}")
+    print(f"{'verify':<8} {'load':>6} {'passes':>7} {'save':>6} {'verify':>7} {'total':>7} {'wall':>6} "
+          f"{'peak RSS':>10} {'x weights':>9} {'verify/total':>12}")
+    for verify in (False, True):
+        runs = [one(model, f"-O{args.level}", verify, args.pythonpath) for _ in range(args.repeat)]
+        best = min(runs, key=lambda r: r["seconds"]["total"])
+        rss = min(r["rss"] for r in runs)
+        s = best["seconds"]
+        print(f"{'yes' if verify else 'no':<8} {s['load']:6.2f} {s['passes']:7.2f} {s['save']:6.2f} {s['verify']:7.2f} "
+              f"{s['total']:7.2f} {best['wall']:6.1f} {rss / 2**20:8.0f} MiB {rss / best['weights']:9.2f} "
+              f"{s['verify'] / s['total']:12.2f}")
+
+
+if __name__ == "__main__":
+    main()
