@@ -274,7 +274,12 @@ def negative_dim(where: str) -> onnx.ModelProto:
 
 
 def unknown_op() -> onnx.ModelProto:
-    """A custom-domain op onnxruntime has no kernel for: the model cannot run, so it cannot be verified."""
+    """An op the standard domain does not have: onnxruntime cannot load the model, which is invalid."""
+    return _model([helper.make_node("Frobnicate", ["x"], ["y"], name="f")])
+
+
+def custom_op() -> onnx.ModelProto:
+    """A custom-domain op onnxruntime has no kernel for: it passes through, and the rewrites are checked locally."""
     return _model([helper.make_node("Frobnicate", ["x"], ["y"], name="f", domain="example.custom")],
                   opsets=["example.custom"])
 
@@ -362,7 +367,8 @@ def cases() -> list[Case]:
             b"QQQQ", b"\xff\xfe\xfd\xfc")), 3, "not valid UTF-8"),
         Case("name-nul-lying-size", proto(lambda: named("nul\0name")), 3, "nul\\x00name"),
         # models onnxruntime refuses
-        Case("ort-unknown-op", proto(unknown_op), 3, "onnxruntime cannot load"),
+        Case("ort-unknown-op", proto(unknown_op), 3, "Frobnicate"),
+        Case("custom-domain-op", proto(custom_op), 0),
         # sparse tensors
         Case("sparse-initializer", proto(lambda: sparse_weight(np.array([0, 5, 15]), np.array([1.0, 2.0, 3.0]))),
              0),
