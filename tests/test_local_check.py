@@ -73,6 +73,8 @@ def test_local_check_custom_op_compiles_and_is_kept(tmp_path):
     assert all(u["reason"] for u in v["local"]["not_checked"])
     assert f"verified locally: {v['local']['checked']} rewrites" in r.output
     assert "whole-model scenarios not run" in r.output
+    from test_report import assert_conforms          # the report of a locally checked compile follows the schema
+    assert_conforms(json.loads(report.read_text()))
 
 
 def test_local_check_catches_a_wrong_rewrite_beside_the_custom_op(tmp_path):
