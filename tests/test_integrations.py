@@ -6,6 +6,7 @@ are skipped otherwise; the export-folder step needs nothing else.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,8 +93,11 @@ def test_integrations_export_folder_compiles_and_keeps_the_rest(tmp_path):
     rep = reports["model.onnx"]
     assert rep["verification"]["status"] == "passed"
     assert rep["ops_after"].get("com.microsoft.GroupQueryAttention") == 2
-    # weights stay external (one data file named after the output), the export's data file is not copied
-    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.onnx", "model.onnx.data", "tokenizer"]
+    # weights stay external (one data file named after the output and its bytes' hash), the export's data file is
+    # not copied
+    names = sorted(p.name for p in dst.iterdir())
+    assert len(names) == 4 and names[:2] == ["config.json", "model.onnx"] and names[3] == "tokenizer", names
+    assert re.fullmatch(r"model\.onnx\.[0-9a-f]{16}\.data", names[2]), names
     assert (dst / "tokenizer" / "vocab.txt").read_text() == "a\nb\n"
     assert rep["sizes"]["output"]["data"] > 0
     import onnxruntime as ort       # the compiled folder loads with its weights from where it is
