@@ -738,7 +738,13 @@ def test_quantize_int4_choose_bits_order_and_budget():
 
 @pytest.mark.parametrize("name", ["gpt2_ts.onnx"])
 def test_quantize_int4_mixed_report_lists_layers_and_verifies(name, tmp_path):
-    rep = _compile_quantized(name, tmp_path)["quantization"]
+    full = _compile_quantized(name, tmp_path)
+    import json
+    from onnxc import report as report_frame
+    from test_report import problems
+    schema = json.loads((Path(__file__).resolve().parents[2] / report_frame.SCHEMA_FILE).read_text())
+    assert problems(json.loads(json.dumps(full)), schema) == []
+    rep = full["quantization"]
     assert rep["precision"] == "mixed" and rep["mixed_budget"] == qi.MIXED_BUDGET
     layers = rep["layers"]
     assert layers and {x["bits"] for x in layers} <= {4, 8}
