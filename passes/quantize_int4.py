@@ -88,7 +88,8 @@ def parse_method(text: str | None) -> tuple[str, bool]:
     text = (text or "int4").strip().lower()
     scheme, _, method = text.partition(":")
     if scheme != "int4" or (method and method not in kq.METHODS + (UNIFORM,)):
-        raise UsageError(f"--quantize: unknown value '{text}'; use int4 or int4:{{{','.join(kq.METHODS + (UNIFORM,))}}}")
+        choices = ",".join(kq.METHODS + (UNIFORM,))
+        raise UsageError(f"--quantize: unknown value '{text}'; use int4 or int4:{{{choices}}}")
     if not method:
         return DEFAULT_METHOD, True
     return (DEFAULT_METHOD if method == UNIFORM else method), False
