@@ -434,11 +434,16 @@ def choose_bits(sites: list[_Site], blocks: dict[tuple, int], logits: set[tuple]
         sb = 2 if site.dtype == ir.DataType.FLOAT16 else 4
         cost4[site.key] = weight_bytes(k, n, 4, block, opts.symmetric, sb)
         cost8[site.key] = weight_bytes(k, n, HIGH_BITS, block, opts.symmetric, sb)
-        w = np.asarray(site.load(), np.float32)
-        b, sc, z = kq.quantize(w, "rtn", block, opts.symmetric)
-        err = float(np.linalg.norm(dequantize(b, sc, z, K=k, N=n, bits=4, block_size=block) - w)
-                    / max(float(np.linalg.norm(w)), 1e-30))
-        del w, b, sc, z
+        w = site.load()
+        sq, ref = 0.0, 0.0
+        step = max(1, TABLE_ROWS * 64 // max(k, 1))   # column chunks: a few MiB at a time, never the whole copy
+        for c0 in range(0, n, step):
+            x = np.ascontiguousarray(w[:, c0:c0 + step], np.float32)
+            b, sc, z = kq.quantize(x, "rtn", block, opts.symmetric)
+            sq += float(np.square(dequantize(b, sc, z, K=k, N=x.shape[1], bits=4, block_size=block) - x).sum())
+            ref += float(np.square(x).sum())
+        del w
+        err = (sq / max(ref, 1e-30)) ** 0.5
         choices[site.key] = LayerChoice(site.name, site.shape, 4, block, err, "int4")
     budget = opts.mixed_budget * sum(cost4.values())
     total = sum(cost4.values())
