@@ -18,9 +18,14 @@ Requires: A float or float16 with rank >= 2 when known; Gemm transA = 0; FusedMa
 transBatchB = 0; a Gemm C that is constant and broadcasts to (N,). Skipped, with a note: K < block_size (a block of
 mostly padding buys nothing), excluded names (--exclude globs, on node and weight names).
 
-Options (ctx.option): quantize ("int4", "int4:rtn|lsq|hqq|gptq"), block_size (32), symmetric (False), exclude
-(globs), accuracy_level (4 on cpu, 0 on cuda), tied_embedding (True), scratch_dir (where quantized tensors are
-written); for gptq: calibration (an .npz of model inputs, load_calibration), damp (0.01), act_order (False).
+Mixed precision (plain "int4", or option mixed with any method): choose_bits keeps the logits' weights (lm_head, a
+tied table) and then the weights of largest int4 round-to-nearest error at 8 bits (MatMulNBits / GatherBlockQuantized
+bits = 8) while the bytes stay within mixed_budget (1.25) times the all-int4 bytes; "int4:uniform" and "int4:METHOD"
+keep every weight at 4 bits. The choices go to ctx.results["quantize-int4"]["layers"] for the report.
+
+Options (ctx.option): quantize ("int4", "int4:uniform|rtn|lsq|hqq|gptq"), mixed, mixed_budget, block_size (32),
+symmetric (False), exclude (globs), accuracy_level (4 on cpu, 0 on cuda), tied_embedding (True), scratch_dir (where
+quantized tensors are written); for gptq: calibration (an .npz of model inputs, load_calibration), damp (0.01), act_order (False).
 GPTQ's H = X^T X per weight comes from one onnxruntime session of the float graph as this pass finds it, its
 linear inputs exposed as outputs (_Hessians); the session is closed before the first weight is quantized.
 Streaming: each weight is read alone (memory-mapped weights are released after), quantized, and its tensors of at
