@@ -45,7 +45,8 @@ MODELS = {
     "llama30": ROOT / "bench/out/llama30_prefill/model.onnx",
 }
 METHODS = ("onnxc-rtn", "onnxc-lsq", "onnxc-lsq-sym", "onnxc-hqq", "onnxc-gptq", "ort-rtn-sym", "ort-rtn", "ort-hqq")
-# onnxc-gptq-ao (GPTQ with act_order) is measured on request: --methods onnxc-gptq-ao
+# onnxc-gptq-ao (GPTQ with act_order) is measured on request: --methods onnxc-gptq-ao; so is mixed precision
+# (plain --quantize int4): onnxc-mixed (lsq at 4 bits), onnxc-mixed-rtn, onnxc-mixed-rtn-sym
 CALIBRATION = {"batches": 16, "batch": 4, "seq": 128, "seed": 1000}   # 8,192 rows, seeds apart from the error's
 
 
@@ -90,6 +91,9 @@ def job(method: str, src: Path, dst: Path, block: int, level: int | None = None,
         algo = method.split("-")[1]
         options = {"quantize": f"int4:{algo}", "block_size": block, "symmetric": method.endswith("-sym"),
                    "act_order": method.endswith("-ao")}
+        if algo == "mixed":   # onnxc-mixed: plain int4 (mixed precision); onnxc-mixed-rtn[-sym]: with rtn at 4 bits
+            algo = method.split("-")[2] if method.count("-") > 1 and method.split("-")[2] != "sym" else "lsq"
+            options.update(quantize=f"int4:{algo}", mixed=True)
         if algo == "gptq":
             options["calibration"] = str(calibration)
         onnxc.compile(src, level or 0, "cpu", output=dst, verify=verify,

@@ -134,8 +134,10 @@ def _load_plugins(plugins: tuple[str, ...]) -> None:
 @click.option("--external-data/--no-external-data", default=None, help="Force weights into (or out of) a .data file.")
 @click.option("--max-seq-len", type=int, default=None, help="Maximum sequence length for rotary caches.")
 @click.option("--quantize", default=None, metavar="int4[:METHOD]",
-              help="Quantize linear layers to int4 MatMulNBits; METHOD rtn, lsq (default), hqq or gptq "
-                   "(needs --calibration).")
+              help="Quantize linear layers to int4 MatMulNBits. int4: mixed precision (the lm_head, tied table "
+                   "and the layers of largest int4 error at 8 bits, within 1.25x the all-int4 bytes); "
+                   "int4:uniform: every layer int4; int4:METHOD, every layer int4 with METHOD rtn, lsq, hqq or "
+                   "gptq (needs --calibration).")
 @click.option("--block-size", type=int, default=None, help="Quantization block size (power of 2 >= 16; default 32).")
 @click.option("--symmetric/--asymmetric", default=None, help="Symmetric (no zero points) or asymmetric (default).")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
@@ -320,6 +322,10 @@ def _print_summary(rep: dict, verbose: bool = False) -> None:
                   f"({q['method']}, block {q['block_size']}, {'symmetric' if q['symmetric'] else 'asymmetric'}, "
                   f"accuracy_level {q['accuracy_level']}); weights {q['weight_bytes_before'] / 2**20:.1f} -> "
                   f"{q['weight_bytes_after'] / 2**20:.1f} MiB", markup=False)
+        if q.get("layers"):
+            high = [x["name"] for x in q["layers"] if x["bits"] != 4]
+            err.print(f"mixed precision: {len(high)} of {len(q['layers'])} weights at 8 bits"
+                      + (f" ({', '.join(high[:6])}{', ...' if len(high) > 6 else ''})" if high else ""), markup=False)
         s = q["error"].get("summary", {})
         if s:
             parts = [f"{k} {s[k]:.4f}" for k in ("cosine", "pooled_cosine", "top1_agreement") if k in s]

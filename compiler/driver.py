@@ -287,7 +287,10 @@ def _quant_report(ctx: pm.PassContext, bytes_before: int, bytes_after: int, ops_
             "accuracy_level": o.accuracy_level, "exclude": list(o.exclude),
             "matmul_nbits": ops_after.get("com.microsoft.MatMulNBits", 0),
             "gather_block_quantized": ops_after.get("com.microsoft.GatherBlockQuantized", 0),
-            "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after, "error": quality}
+            "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after, "error": quality,
+            "precision": "mixed" if o.mixed else "uniform",
+            **({"mixed_budget": o.mixed_budget, "layers": ctx.results["quantize-int4"]["layers"]}
+               if ctx.results.get("quantize-int4") else {})}
 
 
 def _file_sizes(model_file: Path | None, data_files) -> dict[str, int] | None:

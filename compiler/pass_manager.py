@@ -38,6 +38,7 @@ class PassContext:
     disabled_rules: frozenset[str] = frozenset()
     notes: list[str] = field(default_factory=list)   # report lines, e.g. a fusion that fell back
     details: list[str] = field(default_factory=list)  # lines for -v only: a pass that found nothing to do there
+    results: dict[str, Any] = field(default_factory=dict)  # pass name -> data for the report (quantize-int4: layers)
 
     def option(self, name: str, default: Any = None) -> Any:
         return self.options.get(name, default)

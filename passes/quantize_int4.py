@@ -18,9 +18,14 @@ Requires: A float or float16 with rank >= 2 when known; Gemm transA = 0; FusedMa
 transBatchB = 0; a Gemm C that is constant and broadcasts to (N,). Skipped, with a note: K < block_size (a block of
 mostly padding buys nothing), excluded names (--exclude globs, on node and weight names).
 
-Options (ctx.option): quantize ("int4", "int4:rtn|lsq|hqq|gptq"), block_size (32), symmetric (False), exclude
-(globs), accuracy_level (4 on cpu, 0 on cuda), tied_embedding (True), scratch_dir (where quantized tensors are
-written); for gptq: calibration (an .npz of model inputs, load_calibration), damp (0.01), act_order (False).
+Mixed precision (plain "int4", or option mixed with any method): choose_bits keeps the logits' weights (lm_head, a
+tied table) and then the weights of largest int4 round-to-nearest error at 8 bits (MatMulNBits / GatherBlockQuantized
+bits = 8) while the bytes stay within mixed_budget (1.25) times the all-int4 bytes; "int4:uniform" and "int4:METHOD"
+keep every weight at 4 bits. The choices go to ctx.results["quantize-int4"]["layers"] for the report.
+
+Options (ctx.option): quantize ("int4", "int4:uniform|rtn|lsq|hqq|gptq"), mixed, mixed_budget, block_size (32),
+symmetric (False), exclude (globs), accuracy_level (4 on cpu, 0 on cuda), tied_embedding (True), scratch_dir (where
+quantized tensors are written); for gptq: calibration (an .npz of model inputs, load_calibration), damp (0.01), act_order (False).
 GPTQ's H = X^T X per weight comes from one onnxruntime session of the float graph as this pass finds it, its
 linear inputs exposed as outputs (_Hessians); the session is closed before the first weight is quantized.
 Streaming: each weight is read alone (memory-mapped weights are released after), quantized, and its tensors of at
@@ -58,6 +63,9 @@ HESSIAN_BUDGET = (128 << 20, 2 << 30)  # float64 Hessians per pass over the cali
                                        # memory, within these bounds (option hessian_budget: bytes)
 GPTQ_ROWS_PER_K = 4              # fewer calibration rows than this many times K earn a note
 DEFAULT_METHOD = "lsq"
+UNIFORM = "uniform"              # int4:uniform: every layer int4 with DEFAULT_METHOD
+MIXED_BUDGET = 1.25              # int4 (mixed): weight bytes at most this times the all-int4 bytes
+HIGH_BITS = 8                    # the precision of the layers mixed precision keeps
 DEFAULT_BLOCK = {"cpu": 32, "cuda": 32}
 DEFAULT_ACCURACY = {"cpu": 4, "cuda": 0}
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
@@ -75,20 +83,30 @@ class QuantOptions:
     damp: float = 0.01               # gptq dampening, relative to mean(diag H)
     act_order: bool = False          # gptq: rows by decreasing H[k, k], blocks fitted up front
     hessian_budget: int = HESSIAN_BUDGET[0]  # gptq: bytes of Hessians accumulated per pass over the calibration
+    mixed: bool = False              # sensitive layers at HIGH_BITS within mixed_budget (choose_bits)
+    mixed_budget: float = MIXED_BUDGET
 
 
-def parse_method(text: str | None) -> str:
-    """'int4' or 'int4:METHOD' -> METHOD (UsageError otherwise)."""
+def parse_method(text: str | None) -> tuple[str, bool]:
+    """'int4' -> (DEFAULT_METHOD, mixed precision); 'int4:uniform' -> (DEFAULT_METHOD, all int4); 'int4:METHOD' ->
+    (METHOD, all int4). UsageError otherwise."""
     text = (text or "int4").strip().lower()
     scheme, _, method = text.partition(":")
-    if scheme != "int4" or (method and method not in kq.METHODS):
-        raise UsageError(f"--quantize: unknown value '{text}'; use int4 or int4:{{{','.join(kq.METHODS)}}}")
-    return method or DEFAULT_METHOD
+    if scheme != "int4" or (method and method not in kq.METHODS + (UNIFORM,)):
+        choices = ",".join(kq.METHODS + (UNIFORM,))
+        raise UsageError(f"--quantize: unknown value '{text}'; use int4 or int4:{{{choices}}}")
+    if not method:
+        return DEFAULT_METHOD, True
+    return (DEFAULT_METHOD if method == UNIFORM else method), False
 
 
 def options_of(ctx: PassContext) -> QuantOptions:
     """Validated quantization options from the context (UsageError on a bad value)."""
-    method = parse_method(ctx.option("quantize"))
+    method, mixed = parse_method(ctx.option("quantize"))
+    mixed = bool(ctx.option("mixed", mixed))
+    mixed_budget = ctx.option("mixed_budget", MIXED_BUDGET)
+    if not isinstance(mixed_budget, (int, float)) or mixed_budget < 1:
+        raise UsageError(f"mixed_budget must be a number >= 1 (weight bytes relative to all-int4), got {mixed_budget}")
     block = ctx.option("block_size") or DEFAULT_BLOCK.get(ctx.target, 32)
     if not isinstance(block, int) or block < 16 or block & (block - 1):
         raise UsageError(f"--block-size: {block} is not a power of 2 >= 16 (MatMulNBits requires one)")
@@ -116,7 +134,7 @@ def options_of(ctx: PassContext) -> QuantOptions:
     exclude = ctx.option("exclude") or ()
     return QuantOptions(method, block, symmetric, int(level), tuple([exclude] if isinstance(exclude, str) else exclude),
                         bool(ctx.option("tied_embedding", True)), calibration, float(damp),
-                        bool(ctx.option("act_order", False)), budget)
+                        bool(ctx.option("act_order", False)), budget, mixed, float(mixed_budget))
 
 
 @dataclass
@@ -380,6 +398,76 @@ def _tied(tables: list[tuple[ir.Node, ir.TensorProtocol]], sites: dict[tuple, _S
     return found
 
 
+def weight_bytes(k: int, n: int, bits: int, block: int, symmetric: bool, scale_bytes: int) -> int:
+    """Bytes of one MatMulNBits weight: codes, scales and (asymmetric) packed zero points."""
+    kb = -(-k // block)
+    return n * kb * block * bits // 8 + n * kb * scale_bytes + (0 if symmetric else n * (-(-kb * bits // 8)))
+
+
+@dataclass
+class LayerChoice:
+    """One weight's precision under mixed precision, and why (the report lists them)."""
+
+    name: str
+    shape: tuple[int, int]          # (K, N)
+    bits: int
+    block_size: int
+    error: float                    # relative weight-space error of int4 round-to-nearest, ||W - Q(W)|| / ||W||
+    reason: str                     # "logits" (lm_head or tied table), "error rank N", "int4", "over budget"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "bits": self.bits, "block_size": self.block_size,
+                "int4_rel_error": round(self.error, 5), "reason": self.reason}
+
+
+def choose_bits(sites: list[_Site], blocks: dict[tuple, int], logits: set[tuple], opts: QuantOptions
+                ) -> dict[tuple, LayerChoice]:
+    """Mixed precision: which weights keep HIGH_BITS, within opts.mixed_budget times the all-int4 bytes.
+
+    Sensitivity is measured without data: each weight's relative error under int4 round-to-nearest (blocks with
+    outliers lose the most). The layers that produce the logits (`logits`: the lm_head, and a weight that may be a
+    tied embedding table, whose error also enters every embedded token) come first; the others follow by
+    decreasing error. Each is promoted while the total stays within the budget."""
+    from onnxc.kernels.matmul_nbits import dequantize
+
+    unique = list({s.key: s for s in sites}.values())
+    choices: dict[tuple, LayerChoice] = {}
+    cost4, cost8 = {}, {}
+    for site in unique:
+        k, n = site.shape
+        block = blocks[site.key]
+        sb = 2 if site.dtype == ir.DataType.FLOAT16 else 4
+        cost4[site.key] = weight_bytes(k, n, 4, block, opts.symmetric, sb)
+        cost8[site.key] = weight_bytes(k, n, HIGH_BITS, block, opts.symmetric, sb)
+        w = site.load()
+        sq, ref = 0.0, 0.0
+        step = max(1, TABLE_ROWS * 64 // max(k, 1))   # column chunks: a few MiB at a time, never the whole copy
+        for c0 in range(0, n, step):
+            x = np.ascontiguousarray(w[:, c0:c0 + step], np.float32)
+            b, sc, z = kq.quantize(x, "rtn", block, opts.symmetric)
+            sq += float(np.square(dequantize(b, sc, z, K=k, N=x.shape[1], bits=4, block_size=block) - x).sum())
+            ref += float(np.square(x).sum())
+        del w
+        err = (sq / max(ref, 1e-30)) ** 0.5
+        choices[site.key] = LayerChoice(site.name, site.shape, 4, block, err, "int4")
+    budget = opts.mixed_budget * sum(cost4.values())
+    total = sum(cost4.values())
+    order = sorted(choices, key=lambda key: (key not in logits, -choices[key].error))
+    rank = 0
+    for key in order:
+        c = choices[key]
+        if key not in logits:
+            rank += 1
+        extra = cost8[key] - cost4[key]
+        if total + extra > budget:
+            c.reason = "over budget" if key in logits else "int4"
+            continue
+        total += extra
+        c.bits = HIGH_BITS
+        c.reason = "logits" if key in logits else f"error rank {rank}"
+    return choices
+
+
 def load_calibration(path: str, graph: ir.Graph) -> list[dict[str, np.ndarray]]:
     """--calibration FILE.npz -> batches of feeds. Arrays are named after graph inputs and fed as they are (their
     leading axis is the model's batch axis, so one array holds many samples): one batch with keys NAME, or several
@@ -604,13 +692,27 @@ class QuantizeInt4(Pass):
                                  f"{GPTQ_ROWS_PER_K} K = {GPTQ_ROWS_PER_K * widest} rows")
         blocks: dict[tuple, int] = {}   # a weight that may be a tied table takes a block its K is a multiple of
         for site in sites:
-            if site.key not in done:
+            if site.key not in blocks:
                 block = opts.block_size
                 if (site.shape[::-1], site.dtype) in shapes and site.shape[0] % block:
                     block = table_block(site.shape[0], block) or block
                     ctx.notes.append(f"quantize-int4: '{site.name}' may be a tied table of width {site.shape[0]}: "
                                      f"block {block} so the table can be shared")
                 blocks[site.key] = block
+        plan: dict[tuple, LayerChoice] = {}
+        if opts.mixed:
+            outputs = {id(v) for v in graph.outputs}
+            logits = {s.key for s in sites if (s.shape[::-1], s.dtype) in shapes
+                      or any(id((s.add or s.node).outputs[0]) == o for o in outputs)}
+            plan = choose_bits(sites, blocks, logits, opts)
+            high = [c for c in plan.values() if c.bits != 4]
+            ctx.notes.append(f"quantize-int4: mixed precision: {len(high)} of {len(plan)} weights at {HIGH_BITS} bits "
+                             f"({', '.join(c.name for c in high[:8])}{', ...' if len(high) > 8 else ''})")
+        bits_of = {key: c.bits for key, c in plan.items()}
+        for site in sites:
+            if site.key not in done:
+                block = blocks[site.key]
+                bits = bits_of.get(site.key, 4)
                 w = site.load()
                 if (site.shape[::-1], site.dtype) in shapes and site.key not in same:
                     digests[site.key] = _table_digest(w[:, c:c + TABLE_ROWS].T
@@ -618,7 +720,9 @@ class QuantizeInt4(Pass):
                 factor = hessians.factor(site.key) if hessians is not None else None
                 if hessians is not None and factor is None:
                     ctx.notes.append(f"quantize-int4: '{site.name}' saw no calibration rows: {DEFAULT_METHOD} instead")
-                if factor is not None:
+                if bits != 4:  # 8 bits: round-to-nearest is within a few percent of the best fit at this precision
+                    b, s, z = kq.quantize(w, "rtn", block, opts.symmetric, bits=bits)
+                elif factor is not None:
                     b, s, z = kq.gptq(w, None, block, opts.symmetric, factor=factor)
                 else:
                     b, s, z = kq.quantize(w, opts.method if hessians is None else DEFAULT_METHOD, block,
@@ -641,7 +745,7 @@ class QuantizeInt4(Pass):
             while inputs[-1] is None:
                 inputs.pop()
             new = ir.Node(MS, "MatMulNBits", inputs, attributes=[
-                ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4),
+                ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits_of.get(site.key, 4)),
                 ir.AttrInt64("block_size", blocks[site.key]), ir.AttrInt64("accuracy_level", opts.accuracy_level)],
                 name=f"{site.node.name or site.name}_MatMulNBits")
             new.meta[META] = QuantSource(site.source, site.bias, "matmul")
@@ -657,13 +761,14 @@ class QuantizeInt4(Pass):
             for gather, site in _tied(tables, {s.key: s for s in sites}, digests):
                 qb, qs, qz = done[site.key]
                 k, n = site.shape
-                shape = _initializer(graph, ir.tensor(np.array([n, k // 2], np.int64)), f"{site.name}_table_shape",
-                                     taken)
+                bits = bits_of.get(site.key, 4)
+                shape = _initializer(graph, ir.tensor(np.array([n, k * bits // 8], np.int64)),
+                                     f"{site.name}_table_shape", taken)
                 table = ir.Node("", "Reshape", [qb, shape], name=f"{gather.name or site.name}_table")
                 inputs = [table.outputs[0], gather.inputs[1], qs] + ([qz] if qz is not None else [])
                 new = ir.Node(MS, "GatherBlockQuantized", inputs, attributes=[
                     ir.AttrInt64("gather_axis", 0), ir.AttrInt64("quantize_axis", 1),
-                    ir.AttrInt64("block_size", blocks[site.key]), ir.AttrInt64("bits", 4)],
+                    ir.AttrInt64("block_size", blocks[site.key]), ir.AttrInt64("bits", bits)],
                     name=f"{gather.name or site.name}_GatherBlockQuantized")
                 new.meta[META] = QuantSource(site.source, None, "gather")
                 old_out = gather.outputs[0]
@@ -672,7 +777,9 @@ class QuantizeInt4(Pass):
                                                         [new.outputs[0]])
                 counts["Gather-tied"] = counts.get("Gather-tied", 0) + 1
         model.opset_imports.setdefault(MS, 1)
-        ctx.notes.append(f"quantize-int4: {len(done)} weights, int4:{opts.method}, block {opts.block_size}, "
+        ctx.results["quantize-int4"] = {"layers": [c.as_dict() for c in plan.values()]} if plan else {}
+        ctx.notes.append(f"quantize-int4: {len(done)} weights, int4:{opts.method}"
+                         f"{' mixed' if opts.mixed else ''}, block {opts.block_size}, "
                          f"{'symmetric' if opts.symmetric else 'asymmetric'}, accuracy_level {opts.accuracy_level}, "
                          f"{time.perf_counter() - started:.2f} s")
         for t in transposes:

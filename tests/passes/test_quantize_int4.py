@@ -658,3 +658,101 @@ def test_quantize_int4_gptq_is_deterministic(tmp_path):
         outs.append((tmp_path / f"q{k}.onnx").read_bytes())
     assert outs[0] == outs[1]
 
+
+
+# ------------------------------------------------------------------------------------------------ mixed precision
+@pytest.mark.parametrize("text,method,mixed", [("int4", "lsq", True), ("int4:uniform", "lsq", False),
+                                                ("int4:rtn", "rtn", False), ("INT4:HQQ", "hqq", False)])
+def test_quantize_int4_parse_method_precision(text, method, mixed):
+    assert qi.parse_method(text) == (method, mixed)
+
+
+def test_quantize_int4_mixed_budget_is_checked():
+    model = parse("""
+    g (float[N, 64] x) => (float[N, 48] y) {
+      y = MatMul(x, W)
+    }""", {"W": w(64, 48)})
+    with pytest.raises(onnxc.errors.UsageError, match="mixed_budget"):
+        quantize(model, mixed_budget=0.5)
+
+
+def _tied_lm(v=256, h=64, ffn=512):
+    """Embedding E (V, H) tied to the lm_head (MatMul over Transpose(E)), two hidden layers, one with outliers."""
+    outlier = w(h, ffn, seed=2)
+    outlier[3, :] *= 40.0          # one input feature 40x larger: int4 blocks holding it lose the most
+    return parse("""
+    g (int64[B, S] ids) => (float[B, S, 256] logits) {
+      x = Gather(E, ids)
+      a = MatMul(x, W1)
+      b = MatMul(a, W2)
+      c = Add(x, b)
+      et = Transpose<perm = [1, 0]>(E)
+      logits = MatMul(c, et)
+    }""", {"E": w(v, h, seed=1) * 0.5, "W1": outlier, "W2": w(ffn, h, seed=3) * 0.1})
+
+
+def test_quantize_int4_mixed_keeps_lm_head_and_table_at_8_bits():
+    model = quantize(_tied_lm()).model
+    nodes = {n.op_type: n for n in model.graph if n.domain == "com.microsoft" and n.op_type != "MatMulNBits"}
+    bits = {(n.attributes["K"].value, n.attributes["N"].value): n.attributes["bits"].value
+            for n in model.graph if n.op_type == "MatMulNBits"}
+    assert bits == {(64, 256): 8, (64, 512): 4, (512, 64): 4}   # W1 at 8 bits would pass the budget
+    assert nodes["GatherBlockQuantized"].attributes["bits"].value == 8
+    ids = np.array([[1, 7, 200, 255]], np.int64)
+    assert_twins_agree(model, {"ids": ids})
+
+
+def test_quantize_int4_uniform_keeps_every_layer_int4():
+    model = quantize(_tied_lm(), quantize="int4:uniform").model
+    assert {n.attributes["bits"].value for n in model.graph if n.domain == "com.microsoft"} == {4}
+
+
+def _plan(budget: float):
+    ctx_model = _tied_lm()
+    opts = qi.QuantOptions("lsq", 32, False, 4, (), True, mixed=True, mixed_budget=budget)
+    notes: list[str] = []
+    sites = qi.find_sites(ctx_model.graph, opts, notes)
+    blocks = {s.key: 32 for s in sites}
+    lm = {s.key for s in sites if s.shape == (64, 256)}
+    return sites, qi.choose_bits(sites, blocks, lm, opts)
+
+
+def test_quantize_int4_choose_bits_order_and_budget():
+    sites, plan = _plan(10.0)       # room for everything: all at 8 bits, logits first
+    assert {c.bits for c in plan.values()} == {8}
+    assert [c.reason for c in plan.values() if c.shape == (64, 256)] == ["logits"]
+    _, plan = _plan(1.0)             # no room: every weight int4
+    assert {c.bits for c in plan.values()} == {4}
+    # room for the lm_head (64 x 256) and one more: the outlier weight W1 has the larger int4 error and wins
+    costs = {c.shape: qi.weight_bytes(*c.shape, 8, 32, False, 4) - qi.weight_bytes(*c.shape, 4, 32, False, 4)
+             for c in plan.values()}
+    base = sum(qi.weight_bytes(*c.shape, 4, 32, False, 4) for c in plan.values())
+    _, plan = _plan((base + costs[(64, 256)] + costs[(64, 512)]) / base)
+    chosen = {c.shape: (c.bits, c.reason) for c in plan.values()}
+    assert chosen == {(64, 256): (8, "logits"), (64, 512): (8, "error rank 1"), (512, 64): (4, "int4")}
+    w1, w2 = (next(c for c in plan.values() if c.shape == s) for s in ((64, 512), (512, 64)))
+    assert w1.error > w2.error > 0
+    total = sum(qi.weight_bytes(*c.shape, c.bits, 32, False, 4) for c in plan.values())
+    assert total <= base * (base + costs[(64, 256)] + costs[(64, 512)]) / base + 1e-6
+
+
+@pytest.mark.parametrize("name", ["gpt2_ts.onnx"])
+def test_quantize_int4_mixed_report_lists_layers_and_verifies(name, tmp_path):
+    full = _compile_quantized(name, tmp_path)
+    import json
+    from onnxc import report as report_frame
+    from test_report import problems
+    schema = json.loads((Path(__file__).resolve().parents[2] / report_frame.SCHEMA_FILE).read_text())
+    assert problems(json.loads(json.dumps(full)), schema) == []
+    rep = full["quantization"]
+    assert rep["precision"] == "mixed" and rep["mixed_budget"] == qi.MIXED_BUDGET
+    layers = rep["layers"]
+    assert layers and {x["bits"] for x in layers} <= {4, 8}
+    assert [x["reason"] for x in layers if x["bits"] == 8][:1] == ["logits"]
+    size = {b: sum(qi.weight_bytes(*x["shape"], b, x["block_size"], False, 4) for x in layers) for b in (4,)}
+    mixed = sum(qi.weight_bytes(*x["shape"], x["bits"], x["block_size"], False, 4) for x in layers)
+    assert mixed <= qi.MIXED_BUDGET * size[4]
+    uni = _compile_quantized(name, tmp_path, quantize="int4:uniform")["quantization"]
+    assert uni["precision"] == "uniform" and "layers" not in uni
+    assert uni["weight_bytes_after"] < rep["weight_bytes_after"] <= qi.MIXED_BUDGET * uni["weight_bytes_after"] + \
+        (rep["weight_bytes_before"] - sum(4 * x["shape"][0] * x["shape"][1] for x in layers))
