@@ -66,6 +66,10 @@ class Discard(Exception):
     """The generated graph is not a valid model (onnxruntime refuses it)."""
 
 
+class _GiveUp(BaseException):
+    """Ends a rule's campaign early (a BaseException, so hypothesis does not take it for a failing example)."""
+
+
 @dataclass
 class RuleStats:
     pass_name: str
@@ -407,7 +411,7 @@ def fuzz_rule(p: pm.Pass, rule: _rules.Rule, examples: int, seed: int) -> RuleSt
     @given(st.data(), st.integers(0, 2**31 - 1))
     def prop(data, value_seed):
         if stats.graphs == 0 and stats.discarded >= DISCARD_LIMIT:
-            assume(False)    # the bare pattern makes no valid graph: stop paying for more tries
+            raise _GiveUp    # the bare pattern makes no valid graph: stop paying for more tries
         def draw(options):
             return data.draw(st.sampled_from(list(options)))
         try:
@@ -429,7 +433,7 @@ def fuzz_rule(p: pm.Pass, rule: _rules.Rule, examples: int, seed: int) -> RuleSt
         prop()
     except FuzzFailure:
         stats.failure = last[0] if last else "a check failed"
-    except Unsatisfiable:
+    except (Unsatisfiable, _GiveUp):
         pass
     if stats.graphs == 0 and not stats.failure:
         stats.note = "no valid graph from the bare pattern"
@@ -437,7 +441,9 @@ def fuzz_rule(p: pm.Pass, rule: _rules.Rule, examples: int, seed: int) -> RuleSt
 
 
 def replay_command(p: pm.Pass, rule: _rules.Rule, examples: int, seed: int) -> str:
-    return f"onnxc fuzz --pass {p.name} --rule {rule.name} --examples {examples} --seed {seed}"
+    plugin = pm.PLUGIN_FILES.get(p.name)
+    return (f"onnxc fuzz --pass {p.name} --rule {rule.name} --examples {examples} --seed {seed}"
+            + (f" --plugin {plugin}" if plugin is not None else ""))
 
 
 def run(chosen: Sequence[tuple[pm.Pass, _rules.Rule]], examples: int, seed: int,
