@@ -17,7 +17,8 @@ to run is discarded (a pattern alone does not say every shape its ops need: such
 
 Each graph must pass, after infer-shapes (as every pipeline runs first):
     1. the IR verifier (compiler/verifier.py) on the pass's result;
-    2. onnxruntime outputs before and after agree within the tolerances of compiler/verify.py by dtype;
+    2. onnxruntime outputs before and after agree within the tolerances of compiler/verify.py for the graph's
+       dtype (float32 or float16; an output Cast up to double carries no more precision than that);
     3. a second run of the pass changes nothing (same serialized model);
     4. the rule fires exactly when its match (pattern + check, what `--explain` prints) succeeds at the built
        root: a graph built without an extra reader matches the pattern structurally (only the check may refuse);
@@ -244,6 +245,7 @@ class Example:
     extra_reader: str | None           # the intermediate value given an extra reader
     feeds: dict[str, np.ndarray]
     choices: list[str]
+    precision: str                     # the graph's compute dtype: its outputs carry that precision, even widened
 
     def describe(self) -> str:
         text = onnx.printer.to_text(self.proto.graph)
@@ -291,7 +293,8 @@ def build_example(draw: Callable[[Any], Any], rule: _rules.Rule, seed: int) -> E
     for vi in b.inputs:
         shape = [CONCRETE[d] if isinstance(d, str) else d for d in dims]
         feeds[vi.name] = rng.normal(0, 1, shape).astype(_NP[vi.type.tensor_type.elem_type])
-    return Example(proto, root_node, extra, feeds, b.choices)
+    precision = "float16" if dtype == TensorProto.FLOAT16 else "float32"
+    return Example(proto, root_node, extra, feeds, b.choices, precision)
 
 
 # ---------------------------------------------------------------------------------------------------- checking
@@ -352,10 +355,9 @@ def check_example(p: pm.Pass, rule: _rules.Rule, ex: Example, stats: RuleStats) 
         got = _run(after, ex.feeds)
     except Exception as exc:
         raise FuzzFailure(f"onnxruntime cannot run the result: {str(exc).splitlines()[0]}") from None
-    precision = "float16" if any(v.dtype.kind == "f" and v.dtype.itemsize == 2 for v in ex.feeds.values()) else None
     for name, ref in want.items():
         with np.errstate(invalid="ignore"):
-            c = compare(ref, got[name], name, precision)
+            c = compare(ref, got[name], name, ex.precision)
         if not c.ok:
             raise FuzzFailure(f"output {name} differs: max_abs={c.max_abs:.3g} max_rel={c.max_rel:.3g} "
                               f"(rtol={c.rtol:g}, atol={c.atol:.3g})")
