@@ -371,6 +371,8 @@ def check_example(p: pm.Pass, rule: _rules.Rule, ex: Example, stats: RuleStats) 
         stats.fired += 1
     elif at_root != "matched":
         stats.refusals[at_root] += 1
+    else:   # a pass of its own (not a RulePass) may run a rule only under an option or condition of its own
+        stats.refusals["matched; the pass did not apply it (an option or condition of the pass)"] += 1
 
 
 # ---------------------------------------------------------------------------------------------------- campaign

@@ -24,8 +24,8 @@ def test_fuzz_all_small_budget_passes_and_fires():
     assert "all checks passed" in r.output
     lines = {line.split(":")[0]: line for line in r.output.splitlines() if line.count("/") == 1 and ": " in line}
     # rules with declared or pattern-given constants get graphs that really fuse, not only refusals
-    for rule in ("fuse-rms-norm/rms-norm-unscaled", "fuse-layer-norm/layer-norm-unscaled", "remove-noops/lower-castlike",
-                 "remove-noops/fold-cast-chain"):
+    for rule in ("fuse-rms-norm/rms-norm-unscaled", "fuse-layer-norm/layer-norm-unscaled",
+                 "remove-noops/lower-castlike", "remove-noops/fold-cast-chain"):
         assert rule in lines, r.output
         assert " fired 0," not in lines[rule], lines[rule]
 
