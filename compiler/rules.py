@@ -553,6 +553,9 @@ class Rule:
     rewrite: Callable[..., Any]
     check: Callable[[Match], Any] | None = None
     summary: str = ""
+    # Optional values for pattern variables in generated graphs (compiler/fuzz.py): a number (a one-element
+    # constant), a tuple of numbers (one drawn), "input" or "channel" (a constant along the last axis).
+    examples: dict[str, Any] | None = None
     _compiled: tuple[list[PValue], PNode, int] | None = field(default=None, repr=False)
 
     def compiled(self) -> tuple[list[PValue], PNode, int]:

@@ -224,6 +224,10 @@ RULES = [
          lambda op, a, bias: op.Gelu(op.Add(a, bias), approximate=Attr("approximate", "none")), _biased,
          _check_onnx_gelu_bias, summary="onnx Gelu(a + bias) -> BiasGelu(a, bias) or FastGelu(a, bias)"),
 ]
+# values onnxc fuzz draws for the constants (compiler/fuzz.py): the right ones, and a few the check refuses
+for _rule in RULES[:4]:
+    _rule.examples = {"h": 0.5, "h2": (0.5, 1.0), "s": (SQRT2, 1 / SQRT2), "c": SQRT_2_OVER_PI,
+                      "k": (TANH_COEF, 0.05)}
 
 APPROXIMATE = [
     Rule("approximate-gelu", _gelu, _fast_gelu, _check_onnx_gelu, summary="Gelu(x) -> FastGelu(x) (approximate_gelu)"),

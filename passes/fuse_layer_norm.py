@@ -27,6 +27,8 @@ from onnxc import norms
 from onnxc.pass_manager import RulePass, register_pass
 from onnxc.rules import Attr, Failure, Rule
 
+EXAMPLES = {"eps": (1e-5, 1e-6, "input")}   # values onnxc fuzz draws (compiler/fuzz.py)
+
 
 # ---------------------------------------------------------------------------------------------------- patterns
 def _parts(op, x, eps):
@@ -80,13 +82,13 @@ def _rewrite(op, x, epsilon, dtype, out_dtype, scale, bias, g=None, b=None):
     return norms.cast_out(op, op.LayerNormalization(*inputs, axis=-1, epsilon=epsilon), x, dtype, out_dtype)
 
 
-layer_norm = Rule("layer-norm", _affine, _rewrite, _check,
+layer_norm = Rule("layer-norm", _affine, _rewrite, _check, examples=EXAMPLES,
                   summary="(x - mean) / sqrt(var + eps) * g + b -> LayerNormalization")
-layer_norm_no_bias = Rule("layer-norm-no-bias", _scaled, _rewrite, _check,
+layer_norm_no_bias = Rule("layer-norm-no-bias", _scaled, _rewrite, _check, examples=EXAMPLES,
                           summary="(x - mean) / sqrt(var + eps) * g -> LayerNormalization(x, g)")
-layer_norm_unscaled = Rule("layer-norm-unscaled", _times_inverse, _rewrite, _check,
+layer_norm_unscaled = Rule("layer-norm-unscaled", _times_inverse, _rewrite, _check, examples=EXAMPLES,
                            summary="(x - mean) * 1/sqrt(var + eps) -> LayerNormalization(x, ones)")
-layer_norm_unscaled_div = Rule("layer-norm-unscaled-div", _divided, _rewrite, _check,
+layer_norm_unscaled_div = Rule("layer-norm-unscaled-div", _divided, _rewrite, _check, examples=EXAMPLES,
                                summary="(x - mean) / sqrt(var + eps) -> LayerNormalization(x, ones)")
 
 RULES = [layer_norm, layer_norm_no_bias, layer_norm_unscaled, layer_norm_unscaled_div]

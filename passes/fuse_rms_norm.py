@@ -28,6 +28,8 @@ from onnxc import norms
 from onnxc.pass_manager import RulePass, register_pass
 from onnxc.rules import Attr, Failure, Rule
 
+EXAMPLES = {"eps": (1e-5, 1e-6, "input")}   # values onnxc fuzz draws (compiler/fuzz.py)
+
 
 # ---------------------------------------------------------------------------------------------------- patterns
 def _parts(op, x, eps):
@@ -79,13 +81,13 @@ def _rewrite(op, x, epsilon, dtype, out_dtype, scale, w=None):
     return norms.cast_out(op, y, x, dtype, out_dtype)
 
 
-rms_norm = Rule("rms-norm", _scaled, _rewrite, _check,
+rms_norm = Rule("rms-norm", _scaled, _rewrite, _check, examples=EXAMPLES,
                 summary="x / sqrt(mean(x^2) + eps) * w -> SimplifiedLayerNormalization")
-rms_norm_cast_after_scale = Rule("rms-norm-cast-after-scale", _cast_after_scale, _rewrite, _check,
+rms_norm_cast_after_scale = Rule("rms-norm-cast-after-scale", _cast_after_scale, _rewrite, _check, examples=EXAMPLES,
                                  summary="Cast(x' / rms(x') * w) (scale in fp32) -> SimplifiedLayerNormalization")
-rms_norm_unscaled = Rule("rms-norm-unscaled", _times_inverse, _rewrite, _check,
+rms_norm_unscaled = Rule("rms-norm-unscaled", _times_inverse, _rewrite, _check, examples=EXAMPLES,
                          summary="x * 1/sqrt(mean(x^2) + eps) -> SimplifiedLayerNormalization(x, ones)")
-rms_norm_unscaled_div = Rule("rms-norm-unscaled-div", _divided, _rewrite, _check,
+rms_norm_unscaled_div = Rule("rms-norm-unscaled-div", _divided, _rewrite, _check, examples=EXAMPLES,
                              summary="x / sqrt(mean(x^2) + eps) -> SimplifiedLayerNormalization(x, ones)")
 
 RULES = [rms_norm, rms_norm_cast_after_scale, rms_norm_unscaled, rms_norm_unscaled_div]

@@ -221,6 +221,8 @@ sub_zero = Rule("remove-sub-zero", lambda op, x, c: op.Sub(x, c), _identity, _ne
 mul_one = Rule("remove-mul-one", lambda op, x, c: op.Mul(x, c), _identity, _neutral(1.0), summary="x * 1 -> x")
 div_one = Rule("remove-div-one", lambda op, x, c: op.Div(x, c), _identity, _neutral(1.0), summary="x / 1 -> x")
 pow_one = Rule("remove-pow-one", lambda op, x, c: op.Pow(x, c), _identity, _neutral(1.0), summary="x ^ 1 -> x")
+for _rule in (add_zero, sub_zero, mul_one, div_one, pow_one):   # values onnxc fuzz draws (compiler/fuzz.py)
+    _rule.examples = {"c": (0.0, 1.0, "scalar")}
 
 RULES = [identity, dropout, same_cast, cast_chain, castlike, reshape_noop, reshape_chain, expand_noop, transpose_noop,
          transpose_chain, squeeze_unsqueeze, add_zero, sub_zero, mul_one, div_one, pow_one]
