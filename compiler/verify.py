@@ -264,6 +264,37 @@ def run_model(path: str | os.PathLike, feeds_list: list[dict[str, np.ndarray]], 
     return results
 
 
+def computed_in(model: ir.Model | None, name: str) -> str | None:
+    """The narrowest float type among the values graph output `name` is computed from (node outputs in its cone, not
+    the inputs both models are fed), by tolerance: a float32 result Cast to float64 is computed in float32."""
+    graph = model.graph if model is not None else None
+    out = next((v for v in graph.outputs if v.name == name), None) if graph is not None else None
+    if out is None:
+        return None
+    narrowest, seen, stack = None, set(), [out]
+    while stack:
+        v = stack.pop()
+        node = v.producer()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for o in node.outputs:
+            kind = str(o.dtype.numpy()) if o.dtype is not None and o.dtype.is_floating_point() else None
+            if kind in TOLERANCES and (narrowest is None or TOLERANCES[kind][0] > TOLERANCES[narrowest][0]):
+                narrowest = kind
+        stack.extend(i for i in node.inputs if i is not None)
+    return narrowest
+
+
+def _judged_as(ref: np.ndarray, tolerance_dtype: str | None, computed: str | None) -> str | None:
+    """The precision an output is judged at: `tolerance_dtype` (or the output's own dtype), or the narrower one it
+    was computed in when that one's tolerance is looser."""
+    own = tolerance_dtype or str(ref.dtype)
+    if computed is not None and own in TOLERANCES and TOLERANCES[computed][0] > TOLERANCES[own][0]:
+        return computed
+    return tolerance_dtype
+
+
 def compare(ref: np.ndarray, got: np.ndarray, name: str, tolerance_dtype: str | None = None,
             rtol: float | None = None, atol: float | None = None) -> OutputCheck:
     """|got - ref| <= atol + rtol * |ref| element-wise. By default rtol and atol (a fraction of max|ref|) come from
@@ -338,10 +369,12 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, mod
         raise VerificationError(f"verification failed: onnxruntime cannot run the compiled model ({first_line(exc)})"
                                 ) from None
     report = VerifyReport("passed", "", seed, notes=notes)
+    computed = {n: computed_in(model, n) for n in (refs[0] if refs else {})}
     for sc, feeds, ref, got in zip(names, feeds_list, refs, gots):
         if sc.get("pad"):
             ref, got = _valid_rows(ref, sc), _valid_rows(got, sc)
-        checks = [compare(ref[n], got[n], n, tolerance_dtype, rtol, atol) for n in ref]
+        checks = [compare(ref[n], got[n], n, _judged_as(ref[n], tolerance_dtype, computed.get(n)), rtol, atol)
+                  for n in ref]
         report.scenarios.append({**sc, "inputs": {k: list(v.shape) for k, v in feeds.items()},
                                  "outputs": [asdict(c) for c in checks]})
         bad = [c for c in checks if not c.ok]

@@ -4,10 +4,13 @@ from __future__ import annotations
 import types
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+import onnxc
+import pytest
 from helpers import parse
 from onnxc.kernels.matmul_nbits import dequantize, quantize_rtn
-from onnxc.verify import QUANT_META, Scenario, float_twins, input_role, make_inputs
+from onnxc.verify import QUANT_META, Scenario, computed_in, float_twins, input_role, make_inputs
 
 
 def test_input_role_reads_names_then_uses():
@@ -60,3 +63,38 @@ def test_float_twins_dequantize_each_node_with_its_own_block_size():
         want = dequantize(inits[f"b{k}"], inits[f"s{k}"], K=weights[k].shape[0], N=8, bits=4, block_size=blocks[k])
         np.testing.assert_array_equal(deq.numpy(), want)
         np.testing.assert_allclose(deq.numpy(), weights[k], atol=0.5)
+
+
+def _rms_norm_cast_to(to: int, dtype: int = onnx.TensorProto.FLOAT) -> onnx.ModelProto:
+    """x -> RMSNorm (ReduceMean of x*x, Sqrt, Div, Mul by a weight) in `dtype` -> Cast(to)."""
+    from onnx import helper
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    nodes = [helper.make_node("Mul", ["x", "x"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+             helper.make_node("Add", ["ms", "eps"], ["mse"]),
+             helper.make_node("Sqrt", ["mse"], ["rms"]),
+             helper.make_node("Div", ["x", "rms"], ["n"]),
+             helper.make_node("Mul", ["n", "w"], ["h"]),
+             helper.make_node("Cast", ["h"], ["y"], to=to)]
+    inits = [onnx.numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+             onnx.numpy_helper.from_array(np.array(1e-6, np_dtype), "eps"),
+             onnx.numpy_helper.from_array(np.linspace(0.5, 1.5, 64).astype(np_dtype), "w")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", dtype, ["B", "S", 64])],
+                              [helper.make_tensor_value_info("y", to, ["B", "S", 64])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_verify_judges_an_output_at_the_precision_it_was_computed_in(tmp_path, seed):
+    """A float32 RMSNorm whose result is Cast to float64 is judged at float32's tolerance (the fused norm rounds
+    differently in float32), not float64's; a float64 computation keeps float64's."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_rms_norm_cast_to(onnx.TensorProto.DOUBLE), str(src))
+    res = onnxc.compile(src, 2, "cpu", output=tmp_path / "o.onnx", seed=seed)
+    v = res.report["verification"]
+    assert v["status"] == "passed", v
+    assert {o["rtol"] for sc in v["scenarios"] for o in sc["outputs"]} == {1e-4}
+    typed = onnx.shape_inference.infer_shapes
+    assert computed_in(ir.from_proto(typed(_rms_norm_cast_to(onnx.TensorProto.DOUBLE))), "y") == "float32"
+    assert computed_in(ir.from_proto(typed(_rms_norm_cast_to(onnx.TensorProto.DOUBLE, onnx.TensorProto.DOUBLE))),
+                       "y") == "float64"
