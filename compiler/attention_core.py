@@ -265,10 +265,12 @@ def parse_site(sm: ir.Node) -> Site:
     o = pv.outputs[0]
     tr = _data_users(o)
     restated = None     # a (B, N, S, H) view re-stated with dims inference lost track of: checked against Q below
-    if len(tr) == 1 and tr[0].op_type == "Reshape" and (_same_heads_reshape(tr[0]) or _heads_kept(tr[0])):
-        restated = None if _same_heads_reshape(tr[0]) else sym_value(tr[0].inputs[1])
-        o = tr[0].outputs[0]
-        tr = _data_users(o)
+    if len(tr) == 1 and tr[0].op_type == "Reshape":
+        same = _same_heads_reshape(tr[0])
+        if same or _heads_kept(tr[0]):
+            restated = None if same else sym_value(tr[0].inputs[1])
+            o = tr[0].outputs[0]
+            tr = _data_users(o)
     if len(tr) != 1 or tr[0].op_type != "Transpose" or _perm(tr[0]) != [0, 2, 1, 3]:
         raise Refusal("the attention output is not transposed back to BSNH")
     rs = _data_users(tr[0].outputs[0])

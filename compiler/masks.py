@@ -28,10 +28,6 @@ from onnxc.verify import Scenario, input_role, make_inputs
 LARGE_NEGATIVE = -1e4          # a hidden additive-mask entry must be at most this (or -inf)
 
 
-def _mask_inputs(graph: ir.Graph, values: list[ir.Value]) -> list[ir.Value]:
-    return [v for v in cone_inputs(graph, values, "mask") if input_role(v) == "mask"]
-
-
 def _visible(arr: np.ndarray, kind: str, scale: float = 1.0) -> np.ndarray:
     if kind == "bias":
         a = arr.astype(np.float64) * scale
@@ -66,11 +62,11 @@ class Lengths:
     past: ir.Value | None = None
 
 
-def lengths(model: ir.Model, site: Site, mask_in: ir.Value | None) -> Lengths:
-    """The mask's own sources where it reads one ids input and at most one past input, else the site's q/past."""
+def lengths(site: Site, mask_in: ir.Value | None, reads: list[ir.Value]) -> Lengths:
+    """The mask's own sources (`reads`: the graph inputs its cone reads, as probe_mask returns them) where it reads
+    one ids input and at most one past input, else the site's q/past."""
     if mask_in is not None:
         return Lengths(mask=mask_in)
-    reads = cone_inputs(model.graph, [site.mask], "mask")
     ids = [v for v in reads if input_role(v) == "ids" and v.shape is not None and len(v.shape) == 2]
     pasts = [v for v in reads if input_role(v) == "past" and v.shape is not None and len(v.shape) == 4]
     rows = ids[0] if len(ids) == 1 else site.q
@@ -78,8 +74,10 @@ def lengths(model: ir.Model, site: Site, mask_in: ir.Value | None) -> Lengths:
     return Lengths(rows=rows, past=past)
 
 
-def probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tuple[ir.Value | None, int]:
-    """Prove the mask is causal + right padding (+ a window); return (attention_mask input, window or -1).
+def probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int
+               ) -> tuple[ir.Value | None, int, list[ir.Value]]:
+    """Prove the mask is causal + right padding (+ a window); return (attention_mask input, window or -1, the graph
+    inputs the mask reads).
 
     A mask computed from shapes alone (the model takes no attention_mask) must be causal (+ a window) with nothing
     padded; the attention_mask input returned is then None.
@@ -87,7 +85,8 @@ def probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tup
     Static input dims override the probes' sizes. A window of W keys cannot be seen at a total length <= W, so
     when the mask's length is static (the model accepts that one length) "no window" is proven at that length;
     when the window probe comes out shorter than asked for a dynamic length, the site is refused."""
-    masks = _mask_inputs(model.graph, [site.mask])
+    reads = cone_inputs(model.graph, [site.mask], "mask")
+    masks = [v for v in reads if input_role(v) == "mask"]
     if len(masks) > 1 or (masks and (masks[0].shape is None or len(masks[0].shape) != 2)):
         raise Refusal("the mask does not come from one 2-D attention_mask input")
     mask_in = masks[0] if masks else None
@@ -156,7 +155,7 @@ def probe_mask(model: ir.Model, site: Site, has_past: bool, max_len: int) -> tup
         rows = m[:, act.past:] != 0                     # non-padded query rows
         if not (vis == want)[rows].all():
             raise Refusal(f"the mask is not causal + padding{' + window' if window > 0 else ''} ({sc.name} probe)")
-    return mask_in, window
+    return mask_in, window, reads
 
 
 # -------------------------------------------------------------------------------------------- padding masks

@@ -140,7 +140,7 @@ class FuseGQA(Pass):
         has_past = any(input_role(v) == "past" for v in graph.inputs)
         b = _Builder(graph, "fuse-gqa")
         seq_cache: dict[tuple, tuple[ir.Value, ir.Value]] = {}
-        mask_cache: dict[tuple, tuple[ir.Value, int]] = {}
+        mask_cache: dict[tuple, tuple[ir.Value | None, int, list[ir.Value]]] = {}
         rot_cache: dict[tuple[int, int], Tables] = {}
         cache_values: dict[tuple, tuple[ir.Value, ir.Value]] = {}
         counts: dict[str, int] = {}
@@ -154,7 +154,7 @@ class FuseGQA(Pass):
                 mkey = (id(site.mask), site.mask_kind, site.mask_scale)
                 if mkey not in mask_cache:
                     mask_cache[mkey] = probe_mask(model, site, has_past, max_len)
-                mask_in, window = mask_cache[mkey]
+                mask_in, window, mask_reads = mask_cache[mkey]
                 do_rotary = site.rotary is not None and site.head % 16 == 0 and (site.rotary.dim // 2) % 8 == 0
                 tables = None
                 if do_rotary:
@@ -175,7 +175,7 @@ class FuseGQA(Pass):
                     why = exc if isinstance(exc, Refusal) else f"unexpected graph ({type(exc).__name__}: {exc})"
                     ctx.notes.append(f"fuse-gqa: attention at {sm.name} not fused: {why}")
                 continue
-            src = lengths(model, site, mask_in)
+            src = lengths(site, mask_in, mask_reads)
             skey = (id(src.mask), id(src.rows), id(src.past))
             if skey not in seq_cache:
                 seq_cache[skey] = _seq_inputs(b, src, opset)
