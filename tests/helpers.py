@@ -352,3 +352,31 @@ def break_norm(text: str, initializers: dict[str, np.ndarray], how: str | None, 
     elif how is not None:
         raise ValueError(f"unknown way to break a norm: {how}")
     return text, initializers
+
+
+# ------------------------------------------------------------------------------------------------ plugins
+_ADD_TO_SUB = '''\
+import onnxc
+from onnxc.pass_manager import Pass, PassResult
+
+@onnxc.register_pass
+class FirstAddToSub(Pass):
+    """Turns the first Add into a Sub: a numerically wrong rewrite."""
+    name = "NAME"
+    level = 1
+    stage = "fuse"
+    def run(self, model, ctx):
+        for node in model.graph:
+            if node.op_type == "Add":
+                node.op_type = "Sub"
+                return PassResult(model, True, {"broken": 1})
+        return PassResult(model, False, {})
+'''
+
+
+def add_to_sub_plugin(folder: Path, name: str) -> Path:
+    """A plugin file registering pass `name`, which turns the model's first Add into a Sub: a numerically wrong
+    rewrite, for the checks that must catch it and name the pass."""
+    path = folder / f"{name}.py"
+    path.write_text(_ADD_TO_SUB.replace('"NAME"', repr(name)))
+    return path

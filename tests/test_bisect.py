@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxc
 from onnxc import pass_manager as pm
 from onnxc.cli import main
+from helpers import add_to_sub_plugin
 
 
 @pytest.fixture(autouse=True)
@@ -56,26 +57,6 @@ def _plugin(tmp_path, name: str, body: str):
     return p
 
 
-def _first_add_to_sub(tmp_path, name):
-    return _plugin(tmp_path, name, f"""\
-        import onnxc
-        from onnxc.pass_manager import Pass, PassResult
-
-        @onnxc.register_pass
-        class FirstAddToSub(Pass):
-            '''Turns the first Add into a Sub: a numerically wrong rewrite.'''
-            name = "{name}"
-            level = 1
-            stage = "fuse"
-            def run(self, model, ctx):
-                for node in model.graph:
-                    if node.op_type == "Add":
-                        node.op_type = "Sub"
-                        return PassResult(model, True, {{"broken": 1}})
-                return PassResult(model, False, {{}})
-        """)
-
-
 def _faulty_rule(tmp_path, name):
     # drop-add-of-constant assumes the constant is zero without checking: right at add_zero, wrong at add_bias
     return _plugin(tmp_path, name, f"""\
@@ -99,7 +80,7 @@ def _faulty_rule(tmp_path, name):
 
 def test_bisect_names_the_plugin_pass_that_breaks_the_model(tmp_path):
     model = _model(tmp_path / "m.onnx")
-    plugin = _first_add_to_sub(tmp_path, "bisect-add-to-sub")
+    plugin = add_to_sub_plugin(tmp_path, "bisect-add-to-sub")
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
     r = run("compile", model, "-O2", "--plugin", plugin, "-o", out, "--report", report, "-q")
     assert r.exit_code == 1, r.output

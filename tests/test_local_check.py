@@ -3,7 +3,6 @@ happens; a wrong rewrite next to the custom op is still caught, naming the pass 
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import onnxc
 from onnxc import local_check
 from onnxc import pass_manager as pm
 from onnxc.cli import main
+from helpers import add_to_sub_plugin
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "models"
 
@@ -79,24 +79,7 @@ def test_local_check_custom_op_compiles_and_is_kept(tmp_path):
 
 def test_local_check_catches_a_wrong_rewrite_beside_the_custom_op(tmp_path):
     model = custom_model(tmp_path / "m.onnx")
-    plugin = tmp_path / "break_add.py"
-    plugin.write_text(textwrap.dedent("""\
-        import onnxc
-        from onnxc.pass_manager import Pass, PassResult
-
-        @onnxc.register_pass
-        class FirstAddToSub(Pass):
-            '''Turns the first Add into a Sub: a numerically wrong rewrite.'''
-            name = "local-add-to-sub"
-            level = 1
-            stage = "fuse"
-            def run(self, model, ctx):
-                for node in model.graph:
-                    if node.op_type == "Add":
-                        node.op_type = "Sub"
-                        return PassResult(model, True, {"broken": 1})
-                return PassResult(model, False, {})
-        """))
+    plugin = add_to_sub_plugin(tmp_path, "local-add-to-sub")
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
     r = run("compile", model, "-O2", "--plugin", plugin, "-o", out, "--report", report, "-q")
     assert r.exit_code == 1, r.output
