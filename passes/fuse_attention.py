@@ -66,6 +66,7 @@ from onnxc.shapes import Unknown, dims_equal, dims_of, same_dim, sym_value
 
 ORT_MASK_FILTER = -10000.0     # ORT's default mask_filter_value
 _MASK_KEY = "onnxc.fuse_attention.mask"
+_BIAS_KEY = "onnxc.fuse_attention.bias"
 
 
 # ---------------------------------------------------------------------------------------------------- patterns
@@ -272,7 +273,8 @@ def _whole_bias(m, refused: Refusal) -> ir.Value:
     """An additive term that is no mask the analysis recognizes (T5: the relative position bias with the padding
     mask folded in) still adds exactly its values as attention_bias, when it is one Add operand of rank 4 whose
     last two dims are provably the scores' (queries, keys) and whose first two are the scores' or 1. Otherwise the
-    mask analysis' refusal stands. Refused too beside an SDPA NaN guard (a fully masked row would differ)."""
+    mask analysis' refusal stands. Dims the shapes cannot prove equal are proved on probe inputs
+    (masks.probe_bias_fits). Refused too beside an SDPA NaN guard (a fully masked row would differ)."""
     a = m.binds.get("bias")
     if a is None or "cond" in m.binds or "neg" in m.binds or "pos_bias" in m.binds or \
             any(n.op_type == "IsNaN" for n in m.nodes):
@@ -282,9 +284,19 @@ def _whole_bias(m, refused: Refusal) -> ir.Value:
     if d is None or ds is None or len(d) != 4 or len(ds) != 4:
         raise refused
     memo: dict = {}
-    for i in range(4):
-        if not (same_dim(a, i, scores, i, memo=memo) or dims_equal(d[i], ds[i]) or i < 2 and d[i] == 1):
-            raise refused
+    if all(same_dim(a, i, scores, i, memo=memo) or dims_equal(d[i], ds[i]) or i < 2 and d[i] == 1
+           for i in range(4)):
+        return a
+    cache = a.meta.setdefault(_BIAS_KEY, {})     # one proof per term (T5 adds the same one in every layer)
+    key = (_heads_of(m)[0], ds, "past_k" in m.binds)
+    if key not in cache:
+        try:
+            masks.probe_bias_fits(m.graph, a, ds, key[0], key[2])
+            cache[key] = None
+        except Refusal as exc:
+            cache[key] = f"{refused}; {exc}"
+    if cache[key] is not None:
+        raise Refusal(cache[key])
     return a
 
 

@@ -16,6 +16,9 @@ from helpers import assert_unchanged_by, assert_valid, canonical, counting, pars
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from onnxc.passes import fuse_attention as fa
+from onnxc import masks
+from onnxc.coverage import Refusal
+from onnxc.shapes import dims_of
 from onnxc.pipeline import CLEANUP, O1
 from onnxc.rules import explain
 from onnxc.verify import Scenario, make_inputs
@@ -91,7 +94,7 @@ def bert(dtype="float", dims=("B", "S"), scale="scores_div", mask="add", kt="bsn
         lines += ["rpa = Unsqueeze(rpos1, ax0)", "rpb = Unsqueeze(rpos, ax1)", "rrel = Sub(rpa, rpb)",
                   "rab = Abs(rrel)", "rcl = Min(rab, mx)", "rg = Gather <axis = 0> (rtab, rcl)",
                   "rt = Transpose <perm = [2, 0, 1]> (rg)", "rb = Unsqueeze(rt, ax0)"]
-        lines += ["scr = Identity(sc)"] if rel_bias == "folded" else ["scr = Add(sc, rb)"]
+        lines += ["scr = Identity(sc)"] if rel_bias.startswith("folded") else ["scr = Add(sc, rb)"]
         lines = [ln.replace("m = Add(sc, madd)", "m = Add(scr, madd)") for ln in lines]
         sc_name = "scr"
     else:
@@ -101,6 +104,11 @@ def bert(dtype="float", dims=("B", "S"), scale="scores_div", mask="add", kt="bsn
                   "inv = Sub(one, mf)", "madd = Mul(inv, hid)"]
         if rel_bias == "folded":     # T5: the mask folded into the position bias once, the sum added to the scores
             lines += ["comb = Add(rb, madd)", f"m = Add({sc_name}, comb)"]
+        elif rel_bias == "folded_expand":   # ... expanded to (B, N, S, S) by a computed shape: dims inference loses
+            inits.update(nh=np.array([N], np.int64), e0=np.array([0], np.int64), e1=np.array([1], np.int64),
+                         e2=np.array([2], np.int64))
+            lines += ["comb0 = Add(rb, madd)", "esh = Shape(mask)", "eb = Slice(esh, e0, e1)", "es = Slice(esh, e1, e2)",
+                      "e4 = Concat <axis = 0> (eb, nh, es, es)", "comb = Expand(comb0, e4)", f"m = Add({sc_name}, comb)"]
         else:
             lines.append(f"m = Add({sc_name}, madd)")
     elif mask == "where":  # Where(mask, scores, -inf)
@@ -399,6 +407,31 @@ def test_fuse_attention_takes_a_bias_with_the_mask_folded_in():
     assert_fused_matches(before, after)
 
 
+def test_fuse_attention_proves_a_bias_fits_the_scores_by_evaluation():
+    """TorchScript's T5: the folded bias is expanded by a shape computed from the mask, so inference leaves its dims
+    unknown; evaluated on probe inputs it is (B, N, S, S), the scores' shape, and it becomes attention_bias."""
+    text, inits = bert(rel_bias="folded_expand")
+    before, after, counts = fuse(text, inits)
+    assert counts.get("fuse-attention") == 1, counts
+    att = next(n for n in after.graph if n.op_type == "Attention")
+    assert att.inputs[3] is None and att.inputs[5].producer().op_type == "Expand"
+    assert_fused_matches(before, after)
+
+
+def test_fuse_attention_refuses_a_bias_that_does_not_fit_the_scores():
+    # the padding term expanded to (B, N, 1, S) only: it broadcasts onto the scores, but attention_bias must give
+    # every query row, so the probe's shape refuses it
+    text, inits = bert(rel_bias="folded_expand")
+    text = text.replace("e4 = Concat <axis = 0> (eb, nh, es, es)", "e4 = Concat <axis = 0> (eb, nh, e1, es)")
+    text = text.replace("comb0 = Add(rb, madd)", "comb0 = Mul(madd, hid)")
+    model = parse(text, inits)
+    run_passes(model, ["infer-shapes", *CLEAN])
+    add = next(n for n in model.graph if n.op_type == "Softmax").inputs[0].producer()
+    with pytest.raises(Refusal, match=r"has shape \(2, 4, 1, 5\) where the scores are \(2, 4, 5, 5\)"):
+        masks.probe_bias_fits(model.graph, add.inputs[1], dims_of(add.inputs[0]), N, False)
+    assert not run_passes(model, ["fuse-attention"]).get("fuse-attention")
+
+
 def test_fuse_attention_refuses_a_score_bias_that_reads_input_data():
     # positions offset by max(mask): the bias reads the mask's data, so it is no position bias; as a mask it is
     # refused for the mask analysis' reason
@@ -509,7 +542,7 @@ def test_fuse_attention_key_transpose_needs_an_attention_consumer():
        mask=st.sampled_from(["add", "where", "none"]), kt=st.sampled_from(["bsnh", "bnsh"]),
        bias_first=st.booleans(), nan_guard=st.booleans(), dtype=st.sampled_from(["float", "float16"]),
        static=st.booleans(), extra=st.sampled_from([None, "x", "softmax"]),
-       rel_bias=st.sampled_from([None, None, "shape", "folded"]))
+       rel_bias=st.sampled_from([None, None, "shape", "folded", "folded_expand"]))
 def test_fuse_attention_property(scale, mask, kt, bias_first, nan_guard, dtype, static, extra, rel_bias):
     text, inits = bert(dtype=dtype, dims=(3, 6) if static else ("B", "S"), scale=scale, mask=mask, kt=kt,
                        bias_first=bias_first, nan_guard=nan_guard, extra=extra, rel_bias=rel_bias)
