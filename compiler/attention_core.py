@@ -238,6 +238,27 @@ def _equal_by_evaluation(pairs: list[tuple[ir.Value, ir.Value]]) -> bool:
     return True
 
 
+def _heads_by_evaluation(graph: ir.Graph, views: tuple[ir.Value, ...], dims: tuple[tuple, ...]
+                         ) -> tuple[tuple, ...]:
+    """BSNH views whose head count or head size inference lost (TorchScript's view(..., -1, H) from computed
+    shapes): their shapes evaluated on two probe sizes (only shapes are read: no weight is copied). Dims that stay
+    the same on both become static; the others keep what inference said."""
+    seen: list[list[np.ndarray]] = []
+    try:
+        reads = {v.name for v in probe.cone(graph, views, shapes=True).inputs}
+        for seed, sc in enumerate((Scenario("heads", 2, 5, 3), Scenario("heads", 3, 2, 4))):
+            seen.append(probe.evaluate(graph, views, make_inputs(graph, sc, seed, only=reads), shapes=True))
+    except probe.ProbeError:
+        return dims
+    out = []
+    for d, a, b in zip(dims, *seen):
+        if len(a) != len(d) or len(b) != len(d):
+            return dims
+        out.append(tuple(int(x) if x == y and not isinstance(k, int) and i >= 2 else k
+                         for i, (k, x, y) in enumerate(zip(d, a, b))))
+    return tuple(out)
+
+
 def _is_scores(x: ir.Value) -> bool:
     """x is scaled MatMul scores, optionally softcapped (c * tanh(scores / c))."""
     x = _peel_scale(x)[0]
@@ -344,6 +365,8 @@ def parse_site(sm: ir.Node) -> Site:
     dq, dk, dv = _dims(q4), _dims(k4), _dims(v4)
     if dq is None or dk is None or dv is None or len(dq) != 4 or len(dk) != 4:
         raise Refusal("Q/K/V shapes are unknown")
+    if not all(isinstance(d[i], int) for d in (dq, dk, dv) for i in (2, 3)):
+        dq, dk, dv = _heads_by_evaluation(sm.graph, (q4, k4, v4), (dq, dk, dv))
     n_heads, head, kv = dq[2], dq[3], dk[2]
     if not all(isinstance(x, int) for x in (n_heads, head, kv)) or dk[3] != head or dv[2:] != (kv, head):
         raise Refusal("head counts or head size are not static and consistent")

@@ -81,14 +81,15 @@ def _shape_only_inputs(node: ir.Node, reads_data: bool) -> int:
 
 
 def cone(graph: ir.Graph, values: Sequence[ir.Value], max_nodes: int = MAX_NODES,
-         stop: Sequence[ir.Value] = ()) -> Cone:
+         stop: Sequence[ir.Value] = (), shapes: bool = False) -> Cone:
     """The cone of producers of `values` in `graph`, or ProbeError (subgraphs, outer-scope values, size). Values in
-    `stop` end the walk as graph inputs do: they are fed, not computed (a fact about part of a graph, x -> f(x))."""
+    `stop` end the walk as graph inputs do: they are fed, not computed (a fact about part of a graph, x -> f(x)).
+    With `shapes`, the values themselves are read only for their shapes."""
     stops = {id(v) for v in stop}
     data: dict[int, bool] = {}       # value id -> read for its data (True) or only its shape (False)
     nodes: dict[int, ir.Node] = {}
     leaves: dict[int, ir.Value] = {}
-    stack = [(v, True) for v in reversed(values)]
+    stack = [(v, not shapes) for v in reversed(values)]
     while stack:
         v, reads_data = stack.pop()
         if id(v) in data and (data[id(v)] or not reads_data):
@@ -134,10 +135,11 @@ def _constant(v: ir.Value, shape_only: frozenset[int]) -> tuple[list[onnx.Tensor
 
 
 def evaluate(graph: ir.Graph, values: Sequence[ir.Value], feeds: Mapping[str, np.ndarray],
-             max_nodes: int = MAX_NODES, stop: Sequence[ir.Value] = ()) -> list[np.ndarray]:
+             max_nodes: int = MAX_NODES, stop: Sequence[ir.Value] = (), shapes: bool = False) -> list[np.ndarray]:
     """The arrays `values` take when the graph inputs the cone reads (and the `stop` values) take `feeds` (other
-    feeds are ignored)."""
-    c = cone(graph, values, max_nodes, stop)
+    feeds are ignored). With `shapes`, their shapes instead (int64 vectors): what only those shapes depend on is
+    read, so weights before them stand in as zeros and are never copied."""
+    c = cone(graph, values, max_nodes, stop, shapes)
     if c.data_bytes > MAX_DATA_BYTES:
         raise ProbeError(f"the cone reads {c.data_bytes} bytes of constants for their data")
     missing = [v.name for v in c.inputs if v.name not in feeds]
@@ -150,7 +152,7 @@ def evaluate(graph: ir.Graph, values: Sequence[ir.Value], feeds: Mapping[str, np
         nodes += n
     nodes += [ir.serde.serialize_node(n) for n in c.nodes]
     names = [f"{v.name}/probe{k}" for k, v in enumerate(values)]    # an output may be an input or a constant
-    nodes += [onnx.helper.make_node("Identity", [v.name], [n]) for v, n in zip(values, names)]
+    nodes += [onnx.helper.make_node("Shape" if shapes else "Identity", [v.name], [n]) for v, n in zip(values, names)]
     domains = {""} | {n.domain for n in c.nodes}
     opsets = [onnx.helper.make_opsetid(d, graph.opset_imports.get(d, 1)) for d in sorted(domains)]
     proto = onnx.helper.make_model(

@@ -144,6 +144,7 @@ class FuseGQA(Pass):
         rot_cache: dict[tuple[int, int], Tables] = {}
         cache_values: dict[tuple, tuple[ir.Value, ir.Value]] = {}
         counts: dict[str, int] = {}
+        plans: list[tuple] = []
         for sm in [n for n in graph if n.op_type == "Softmax" and n.domain == ""]:
             try:
                 site = parse_site(sm)
@@ -175,6 +176,9 @@ class FuseGQA(Pass):
                     why = exc if isinstance(exc, Refusal) else f"unexpected graph ({type(exc).__name__}: {exc})"
                     ctx.notes.append(f"fuse-gqa: attention at {sm.name} not fused: {why}")
                 continue
+            plans.append((site, mask_in, window, mask_reads, do_rotary, tables))
+        # every site is read (and its probes run) on the graph as it came; then each is rewritten
+        for site, mask_in, window, mask_reads, do_rotary, tables in plans:
             src = lengths(site, mask_in, mask_reads)
             skey = (id(src.mask), id(src.rows), id(src.past))
             if skey not in seq_cache:

@@ -43,6 +43,9 @@ class Variant:
     positions: bool = True        # a position_ids input; False: positions are Range(past, total) from the shapes
     mask_input: bool = True       # an attention_mask input; False: the mask is causal from the shapes (no padding)
     broadcast_kv: bool = False    # kv_heads 1 read by the MatMuls as it is (broadcast over the heads, Falcon)
+    lost_heads: bool = False      # CodeGen TorchScript: a wider projection viewed (B, S, 2, -1) by a computed
+    #                               shape, Split on the last axis, one part viewed (B, S, -1, H): inference knows
+    #                               neither the head count nor the KV head count
 
 
 def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
@@ -89,6 +92,14 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
         w = const((rng.standard_normal((hidden, width)) * 0.2).astype(npdt))
         y = op("MatMul", x, w)
         shape = op("Concat", op("Unsqueeze", b, i64(0)), op("Unsqueeze", s, i64(0)), i64(heads, h), axis=0)
+        if v.lost_heads:
+            wide = op("MatMul", x, const((rng.standard_normal((hidden, 2 * width)) * 0.2).astype(npdt)))
+            bs = op("Slice", op("Shape", wide), i64(0), i64(2))
+            grouped = op("Reshape", wide, op("Concat", bs, i64(2, -1), axis=0))          # (B, S, 2, width)
+            count[0] += 1
+            y, rest = f"part{count[0]}", f"rest{count[0]}"
+            nodes.append(helper.make_node("Split", [grouped, i64(width // 2, width // 2)], [y, rest], axis=-1))
+            shape = op("Concat", bs, i64(-1, h), axis=0)
         y4 = op("Reshape", y, shape)
         return op("Transpose", y4, perm=[0, 2, 1, 3]) if bnsh else y4
 

@@ -96,6 +96,18 @@ def test_probe_stands_in_zeros_for_a_large_weight_read_only_for_its_shape():
     assert not loads
 
 
+def test_probe_evaluates_only_the_shape_of_a_value_whose_data_needs_a_large_weight():
+    """shapes=True: y's data needs the table, its shape does not, so y's shape is evaluated without loading it."""
+    model = parse(TABLE, {"W": np.zeros((2, 2), np.float32)})
+    loads = lazy_table(model, 1 << 16, 32)
+    y = out(model, "y")
+    assert probe.cone(model.graph, [y], shapes=True).data_bytes == 0
+    assert probe.cone(model.graph, [y]).data_bytes > 0
+    (s,) = probe.evaluate(model.graph, [y], {"ids": np.zeros((2, 7), np.int64)}, shapes=True)
+    np.testing.assert_array_equal(s, [2, 7, 32])
+    assert not loads
+
+
 def test_probe_copies_a_small_weight_read_only_for_its_shape():
     table = np.arange(12, dtype=np.float32).reshape(3, 4)
     model = parse(TABLE, {"W": table})

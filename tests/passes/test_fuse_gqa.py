@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from onnxc import pass_manager as pm
 from onnxc.pipeline import CLEANUP, O1
+from onnxc.shapes import derived_dims
 
 ROOT = Path(__file__).resolve().parents[2] / "fixtures"
 MANIFEST = json.loads((ROOT / "manifest.json").read_text())["models"]
@@ -100,6 +101,21 @@ def test_fuse_gqa_without_cache_keeps_the_signature():
     model, _ = fuse(build(v))
     assert ops(model)["GroupQueryAttention"] == 1
     assert [i.name for i in model.graph.inputs] == ["x", "attention_mask", "position_ids"]
+    assert_equivalent(v, build(v), model)
+
+
+@pytest.mark.parametrize("past", [False, True])
+def test_fuse_gqa_reads_head_counts_inference_lost_by_evaluating_shapes(past):
+    """CodeGen's TorchScript form: the heads are split by two reshapes of computed shapes, so inference knows
+    neither the head count nor the KV head count; their shapes, evaluated on two probe sizes, give them."""
+    v = Variant(lost_heads=True, past=past, kv_heads=4)     # CodeGen: as many KV heads as query heads
+    pre, _ = fuse(build(v), f"{O1},canonicalize-rotary")
+    views = [n.outputs[0] for n in pre.graph if n.op_type == "Reshape" and len(derived_dims(n.outputs[0]) or ()) == 4
+             and derived_dims(n.outputs[0])[3] == v.head]
+    assert views and all(not isinstance(derived_dims(x)[2], int) for x in views), [derived_dims(x) for x in views]
+    model, _ = fuse(build(v))
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert (gqa.attributes["num_heads"].value, gqa.attributes["kv_num_heads"].value) == (v.heads, v.kv_heads)
     assert_equivalent(v, build(v), model)
 
 
