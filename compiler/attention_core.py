@@ -201,6 +201,8 @@ class Site:
     k_norm: ir.Node | None = None
     rotated4: tuple[ir.Value, ir.Value] | None = None   # rotated BSNH q, k when the rotary precedes the transpose
     mask_scale: float = 1.0   # the additive mask is scaled with the scores: Softmax((S + M) * mask_scale)
+    mask_fill: ir.Value | None = None   # the value a Where mask ("keep" / "drop") puts in hidden places
+    scores: ir.Value | None = None      # MatMul(Q, K^T): (B, N, S, T)
 
 
 def _same_rotary(rq: Rotary | None, rk: Rotary | None) -> None:
@@ -306,6 +308,7 @@ def parse_site(sm: ir.Node) -> Site:
         raise Refusal(f"a scale {s_mask} after the mask that is not positive or follows no additive mask")
     if n is None:
         raise Refusal("no mask before Softmax (a model without one is not causal self-attention)")
+    fill = None
     if n.op_type == "Add":
         a, b = n.inputs
         scores, mask = (a, b) if _is_scores(a) else (b, a)
@@ -313,9 +316,9 @@ def parse_site(sm: ir.Node) -> Site:
     else:
         cond, x, y = n.inputs
         if _is_scores(x):
-            scores, mask, kind = x, cond, "keep"
+            scores, mask, kind, fill = x, cond, "keep", y
         else:
-            scores, mask, kind = y, cond, "drop"
+            scores, mask, kind, fill = y, cond, "drop", x
     scores, s_post = _peel_scale(scores)
     softcap = 0.0
     if (th := prod(scores, "Tanh")) is not None:
@@ -377,7 +380,8 @@ def parse_site(sm: ir.Node) -> Site:
     if n_heads != kv * rep_k:
         raise Refusal(f"{n_heads} query heads are not {kv} KV heads repeated {rep_k} times")
     return Site(out, rs[0], q4, k4, v4, q_rot, k_rot, past_k, past_v, present_k, present_v, mask, kind,
-                s_q * s_k * s_post * s_mask, n_heads, kv, head, rq, softcap, q_norm, k_norm, rotated4, s_mask)
+                s_q * s_k * s_post * s_mask, n_heads, kv, head, rq, softcap, q_norm, k_norm, rotated4, s_mask, fill,
+                mm.outputs[0])
 
 
 # -------------------------------------------------------------------------------------------------- probes

@@ -345,7 +345,9 @@ def _print_summary(rep: dict, verbose: bool = False) -> None:
         err.print(line, markup=False)
     shown = {m["site"] for c in rep.get("coverage", {}).values() for m in c["misses"]}
     for note in rep["notes"]:
-        if coverage.noted_miss(note)[0] not in shown:    # an attention miss is on its coverage line
+        # an attention miss is on its coverage line; a site one fusion refused and another took is under -v
+        site = coverage.noted_miss(note)[0]
+        if site is None or site not in shown and (verbose or "coverage" not in rep):
             err.print(f"note: {note}", markup=False)
     for line in rep.get("details", []) if verbose else []:
         err.print(f"detail: {line}", markup=False)

@@ -13,7 +13,7 @@ A site is counted in the compiled graph, by what it computes, not by which pass 
 - gelu: Gelu, FastGelu, BiasGelu, QuickGelu (fused) against Erf left (an erf GELU) and Tanh left inside
   0.5 * x * (1 + tanh(...)) (a tanh GELU).
 
-The reason for a missed attention site is the refusal fuse-gqa noted at its Softmax; other misses name the pass and
+The reason for a missed attention site is the refusal fuse-gqa noted at its Softmax, then fuse-mha's; other misses name the pass and
 rule to ask (`--explain`).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ SKIP_NORM_OPS = frozenset({"SkipLayerNormalization", "SkipSimplifiedLayerNormali
 EMBED_NORM_OPS = frozenset({"EmbedLayerNormalization"})
 GELU_OPS = frozenset({"Gelu", "FastGelu", "BiasGelu", "QuickGelu", "BiasFastGelu"})
 PASSTHROUGH = frozenset({"Cast", "Where", "Dropout", "Identity", "Reshape"})   # BLOOM/DeBERTa merge heads first
-_NOTE = re.compile(r"^fuse-gqa: attention at (?P<site>.+?) not fused: (?P<reason>.*)$")
+_NOTE = re.compile(r"^fuse-(?P<pass>gqa|mha): attention at (?P<site>.+?) not fused: (?P<reason>.*)$")
 FAMILIES = ("attention", "norm", "skip_norm", "gelu")
 
 
@@ -92,10 +92,11 @@ def noted_miss(note: str) -> tuple[str | None, str | None]:
 def measure(model: ir.Model, notes: list[str]) -> dict[str, dict[str, Any]]:
     """{family: {"found": N, "fused": M, "misses": [{"site": name, "reason": text}, ...]}} for the compiled graph."""
     reasons: dict[str, str] = {}
-    for note in notes:
+    for note in notes:       # each attention fusion's reason, named by the op it would have written
         site, reason = noted_miss(note)
         if site is not None:
-            reasons.setdefault(site, reason)
+            op = "MultiHeadAttention" if note.startswith("fuse-mha") else "GroupQueryAttention"
+            reasons[site] = f"{reasons[site]}; {op}: {reason}" if site in reasons else f"{op}: {reason}"
     out = {f: {"found": 0, "fused": 0, "misses": []} for f in FAMILIES}
 
     def miss(family: str, node: ir.Node, reason: str) -> None:

@@ -228,45 +228,26 @@ def probe_padding_mask(values: list[ir.Value], kinds: list[str], graph: ir.Graph
     return {"mask_input": mask_in if padding else None, "causal": causal, "hidden": hidden}
 
 
-def _concrete(dims: tuple, graph: ir.Graph, feeds: dict[str, np.ndarray]) -> list[int | None]:
-    """Dims written as ints or as graph inputs' symbolic dims, made concrete by the feeds' shapes (None: unknown)."""
-    named: dict[str, int] = {}
-    for v in graph.inputs:
-        if v.name in feeds and v.shape is not None:
-            for i, d in enumerate(v.shape):
-                if not isinstance(d, int) and d.value is not None:
-                    named.setdefault(d.value, feeds[v.name].shape[i])
-    out: list[int | None] = []
-    for d in dims:
-        if isinstance(d, int):
-            out.append(d)
-        else:
-            text = d if isinstance(d, str) else getattr(d, "value", None)
-            out.append(named.get(text) if isinstance(text, str) else None)
-    return out
-
-
-def probe_bias_fits(graph: ir.Graph, bias: ir.Value, scores_dims: tuple, heads: int, past: bool) -> None:
+def probe_bias_fits(graph: ir.Graph, bias: ir.Value, scores: ir.Value, past: bool, rows: bool = False) -> bool:
     """Prove on two probe sizes that an additive term broadcasts onto the scores as MultiHeadAttention's
-    attention_bias does: (batch or 1, heads or 1, queries, keys) with the scores' queries and keys. The scores'
-    dims are read as graph inputs' symbolic dims made concrete by each probe's feeds (the heads axis by `heads`).
-    A Refusal when any dim cannot be made concrete, the term cannot be evaluated, or a shape differs."""
-    if len(scores_dims) != 4:
-        raise Refusal(f"the scores are not 4-D (dims {scores_dims})")
+    attention_bias does: (batch or 1, heads or 1, queries, keys) with the scores' (B, N, S, T); with `rows`, one
+    row for every query is accepted too (the caller expands it), and the answer says whether it was one row. Both
+    shapes are evaluated (probe.evaluate(shapes=True): no weight or table is read). A Refusal when they cannot be
+    evaluated or the term's shape does not fit."""
     scenarios = [Scenario("probe", 2, 4, 3), Scenario("probe", 3, 2, 5)] if past else \
         [Scenario("probe", 2, 5, 0), Scenario("probe", 3, 3, 0)]
+    one_row = False
     for seed, sc in enumerate(scenarios):
-        feeds = make_inputs(graph, sc, seed)
-        want = _concrete(scores_dims, graph, feeds)
-        want[1] = heads
-        if any(w is None for w in want):
-            raise Refusal(f"the scores' dims {scores_dims} are not graph input dims")
         try:
-            (arr,) = probe.evaluate(graph, [bias], feeds)
+            got, want = (tuple(int(x) for x in a) for a in
+                         probe.evaluate(graph, [bias, scores], make_inputs(graph, sc, seed), shapes=True))
         except probe.ProbeError as exc:
             raise Refusal(f"the bias added to the scores cannot be evaluated: {exc}") from None
-        got = arr.shape
-        if arr.ndim != 4 or tuple(got[2:]) != tuple(want[2:]) or got[0] not in (1, want[0]) or \
-                got[1] not in (1, heads):
-            raise Refusal(f"the bias added to the scores has shape {tuple(got)} where the scores are "
-                          f"{tuple(want)}")
+        if len(want) != 4:
+            raise Refusal(f"the scores are not 4-D (shape {want})")
+        row = rows and len(got) == 4 and got[2] == 1 and want[2] > 1
+        one_row |= row
+        if len(got) != 4 or got[3] != want[3] or got[2] != want[2] and not row or got[0] not in (1, want[0]) or \
+                got[1] not in (1, want[1]):
+            raise Refusal(f"the bias added to the scores has shape {got} where the scores are {want}")
+    return one_row

@@ -288,10 +288,10 @@ def _whole_bias(m, refused: Refusal) -> ir.Value:
            for i in range(4)):
         return a
     cache = a.meta.setdefault(_BIAS_KEY, {})     # one proof per term (T5 adds the same one in every layer)
-    key = (_heads_of(m)[0], ds, "past_k" in m.binds)
+    key = (scores.name, "past_k" in m.binds)
     if key not in cache:
         try:
-            masks.probe_bias_fits(m.graph, a, ds, key[0], key[2])
+            masks.probe_bias_fits(m.graph, a, scores, key[1])
             cache[key] = None
         except Refusal as exc:
             cache[key] = f"{refused}; {exc}"

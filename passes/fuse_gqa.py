@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnxc.attention_core import parse_site, prod
+from onnxc.attention_core import parse_site
+from onnxc.attention_emit import flat_qkv
 from onnxc.coverage import Refusal
 from onnxc.domains import DEFAULT_OPSET, MS
 from onnxc.ir import GraphWriter
@@ -29,7 +30,6 @@ from onnxc.masks import Lengths, lengths, probe_mask
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
 from onnxc.rotary_tables import Tables, probe_rotary
 from onnxc.rules import replace_value
-from onnxc.shapes import derived_dims as _dims
 from onnxc.shapes import dims_of
 from onnxc.verify import input_role
 
@@ -37,38 +37,6 @@ DEFAULT_MAX_SEQ_LEN = 4096
 
 
 _Builder = GraphWriter
-
-
-def _flat(b: _Builder, x4: ir.Value, anchor: ir.Node) -> ir.Value:
-    """(B, S, N, H) -> (B, S, N*H): reuse the Reshape source when x4 is a Reshape of a 3-D value."""
-    r = prod(x4, "Reshape")
-    dx = _dims(x4)
-    d = _dims(r.inputs[0]) if r is not None else None
-    if d is not None and len(d) == 3 and isinstance(d[2], int) and d[2] == dx[2] * dx[3] and d[:2] == dx[:2]:
-        return r.inputs[0]
-    shape = b.const(np.array([0, 0, -1], dtype=np.int64), "flat_shape")
-    out = b.node("Reshape", [x4, shape], anchor).outputs[0]
-    out.dtype = x4.dtype
-    out.shape = ir.Shape([dx[0], dx[1], dx[2] * dx[3]])
-    return out
-
-
-def _renorm(b: _Builder, x4: ir.Value, norm: ir.Node | None, anchor: ir.Node) -> ir.Value:
-    """Norm(x4) on the BSNH view: the same last-axis norm, weights and attributes, before the head transpose."""
-    if norm is None:
-        return x4
-    out = b.node(norm.op_type, [x4, *norm.inputs[1:]], anchor,
-                 **{k: a.value for k, a in norm.attributes.items()}).outputs[0]
-    out.dtype, out.shape = norm.outputs[0].dtype or x4.dtype, x4.shape
-    return out
-
-
-def _bnsh_to_flat(b: _Builder, x: ir.Value, anchor: ir.Node, dtype: ir.DataType) -> ir.Value:
-    t = b.node("Transpose", [x], anchor, perm=[0, 2, 1, 3]).outputs[0]
-    t.dtype = x.dtype or dtype
-    dx = _dims(x)
-    t.shape = ir.Shape([dx[0], dx[2], dx[1], dx[3]])
-    return _flat(b, t, anchor)
 
 
 def _cache_values(b: _Builder, t: Tables, total: ir.Value, dtype) -> tuple[ir.Value, ir.Value]:
@@ -191,14 +159,7 @@ class FuseGQA(Pass):
                     cache_values[ckey] = _cache_values(b, tables, total, site.q.dtype.numpy())
                 caches = cache_values[ckey]
             anchor = site.anchor
-            if do_rotary or site.rotary is None:
-                q, k = (_flat(b, _renorm(b, x4, nm, anchor), anchor)
-                        for x4, nm in ((site.q, site.q_norm), (site.k, site.k_norm)))
-            elif site.rotated4 is not None:
-                q, k = (_flat(b, x, anchor) for x in site.rotated4)
-            else:
-                q, k = (_bnsh_to_flat(b, x, anchor, site.v.dtype) for x in (site.q_rot, site.k_rot))
-            v = _flat(b, site.v, anchor)
+            q, k, v = flat_qkv(b, site, rotated=not do_rotary)
             inputs = [q, k, v, site.past_k, site.past_v, seqlens, total]
             attrs = {"num_heads": site.num_heads, "kv_num_heads": site.kv_heads, "scale": float(site.scale),
                      "local_window_size": window, "do_rotary": int(do_rotary),

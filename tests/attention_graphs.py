@@ -29,7 +29,8 @@ class Variant:
     nan_guard: bool = True
     dtype: int = TensorProto.FLOAT
     bias_value: float = 0.0       # a non-zero value makes the mask a bias that GQA cannot express
-    noncausal: bool = False
+    noncausal: bool = False       # every key visible (an encoder's bidirectional attention)
+    pad_only: bool = False        # the mask is the padding alone, (B, 1, 1, T): one row for every query
     static: tuple[int, int, int] | None = None   # (batch, seq, past): every input dim fixed
     softcap: float = 0.0          # Gemma2: c * tanh(scores / c) between the scale and the mask
     qk_norm: bool = False         # Gemma3: RMS norm (SimplifiedLayerNormalization) of BNSH q and k after the transpose
@@ -211,7 +212,7 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
     keep = op("Unsqueeze", keep, i64(0, 1))                                           # (1, 1, S, T)
     if v.mask_input:
         padm = op("Unsqueeze", op("Cast", mask, to=TensorProto.BOOL), i64(1, 2))       # (B, 1, 1, T)
-        keep = op("And", keep, padm)                                                  # (B, 1, S, T)
+        keep = padm if v.pad_only else op("And", keep, padm)                          # (B, 1, S, T)
     sdt = np.float32 if v.upcast else npdt                # the type scores, mask and softmax are computed in
     if v.upcast:
         scores, vf = op("Cast", scores, to=TensorProto.FLOAT), op("Cast", vf, to=TensorProto.FLOAT)

@@ -35,7 +35,8 @@ def test_coverage_names_each_missed_site_with_a_reason():
     cov = report["coverage"]
     assert (cov["attention"]["found"], cov["attention"]["fused"]) == (2, 0)
     assert len({m["site"] for m in cov["attention"]["misses"]}) == 2 == report["ops_after"]["Softmax"]
-    assert all("--explain fuse-attention, fuse-gqa" in m["reason"] for m in cov["attention"]["misses"])
+    # fuse-gqa is off; fuse-mha looked and says why it takes no cached attention
+    assert all(m["reason"].startswith("MultiHeadAttention: a KV cache") for m in cov["attention"]["misses"])
     assert (cov["skip_norm"]["found"], cov["skip_norm"]["fused"]) == (4, 0)
     assert (cov["norm"]["found"], cov["norm"]["fused"]) == (5, 5)
 
@@ -57,11 +58,11 @@ def test_coverage_takes_the_reason_fuse_gqa_noted_at_the_softmax():
     }""")
     sm = next(n for n in model.graph if n.op_type == "Softmax")
     sm.name = "layer0/Softmax"
-    cov = coverage.measure(model, ["fuse-gqa: attention at layer0/Softmax not fused: Q and K are not rotated"])
-    assert cov["attention"] == {"found": 1, "fused": 0,
-                                "misses": [{"site": "layer0/Softmax", "reason": "Q and K are not rotated"}]}
-    assert coverage.lines(cov) == ["attention: 0 of 1 sites fused",
-                                   "  not fused: layer0/Softmax: Q and K are not rotated"]
+    cov = coverage.measure(model, ["fuse-gqa: attention at layer0/Softmax not fused: Q and K are not rotated",
+                                   "fuse-mha: attention at layer0/Softmax not fused: a softcap"])
+    why = "GroupQueryAttention: Q and K are not rotated; MultiHeadAttention: a softcap"
+    assert cov["attention"] == {"found": 1, "fused": 0, "misses": [{"site": "layer0/Softmax", "reason": why}]}
+    assert coverage.lines(cov) == ["attention: 0 of 1 sites fused", f"  not fused: layer0/Softmax: {why}"]
 
 
 def test_coverage_ignores_a_router_softmax_and_a_non_gelu_tanh():

@@ -428,7 +428,7 @@ def test_fuse_attention_refuses_a_bias_that_does_not_fit_the_scores():
     run_passes(model, ["infer-shapes", *CLEAN])
     add = next(n for n in model.graph if n.op_type == "Softmax").inputs[0].producer()
     with pytest.raises(Refusal, match=r"has shape \(2, 4, 1, 5\) where the scores are \(2, 4, 5, 5\)"):
-        masks.probe_bias_fits(model.graph, add.inputs[1], dims_of(add.inputs[0]), N, False)
+        masks.probe_bias_fits(model.graph, add.inputs[1], add.inputs[0], False)
     assert not run_passes(model, ["fuse-attention"]).get("fuse-attention")
 
 
