@@ -15,6 +15,7 @@ import pytest
 from helpers import assert_unchanged_by, assert_valid, canonical, counting, parse, run_ort, run_passes
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from onnxc.passes import canonicalize_attention_key as cak
 from onnxc.passes import fuse_attention as fa
 from onnxc import masks
 from onnxc.coverage import Refusal
@@ -28,7 +29,13 @@ D = N * H
 HEADER = '<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>'
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "models"
 CLEAN = ("fold-constants", "remove-noops", "eliminate-dead")
-FUSE = counting("fuse-attention", before=("infer-shapes", *CLEAN), after=CLEAN)
+KEY = counting("canonicalize-attention-key", before=("infer-shapes", *CLEAN))
+ATTENTION = counting("fuse-attention", after=CLEAN)
+
+
+def FUSE(model: ir.Model) -> dict[str, int]:
+    """The key brought to canonical form, then fused: both passes' counts."""
+    return {**KEY(model), **ATTENTION(model)}
 NP = {"float": np.float32, "float16": np.float16}
 TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float16): 1e-2}  # fp16: the original rounds every step to fp16
 
@@ -314,7 +321,7 @@ def test_fuse_attention_legacy_causal_buffer_plus_additive_padding(past):
     before, after, counts = fuse(text, inits)
     assert counts["fuse-attention-past" if past else "fuse-attention-packed"] == 1
     if past:  # Shape(present) sizes the causal slice; without past the cleanup already reads S from Shape(x)
-        assert counts["fuse-attention-key-shape"] == 1
+        assert counts["attention-key-shape"] == 1
     node = next(n for n in after.graph if n.domain == "com.microsoft")
     assert node.attributes["unidirectional"].as_int() == 1 and "mask_filter_value" not in node.attributes
     assert_fused_matches(before, after, past=3 * past, seq=4)
@@ -324,7 +331,7 @@ def test_fuse_attention_legacy_causal_buffer_plus_additive_padding(past):
 def test_fuse_attention_dynamo_key_transpose_is_normalized_first(past):
     text, inits = gpt2(past=past, dynamo_kt=True)
     before, after, counts = fuse(text, inits)
-    assert counts["fuse-attention-key-transpose"] == 1
+    assert counts["attention-key-transpose"] == 1
     assert counts["fuse-attention-past" if past else "fuse-attention-packed"] == 1
     assert ops(after) == (["Add", "Cast", "MatMul", "MultiHeadAttention", "Split"] if past else ["Attention", "Cast"])
     assert_fused_matches(before, after, past=2 * past, seq=4)
@@ -486,7 +493,6 @@ def test_fuse_attention_takes_a_3d_mask_as_attention_bias():
     inits["a1"] = np.array([1], np.int64)
     model = parse(text, inits)
     run_passes(model, ["infer-shapes"])
-    from onnxc.passes.fuse_attention import _analyze_mask  # noqa: F401  (the refusal the fallback starts from)
     before, after, counts = fuse(text, inits)
     assert counts.get("fuse-attention") == 1, counts
     att = next(n for n in after.graph if n.op_type == "Attention")
@@ -530,7 +536,7 @@ def test_fuse_attention_key_transpose_needs_an_attention_consumer():
              "hh": np.array([H], np.int64)}
     model = parse(text, inits)
     run_passes(model, ["infer-shapes", "fold-constants"])
-    rows = [r for _, r in explain(model, fa.key_transpose)]
+    rows = [r for _, r in explain(model, cak.key_transpose)]
     assert any("key is not a head split" in r for r in rows), rows
 
 
@@ -574,11 +580,11 @@ def test_fuse_attention_gpt2_property(past, dynamo_kt, gemm, dtype, static, lega
 # ------------------------------------------------------------------------------------------------ fixtures
 FIXTURE_CASES = {
     "bert_ts": ("Attention", {"fuse-attention": 2}),
-    "bert_dynamo": ("Attention", {"fuse-attention": 2, "fuse-attention-key-transpose": 2}),
+    "bert_dynamo": ("Attention", {"fuse-attention": 2, "attention-key-transpose": 2}),
     "gpt2_ts": ("Attention", {"fuse-attention-packed": 2}),
-    "gpt2_dynamo": ("Attention", {"fuse-attention-packed": 2, "fuse-attention-key-transpose": 2}),
+    "gpt2_dynamo": ("Attention", {"fuse-attention-packed": 2, "attention-key-transpose": 2}),
     "gpt2_ts_past": ("MultiHeadAttention", {"fuse-attention-past": 2}),
-    "gpt2_dynamo_past": ("MultiHeadAttention", {"fuse-attention-past": 2, "fuse-attention-key-transpose": 2}),
+    "gpt2_dynamo_past": ("MultiHeadAttention", {"fuse-attention-past": 2, "attention-key-transpose": 2}),
 }
 
 
@@ -589,7 +595,7 @@ def fused_fixture():
     def get(name: str):
         if name not in cache:
             cache[name] = onnxc.compile(FIXTURES / f"{name}.onnx", 2, "cpu",
-                                        passes=f"{O1},fuse-attention,{CLEANUP}")
+                                        passes=f"{O1},canonicalize-attention-key,fuse-attention,{CLEANUP}")
         return cache[name]
     return get
 
@@ -600,7 +606,8 @@ def test_fuse_attention_fixture_fires_and_verifies(name, fused_fixture):
     result = fused_fixture(name)
     report = result.report
     assert report["verification"]["status"] == "passed", report["verification"]
-    counts = next(p["counts"] for p in report["passes"] if p["name"] == "fuse-attention")
+    counts = {k: v for p in report["passes"] if p["name"] in ("canonicalize-attention-key", "fuse-attention")
+              for k, v in p["counts"].items()}
     assert {k: counts.get(k) for k in want} == want, counts
     after = report["ops_after"]
     assert after.get(f"com.microsoft.{op}") == 2 and "Softmax" not in after and "Transpose" not in after, after
@@ -634,7 +641,7 @@ def test_fuse_attention_fixture_with_static_dims(name, dims):
         for d in v.type.tensor_type.shape.dim:
             if d.dim_param in dims:
                 d.dim_value = dims[d.dim_param]
-    result = onnxc.compile(proto, 2, "cpu", passes=f"{O1},fuse-attention,{CLEANUP}")
+    result = onnxc.compile(proto, 2, "cpu", passes=f"{O1},canonicalize-attention-key,fuse-attention,{CLEANUP}")
     assert result.report["verification"]["status"] == "passed"
     ops_after = result.report["ops_after"]
     assert "Softmax" not in ops_after
