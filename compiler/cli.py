@@ -245,10 +245,10 @@ def _explain(model: Path, name: str, level: int, target: str, passes: str | None
     from . import driver, pass_manager as pm, pipeline, rules
     from . import ir as irio
 
-    owners, registered = pm.all_rules(), pm.registered_passes()
-    if name not in owners and name not in registered:
-        raise UsageError(f"unknown pass or rule '{name}'" + rules.suggest(name, [*registered, *owners]))
-    owner = owners[name][0] if name in owners else registered[name]
+    owners, registered, parts = pm.all_rules(), pm.registered_passes(), pm.all_parts()
+    if name not in owners and name not in registered and name not in parts:
+        raise UsageError(f"unknown pass, rule or part '{name}'" + rules.suggest(name, [*registered, *owners, *parts]))
+    owner = owners[name][0] if name in owners else parts[name][0] if name in parts else registered[name]
     ir_model = irio.load(model)
     driver.check_input(ir_model)
     ctx = pm.PassContext(level=level, target=target)
@@ -262,7 +262,15 @@ def _explain(model: Path, name: str, level: int, target: str, passes: str | None
         err.print(f"note: '{owner.name}' is not in the -O{level} {target} pipeline; explaining it after the whole "
                   f"pipeline", markup=False)
     pm.PassManager(before).run(ir_model, ctx)
-    explained = [owners[name][1]] if name in owners else list(owner.rules())
+    explained = [owners[name][1]] if name in owners else [] if name in parts else list(owner.rules())
+    for part in [parts[name][1]] if name in parts else [] if name in owners else list(owner.parts()):
+        rows = part.explain(ir_model, ctx)
+        table = Table(title=f"{part.name}: {len(rows)} candidate sites before '{owner.name}' ({part.summary})")
+        table.add_column("site", overflow="fold")
+        table.add_column("result", overflow="fold")
+        for site, why in rows:
+            table.add_row(site, why)
+        out.print(table)
     for rule in explained:
         rows = rules.explain(ir_model, rule)
         table = Table(title=f"{rule.name}: {len(rows)} candidate sites ({rule.root_op[1]} nodes) before "
@@ -394,7 +402,9 @@ def passes_cmd(plugin: tuple[str, ...], show_rules: bool, as_json: bool, markdow
         return 0
     if as_json:
         out.print(json.dumps([{"name": name, "level": p.level, "targets": list(p.targets), "summary": p.summary,
-                               "rules": [{"name": r.name, "summary": r.summary} for r in p.rules()]}
+                               "rules": [{"name": r.name, "summary": r.summary} for r in p.rules()],
+                               "parts": [{"name": x.name, "summary": x.summary, "can_disable": x.can_disable}
+                                         for x in p.parts()]}
                               for name, p in passes.items()], indent=1))
         return 0
     rows = []
@@ -402,6 +412,7 @@ def passes_cmd(plugin: tuple[str, ...], show_rules: bool, as_json: bool, markdow
         rows.append((name, f"-O{p.level}", ",".join(p.targets), p.summary))
         if show_rules:
             rows += [(f"  {r.name}", "", "", r.summary) for r in p.rules()]
+            rows += [(f"  {x.name}", "", "", f"(part) {x.summary}") for x in p.parts()]
     if not out.is_terminal:
         for row in rows:
             click.echo("\t".join(row).rstrip())

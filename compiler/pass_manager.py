@@ -74,8 +74,25 @@ class Pass:
     def rules(self) -> Sequence[_rules.Rule]:
         return ()
 
+    def parts(self) -> Sequence[Part]:
+        """The named parts of a pass that reads its sites with code rather than pattern rules (fuse-gqa): each can
+        be asked, per candidate site, what it found (`onnxc compile --explain PART`), and a part the pass lets a
+        user turn off is named by --disable."""
+        return ()
+
     def __repr__(self) -> str:
         return f"<pass {self.name}>"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One named stage of a pass's reading of a site: `explain(model)` gives (site, what this part found or why it
+    refused) for every candidate site of the model, after the passes before its own have run."""
+
+    name: str
+    summary: str
+    explain: Callable[[ir.Model, PassContext], list[tuple[str, str]]]
+    can_disable: bool = False
 
 
 class RulePass(Pass):
@@ -236,6 +253,10 @@ def get_pass(name: str) -> Pass:
     if p is None:
         raise UsageError(f"unknown pass '{name}'" + _rules.suggest(name, list(_REGISTRY)))
     return p
+
+
+def all_parts() -> dict[str, tuple[Pass, Part]]:
+    return {part.name: (p, part) for p in registered_passes().values() for part in p.parts()}
 
 
 def all_rules() -> dict[str, tuple[Pass, _rules.Rule]]:

@@ -107,6 +107,13 @@ def render(passes: dict[str, pm.Pass] | None = None) -> str:
     for name, p in sorted(passes.items()):
         for r in p.rules():
             lines.append(f"| `{name}` | `{r.name}` | {_cell(r.summary)} |")
+    parts = [(name, x) for name, p in sorted(passes.items()) for x in p.parts()]
+    if parts:
+        lines += ["", "Parts of passes that read their sites with code rather than rules: `--explain PART` says what "
+                  "each found at every site; those marked so can be turned off with `--disable PART`.", "",
+                  "| pass | part | what it reads | --disable |", "|---|---|---|---|"]
+        lines += [f"| `{name}` | `{x.name}` | {_cell(x.summary)} | {'yes' if x.can_disable else ''} |"
+                  for name, x in parts]
     return "\n".join(lines) + "\n"
 
 

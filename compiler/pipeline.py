@@ -56,9 +56,9 @@ def build_pipeline(ctx: pm.PassContext, passes: str | None = None, disable: tupl
     """The passes to run: the table's row for (level, target), or an explicit `passes` text, minus `disable`.
 
     An explicit pipeline runs as written (levels and targets are not filtered), so a user can force a pass.
-    `disable` names passes or rules; unknown names are errors.
+    `disable` names passes, rules, or parts a pass lets a user turn off; unknown names are errors.
     """
-    known_rules = pm.all_rules()
+    known_rules = {**pm.all_rules(), **{n: v for n, v in pm.all_parts().items() if v[1].can_disable}}
     for name in disable:
         if name not in pm.registered_passes() and name not in known_rules:
             raise UsageError(f"--disable: no pass or rule named '{name}'"

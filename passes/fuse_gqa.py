@@ -19,15 +19,17 @@ multiple of 8); otherwise the rotated q/k stay outside and the op gets them rota
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
-from onnxc.attention_core import parse_site
+from onnxc.attention_core import Site, parse_site
 from onnxc.attention_emit import flat_qkv
 from onnxc.coverage import Refusal
 from onnxc.domains import DEFAULT_OPSET, MS
 from onnxc.ir import GraphWriter
 from onnxc.masks import Lengths, lengths, probe_mask
-from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
+from onnxc.pass_manager import Part, Pass, PassContext, PassResult, register_pass
 from onnxc.rotary_tables import Tables, probe_rotary
 from onnxc.rules import replace_value
 from onnxc.shapes import dims_of
@@ -94,6 +96,108 @@ def _seq_inputs(b: _Builder, src: Lengths, opset: int) -> tuple[ir.Value, ir.Val
     return seqlens, tot
 
 
+SITE, MASK, ROTARY, LENGTHS = "fuse-gqa/site", "fuse-gqa/mask", "fuse-gqa/rotary-inside", "fuse-gqa/lengths"
+_EXPLAINED = "onnxc.fuse_gqa.explained"      # model.meta: what each part found at each site (--explain)
+
+
+class _Reader:
+    """Reads each Softmax's site part by part, sharing the probes between sites (one mask, one set of tables); what
+    each part found, or why it refused, is kept for --explain."""
+
+    def __init__(self, model: ir.Model, ctx: PassContext):
+        self.model, self.ctx = model, ctx
+        self.max_len = int(ctx.option("max_seq_len") or DEFAULT_MAX_SEQ_LEN)
+        self.has_past = any(input_role(v) == "past" for v in model.graph.inputs)
+        self.masks: dict[tuple, tuple[ir.Value | None, int, list[ir.Value]] | Refusal] = {}
+        self.tables: dict[tuple, Tables | Refusal] = {}
+
+    def read(self, sm: ir.Node, found: dict[str, str]) -> tuple | None:
+        """(site, mask input, window, mask reads, rotary inside, tables), or None with the refusal in `found`."""
+        try:
+            site = parse_site(sm)
+            if site.head % 8:
+                raise Refusal(f"head size {site.head} is not a multiple of 8 (GroupQueryAttention)")
+            if site.past_k is not None and dims_of(site.past_k)[1] != site.kv_heads:
+                raise Refusal("the past KV is not BNSH with the KV head count")
+        except (Refusal, ValueError, IndexError, TypeError) as exc:   # an unexpected graph is refused, never fatal
+            found[SITE] = str(exc) if isinstance(exc, Refusal) else f"unexpected graph ({type(exc).__name__}: {exc})"
+            return None
+        found[SITE] = (f"{site.num_heads} query heads, {site.kv_heads} KV heads, head size {site.head}, scale "
+                       f"{site.scale:.4g}" + (", KV cache" if site.past_k is not None else "")
+                       + (f", softcap {site.softcap:g}" if site.softcap else ""))
+        mkey = (id(site.mask), site.mask_kind, site.mask_scale)
+        if mkey not in self.masks:
+            try:
+                self.masks[mkey] = probe_mask(self.model, site, self.has_past, self.max_len)
+            except Refusal as exc:
+                self.masks[mkey] = exc
+        if isinstance(self.masks[mkey], Refusal):
+            found[MASK] = str(self.masks[mkey])
+            return None
+        mask_in, window, mask_reads = self.masks[mkey]
+        found[MASK] = ("causal" + (f" + padding of '{mask_in.name}'" if mask_in is not None else ", nothing padded")
+                       + (f" + a window of {window} keys" if window > 0 else ""))
+        src = lengths(site, mask_in, mask_reads)
+        found[LENGTHS] = (f"from '{src.mask.name}' (row sums, width)" if src.mask is not None else
+                          f"from the shapes of '{src.rows.name}'" + (f" and '{src.past.name}'" if src.past else ""))
+        do_rotary, tables = self._rotary(site, sm, found)
+        return site, mask_in, window, mask_reads, do_rotary, tables
+
+    def _rotary(self, site: Site, sm: ir.Node, found: dict[str, str]) -> tuple[bool, Tables | None]:
+        if site.rotary is None:
+            found[ROTARY] = "no rotary"
+            return False, None
+        if ROTARY in self.ctx.disabled_rules:
+            found[ROTARY] = "outside: disabled (--disable fuse-gqa/rotary-inside)"
+            return False, None
+        if site.head % 16 or (site.rotary.dim // 2) % 8:
+            found[ROTARY] = (f"outside: the kernel rotates head sizes that are multiples of 16 with a cache width "
+                             f"that is a multiple of 8 (head {site.head}, rotary dims {site.rotary.dim})")
+            return False, None
+        key = (id(site.rotary.cos), id(site.rotary.sin))
+        if key not in self.tables:
+            try:
+                self.tables[key] = probe_rotary(self.model, site.rotary, self.max_len)
+            except Refusal as exc:   # the kernel cannot derive these tables; the graph's own rotation stays outside
+                self.tables[key] = exc
+                self.ctx.notes.append(f"fuse-gqa: rotary at {sm.name} stays outside GroupQueryAttention: "
+                                      f"{exc}")
+        t = self.tables[key]
+        if isinstance(t, Refusal):
+            found[ROTARY] = f"outside: {t}"
+            return False, None
+        found[ROTARY] = (f"inside: tables proved a function of the position ({len(t.cos)} rows"
+                         + (", switched short/long" if t.long is not None else "") + ")")
+        return True, t
+
+
+def _explain_part(part: str) -> Callable[[ir.Model, PassContext], list[tuple[str, str]]]:
+    def explain(model: ir.Model, ctx: PassContext) -> list[tuple[str, str]]:
+        if _EXPLAINED not in model.meta:      # every part reads the same sites: read them once
+            reader, readings = _Reader(model, ctx), []
+            for sm in [n for n in model.graph if n.op_type == "Softmax" and n.domain == ""]:
+                found: dict[str, str] = {}
+                reader.read(sm, found)
+                readings.append((sm.name or "<Softmax>", found))
+            model.meta[_EXPLAINED] = readings
+        rows = []
+        for site, found in model.meta[_EXPLAINED]:
+            last = list(found)[-1]          # parts in order: the last one found is the one that refused
+            rows.append((site, found[part] if part in found else f"not reached: {last} refused ({found[last]})"))
+        return rows
+    return explain
+
+
+PARTS = (
+    Part(SITE, "the Softmax-outward reader: P @ V, scores, scale, softcap, cache, KV repetition, head views",
+         _explain_part(SITE)),
+    Part(MASK, "the mask proved causal + padding (+ a window) by evaluation", _explain_part(MASK)),
+    Part(LENGTHS, "where seqlens_k and the total length are read: the mask input, or the shapes", _explain_part(LENGTHS)),
+    Part(ROTARY, "rotary inside the op: the tables proved a function of the position alone", _explain_part(ROTARY),
+         can_disable=True),
+)
+
+
 @register_pass
 class FuseGQA(Pass):
     """Causal self-attention with rotary and KV cache -> com.microsoft GroupQueryAttention."""
@@ -101,50 +205,26 @@ class FuseGQA(Pass):
     name = "fuse-gqa"
     level = 2
 
+    def parts(self):
+        return PARTS
+
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         graph = model.graph
         opset = model.opset_imports.get("", DEFAULT_OPSET)
-        max_len = int(ctx.option("max_seq_len") or DEFAULT_MAX_SEQ_LEN)
-        has_past = any(input_role(v) == "past" for v in graph.inputs)
         b = _Builder(graph, "fuse-gqa")
+        reader = _Reader(model, ctx)
         seq_cache: dict[tuple, tuple[ir.Value, ir.Value]] = {}
-        mask_cache: dict[tuple, tuple[ir.Value | None, int, list[ir.Value]]] = {}
-        rot_cache: dict[tuple[int, int], Tables] = {}
         cache_values: dict[tuple, tuple[ir.Value, ir.Value]] = {}
         counts: dict[str, int] = {}
         plans: list[tuple] = []
         for sm in [n for n in graph if n.op_type == "Softmax" and n.domain == ""]:
-            try:
-                site = parse_site(sm)
-                if site.head % 8:
-                    raise Refusal(f"head size {site.head} is not a multiple of 8 (GroupQueryAttention)")
-                if site.past_k is not None and dims_of(site.past_k)[1] != site.kv_heads:
-                    raise Refusal("the past KV is not BNSH with the KV head count")
-                mkey = (id(site.mask), site.mask_kind, site.mask_scale)
-                if mkey not in mask_cache:
-                    mask_cache[mkey] = probe_mask(model, site, has_past, max_len)
-                mask_in, window, mask_reads = mask_cache[mkey]
-                do_rotary = site.rotary is not None and site.head % 16 == 0 and (site.rotary.dim // 2) % 8 == 0
-                tables = None
-                if do_rotary:
-                    key = (id(site.rotary.cos), id(site.rotary.sin))
-                    if key not in rot_cache:
-                        try:
-                            rot_cache[key] = probe_rotary(model, site.rotary, max_len)
-                        except Refusal as exc:
-                            # the kernel cannot derive these tables; the graph's own rotation stays outside it
-                            rot_cache[key] = exc
-                            ctx.notes.append(f"fuse-gqa: rotary at {sm.name} stays outside GroupQueryAttention: "
-                                             f"{exc}")
-                    tables = rot_cache[key]
-                    if isinstance(tables, Refusal):
-                        do_rotary, tables = False, None
-            except (Refusal, ValueError, IndexError, TypeError) as exc:   # an unexpected graph is refused, never fatal
+            found: dict[str, str] = {}
+            plan = reader.read(sm, found)
+            if plan is None:
                 if sm.outputs[0].uses():
-                    why = exc if isinstance(exc, Refusal) else f"unexpected graph ({type(exc).__name__}: {exc})"
-                    ctx.notes.append(f"fuse-gqa: attention at {sm.name} not fused: {why}")
+                    ctx.notes.append(f"fuse-gqa: attention at {sm.name} not fused: {list(found.values())[-1]}")
                 continue
-            plans.append((site, mask_in, window, mask_reads, do_rotary, tables))
+            plans.append(plan)
         # every site is read (and its probes run) on the graph as it came; then each is rewritten
         for site, mask_in, window, mask_reads, do_rotary, tables in plans:
             src = lengths(site, mask_in, mask_reads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import onnxc
 import pytest
 from click.testing import CliRunner
@@ -91,6 +92,36 @@ def test_cli_summary_prints_coverage_and_hides_details_without_v(tmp_path):
     assert r.exit_code == 0 and "detail: split-packed-heads:" in r.output
     r = CliRunner().invoke(main, [*args, "-q"])
     assert r.exit_code == 0 and r.output.strip().splitlines() == [f"wrote {tmp_path / 'o.onnx'}"]
+
+
+def test_cli_explain_names_fuse_gqa_parts_and_what_each_found():
+    model = str(MODELS / "llama_dynamo_past.onnx")
+    r = CliRunner().invoke(main, ["compile", model, "-O2", "--explain", "fuse-gqa/mask"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "fuse-gqa/mask: 2 candidate sites" in r.output and r.output.count("causal + padding of 'attention_mask'") == 2
+    assert "fuse-gqa/rotary-inside" not in r.output
+    # every part of the pass; the rotary part turned off keeps the rotation outside the op
+    r = CliRunner().invoke(main, ["compile", model, "-O2", "--explain", "fuse-gqa", "--disable", "fuse-gqa/rotary-inside"],
+                           terminal_width=200)
+    assert r.exit_code == 0, r.output
+    for part in ("fuse-gqa/site", "fuse-gqa/mask", "fuse-gqa/lengths", "fuse-gqa/rotary-inside"):
+        assert f"{part}: 2 candidate sites" in r.output, part
+    assert r.output.count("outside: disabled (--disable fuse-gqa/rotary-inside)") == 2
+    assert "fuse-gqa: fired fuse-gqa=2, fuse-gqa/rotary-outside=2" in r.output
+    r = CliRunner().invoke(main, ["compile", model, "--disable", "fuse-gqa/mask"])     # a part one cannot turn off
+    assert r.exit_code == 2 and "no pass or rule named 'fuse-gqa/mask'" in r.output
+
+
+def test_explain_of_a_part_says_which_earlier_part_refused():
+    from onnxc import pass_manager as pm
+    from onnxc.passes import fuse_gqa
+    from onnxc import ir as irio
+    model = irio.load(MODELS / "llama_dynamo_past.onnx")
+    sm = next(n for n in model.graph if n.op_type == "Softmax")
+    sm.attributes["axis"] = ir.AttrInt64("axis", 1)          # no longer the last axis: the site reader refuses
+    ctx = pm.PassContext(level=2)
+    rows = dict(next(p for p in fuse_gqa.PARTS if p.name == "fuse-gqa/mask").explain(model, ctx))
+    assert rows[sm.name] == "not reached: fuse-gqa/site refused (Softmax is not over the last axis)"
 
 
 def test_cli_explain_takes_a_pass_without_rules():
