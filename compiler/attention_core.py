@@ -203,6 +203,7 @@ class Site:
     mask_scale: float = 1.0   # the additive mask is scaled with the scores: Softmax((S + M) * mask_scale)
     mask_fill: ir.Value | None = None   # the value a Where mask ("keep" / "drop") puts in hidden places
     scores: ir.Value | None = None      # MatMul(Q, K^T): (B, N, S, T)
+    extra: tuple[ir.Value, ...] = ()    # terms added to the scaled scores besides the mask (ALiBi, DeBERTa's)
 
 
 def _same_rotary(rq: Rotary | None, rk: Rotary | None) -> None:
@@ -269,6 +270,21 @@ def _is_scores(x: ir.Value) -> bool:
     return prod(x, "MatMul") is not None
 
 
+def _biased_scores(x: ir.Value) -> bool:
+    """x is Add(scores, R) in either order: a term added to the scores besides the mask (ALiBi, a relative position
+    bias computed from Q: DeBERTa)."""
+    a = prod(x, "Add")
+    return a is not None and sum(_is_scores(i) for i in a.inputs) == 1
+
+
+def _unbias(x: ir.Value) -> tuple[ir.Value, tuple[ir.Value, ...]]:
+    """(scores, (R,)) for x = Add(scores, R), else (x, ())."""
+    if not _biased_scores(x):
+        return x, ()
+    a, b = prod(x, "Add").inputs
+    return (a, (b,)) if _is_scores(a) else (b, (a,))
+
+
 def parse_site(sm: ir.Node) -> Site:
     if attr_value(sm, "axis", default=-1) not in (-1, 3):
         raise Refusal("Softmax is not over the last axis")
@@ -311,14 +327,15 @@ def parse_site(sm: ir.Node) -> Site:
     fill = None
     if n.op_type == "Add":
         a, b = n.inputs
-        scores, mask = (a, b) if _is_scores(a) else (b, a)
+        scores, mask = (a, b) if _is_scores(a) or not _is_scores(b) and _biased_scores(a) else (b, a)
         kind = "bias"
     else:
         cond, x, y = n.inputs
-        if _is_scores(x):
+        if _is_scores(x) or _biased_scores(x):
             scores, mask, kind, fill = x, cond, "keep", y
         else:
             scores, mask, kind, fill = y, cond, "drop", x
+    scores, extra = _unbias(scores)
     scores, s_post = _peel_scale(scores)
     softcap = 0.0
     if (th := prod(scores, "Tanh")) is not None:
@@ -381,7 +398,7 @@ def parse_site(sm: ir.Node) -> Site:
         raise Refusal(f"{n_heads} query heads are not {kv} KV heads repeated {rep_k} times")
     return Site(out, rs[0], q4, k4, v4, q_rot, k_rot, past_k, past_v, present_k, present_v, mask, kind,
                 s_q * s_k * s_post * s_mask, n_heads, kv, head, rq, softcap, q_norm, k_norm, rotated4, s_mask, fill,
-                mm.outputs[0])
+                mm.outputs[0], extra)
 
 
 # -------------------------------------------------------------------------------------------------- probes

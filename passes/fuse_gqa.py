@@ -119,6 +119,9 @@ class _Reader:
                 raise Refusal(f"head size {site.head} is not a multiple of 8 (GroupQueryAttention)")
             if site.past_k is not None and dims_of(site.past_k)[1] != site.kv_heads:
                 raise Refusal("the past KV is not BNSH with the KV head count")
+            if site.extra:
+                raise Refusal("a term is added to the scores besides the mask (ALiBi or a relative position bias): "
+                              "the op takes none")
         except (Refusal, ValueError, IndexError, TypeError) as exc:   # an unexpected graph is refused, never fatal
             found[SITE] = str(exc) if isinstance(exc, Refusal) else f"unexpected graph ({type(exc).__name__}: {exc})"
             return None

@@ -7,9 +7,11 @@ with q', k' the query and key as the scores read them (rotated, per-head normed)
 view of BSNH x. M' is the site's mask as the additive term the op adds to the scaled scores, of shape
 (B or 1, N or 1, S, T):
 
-    additive M                    M' = M * c           (c: a scale that follows the mask, Softmax((S + M) * c))
+    additive M                    M' = M
     Where(keep, scores, fill)     M' = Where(keep, 0, fill)
     Where(drop, fill, scores)     M' = Where(drop, fill, 0)
+    then M' + R for each term R added to the scaled scores besides the mask (ALiBi: BLOOM; the relative terms
+    DeBERTa computes from Q), and M' * c for a scale c that follows the mask (Softmax((S + M) * c)),
 
 and, when M has one row for all queries, M' = Expand(M', (b, n, S, T)). Softmax(x + M') = Softmax(Where(keep, x,
 fill)) wherever a query sees a key; an -inf fill is written as the dtype's lowest finite value, so a query that
@@ -58,8 +60,6 @@ def _bias(b: GraphWriter, site: Site, q: ir.Value, k: ir.Value, one_row: bool) -
     np_dtype = dtype.numpy()
     if site.mask_kind == "bias":
         bias = site.mask
-        if site.mask_scale != 1.0:
-            bias = b.node("Mul", [bias, b.const(np.array(site.mask_scale, np_dtype), "mask_scale")], anchor).outputs[0]
     else:
         fill = site.mask_fill.const_value.numpy().astype(np_dtype)
         fill = np.where(np.isneginf(fill), np.finfo(np_dtype).min, fill).astype(np_dtype)
@@ -67,6 +67,10 @@ def _bias(b: GraphWriter, site: Site, q: ir.Value, k: ir.Value, one_row: bool) -
         fv = b.const(fill, "mask_fill")
         ins = [site.mask, zero, fv] if site.mask_kind == "keep" else [site.mask, fv, zero]
         bias = b.node("Where", ins, anchor).outputs[0]
+    for term in site.extra:          # ALiBi, DeBERTa's relative terms: added to the scaled scores with the mask
+        bias = b.node("Add", [bias, term], anchor).outputs[0]
+    if site.mask_scale != 1.0:
+        bias = b.node("Mul", [bias, b.const(np.array(site.mask_scale, np_dtype), "mask_scale")], anchor).outputs[0]
     if one_row:     # (b, n, 1, T) -> (b, n, S, T): S from Q's (B, S, N*H) view
         def dim(v: ir.Value, lo: int, hi: int) -> ir.Value:
             return b.node("Slice", [b.node("Shape", [v], anchor).outputs[0],
@@ -83,9 +87,10 @@ def _fill_ok(site: Site) -> None:
         f = site.mask_fill.const_value if site.mask_fill is not None else None
         if f is None or f.size != 1 or not float(f.numpy().reshape(-1)[0]) <= masks.LARGE_NEGATIVE:
             raise Refusal("the Where mask fill is not a large negative constant")
-    elif site.mask.dtype != site.q.dtype:
-        raise Refusal(f"the additive mask is {site.mask.dtype.name if site.mask.dtype else 'untyped'}, Q is "
-                      f"{site.q.dtype.name}")
+    for term in (site.mask, *site.extra) if site.mask_kind == "bias" else site.extra:
+        if term.dtype != site.q.dtype:
+            raise Refusal(f"a term added to the scores is {term.dtype.name if term.dtype else 'untyped'}, Q is "
+                          f"{site.q.dtype.name}")
 
 
 @register_pass
@@ -105,20 +110,23 @@ class FuseMHA(Pass):
                 site = parse_site(sm)
                 _check(site, ctx.target)
                 _fill_ok(site)
-                key = (id(site.mask), id(site.scores))
-                if key not in fits:
-                    try:
-                        fits[key] = masks.probe_bias_fits(graph, site.mask, site.scores, False, rows=True)
-                    except Refusal as exc:
-                        fits[key] = exc
-                if isinstance(fits[key], Refusal):
-                    raise fits[key]
+                one_row = True      # the sum has one row for all queries only when every term has
+                for term in (site.mask, *site.extra):
+                    key = (id(term), id(site.scores))
+                    if key not in fits:
+                        try:
+                            fits[key] = masks.probe_bias_fits(graph, term, site.scores, False, rows=True)
+                        except Refusal as exc:
+                            fits[key] = exc
+                    if isinstance(fits[key], Refusal):
+                        raise fits[key]
+                    one_row = one_row and fits[key]
             except (Refusal, ValueError, IndexError, TypeError, AttributeError) as exc:
                 if sm.outputs[0].uses():
                     why = exc if isinstance(exc, Refusal) else f"unexpected graph ({type(exc).__name__}: {exc})"
                     ctx.notes.append(f"fuse-mha: attention at {sm.name} not fused: {why}")
                 continue
-            plans.append((site, fits[key]))
+            plans.append((site, one_row))
         for site, one_row in plans:
             q, k, v = flat_qkv(b, site, rotated=True)
             bias = _bias(b, site, q, k, one_row)
