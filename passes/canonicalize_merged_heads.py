@@ -9,6 +9,7 @@ inverse, Reshape(x, (B, N, d2, d3)):
     s(x (+|-|*|/) y)                    ->  s(x) (+|-|*|/) y'                               rule merged-heads-split
          y' = y for a scalar, s(y) for y (B*N, e2, e3), Unsqueeze(y, 0) for y (1, e2, e3)
     s(m(X))                             ->  X                                               rule merged-heads-unmerge
+    Shape(m(X))                         ->  (d0*d1, d2, d3) of Shape(X)                      rule merged-heads-shape
 
 The batched matrix product of merged axes is the per-(batch, head) product: row b*N + h of m(A) is A[b, h]. An
 elementwise op commutes with the split when every operand is split the same way (a scalar, or an operand with one
@@ -191,6 +192,31 @@ def unmerge_rewrite(op, x, t, x4):
     return x4
 
 
+# ---------------------------------------------------------------------------------------- merged-heads-shape
+def shape_pattern(op, v):
+    return op.Shape(v, _name="sh")
+
+
+def shape_check(m):
+    if m.node("sh").attributes:
+        return m.fail("Shape reads part of the shape (start/end)")
+    x4 = _merge_of(m["v"])
+    if x4 is None:
+        return m.fail("the value is not a merge of a 4-D value", "v")
+    shapes = _shapes(m.graph, [m["v"], x4])
+    if shapes is None or not all(_merges(sv, s4) for sv, s4 in shapes):
+        return m.fail("the value is not (B*N, d2, d3) of its 4-D source")
+    return {"x4": x4}
+
+
+def shape_rewrite(op, v, x4):
+    s = op.Shape(x4)
+
+    def part(lo, hi):
+        return op.Slice(s, op.const(np.array([lo], np.int64)), op.const(np.array([hi], np.int64)))
+    return op.Concat(op.Mul(part(0, 1), part(1, 2)), part(2, 4), axis=0)
+
+
 RULES = [
     Rule("merged-heads-bmm", bmm_pattern, bmm_rewrite, bmm_check,
          summary="MatMul of (B*N, ., .) merges of 4-D values (or a transposed one) -> the 4-D MatMul, merged"),
@@ -198,6 +224,8 @@ RULES = [
          summary="(B*N, S, T) -> (B, N, S, T) of an elementwise op -> the op on split operands"),
     Rule("merged-heads-unmerge", unmerge_pattern, unmerge_rewrite, unmerge_check,
          summary="Reshape(Reshape(X, (B*N, S, T)), (B, N, S, T)) -> X, proved on evaluated shapes"),
+    Rule("merged-heads-shape", shape_pattern, shape_rewrite, shape_check,
+         summary="Shape of a (B*N, S, T) merge -> (B*N, S, T) computed from Shape(X), so the merge can die"),
 ]
 
 @register_pass

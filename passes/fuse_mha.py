@@ -1,7 +1,9 @@
 """fuse-mha: self-attention whose mask GroupQueryAttention cannot express -> com.microsoft MultiHeadAttention
 
-    o = Reshape(Transpose(Softmax(s * q' @ k'^T + M) @ v, [0,2,1,3]), [B, S, N*H])      (no cache, N query = N KV)
-      ->  o = MultiHeadAttention(flat(q'), flat(k'), flat(v), attention_bias = M', num_heads = N, scale = s)
+    o = Reshape(Transpose(Softmax(s * q' @ K^T + M) @ V, [0,2,1,3]), [B, S, N*H])           (N query = N KV)
+    K = Concat(past_k, k'), V = Concat(past_v, v) with a cache (K = k', V = v without)
+      ->  o, K, V = MultiHeadAttention(flat(q'), flat(k'), flat(v), attention_bias = M', past_k, past_v,
+                                       num_heads = N, scale = s)
 
 with q', k' the query and key as the scores read them (rotated, per-head normed) and flat(x) = the (B, S, N*H)
 view of BSNH x. M' is the site's mask as the additive term the op adds to the scaled scores, of shape
@@ -21,7 +23,8 @@ reads; a NaN there would reach every query through 0 * NaN in P @ V). The term's
 
 This takes what fuse-gqa leaves: bidirectional or two-sided window masks with rotary (ModernBERT and other
 rotary encoders) and masks that are no causal + padding rule. It runs after fuse-gqa and fuse-attention, so a site
-either of them fuses is never seen here. Refused: a KV cache, grouped KV heads (the op has one head count), a
+either of them fuses is never seen here. With a cache, the op is given the new K as the graph concatenates it (rotated, normed: what parse_site reads as
+the Concat's second input), so its present equals the graph's. Refused: grouped KV heads (the op has one head count), a
 softcap, scores computed in a wider type than Q, and float16 on the CPU target (the op's CPU kernel is float32).
 Reference: kernels/attention.py (multi_head_attention).
 """
@@ -40,8 +43,6 @@ from onnxc.rules import replace_value
 
 
 def _check(site: Site, target: str) -> None:
-    if site.past_k is not None:
-        raise Refusal("a KV cache (MultiHeadAttention here takes attention without one)")
     if site.kv_heads != site.num_heads:
         raise Refusal(f"grouped KV heads ({site.num_heads} query, {site.kv_heads} KV) with a mask "
                       f"GroupQueryAttention cannot express")
@@ -115,7 +116,8 @@ class FuseMHA(Pass):
                     key = (id(term), id(site.scores))
                     if key not in fits:
                         try:
-                            fits[key] = masks.probe_bias_fits(graph, term, site.scores, False, rows=True)
+                            fits[key] = masks.probe_bias_fits(graph, term, site.scores, site.past_k is not None,
+                                                              rows=True)
                         except Refusal as exc:
                             fits[key] = exc
                     if isinstance(fits[key], Refusal):
@@ -130,11 +132,18 @@ class FuseMHA(Pass):
         for site, one_row in plans:
             q, k, v = flat_qkv(b, site, rotated=True)
             bias = _bias(b, site, q, k, one_row)
-            node = b.node("MultiHeadAttention", [q, k, v, None, None, bias], site.anchor, domain=MS,
-                          num_heads=site.num_heads, scale=float(site.scale))
+            cached = site.past_k is not None
+            node = b.node("MultiHeadAttention", [q, k, v, None, None, bias] + ([site.past_k, site.past_v] if cached
+                                                                             else []),
+                          site.anchor, domain=MS, n_out=3 if cached else 1, num_heads=site.num_heads,
+                          scale=float(site.scale))
             out = node.outputs[0]
             out.dtype, out.shape = site.out.dtype or site.q.dtype, site.out.shape
             replace_value(site.out, out)
+            if cached:      # present = Concat(past, new) on the sequence axis, as the graph computed it
+                for new, old in zip(node.outputs[1:], (site.present_k, site.present_v)):
+                    new.dtype, new.shape = old.dtype or site.v.dtype, old.shape
+                    replace_value(old, new)
         if plans:
             if MS not in model.opset_imports:
                 model.opset_imports[MS] = 1

@@ -63,9 +63,18 @@ def test_fuse_mha_expands_a_padding_mask_over_the_queries():
     assert_equivalent(v, build(v), model)
 
 
-def test_fuse_mha_refuses_a_cache_grouped_heads_and_a_softcap():
-    for v, why in ((Variant(noncausal=True, kv_heads=4), "a KV cache"),
-                   (Variant(past=False, noncausal=True), "grouped KV heads"),
+@pytest.mark.parametrize("rotary", [False, True])
+def test_fuse_mha_with_a_kv_cache_returns_the_presents(rotary):
+    v = Variant(noncausal=True, kv_heads=4, rotary=rotary)
+    model, _ = fuse(build(v), PIPE)
+    node = mha(model)
+    assert len(node.outputs) == 3 and node.inputs[6].name == "past_key_values.0.key"
+    assert {o.name for o in model.graph.outputs} >= {node.outputs[1].name, node.outputs[2].name}
+    assert_equivalent(v, build(v), model)
+
+
+def test_fuse_mha_refuses_grouped_heads_and_a_softcap():
+    for v, why in ((Variant(past=False, noncausal=True), "grouped KV heads"),
                    (Variant(past=False, kv_heads=4, noncausal=True, softcap=3.0, scale_on="scores"), "a softcap")):
         proto = build(v)
         next(n for n in proto.graph.node if n.op_type == "Softmax").name = "attn/Softmax"
@@ -93,9 +102,9 @@ def test_fuse_mha_is_idempotent():
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(rotary=st.booleans(), interleaved=st.booleans(), window=st.sampled_from([0, 2, 4]),
        mask_form=st.sampled_from(["add", "where"]), scale_on=st.sampled_from(["qk", "scores", "q"]),
-       pad_only=st.booleans(), qk_norm=st.booleans(), nan_guard=st.booleans())
-def test_fuse_mha_property(rotary, interleaved, window, mask_form, scale_on, pad_only, qk_norm, nan_guard):
-    v = Variant(past=False, kv_heads=4, noncausal=True, rotary=rotary, interleaved=interleaved and rotary,
+       pad_only=st.booleans(), qk_norm=st.booleans(), nan_guard=st.booleans(), past=st.booleans())
+def test_fuse_mha_property(rotary, interleaved, window, mask_form, scale_on, pad_only, qk_norm, nan_guard, past):
+    v = Variant(past=past, kv_heads=4, noncausal=True, rotary=rotary, interleaved=interleaved and rotary,
                 window=0 if pad_only else window, mask_form=mask_form, scale_on=scale_on, pad_only=pad_only,
                 qk_norm=qk_norm and not interleaved, nan_guard=nan_guard)
     model, ctx = fuse(build(v), PIPE)
