@@ -134,9 +134,26 @@ def _unconcat(v: ir.Value) -> tuple[ir.Value | None, ir.Value]:
     if len(ins) != 2 or attr_value(n, "axis") not in (2, -2):
         raise Refusal("the KV cache is not Concat(past, new) on the sequence axis")
     past = ins[0]
-    if not past.is_graph_input():
+    c = prod(past, "Cast")       # fp16 TorchScript: a layer computed in float32 casts its float16 cache up first
+    if not past.is_graph_input() and not (c is not None and c.inputs[0].is_graph_input() and _widens(c)):
         raise Refusal("the past KV is not a graph input")
     return past, ins[1]
+
+
+def _widens(cast: ir.Node) -> bool:
+    """A float-to-float Cast that loses nothing (float16 -> float32, ...)."""
+    src, dst = cast.inputs[0].dtype, cast.outputs[0].dtype
+    return src is not None and dst is not None and src.is_floating_point() and dst.is_floating_point() and \
+        dst.itemsize >= src.itemsize
+
+
+def _rotary_of(v: ir.Value) -> Rotary | None:
+    """The rotary form of v, or of v's source when v casts a float rotation back (OLMo rotates in float32)."""
+    r = parse_rotary(v)
+    if r is None and (c := prod(v, "Cast")) is not None and c.inputs[0].dtype is not None and \
+            c.inputs[0].dtype.is_floating_point():
+        r = parse_rotary(c.inputs[0])
+    return r
 
 
 def _data_users(v: ir.Value) -> list[ir.Node]:
@@ -171,6 +188,9 @@ def _heads_view(x: ir.Value, what: str) -> tuple[ir.Value, ir.Node | None]:
             raise Refusal(f"{what} is normalized over more than its last axis")
         x = norm.inputs[0]
     t = prod(x, "Transpose")
+    if t is None and norm is None and (c := prod(x, "Cast")) is not None and c.inputs[0].dtype is not None and \
+            c.inputs[0].dtype.is_floating_point():
+        t = prod(c.inputs[0], "Transpose")      # OLMo: rotary in float32 on a float16 head view, cast back
     if t is None or _perm(t) != [0, 2, 1, 3]:
         raise Refusal(f"{what} is not Transpose(BSNH, [0,2,1,3])")
     return t.inputs[0], norm
@@ -360,14 +380,14 @@ def parse_site(sm: ir.Node) -> Site:
             raise Refusal("K is transposed from BSNH while V is cached or repeated")
         present_k, rep_k, past_k, k_rot = tn.inputs[0], 1, None, None
     else:
-        k_full = _untranspose_k(kt)
+        k_full = _peel_cast(_untranspose_k(kt))      # GPT-J: K cast to float32 before its transposition
         present_k, rep_k = _unrepeat(k_full)
         past_k, k_rot = _unconcat(present_k)
     if rep_k != rep_v:
         raise Refusal("K and V repeat their heads differently")
     if (past_k is None) != (past_v is None):
         raise Refusal("only one of K and V has a cache")
-    rq, rk = parse_rotary(q_rot), (parse_rotary(k_rot) if k_rot is not None else None)
+    rq, rk = _rotary_of(q_rot), (_rotary_of(k_rot) if k_rot is not None else None)
     _same_rotary(rq, rk)
     q4, q_norm = _heads_view(rq.x if rq else q_rot, "Q")
     k4, k_norm = (present_k, None) if k_rot is None else _heads_view(rk.x if rk else k_rot, "K")

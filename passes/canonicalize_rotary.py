@@ -69,6 +69,12 @@ def canonical_rotation(graph: ir.Graph, anchor: ir.Node, x: ir.Value, form: str,
     return w.op("Reshape", stack, shape, like=x, dims=d)
 
 
+def _widens(cast: ir.Node) -> bool:
+    src, dst = cast.inputs[0].dtype, cast.outputs[0].dtype
+    return src is not None and dst is not None and src.is_floating_point() and dst.is_floating_point() and \
+        dst.itemsize >= src.itemsize
+
+
 @register_pass
 class CanonicalizeRotary(Pass):
     """rotate_half / rotate_every_two written any other way (proved by evaluation) -> the canonical Slice form."""
@@ -86,6 +92,11 @@ class CanonicalizeRotary(Pass):
                 if r is x:
                     continue
                 form = proved_rotation(r, x)
+                c = x.producer()
+                if form is None and c is not None and c.op_type == "Cast" and _widens(c):
+                    # OLMo: x = Cast(x0) to float32 and r taken on x0 then cast: a widening Cast commutes with
+                    # Slice/Neg/Concat, so r = rotate_half(x) when r is rotate_half of x0 (proved from x0)
+                    form = proved_rotation(r, c.inputs[0])
                 if form is None:
                     continue
                 canon = canonical_rotation(graph, mul, x, form, f"{add.name or 'rotary'}/canonical")

@@ -31,6 +31,10 @@ class Variant:
     bias_value: float = 0.0       # a non-zero value makes the mask a bias that GQA cannot express
     noncausal: bool = False       # every key visible (an encoder's bidirectional attention)
     pad_only: bool = False        # the mask is the padding alone, (B, 1, 1, T): one row for every query
+    rotary_f32: bool = False      # OLMo: rotary in float32 on Cast(q), rotate_half taken before the Cast, cast back
+    k_cast: bool = False          # GPT-J: Q and K cast to float32 (K before its transposition), scores and softmax
+    #                               in float32, P cast back to the values' type
+    past_fp16: bool = False       # a float32 layer reading a float16 cache, cast up before the Concat
     static: tuple[int, int, int] | None = None   # (batch, seq, past): every input dim fixed
     softcap: float = 0.0          # Gemma2: c * tanh(scores / c) between the scale and the mask
     qk_norm: bool = False         # Gemma3: RMS norm (SimplifiedLayerNormalization) of BNSH q and k after the transpose
@@ -165,13 +169,21 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
 
         def rot(z):
             c, s_ = tables() if v.tables_per_use and z == k else (cos, sin)
+            if v.rotary_f32:
+                c32, s32 = op("Unsqueeze", cos_f, i64(1)), op("Unsqueeze", sin_f, i64(1))
+                wide = op("Add", op("Mul", op("Cast", z, to=TensorProto.FLOAT), c32),
+                          op("Mul", op("Cast", rotate_half(z), to=TensorProto.FLOAT), s32))
+                return op("Cast", wide, to=v.dtype)
             return op("Add", op("Mul", z, c), op("Mul", rotate_half(z), s_))
 
         q, k = rot(q), rot(k)
     present_k, present_v = k, val
     if v.past:
-        present_k = op("Concat", "past_key_values.0.key", k, axis=-2)
-        present_v = op("Concat", "past_key_values.0.value", val, axis=-2)
+        pk, pv = "past_key_values.0.key", "past_key_values.0.value"
+        if v.past_fp16:
+            pk, pv = op("Cast", pk, to=TensorProto.FLOAT), op("Cast", pv, to=TensorProto.FLOAT)
+        present_k = op("Concat", pk, k, axis=-2)
+        present_v = op("Concat", pv, val, axis=-2)
         nodes.append(helper.make_node("Identity", [present_k], ["present.0.key"]))
         nodes.append(helper.make_node("Identity", [present_v], ["present.0.value"]))
 
@@ -183,6 +195,8 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
         return op("Reshape", op("Expand", op("Unsqueeze", z, i64(2)), shape5), shape4)
 
     kf, vf = repeat(present_k), repeat(present_v)
+    if v.k_cast:
+        q, kf = op("Cast", q, to=TensorProto.FLOAT), op("Cast", kf, to=TensorProto.FLOAT)
     if v.k_transpose == "perm":
         kt = op("Transpose", kf, perm=[0, 1, 3, 2])
     else:
@@ -199,7 +213,7 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
     elif v.scale_on == "q":
         scores = op("MatMul", op("Mul", q, scalar(scale)), kt)
     else:
-        scores = op("Div", op("MatMul", q, kt), scalar(np.sqrt(h)))
+        scores = op("Div", op("MatMul", q, kt), const(np.array(np.sqrt(h), np.float32 if v.k_cast else npdt)))
     if v.softcap:
         scores = op("Mul", op("Tanh", op("Div", scores, scalar(v.softcap))), scalar(v.softcap))
     # mask: keys j <= past + i, inside the window, not padded
@@ -213,7 +227,7 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
     if v.mask_input:
         padm = op("Unsqueeze", op("Cast", mask, to=TensorProto.BOOL), i64(1, 2))       # (B, 1, 1, T)
         keep = padm if v.pad_only else op("And", keep, padm)                          # (B, 1, S, T)
-    sdt = np.float32 if v.upcast else npdt                # the type scores, mask and softmax are computed in
+    sdt = np.float32 if v.upcast or v.k_cast else npdt     # the type scores, mask and softmax are computed in
     if v.upcast:
         scores, vf = op("Cast", scores, to=TensorProto.FLOAT), op("Cast", vf, to=TensorProto.FLOAT)
     lowest = float(np.finfo(sdt).min)
@@ -227,6 +241,8 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
     probs = op("Softmax", logits, axis=-1)
     if v.nan_guard:
         probs = op("Where", op("IsNaN", probs), const(np.array(0.0, sdt)), probs)
+    if v.k_cast:
+        probs = op("Cast", probs, to=v.dtype)
     o = op("Transpose", op("MatMul", probs, vf), perm=[0, 2, 1, 3])
     o = op("Reshape", o, op("Concat", op("Unsqueeze", b, i64(0)), op("Unsqueeze", s, i64(0)), i64(n * h), axis=0))
     if v.upcast:
@@ -244,7 +260,9 @@ def build(v: Variant, seed: int = 0) -> onnx.ModelProto:
     outputs = [helper.make_tensor_value_info("out", v.dtype, [bd, sd, hidden])]
     if v.past:
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.0.{kind}", v.dtype, [bd, kv, pd, h]))
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.0.{kind}",
+                                                        TensorProto.FLOAT16 if v.past_fp16 else v.dtype,
+                                                        [bd, kv, pd, h]))
             outputs.append(helper.make_tensor_value_info(f"present.0.{kind}", v.dtype, [bd, kv, td, h]))
     graph = helper.make_graph(nodes, "attention", inputs, outputs, inits, value_info=typed)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", v.opset)], ir_version=10)

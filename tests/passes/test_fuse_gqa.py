@@ -50,7 +50,8 @@ def feeds_for(v: Variant, batch: int, seq: int, past: int, pad: int = 0, seed: i
         del f["attention_mask"]
     if v.past:
         for kind in ("key", "value"):
-            f[f"past_key_values.0.{kind}"] = rng.standard_normal((batch, v.kv_heads, past, v.head)).astype(dt)
+            f[f"past_key_values.0.{kind}"] = rng.standard_normal((batch, v.kv_heads, past, v.head)).astype(
+                np.float16 if v.past_fp16 else dt)
     return f
 
 
@@ -117,6 +118,26 @@ def test_fuse_gqa_reads_head_counts_inference_lost_by_evaluating_shapes(past):
     gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
     assert (gqa.attributes["num_heads"].value, gqa.attributes["kv_num_heads"].value) == (v.heads, v.kv_heads)
     assert_equivalent(v, build(v), model)
+
+
+@pytest.mark.parametrize("variant", [
+    Variant(rotary_f32=True, dtype=onnx.TensorProto.FLOAT16),                 # OLMo
+    Variant(rotary_f32=True, dtype=onnx.TensorProto.FLOAT16, past=False),
+    Variant(k_cast=True, dtype=onnx.TensorProto.FLOAT16, scale_on="scores"),  # GPT-J
+    Variant(k_cast=True, dtype=onnx.TensorProto.FLOAT16, scale_on="scores", past=False),
+    Variant(past_fp16=True),                                                  # a float32 layer, float16 cache
+], ids=["rotary-f32", "rotary-f32-prefill", "k-cast", "k-cast-prefill", "past-fp16"])
+def test_fuse_gqa_reads_through_float_casts(variant):
+    """Exporters' float16 forms: rotary computed in float32 and cast back (rotate_half taken before the Cast), K
+    cast to float32 before its transposition, a float16 cache cast up before the Concat."""
+    model, ctx = fuse(build(variant))
+    assert ops(model)["GroupQueryAttention"] == 1, ctx.notes
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    if variant.rotary_f32:
+        assert gqa.attributes["do_rotary"].value == 1
+    if variant.past_fp16:       # the op reads the cast-up cache; its presents are the graph's (float32)
+        assert gqa.inputs[3].producer().op_type == "Cast"
+    assert_equivalent(variant, build(variant), model)
 
 
 def test_fuse_gqa_finds_the_sliding_window():
@@ -477,6 +498,7 @@ variants = st.builds(
     tables_per_use=st.booleans(),
     positions=st.booleans(),
     mask_input=st.sampled_from([True, True, False]),
+    rotary_f32=st.booleans(),
 )
 
 
