@@ -36,8 +36,8 @@ def test_coverage_names_each_missed_site_with_a_reason():
     cov = report["coverage"]
     assert (cov["attention"]["found"], cov["attention"]["fused"]) == (2, 0)
     assert len({m["site"] for m in cov["attention"]["misses"]}) == 2 == report["ops_after"]["Softmax"]
-    # fuse-gqa is off; fuse-mha looked and says why it takes no cached attention
-    assert all(m["reason"].startswith("MultiHeadAttention: a KV cache") for m in cov["attention"]["misses"])
+    # fuse-gqa is off; fuse-mha looked and says why it cannot take these sites
+    assert all(m["reason"].startswith("MultiHeadAttention: grouped KV heads") for m in cov["attention"]["misses"])
     assert (cov["skip_norm"]["found"], cov["skip_norm"]["fused"]) == (4, 0)
     assert (cov["norm"]["found"], cov["norm"]["fused"]) == (5, 5)
 
