@@ -26,6 +26,8 @@ DEFAULT_METHOD = "lsq"
 UNIFORM = "uniform"              # int4:uniform: every layer int4 with DEFAULT_METHOD
 MIXED_BUDGET = 1.25              # int4 (mixed): weight bytes at most this times the all-int4 bytes
 HIGH_BITS = 8                    # the precision of the layers mixed precision keeps
+SENSITIVITIES = ("output", "weight")   # how mixed precision ranks weights (quant_precision.choose_bits)
+SENSITIVITY_MAX_BYTES = 2 << 30  # "output" runs the float model: above these weight bytes, "weight" is used
 DEFAULT_BLOCK = {"cpu": 32, "cuda": 32}
 DEFAULT_ACCURACY = {"cpu": 4, "cuda": 0}
 
@@ -79,6 +81,7 @@ class QuantOptions:
     mixed: bool = False              # sensitive layers at HIGH_BITS within mixed_budget (choose_bits)
     mixed_budget: float = MIXED_BUDGET
     scheme: str = "int4"
+    sensitivity: str = "output"      # mixed precision's ranking: the model's output error, or the weight error
 
 
 def options_of(ctx: PassContext) -> QuantOptions:
@@ -89,6 +92,9 @@ def options_of(ctx: PassContext) -> QuantOptions:
     mixed_budget = ctx.option("mixed_budget", MIXED_BUDGET)
     if not isinstance(mixed_budget, (int, float)) or mixed_budget < 1:
         raise UsageError(f"mixed_budget must be a number >= 1 (weight bytes relative to all-int4), got {mixed_budget}")
+    sensitivity = ctx.option("sensitivity", SENSITIVITIES[0])
+    if sensitivity not in SENSITIVITIES:
+        raise UsageError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, got {sensitivity!r}")
     block = ctx.option("block_size") or DEFAULT_BLOCK.get(ctx.target, 32)
     if not isinstance(block, int) or block < 16 or block & (block - 1):
         raise UsageError(f"--block-size: {block} is not a power of 2 >= 16 (MatMulNBits requires one)")
@@ -116,4 +122,5 @@ def options_of(ctx: PassContext) -> QuantOptions:
     exclude = ctx.option("exclude") or ()
     return QuantOptions(method, block, symmetric, int(level), tuple([exclude] if isinstance(exclude, str) else exclude),
                         bool(ctx.option("tied_embedding", True)), calibration, float(damp),
-                        bool(ctx.option("act_order", False)), budget, mixed, float(mixed_budget), mode.scheme)
+                        bool(ctx.option("act_order", False)), budget, mixed, float(mixed_budget), mode.scheme,
+                        sensitivity)

@@ -21,6 +21,19 @@ def weight_bytes(k: int, n: int, bits: int, block: int, symmetric: bool, scale_b
     return n * kb * block * bits // 8 + n * kb * scale_bytes + (0 if symmetric else n * (-(-kb * bits // 8)))
 
 
+def dequantized_rtn(site: Site, block: int, symmetric: bool, bits: int = 4) -> np.ndarray:
+    """The site's W (K, N) after round-to-nearest at `bits`, dequantized (float32; column chunks of a few MiB)."""
+    w = site.load()
+    k, n = site.shape
+    out = np.empty((k, n), np.float32)
+    step = max(1, TABLE_ROWS * 64 // max(k, 1))
+    for c0 in range(0, n, step):
+        x = np.ascontiguousarray(w[:, c0:c0 + step], np.float32)
+        b, sc, z = kq.quantize(x, "rtn", block, symmetric, bits=bits)
+        out[:, c0:c0 + x.shape[1]] = dequantize(b, sc, z, K=k, N=x.shape[1], bits=bits, block_size=block)
+    return out
+
+
 @dataclass
 class LayerChoice:
     """One weight's precision under mixed precision, and why (the report lists them)."""
@@ -30,21 +43,28 @@ class LayerChoice:
     bits: int
     block_size: int
     error: float                    # relative weight-space error of int4 round-to-nearest, ||W - Q(W)|| / ||W||
-    reason: str                     # "logits" (lm_head or tied table), "error rank N", "int4", "over budget"
+    reason: str                     # "logits", "output error rank N", "error rank N", "int4", "over budget"
+    output_error: float | None = None   # the model's relative output error with this weight alone int4 (sensitivity)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "bits": self.bits, "block_size": self.block_size,
-                "int4_rel_error": round(self.error, 5), "reason": self.reason}
+                "int4_rel_error": round(self.error, 5),
+                **({"int4_output_error": float(f"{self.output_error:.4g}")} if self.output_error is not None else {}),
+                "reason": self.reason}
 
 
-def choose_bits(sites: list[Site], blocks: dict[tuple, int], logits: set[tuple], opts: QuantOptions
-                ) -> dict[tuple, LayerChoice]:
+def choose_bits(sites: list[Site], blocks: dict[tuple, int], logits: set[tuple], opts: QuantOptions,
+                output_error: dict[tuple, float] | None = None) -> dict[tuple, LayerChoice]:
     """Mixed precision: which weights keep HIGH_BITS, within opts.mixed_budget times the all-int4 bytes.
 
-    Sensitivity is measured without data: each weight's relative error under int4 round-to-nearest (blocks with
-    outliers lose the most). The layers that produce the logits (`logits`: the lm_head, and a weight that may be a
-    tied embedding table, whose error also enters every embedded token) come first; the others follow by
-    decreasing error. Each is promoted while the total stays within the budget."""
+    Each weight's relative error under int4 round-to-nearest is measured (weight space; blocks with outliers lose
+    the most). With `output_error` (compiler/sensitivity.py: the model's output error with that weight alone at
+    int4, on synthetic inputs), weights are promoted by decreasing output error per extra byte, the others (no
+    output error measured) after them; a promotion removes about all of a weight's error (8 bits: 256 times less
+    squared error), so this is the greedy answer to "least total error within the budget". Without it, the layers
+    that produce the logits (`logits`: the lm_head, and a weight that may be a tied embedding table, whose error
+    also enters every embedded token) come first and the others follow by decreasing weight-space error. Each is
+    promoted while the total stays within the budget."""
     unique = list({s.key: s for s in sites}.values())
     choices: dict[tuple, LayerChoice] = {}
     cost4, cost8 = {}, {}
@@ -64,20 +84,29 @@ def choose_bits(sites: list[Site], blocks: dict[tuple, int], logits: set[tuple],
             ref += float(np.square(x).sum())
         del w
         err = (sq / max(ref, 1e-30)) ** 0.5
-        choices[site.key] = LayerChoice(site.name, site.shape, 4, block, err, "int4")
+        choices[site.key] = LayerChoice(site.name, site.shape, 4, block, err, "int4",
+                                        (output_error or {}).get(site.key))
     budget = opts.mixed_budget * sum(cost4.values())
     total = sum(cost4.values())
-    order = sorted(choices, key=lambda key: (key not in logits, -choices[key].error))
+    measured = output_error is not None
+    if measured:
+        order = sorted(choices, key=lambda key: (choices[key].output_error is None,
+                                                 -(choices[key].output_error or 0.0) / (cost8[key] - cost4[key]),
+                                                 -choices[key].error))
+    else:
+        order = sorted(choices, key=lambda key: (key not in logits, -choices[key].error))
     rank = 0
     for key in order:
         c = choices[key]
-        if key not in logits:
+        first = key in logits and not measured
+        if not first:
             rank += 1
         extra = cost8[key] - cost4[key]
         if total + extra > budget:
-            c.reason = "over budget" if key in logits else "int4"
+            c.reason = "over budget" if first else "int4"
             continue
         total += extra
         c.bits = HIGH_BITS
-        c.reason = "logits" if key in logits else f"error rank {rank}"
+        c.reason = ("logits" if first else
+                    f"output error rank {rank}" if c.output_error is not None else f"error rank {rank}")
     return choices

@@ -1,0 +1,124 @@
+"""Mixed precision ranked by output error (compiler/sensitivity.py): the measure equals the forward pass computed
+by hand, it sees an amplified layer that weight-space error misses, and it falls back to the weight error where it
+cannot run."""
+from __future__ import annotations
+
+import numpy as np
+import onnxc
+import pytest
+from helpers import parse, run_pass
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnxc import quant_options as qo
+from onnxc import quant_precision as qp
+from onnxc import quant_sites as qs
+from onnxc import sensitivity
+from onnxc.verify import make_inputs
+
+
+def w(*shape, seed=0, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def _amplified(gain: float = 30.0):
+    """y = 30 (x W1) + x W2: W2 has an outlier input row (the larger int4 weight error), W1's error is amplified."""
+    w2 = w(64, 32, seed=2)
+    w2[5] *= 25.0
+    return parse("""
+    g (float[N, 64] x) => (float[N, 32] y) {
+      a = MatMul(x, W1)
+      s = Mul(a, k)
+      b = MatMul(x, W2)
+      y = Add(s, b)
+    }""", {"W1": w(64, 32, seed=1), "W2": w2, "k": np.array(gain, np.float32)})
+
+
+def _bits(model, **options) -> dict[str, int]:
+    run_pass(model, "quantize-int4", quantize="int4", mixed_budget=1.5, **options)
+    return {n.inputs[1].name.split("_")[0]: n.attributes["bits"].value for n in model.graph
+            if n.op_type == "MatMulNBits"}
+
+
+def test_quantize_sensitivity_output_error_promotes_the_amplified_layer():
+    # budget 1.5x: room for one of the two weights at 8 bits (each costs 9.125 / 5.125 of its int4 bytes)
+    assert _bits(_amplified()) == {"W1": 8, "W2": 4}
+    assert _bits(_amplified(), sensitivity="weight") == {"W1": 4, "W2": 8}
+
+
+def test_quantize_sensitivity_report_gives_each_weight_its_output_error(tmp_path):
+    model = _amplified()
+    ctx = onnxc.pass_manager.PassContext(options={"quantize": "int4", "mixed_budget": 1.5})
+    onnxc.pass_manager.get_pass("quantize-int4").run(model, ctx)
+    layers = {x["name"]: x for x in ctx.results["quantize-int4"]["layers"]}
+    assert layers["W1"]["reason"] == "output error rank 1" and layers["W2"]["reason"] == "int4"
+    assert layers["W1"]["int4_output_error"] > layers["W2"]["int4_output_error"] > 0
+    assert layers["W1"]["int4_rel_error"] < layers["W2"]["int4_rel_error"]
+    assert any("output errors of 2 weights" in n for n in ctx.notes)
+
+
+def test_quantize_sensitivity_above_the_size_limit_ranks_by_weight_error(monkeypatch):
+    from onnxc.passes import quantize_int4 as qi
+
+    monkeypatch.setattr(qi, "SENSITIVITY_MAX_BYTES", 0)
+    model = _amplified()
+    ctx = onnxc.pass_manager.PassContext(options={"quantize": "int4", "mixed_budget": 1.5})
+    onnxc.pass_manager.get_pass("quantize-int4").run(model, ctx)
+    assert any("ranks weights by their int4 weight error" in n for n in ctx.notes)
+    layers = {x["name"]: x for x in ctx.results["quantize-int4"]["layers"]}
+    assert layers["W2"]["reason"] == "error rank 1" and "int4_output_error" not in layers["W2"]
+
+
+def test_quantize_sensitivity_rejects_an_unknown_ranking():
+    with pytest.raises(onnxc.errors.UsageError, match="sensitivity must be one of output, weight"):
+        run_pass(_amplified(), "quantize-int4", quantize="int4", sensitivity="hessian")
+
+
+def test_quantize_sensitivity_weights_that_cannot_be_fed_are_ranked_after_the_measured_ones():
+    """A Gemm with alpha != 1 cannot be overridden by feeding its initializer: no output error, ranked last."""
+    model = parse("""
+    g (float[N, 64] x) => (float[N, 32] y) {
+      a = Gemm<alpha = 2.0>(x, W1)
+      y = MatMul(a, W2)
+    }""", {"W1": w(64, 32, seed=1), "W2": w(32, 32, seed=2)})
+    opts = qo.QuantOptions("lsq", 32, False, 4, (), True, mixed=True, mixed_budget=10.0)
+    sites = qs.find_sites(model.graph, opts, [])
+    assert [sensitivity.weight_value(s) is not None for s in sites] == [False, True]
+    blocks = {s.key: 32 for s in sites}
+    errors = sensitivity.output_errors(model, sites, lambda s: qp.dequantized_rtn(s, 32, False), _tmp())
+    assert set(errors) == {sites[1].key}
+    plan = qp.choose_bits(sites, blocks, set(), opts, errors)
+    assert [plan[s.key].reason for s in sites] == ["error rank 2", "output error rank 1"]
+
+
+def _tmp():
+    import tempfile
+    from pathlib import Path
+    return Path(tempfile.mkdtemp(prefix="onnxc-test-sensitivity-"))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(k=st.sampled_from([32, 64, 96]), n=st.sampled_from([16, 48]), m=st.sampled_from([32, 40, 64]),
+       transposed=st.booleans(), seed=st.integers(0, 1000))
+def test_quantize_sensitivity_equals_the_forward_pass_by_hand(k, n, m, transposed, seed):
+    """e = ||y(W1q) - y||^2 / ||y||^2 for y = relu(x W1) W2, W1 read directly or through a Transpose."""
+    w1, w2 = w(k, m, seed=seed), w(m, n, seed=seed + 1)
+    first = "t = Transpose<perm = [1, 0]>(W1)\n      a = MatMul(x, t)" if transposed else "a = MatMul(x, W1)"
+    model = parse(f"""
+    g (float[N, {k}] x) => (float[N, {n}] y) {{
+      {first}
+      r = Relu(a)
+      y = MatMul(r, W2)
+    }}""", {"W1": np.ascontiguousarray(w1.T) if transposed else w1, "W2": w2})
+    opts = qo.QuantOptions("lsq", 32, False, 4, (), True, mixed=True)
+    sites = qs.find_sites(model.graph, opts, [])
+    deq = {s.key: qp.dequantized_rtn(s, 32, False) for s in sites}
+    errors = sensitivity.output_errors(model, sites, lambda s: deq[s.key], _tmp())
+    x = make_inputs(model, sensitivity.SCENARIO, sensitivity.SEED)["x"].astype(np.float64)
+    y = np.maximum(x @ w1, 0) @ w2
+    by_name = {s.name: s.key for s in sites}
+    y1 = np.maximum(x @ deq[by_name["W1"]], 0) @ w2
+    y2 = np.maximum(x @ w1, 0) @ deq[by_name["W2"]]
+    ref = float(np.square(y).sum())
+    np.testing.assert_allclose(errors[by_name["W1"]], float(np.square(y1 - y).sum()) / ref, rtol=1e-3)
+    np.testing.assert_allclose(errors[by_name["W2"]], float(np.square(y2 - y).sum()) / ref, rtol=1e-3)
+    assert len(model.graph.inputs) == 1          # the graph is left as it was
