@@ -187,6 +187,7 @@ class QuantizeInt4(Pass):
         blocks = _blocks(sites, shapes, opts, ctx.notes)
         plan = _plan(model, sites, blocks, shapes, opts, store, ctx.notes)
         bits_of = {key: c.bits for key, c in plan.items()}
+        blocks.update({key: c.block_size for key, c in plan.items()})
         for site in sites:
             if site.key not in done:
                 w = site.load()

@@ -122,3 +122,59 @@ def test_quantize_sensitivity_equals_the_forward_pass_by_hand(k, n, m, transpose
     np.testing.assert_allclose(errors[by_name["W1"]], float(np.square(y1 - y).sum()) / ref, rtol=1e-3)
     np.testing.assert_allclose(errors[by_name["W2"]], float(np.square(y2 - y).sum()) / ref, rtol=1e-3)
     assert len(model.graph.inputs) == 1          # the graph is left as it was
+
+
+# ------------------------------------------------------------------------------------------------ wider blocks
+def _three():
+    return parse("""
+    g (float[N, 128] x) => (float[N, 128] y) {
+      a = MatMul(x, W1)
+      b = MatMul(a, W2)
+      y = MatMul(b, W3)
+    }""", {"W1": w(128, 128, seed=1), "W2": w(128, 128, seed=2), "W3": w(128, 128, seed=3)})
+
+
+def _bytes(plan) -> int:
+    return sum(qp.weight_bytes(*c.shape, c.bits, c.block_size, False, 4) for c in plan.values())
+
+
+def test_quantize_sensitivity_wider_blocks_pay_for_an_8_bit_weight():
+    """Three equal weights, budget 1.25x: 8 bits for one costs 0.27x of the total, so without wider blocks nothing
+    fits; a wider block for a weight of low output error frees the bytes the sensitive one needs."""
+    model = _three()
+    sites = qs.find_sites(model.graph, qo.QuantOptions("lsq", 32, False, 4, (), True, mixed=True), [])
+    errors = {sites[0].key: 1e-2, sites[1].key: 1e-5, sites[2].key: 2e-5}
+    blocks = {s.key: 32 for s in sites}
+    base = qo.QuantOptions("lsq", 32, False, 4, (), True, mixed=True, mixed_budget=1.25)
+    plain = qp.choose_bits(sites, blocks, set(), base, errors)
+    assert {c.bits for c in plain.values()} == {4}
+    wide = qo.QuantOptions("lsq", 32, False, 4, (), True, mixed=True, mixed_budget=1.25, mixed_blocks=(64, 128))
+    plan = qp.choose_bits(sites, blocks, set(), wide, errors)
+    got = [(plan[s.key].bits, plan[s.key].block_size) for s in sites]
+    assert got[0] == (8, 32) and all(bits == 4 for bits, _ in got[1:]) and max(b for _, b in got[1:]) > 32, got
+    assert _bytes(plan) <= 1.25 * _bytes(plain)
+    widened = [plan[s.key] for s in sites[1:] if plan[s.key].block_size > 32]
+    assert widened[0].reason == f"int4, block {widened[0].block_size}: low output error"
+    assert plan[sites[0].key].reason == "output error rank 1"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(errors=st.lists(st.floats(1e-7, 1e-1), min_size=3, max_size=3), budget=st.floats(1.0, 2.0),
+       wide=st.sampled_from([(), (64,), (64, 128)]))
+def test_quantize_sensitivity_plans_stay_within_the_budget(errors, budget, wide):
+    model = _three()
+    sites = qs.find_sites(model.graph, qo.QuantOptions("lsq", 32, False, 4, (), True, mixed=True), [])
+    blocks = {s.key: 32 for s in sites}
+    opts = qo.QuantOptions("lsq", 32, False, 4, (), True, mixed=True, mixed_budget=budget, mixed_blocks=wide)
+    plan = qp.choose_bits(sites, blocks, set(), opts, dict(zip((s.key for s in sites), errors)))
+    all4 = sum(qp.weight_bytes(128, 128, 4, 32, False, 4) for _ in sites)
+    assert _bytes(plan) <= budget * all4 + 1e-6
+    assert all(c.bits in (4, 8) and (c.block_size == 32 or (c.bits == 4 and c.block_size in wide))
+               for c in plan.values())
+    if budget * all4 >= all4 + (qp.weight_bytes(128, 128, 8, 32, False, 4) - qp.weight_bytes(128, 128, 4, 32, False, 4)):
+        assert any(c.bits == 8 for c in plan.values())     # room for one 8-bit weight is used
+
+
+def test_quantize_sensitivity_rejects_bad_mixed_blocks():
+    with pytest.raises(onnxc.errors.UsageError, match="mixed_blocks"):
+        run_pass(_three(), "quantize-int4", quantize="int4", mixed_blocks=[48])
