@@ -26,7 +26,7 @@ from .ir import release_weights
 from .quant_sites import Site
 from .verify import Scenario, make_inputs
 
-SCENARIO = Scenario("sensitivity", 4, 32, 0)     # batch, sequence, past: 128 prefill tokens
+SCENARIO = Scenario("sensitivity", 2, 32, 0)     # batch, sequence, past: 64 prefill tokens
 SEED = 1234
 
 
