@@ -31,17 +31,16 @@ SEED = 1234
 
 
 def weight_value(site: Site) -> tuple[ir.Value, bool] | None:
-    """(the initializer the site's weight is, transposed) when a run can override it: a graph initializer read
-    directly or through a Transpose, with no alpha."""
+    """(the initializer the site's weight is, whether W (K, N) is its transpose) when a run can override it: a graph
+    initializer read directly or through a Transpose (transB and a Transpose node both count), with no alpha."""
     if site.key[2] != 1.0:
         return None
     w = site.node.inputs[1]
-    transposed = False
     if w is not None and w.producer() is not None and w.producer().op_type == "Transpose":
-        w, transposed = w.producer().inputs[0], True
+        w = w.producer().inputs[0]
     if w is None or not w.is_initializer() or w.is_graph_input():
         return None
-    return w, transposed
+    return w, bool(site.key[1])
 
 
 def output_errors(model: ir.Model, sites: Iterable[Site], dequantized: Callable[[Site], np.ndarray],

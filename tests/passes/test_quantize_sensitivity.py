@@ -96,19 +96,27 @@ def _tmp():
     return Path(tempfile.mkdtemp(prefix="onnxc-test-sensitivity-"))
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("layout", ["plain", "transpose", "gemm-transB", "fused-transB-of-transpose"])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(k=st.sampled_from([32, 64, 96]), n=st.sampled_from([16, 48]), m=st.sampled_from([32, 40, 64]),
-       transposed=st.booleans(), seed=st.integers(0, 1000))
-def test_quantize_sensitivity_equals_the_forward_pass_by_hand(k, n, m, transposed, seed):
-    """e = ||y(W1q) - y||^2 / ||y||^2 for y = relu(x W1) W2, W1 read directly or through a Transpose."""
+       seed=st.integers(0, 1000))
+def test_quantize_sensitivity_equals_the_forward_pass_by_hand(layout, k, n, m, seed):
+    """e = ||y(W1q) - y||^2 / ||y||^2 for y = relu(x W1) W2, W1 stored as (K, M) or (M, K) and read directly, through
+    a Transpose, by Gemm transB = 1, or by FusedMatMul transB = 1 over a Transpose (stored (K, M) again)."""
     w1, w2 = w(k, m, seed=seed), w(m, n, seed=seed + 1)
-    first = "t = Transpose<perm = [1, 0]>(W1)\n      a = MatMul(x, t)" if transposed else "a = MatMul(x, W1)"
+    first = {"plain": "a = MatMul(x, W1)",
+             "transpose": "t = Transpose<perm = [1, 0]>(W1)\n      a = MatMul(x, t)",
+             "gemm-transB": "a = Gemm<transB = 1>(x, W1)",
+             "fused-transB-of-transpose": "t = Transpose<perm = [1, 0]>(W1)\n"
+                                          "      a = com.microsoft.FusedMatMul<transB = 1>(x, t)"}[layout]
+    stored = np.ascontiguousarray(w1.T) if layout in ("transpose", "gemm-transB") else w1
     model = parse(f"""
+    <ir_version: 8, opset_import: ["" : 18, "com.microsoft" : 1]>
     g (float[N, {k}] x) => (float[N, {n}] y) {{
       {first}
       r = Relu(a)
       y = MatMul(r, W2)
-    }}""", {"W1": np.ascontiguousarray(w1.T) if transposed else w1, "W2": w2})
+    }}""", {"W1": stored, "W2": w2})
     opts = qo.QuantOptions("lsq", 32, False, 4, (), True, mixed=True)
     sites = qs.find_sites(model.graph, opts, [])
     deq = {s.key: qp.dequantized_rtn(s, 32, False) for s in sites}
