@@ -26,7 +26,7 @@ DEFAULT_METHOD = "lsq"
 UNIFORM = "uniform"              # int4:uniform: every layer int4 with DEFAULT_METHOD
 MIXED_BUDGET = 1.25              # int4 (mixed): weight bytes at most this times the all-int4 bytes
 HIGH_BITS = 8                    # the precision of the layers mixed precision keeps
-MIXED_BLOCKS = ()                # wider 4-bit blocks mixed precision may use (option mixed_blocks)
+MIXED_BLOCKS = (64, 128)         # wider 4-bit blocks mixed precision may use (option mixed_blocks; [] for none)
 SENSITIVITIES = ("output", "weight")   # how mixed precision ranks weights (quant_precision.choose_bits)
 SENSITIVITY_MAX_BYTES = 2 << 30  # "output" runs the float model: above these weight bytes, "weight" is used
 DEFAULT_BLOCK = {"cpu": 32, "cuda": 32}
@@ -83,7 +83,7 @@ class QuantOptions:
     mixed_budget: float = MIXED_BUDGET
     scheme: str = "int4"
     sensitivity: str = "output"      # mixed precision's ranking: the model's output error, or the weight error
-    mixed_blocks: tuple[int, ...] = ()   # wider 4-bit blocks mixed precision may give weights of low output error
+    mixed_blocks: tuple[int, ...] = MIXED_BLOCKS  # wider 4-bit blocks for weights of low output error (mixed)
 
 
 def options_of(ctx: PassContext) -> QuantOptions:

@@ -153,7 +153,7 @@ def test_quantize_sensitivity_wider_blocks_pay_for_an_8_bit_weight():
     sites = qs.find_sites(model.graph, qo.QuantOptions("lsq", 32, False, 4, (), True, mixed=True), [])
     errors = {sites[0].key: 1e-2, sites[1].key: 1e-5, sites[2].key: 2e-5}
     blocks = {s.key: 32 for s in sites}
-    base = qo.QuantOptions("lsq", 32, False, 4, (), True, mixed=True, mixed_budget=1.25)
+    base = qo.QuantOptions("lsq", 32, False, 4, (), True, mixed=True, mixed_budget=1.25, mixed_blocks=())
     plain = qp.choose_bits(sites, blocks, set(), base, errors)
     assert {c.bits for c in plain.values()} == {4}
     wide = qo.QuantOptions("lsq", 32, False, 4, (), True, mixed=True, mixed_budget=1.25, mixed_blocks=(64, 128))
