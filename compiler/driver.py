@@ -18,6 +18,7 @@ from . import ir as irio
 from . import kvcache
 from . import pass_manager as pm
 from . import pipeline as pipelines
+from . import quant_options
 from . import report as report_frame
 from . import verify as numeric
 from .errors import InvalidModelError, UsageError, VerificationError, summarize
@@ -102,10 +103,11 @@ def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os
         ctx = pm.PassContext(level=level, target=target, options=dict(options or {}))
         ctx.details.extend(f"load: {note}" for note in irio.load_notes(ir_model))
         given_options = dict(options or {})
-        chosen = pipelines.build_pipeline(ctx, passes, tuple(disable))
         quantize = ctx.option("quantize") is not None
-        if quantize:
-            chosen = _with_quantize(chosen, ctx, scratch)
+        if quantize:   # the pipeline's quantize stage runs (compiler/pipeline.py); its options fail now, not after it
+            quant_options.options_of(ctx)
+            ctx.options.setdefault("scratch_dir", str(scratch))   # quantized tensors stream to the compile's scratch
+        chosen = pipelines.build_pipeline(ctx, passes, tuple(disable))
         input_external = irio.uses_external_data(ir_model)
         input_files = _file_sizes(input_path, irio.external_data_files(ir_model))
         before = op_histogram(ir_model)
@@ -189,8 +191,7 @@ def compile(model: Any, level: int = 2, target: str = "cpu", *, output: str | os
             "sizes": {"input": input_files, "output": output_files},
             "level": level,
             "target": target,
-            "pipeline": (",".join(p.name for p in chosen) if quantize else
-                         passes if passes is not None else pipelines.pipeline_text(level, target)),
+            "pipeline": pipelines.chosen_text(ctx, passes),
             "disabled": list(disable),
             "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "modified": r.modified,
                         "counts": r.counts, "nodes_after": r.nodes_after} for r in manager.records],
@@ -241,24 +242,6 @@ def _check_kv_cache(model: ir.Model, compiled: Path, feeds: list[dict[str, Any]]
     return kvcache.check_shared(compiled, model, feeds, tolerance_dtype)
 
 
-def _with_quantize(chosen: list[pm.Pass], ctx: pm.PassContext, scratch: Path) -> list[pm.Pass]:
-    """The pipeline with quantize-int4 (then eliminate-dead) before its final sort-topologically, or appended.
-
-    The quantize pass runs last so that it sees the fused (packed QKV, gate-up) MatMuls; quantized tensors are
-    written to the compile's scratch folder as they are made. Options are checked before any pass runs.
-    """
-    from onnxc.passes import quantize_int4
-
-    quantize_int4.options_of(ctx)  # a bad --quantize / --block-size fails now, not after the pipeline
-    ctx.options.setdefault("scratch_dir", str(scratch))
-    if any(p.name == quantize_int4.QuantizeInt4.name for p in pm.flatten(chosen)):
-        return chosen
-    tail = [pm.get_pass("quantize-int4"), pm.get_pass("eliminate-dead")]
-    if chosen and chosen[-1].name == "sort-topologically":
-        return chosen[:-1] + tail + chosen[-1:]
-    return chosen + tail + [pm.get_pass("sort-topologically")]
-
-
 def _verify_quantized(model: ir.Model, reference: Path, compiled: Path, scratch: Path, **kw: Any
                       ) -> tuple[numeric.VerifyReport, dict[str, Any]]:
     """Check the staged quantized model against its float twins (compiler/verify.py), one model at a time.
@@ -280,10 +263,8 @@ def _verify_quantized(model: ir.Model, reference: Path, compiled: Path, scratch:
 
 def _quant_report(ctx: pm.PassContext, bytes_before: int, bytes_after: int, ops_after: dict[str, int],
                   quality: dict[str, Any]) -> dict[str, Any]:
-    from onnxc.passes import quantize_int4
-
-    o = quantize_int4.options_of(ctx)
-    return {"method": f"int4:{o.method}", "block_size": o.block_size, "symmetric": o.symmetric,
+    o = quant_options.options_of(ctx)
+    return {"method": f"{o.scheme}:{o.method}", "block_size": o.block_size, "symmetric": o.symmetric,
             "accuracy_level": o.accuracy_level, "exclude": list(o.exclude),
             "matmul_nbits": ops_after.get("com.microsoft.MatMulNBits", 0),
             "gather_block_quantized": ops_after.get("com.microsoft.GatherBlockQuantized", 0),

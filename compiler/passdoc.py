@@ -17,8 +17,6 @@ END = "<!-- END GENERATED -->"
 REFRESH = "python -m onnxc.passdoc"
 DEFAULT_FILE = Path(__file__).resolve().parents[1] / "docs" / "passes.md"
 
-# Passes no pipeline row names and that declare no placement: where the driver puts them.
-_DRIVER_PLACED = {"quantize-int4": ("quantize", "added by `--quantize`, before the final sort")}
 # The rows read for placement, fullest first.
 _ROWS = ((2, "cpu"), (3, "cuda"), (1, "cpu"), (0, "cpu"))
 
@@ -27,8 +25,9 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def _table_order(row: tuple[int, str]) -> list[tuple[str, str | None, bool]]:
-    """(pass, the item before it or None, inside a fixed point) for each place in a row, in order."""
+def _table_order(row: tuple[int, str], stages: frozenset[str]) -> list[tuple[str, str | None, bool]]:
+    """(pass, the item before it or None, inside a fixed point) for each place in a row with `stages` enabled, in
+    order."""
     out: list[tuple[str, str | None, bool]] = []
 
     def walk(items: list[pm.Pass], inside: bool) -> None:
@@ -41,12 +40,23 @@ def _table_order(row: tuple[int, str]) -> list[tuple[str, str | None, bool]]:
                 out.append((item.name, prev, inside))
                 prev = item.name
 
-    walk(pm.parse_pipeline(pipeline.PIPELINES[row]), False)
+    walk(pm.parse_pipeline(pipeline.with_stages(pipeline.PIPELINES[row], stages)), False)
     return out
+
+
+def _optional(name: str) -> str | None:
+    """The optional stage a pass runs only in, if any."""
+    for text in pipeline.PIPELINES.values():
+        if name in pipeline.with_stages(text).replace("fixpoint(", "").replace(")", "").split(","):
+            return None
+    return next((stage for stage in pipeline.OPTIONAL_STAGES
+                 if name in pipeline.STANDALONE.get(stage, "").split(",")), None)
 
 
 def _stage(name: str) -> str:
     """The stage a tabled pass belongs to: its place in the -O2 (or -O3 cuda) row relative to the stage ends."""
+    if _optional(name):
+        return _optional(name)
     fuse = pipeline.FUSE.split(",")
     if name in fuse:
         k = fuse.index(name)
@@ -60,11 +70,12 @@ def _stage(name: str) -> str:
     return "cleanup"
 
 
-def _rows_of(p: pm.Pass) -> str:
-    """The (level, target) rows that run `p`: pipeline rows naming it, filtered by its level and targets."""
+def _rows_of(p: pm.Pass, stages: frozenset[str]) -> str:
+    """The (level, target) rows that run `p` (with `stages` enabled): pipeline rows naming it, filtered by its level
+    and targets."""
     by_level: dict[int, list[str]] = {}
     for (level, target), text in pipeline.PIPELINES.items():
-        names = text.replace("fixpoint(", "").replace(")", "").split(",")
+        names = pipeline.with_stages(text, stages).replace("fixpoint(", "").replace(")", "").split(",")
         if p.name in names and p.level <= level and target in p.targets:
             by_level.setdefault(level, []).append(target)
     if by_level and sorted(by_level) == list(range(min(by_level), 4)) and all(
@@ -79,10 +90,10 @@ def _placement(p: pm.Pass) -> tuple[str, str]:
         return (p.stage or "-", f"after `{p.after}`" if p.after else f"before `{p.before}`")
     if p.stage:
         return p.stage, f"at the end of the {p.stage} stage (after `{pipeline.STAGE_ENDS.get(p.stage, '?')}`)"
-    if p.name in _DRIVER_PLACED:
-        return _DRIVER_PLACED[p.name]
+    optional = _optional(p.name)
+    stages = frozenset([optional] if optional else [])
     for row in _ROWS:
-        places = [(prev, inside) for name, prev, inside in _table_order(row) if name == p.name]
+        places = [(prev, inside) for name, prev, inside in _table_order(row, stages) if name == p.name]
         if places:
             prev, inside = places[0]
             where = ("in the cleanup fixed point, " if inside else "") + (f"after `{prev}`" if prev and
@@ -91,7 +102,9 @@ def _placement(p: pm.Pass) -> tuple[str, str]:
                                                                             else "first")
             if len(places) > 1:
                 where += f" ({len(places)} places at -O{row[0]} {row[1]})"
-            return _stage(p.name), f"{where}; {_rows_of(p)}"
+            if optional:
+                where += f"; only with --{pipeline.OPTIONAL_STAGES[optional]}"
+            return _stage(p.name), f"{where}; {_rows_of(p, stages)}"
     return "-", "only when a pipeline names it (`--passes`)"
 
 

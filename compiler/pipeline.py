@@ -2,9 +2,12 @@
 
 Passes also declare the lowest level and the targets they serve; `build_pipeline` drops any pass the table names
 that the context excludes, so a row may be shared between targets. Larger fusions sit before smaller ones inside a
-pass by pattern size, not by position here.
+pass by pattern size, not by position here. A row may hold optional stages, written `STAGE?(passes)`: their passes
+run only when the compile enables the stage (OPTIONAL_STAGES: the option that does, e.g. --quantize).
 """
 from __future__ import annotations
+
+import re
 
 from . import pass_manager as pm
 from .errors import UsageError
@@ -16,8 +19,18 @@ LEVELS = (0, 1, 2, 3)
 # The cleanup every level from 1 runs, to a fixed point: exporter noise goes here.
 CLEANUP = "fixpoint(fold-constants,canonicalize-sequences,remove-noops,fold-shapes,lower-gemm,unflatten-rows,eliminate-cse,eliminate-dead)"
 
+# Optional stages: stage -> the compile option that enables it (set, not None).
+OPTIONAL_STAGES = {"quantize": "quantize"}
+
+# Quantization runs last, after every fusion, so that packed QKV and gate-up MatMuls are quantized as the single
+# MatMuls they are; eliminate-dead drops the float weights it replaced. A row without a final sort (level 0) runs
+# the stage with one, as does an explicit --passes text that names none of the stage's passes (appended).
+QUANTIZE = "quantize-int4,eliminate-dead"
+STANDALONE = {"quantize": f"{QUANTIZE},sort-topologically"}
+QUANTIZE_STAGE = f"quantize?({QUANTIZE})"
+
 # Level 1: exporter noise out, with shapes refreshed once between two cleanup rounds.
-O1 = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},sort-topologically"
+O1 = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},{QUANTIZE_STAGE},sort-topologically"
 
 # Fusions, on the cleaned graph. Each pass orders its own rules by pattern size; between passes the order is:
 # norms first (attention and skip-norm patterns read fused norms), attention before the residual/skip norms that
@@ -26,15 +39,16 @@ O1 = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},sort-topologically"
 FUSE = ("expand-standard-ops,split-packed-heads,canonicalize-gather,canonicalize-rotary,fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-attention,fuse-gqa,"
         "fuse-embed-layer-norm,fuse-skip-norm,pack-projections,fuse-transposed-matmul,contract-standard-ops")
 
-O2 = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},{FUSE},{CLEANUP},sort-topologically"
+O2 = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},{FUSE},{CLEANUP},{QUANTIZE_STAGE},sort-topologically"
 
 # Level 3 on CUDA computes in float16 (CUDA's GroupQueryAttention has no float32 kernel); graph I/O keeps its types
 # unless --io-fp16.
-O3_CUDA = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},{FUSE},{CLEANUP},convert-fp16,{CLEANUP},sort-topologically"
+O3_CUDA = (f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},{FUSE},{CLEANUP},convert-fp16,{CLEANUP},{QUANTIZE_STAGE},"
+           "sort-topologically")
 
 PIPELINES: dict[tuple[int, str], str] = {
-    (0, "cpu"): "",
-    (0, "cuda"): "",
+    (0, "cpu"): f"quantize?({STANDALONE['quantize']})",
+    (0, "cuda"): f"quantize?({STANDALONE['quantize']})",
     (1, "cpu"): O1,
     (1, "cuda"): O1,
     (2, "cpu"): O2,
@@ -43,17 +57,48 @@ PIPELINES: dict[tuple[int, str], str] = {
     (3, "cuda"): O3_CUDA,
 }
 
+_OPTIONAL = re.compile(r"([a-z][a-z0-9-]*)\?\(([^()]*)\)")
 
-def pipeline_text(level: int, target: str) -> str:
+
+def enabled_stages(ctx: pm.PassContext) -> frozenset[str]:
+    """The optional stages the context's options enable."""
+    return frozenset(stage for stage, option in OPTIONAL_STAGES.items() if ctx.option(option) is not None)
+
+
+def with_stages(text: str, stages: frozenset[str] | set[str] = frozenset()) -> str:
+    """Pipeline text with each `STAGE?(passes)` replaced by its passes when STAGE is in `stages`, else dropped."""
+    for m in _OPTIONAL.finditer(text):
+        if m.group(1) not in OPTIONAL_STAGES:
+            raise UsageError(f"pipeline: unknown optional stage '{m.group(1)}'; choose one of "
+                             f"{', '.join(OPTIONAL_STAGES)}")
+    text = _OPTIONAL.sub(lambda m: m.group(2) if m.group(1) in stages else "", text)
+    return ",".join(item for item in text.split(",") if item.strip())
+
+
+def pipeline_text(level: int, target: str, stages: frozenset[str] | set[str] = frozenset()) -> str:
+    """The row for (level, target) with the given optional stages enabled."""
     if level not in LEVELS:
         raise UsageError(f"unknown optimization level {level}; choose one of {', '.join(map(str, LEVELS))}")
     if target not in pm.TARGETS:
         raise UsageError(f"unknown target '{target}'; choose one of {', '.join(pm.TARGETS)}")
-    return PIPELINES[(level, target)]
+    return with_stages(PIPELINES[(level, target)], stages)
+
+
+def chosen_text(ctx: pm.PassContext, passes: str | None = None) -> str:
+    """The pipeline text a compile runs: the table's row with the stages the options enable, or an explicit text
+    with each enabled stage that it names none of the passes of appended in its standalone form."""
+    stages = enabled_stages(ctx)
+    if passes is None:
+        return pipeline_text(ctx.level, ctx.target, stages)
+    text = with_stages(passes, stages)
+    named = {p.name for p in pm.flatten(pm.parse_pipeline(text))}
+    return ",".join([text] * bool(text) + [STANDALONE[s] for s in sorted(stages)
+                                           if STANDALONE[s].split(",")[0] not in named])
 
 
 def build_pipeline(ctx: pm.PassContext, passes: str | None = None, disable: tuple[str, ...] = ()) -> list[pm.Pass]:
-    """The passes to run: the table's row for (level, target), or an explicit `passes` text, minus `disable`.
+    """The passes to run: the table's row for (level, target), or an explicit `passes` text, minus `disable`, with
+    the optional stages the context enables (chosen_text).
 
     An explicit pipeline runs as written (levels and targets are not filtered), so a user can force a pass.
     `disable` names passes or rules; unknown names are errors.
@@ -65,9 +110,10 @@ def build_pipeline(ctx: pm.PassContext, passes: str | None = None, disable: tupl
                              + pm._rules.suggest(name, [*pm.registered_passes(), *known_rules]))
     disabled = frozenset(disable)
     ctx.disabled_rules = frozenset(n for n in disabled if n in known_rules)
+    text = chosen_text(ctx, passes)
     if passes is not None:
-        return pm.drop_disabled(pm.parse_pipeline(passes), disabled)
-    chosen = place_declared(pm.parse_pipeline(pipeline_text(ctx.level, ctx.target)))
+        return pm.drop_disabled(pm.parse_pipeline(text), disabled)
+    chosen = place_declared(pm.parse_pipeline(text))
     return pm.filter_passes(chosen, ctx, disabled)
 
 
@@ -75,7 +121,8 @@ def build_pipeline(ctx: pm.PassContext, passes: str | None = None, disable: tupl
 STAGE_ENDS = {"cleanup": "eliminate-dead", "canonicalize": "canonicalize-rotary", "fuse": "fuse-transposed-matmul",
               "lower": "contract-standard-ops"}
 _TABLED = frozenset(name for text in PIPELINES.values() for name in
-                    text.replace("fixpoint(", "").replace(")", "").split(",") if name)
+                    with_stages(text, set(OPTIONAL_STAGES)).replace("fixpoint(", "").replace(")", "").split(",")
+                    if name)
 
 
 def place_declared(passes: list[pm.Pass]) -> list[pm.Pass]:

@@ -20,7 +20,7 @@ class EliminateDead(Pass):
     """Remove nodes and initializers nothing uses."""
 
     name = "eliminate-dead"
-    level = 1
+    level = 0          # -O0 runs it in the optional quantize stage (compiler/pipeline.py)
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         nodes = sum(1 for _ in model.graph)

@@ -430,3 +430,35 @@ def test_rule_pass_drops_the_constants_its_rewrites_orphan(registry):
     result = pm.RulePass("negate", [rule]).run(model, pm.PassContext())
     assert result.counts == {"mul-minus-one": 1}
     assert sorted(model.graph.initializers) == ["idle"]
+
+
+# ------------------------------------------------------------------------------------------------ optional stages
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+@pytest.mark.parametrize("target", pm.TARGETS)
+def test_pipeline_quantize_stage_runs_only_with_its_option_before_the_final_sort(level, target):
+    from onnxc.pipeline import build_pipeline, pipeline_text
+
+    plain = _names(build_pipeline(pm.PassContext(level=level, target=target)))
+    quant = _names(build_pipeline(pm.PassContext(level=level, target=target, options={"quantize": "int4"})))
+    assert "quantize-int4" not in plain and "quantize?" not in pipeline_text(level, target)
+    assert quant[-3:] == ["quantize-int4", "eliminate-dead", "sort-topologically"]
+    assert quant[:-3] == (plain[:-1] if plain else [])          # the rest of the row is unchanged
+
+
+def test_pipeline_quantize_stage_is_appended_to_an_explicit_pipeline_that_names_none_of_it():
+    from onnxc.pipeline import build_pipeline, chosen_text
+
+    q = pm.PassContext(options={"quantize": "int4"})
+    assert chosen_text(q, "fuse-rms-norm") == "fuse-rms-norm,quantize-int4,eliminate-dead,sort-topologically"
+    assert chosen_text(q, "quantize-int4,sort-topologically") == "quantize-int4,sort-topologically"
+    assert chosen_text(q, "") == "quantize-int4,eliminate-dead,sort-topologically"
+    assert chosen_text(pm.PassContext(), "fuse-rms-norm") == "fuse-rms-norm"
+    assert _names(build_pipeline(pm.PassContext(), "fold-constants,quantize?(quantize-int4)")) == ["fold-constants"]
+    assert _names(build_pipeline(q, "fold-constants,quantize?(quantize-int4)")) == ["fold-constants", "quantize-int4"]
+
+
+def test_pipeline_unknown_optional_stage_is_a_usage_error():
+    from onnxc.pipeline import with_stages
+
+    with pytest.raises(UsageError, match="unknown optional stage 'quantise'; choose one of quantize"):
+        with_stages("fold-constants,quantise?(quantize-int4)")

@@ -13,6 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnxc.kernels import quantize as kq
 from onnxc.kernels.matmul_nbits import dequantize, quantize_rtn
+from onnxc import quant_options as qo
+from onnxc import quant_precision as qp
+from onnxc import quant_sites as qs
+from onnxc import quant_store
 from onnxc.passes import quantize_int4 as qi
 from onnxc.verify import QUANT_META, float_twins
 
@@ -239,7 +243,8 @@ def test_quantize_int4_tied_through_transpose_of_the_same_initializer_reads_no_t
       t = Transpose <perm = [1, 0]> (E)
       logits = MatMul(h, t)
     }""", {"E": E})
-    monkeypatch.setattr(qi, "_table_digest", lambda chunks: pytest.fail("the shared initializer was hashed"))
+    for module in (qi, qs):
+        monkeypatch.setattr(module, "table_digest", lambda chunks: pytest.fail("the shared initializer was hashed"))
     assert quantize(model).counts == {"MatMul": 1, "Gather-tied": 1}
     assert ops(model) == ["GatherBlockQuantized", "MatMulNBits", "Reshape"]
     assert_twins_agree(model, {"ids": np.array([[0, 5, 95], [7, 1, 3]], np.int64)})
@@ -259,11 +264,11 @@ def test_quantize_int4_tie_compares_bits_not_values():
 
 def test_quantize_int4_table_digest_does_not_depend_on_chunking():
     E = w(300, 64)
-    digest = qi._table_digest([E])
+    digest = qs.table_digest([E])
     tensor = ir.tensor(E)
-    assert all(qi._table_digest(qi._rows(tensor, r)) == digest for r in (1, 7, 300, 1000))
+    assert all(qs.table_digest(qs.rows(tensor, r)) == digest for r in (1, 7, 300, 1000))
     W = np.ascontiguousarray(E.T)
-    assert qi._table_digest(W[:, c:c + 64].T for c in range(0, 300, 64)) == digest
+    assert qs.table_digest(W[:, c:c + 64].T for c in range(0, 300, 64)) == digest
 
 
 def _external_model(path: Path, v: int, h: int) -> Path:
@@ -371,7 +376,7 @@ def test_quantize_int4_fp16_scales_and_cuda_defaults():
 
 
 def test_quantize_int4_is_idempotent_and_spills_large_tensors(monkeypatch, tmp_path):
-    monkeypatch.setattr(qi, "SPILL_BYTES", 0)
+    monkeypatch.setattr(quant_store, "SPILL_BYTES", 0)
     model = parse("g (float[N, 64] x) => (float[N, 32] y) { y = MatMul(x, W) }", {"W": w(64, 32)})
     quantize(model, scratch_dir=str(tmp_path))
     (node,) = list(model.graph)
@@ -578,7 +583,7 @@ def _linear_with_const_weight(model: ir.Model) -> list[str]:
     left = []
     for n in model.graph:
         if n.op_type in ("MatMul", "Gemm", "FusedMatMul") and len(n.inputs) > 1:
-            got = qi._weight(n)
+            got = qs._weight(n)
             if not isinstance(got, str):
                 left.append(n.name)
     return left
@@ -663,8 +668,8 @@ def test_quantize_int4_gptq_is_deterministic(tmp_path):
 # ------------------------------------------------------------------------------------------------ mixed precision
 @pytest.mark.parametrize("text,method,mixed", [("int4", "lsq", True), ("int4:uniform", "lsq", False),
                                                 ("int4:rtn", "rtn", False), ("INT4:HQQ", "hqq", False)])
-def test_quantize_int4_parse_method_precision(text, method, mixed):
-    assert qi.parse_method(text) == (method, mixed)
+def test_quantize_int4_parse_quantize_precision(text, method, mixed):
+    assert qo.parse_quantize(text) == qo.QuantMode("int4", method, mixed)
 
 
 def test_quantize_int4_mixed_budget_is_checked():
@@ -709,12 +714,12 @@ def test_quantize_int4_uniform_keeps_every_layer_int4():
 
 def _plan(budget: float):
     ctx_model = _tied_lm()
-    opts = qi.QuantOptions("lsq", 32, False, 4, (), True, mixed=True, mixed_budget=budget)
+    opts = qo.QuantOptions("lsq", 32, False, 4, (), True, mixed=True, mixed_budget=budget)
     notes: list[str] = []
-    sites = qi.find_sites(ctx_model.graph, opts, notes)
+    sites = qs.find_sites(ctx_model.graph, opts, notes)
     blocks = {s.key: 32 for s in sites}
     lm = {s.key for s in sites if s.shape == (64, 256)}
-    return sites, qi.choose_bits(sites, blocks, lm, opts)
+    return sites, qp.choose_bits(sites, blocks, lm, opts)
 
 
 def test_quantize_int4_choose_bits_order_and_budget():
@@ -724,15 +729,15 @@ def test_quantize_int4_choose_bits_order_and_budget():
     _, plan = _plan(1.0)             # no room: every weight int4
     assert {c.bits for c in plan.values()} == {4}
     # room for the lm_head (64 x 256) and one more: the outlier weight W1 has the larger int4 error and wins
-    costs = {c.shape: qi.weight_bytes(*c.shape, 8, 32, False, 4) - qi.weight_bytes(*c.shape, 4, 32, False, 4)
+    costs = {c.shape: qp.weight_bytes(*c.shape, 8, 32, False, 4) - qp.weight_bytes(*c.shape, 4, 32, False, 4)
              for c in plan.values()}
-    base = sum(qi.weight_bytes(*c.shape, 4, 32, False, 4) for c in plan.values())
+    base = sum(qp.weight_bytes(*c.shape, 4, 32, False, 4) for c in plan.values())
     _, plan = _plan((base + costs[(64, 256)] + costs[(64, 512)]) / base)
     chosen = {c.shape: (c.bits, c.reason) for c in plan.values()}
     assert chosen == {(64, 256): (8, "logits"), (64, 512): (8, "error rank 1"), (512, 64): (4, "int4")}
     w1, w2 = (next(c for c in plan.values() if c.shape == s) for s in ((64, 512), (512, 64)))
     assert w1.error > w2.error > 0
-    total = sum(qi.weight_bytes(*c.shape, c.bits, 32, False, 4) for c in plan.values())
+    total = sum(qp.weight_bytes(*c.shape, c.bits, 32, False, 4) for c in plan.values())
     assert total <= base * (base + costs[(64, 256)] + costs[(64, 512)]) / base + 1e-6
 
 
@@ -745,14 +750,14 @@ def test_quantize_int4_mixed_report_lists_layers_and_verifies(name, tmp_path):
     schema = json.loads((Path(__file__).resolve().parents[2] / report_frame.SCHEMA_FILE).read_text())
     assert problems(json.loads(json.dumps(full)), schema) == []
     rep = full["quantization"]
-    assert rep["precision"] == "mixed" and rep["mixed_budget"] == qi.MIXED_BUDGET
+    assert rep["precision"] == "mixed" and rep["mixed_budget"] == qo.MIXED_BUDGET
     layers = rep["layers"]
     assert layers and {x["bits"] for x in layers} <= {4, 8}
     assert [x["reason"] for x in layers if x["bits"] == 8][:1] == ["logits"]
-    size = {b: sum(qi.weight_bytes(*x["shape"], b, x["block_size"], False, 4) for x in layers) for b in (4,)}
-    mixed = sum(qi.weight_bytes(*x["shape"], x["bits"], x["block_size"], False, 4) for x in layers)
-    assert mixed <= qi.MIXED_BUDGET * size[4]
+    size = {b: sum(qp.weight_bytes(*x["shape"], b, x["block_size"], False, 4) for x in layers) for b in (4,)}
+    mixed = sum(qp.weight_bytes(*x["shape"], x["bits"], x["block_size"], False, 4) for x in layers)
+    assert mixed <= qo.MIXED_BUDGET * size[4]
     uni = _compile_quantized(name, tmp_path, quantize="int4:uniform")["quantization"]
     assert uni["precision"] == "uniform" and "layers" not in uni
-    assert uni["weight_bytes_after"] < rep["weight_bytes_after"] <= qi.MIXED_BUDGET * uni["weight_bytes_after"] + \
+    assert uni["weight_bytes_after"] < rep["weight_bytes_after"] <= qo.MIXED_BUDGET * uni["weight_bytes_after"] + \
         (rep["weight_bytes_before"] - sum(4 * x["shape"][0] * x["shape"][1] for x in layers))

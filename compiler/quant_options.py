@@ -1,0 +1,119 @@
+"""What `--quantize` asks for: the mode text parsed (parse_quantize) and the compile's options validated
+(options_of), before any pass runs.
+
+A mode is SCHEME[:VARIANT]. Each scheme (a weight format) has one parser in SCHEMES that turns the variant into a
+QuantMode; adding a format is adding an entry there (and the pass that implements it).
+
+    int4            mixed precision: DEFAULT_METHOD at 4 bits, the most sensitive weights at HIGH_BITS
+    int4:uniform    every weight DEFAULT_METHOD at 4 bits
+    int4:METHOD     every weight METHOD (kernels/quantize.py METHODS) at 4 bits
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from onnxc.kernels import quantize as kq
+
+from .errors import UsageError
+from .loader import check_regular_file
+from .pass_manager import PassContext
+from .verify import available_memory
+
+HESSIAN_BUDGET = (128 << 20, 2 << 30)  # float64 Hessians per pass over the calibration: a quarter of the available
+                                       # memory, within these bounds (option hessian_budget: bytes)
+DEFAULT_METHOD = "lsq"
+UNIFORM = "uniform"              # int4:uniform: every layer int4 with DEFAULT_METHOD
+MIXED_BUDGET = 1.25              # int4 (mixed): weight bytes at most this times the all-int4 bytes
+HIGH_BITS = 8                    # the precision of the layers mixed precision keeps
+DEFAULT_BLOCK = {"cpu": 32, "cuda": 32}
+DEFAULT_ACCURACY = {"cpu": 4, "cuda": 0}
+
+
+@dataclass(frozen=True)
+class QuantMode:
+    """A parsed `--quantize` value."""
+
+    scheme: str                   # the weight format ("int4")
+    method: str                   # how weights are fitted (kernels/quantize.py METHODS)
+    mixed: bool                   # the most sensitive weights at HIGH_BITS (quant_precision.choose_bits)
+
+    def __str__(self) -> str:
+        return f"{self.scheme}:{self.method}"
+
+
+def _int4(variant: str) -> QuantMode:
+    if not variant:
+        return QuantMode("int4", DEFAULT_METHOD, True)
+    return QuantMode("int4", DEFAULT_METHOD if variant == UNIFORM else variant, False)
+
+
+# scheme -> (its variants, the parser of a variant; "" is the bare scheme)
+SCHEMES: dict[str, tuple[tuple[str, ...], Callable[[str], QuantMode]]] = {
+    "int4": (kq.METHODS + (UNIFORM,), _int4),
+}
+
+
+def parse_quantize(text: str | None) -> QuantMode:
+    """`--quantize TEXT` -> QuantMode (None means the first scheme's bare form); UsageError on an unknown value."""
+    text = (text or next(iter(SCHEMES))).strip().lower()
+    scheme, _, variant = text.partition(":")
+    if scheme not in SCHEMES or (variant and variant not in SCHEMES[scheme][0]):
+        choices = " or ".join(f"{s} or {s}:{{{','.join(v)}}}" for s, (v, _) in SCHEMES.items())
+        raise UsageError(f"--quantize: unknown value '{text}'; use {choices}")
+    return SCHEMES[scheme][1](variant)
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    method: str
+    block_size: int
+    symmetric: bool
+    accuracy_level: int
+    exclude: tuple[str, ...]
+    tied_embedding: bool
+    calibration: str | None = None   # .npz of model inputs (gptq)
+    damp: float = 0.01               # gptq dampening, relative to mean(diag H)
+    act_order: bool = False          # gptq: rows by decreasing H[k, k], blocks fitted up front
+    hessian_budget: int = HESSIAN_BUDGET[0]  # gptq: bytes of Hessians accumulated per pass over the calibration
+    mixed: bool = False              # sensitive layers at HIGH_BITS within mixed_budget (choose_bits)
+    mixed_budget: float = MIXED_BUDGET
+    scheme: str = "int4"
+
+
+def options_of(ctx: PassContext) -> QuantOptions:
+    """Validated quantization options from the context (UsageError on a bad value)."""
+    mode = parse_quantize(ctx.option("quantize"))
+    method = mode.method
+    mixed = bool(ctx.option("mixed", mode.mixed))
+    mixed_budget = ctx.option("mixed_budget", MIXED_BUDGET)
+    if not isinstance(mixed_budget, (int, float)) or mixed_budget < 1:
+        raise UsageError(f"mixed_budget must be a number >= 1 (weight bytes relative to all-int4), got {mixed_budget}")
+    block = ctx.option("block_size") or DEFAULT_BLOCK.get(ctx.target, 32)
+    if not isinstance(block, int) or block < 16 or block & (block - 1):
+        raise UsageError(f"--block-size: {block} is not a power of 2 >= 16 (MatMulNBits requires one)")
+    symmetric = bool(ctx.option("symmetric", False))
+    if method == "hqq" and symmetric:
+        raise UsageError("--quantize int4:hqq fits a zero point per block: it cannot be --symmetric")
+    calibration = ctx.option("calibration")
+    if method in kq.CALIBRATED and not calibration:
+        raise UsageError(f"--quantize int4:{method} needs --calibration FILE.npz (model inputs, see "
+                         "docs/quantization.md)")
+    if calibration and method not in kq.CALIBRATED:
+        raise UsageError(f"--calibration: no selected method uses calibration data (int4:{method} is data-free; "
+                         f"{', '.join('int4:' + m for m in kq.CALIBRATED)} uses it)")
+    if calibration:
+        check_regular_file(calibration, "--calibration")    # missing, or a FIFO or device: exit 2 before any work
+    level = ctx.option("accuracy_level", DEFAULT_ACCURACY.get(ctx.target, 0))
+    if level not in (0, 1, 2, 3, 4):
+        raise UsageError(f"accuracy_level must be 0-4, got {level}")
+    budget = ctx.option("hessian_budget") or min(max(available_memory() // 4, HESSIAN_BUDGET[0]), HESSIAN_BUDGET[1])
+    if not isinstance(budget, int) or budget <= 0:
+        raise UsageError(f"hessian_budget must be a positive number of bytes, got {budget}")
+    damp = ctx.option("damp", 0.01)
+    if not isinstance(damp, (int, float)) or not 0 <= damp < 1e6:
+        raise UsageError(f"damp must be a number >= 0 (GPTQ adds damp * mean(diag H) to H's diagonal), got {damp}")
+    exclude = ctx.option("exclude") or ()
+    return QuantOptions(method, block, symmetric, int(level), tuple([exclude] if isinstance(exclude, str) else exclude),
+                        bool(ctx.option("tied_embedding", True)), calibration, float(damp),
+                        bool(ctx.option("act_order", False)), budget, mixed, float(mixed_budget), mode.scheme)
