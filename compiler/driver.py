@@ -18,7 +18,7 @@ from . import ir as irio
 from . import kvcache
 from . import pass_manager as pm
 from . import pipeline as pipelines
-from . import quant_options
+from . import quant_options, quant_twins
 from . import report as report_frame
 from . import verify as numeric
 from .errors import InvalidModelError, UsageError, VerificationError, summarize
@@ -247,16 +247,21 @@ def _verify_quantized(model: ir.Model, reference: Path, compiled: Path, scratch:
     """Check the staged quantized model against its float twins (compiler/verify.py), one model at a time.
 
     The in-memory model is rewritten into the twins here: it is already saved and not used after."""
+    def save(m: ir.Model, path: Path) -> None:
+        ir.save(m, path, external_data=path.name + ".data", size_threshold_bytes=irio.INLINE_TENSOR_MAX_BYTES)
+        irio.release_weights(m)
+
     exact = numeric.accuracy_level_zero_copy(compiled)
+    local = quant_twins.local_twins(model, compiled, scratch, save)  # int8 activations: checked layer by layer
     swaps = numeric.float_twins(model)
     paths = {}
-    for which in ("dequantized", "unquantized"):
+    for which in ("dequantized", "unquantized") if local is None else ("unquantized",):
         for value, deq, src in swaps:
             value.const_value = deq if which == "dequantized" else src
-        path = scratch / f"{which}.onnx"
-        ir.save(model, path, external_data=path.name + ".data", size_threshold_bytes=irio.INLINE_TENSOR_MAX_BYTES)
-        irio.release_weights(model)
-        paths[which] = path
+        paths[which] = scratch / f"{which}.onnx"
+        save(model, paths[which])
+    if local is not None:
+        exact, paths["dequantized"] = local
     return numeric.verify_quantized(reference, compiled, exact, paths["dequantized"], paths["unquantized"], model,
                                     **kw)
 
