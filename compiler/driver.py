@@ -276,7 +276,10 @@ def _quant_report(ctx: pm.PassContext, bytes_before: int, bytes_after: int, ops_
             "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after, "error": quality,
             "precision": "mixed" if o.mixed else "uniform",
             **({"mixed_budget": o.mixed_budget, "layers": ctx.results["quantize-int4"]["layers"]}
-               if ctx.results.get("quantize-int4") else {})}
+               if ctx.results.get("quantize-int4") else {}),
+            **({"dynamic_quantize_matmul": ops_after.get("com.microsoft.DynamicQuantizeMatMul", 0),
+                "quantize_linear": ops_after.get("QuantizeLinear", 0), "int8": ctx.results.get("quantize-int8", {})}
+               if o.scheme == "int8" else {})}
 
 
 def _file_sizes(model_file: Path | None, data_files) -> dict[str, int] | None:

@@ -131,6 +131,7 @@ def local_twins(model: ir.Model, compiled: Path, folder: Path, save) -> tuple[Pa
     made: list[ir.Node] = []
     inits: list[ir.Value] = []
     renamed: list[tuple[ir.Value, str]] = []
+    replaced: list[tuple[int, ir.Value]] = []
     outputs = len(graph.outputs)
     for node in list(graph):
         src = node.meta.get(QUANT_META)
@@ -151,9 +152,10 @@ def local_twins(model: ir.Model, compiled: Path, folder: Path, save) -> tuple[Pa
             qb, s = node.inputs[0], node.inputs[1]
             z = node.inputs[2] if len(node.inputs) > 2 else None
             x, branch, y, last, bias = matmul.inputs[0], [], matmul.outputs[0], matmul, None
+        axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 1
         dt = s.dtype
         w = ir.Value(name=f"{y.name}_twin_weight", shape=qb.shape, type=ir.TensorType(dt),
-                     const_value=_lazy(_dequantized(qb, s, z, 1, dt), dt, qb.shape))
+                     const_value=_lazy(_dequantized(qb, s, z, axis, dt), dt, qb.shape))
         graph.register_initializer(w)
         inits.append(w)
         branch.append(ir.Node("", "MatMul", [x, w], name=f"{y.name}_twin_matmul"))
@@ -169,7 +171,12 @@ def local_twins(model: ir.Model, compiled: Path, folder: Path, save) -> tuple[Pa
         renamed.append((y, name))
         y.name = f"{name}_int8"
         twin_out.name = name
-        graph.outputs.append(twin_out)
+        if y.is_graph_output():     # the twin takes its place among the outputs; consumers keep the quantized y
+            at = next(i for i, v in enumerate(graph.outputs) if v is y)
+            replaced.append((at, y))
+            graph.outputs[at] = twin_out
+        else:
+            graph.outputs.append(twin_out)
     if not renamed:
         return None
     deq = folder / "dequantized_local.onnx"
@@ -177,13 +184,22 @@ def local_twins(model: ir.Model, compiled: Path, folder: Path, save) -> tuple[Pa
         save(model, deq)
     finally:
         del graph.outputs[outputs:]
+        for at, y in replaced:
+            graph.outputs[at] = y
         for n in reversed(made):
             graph.remove(n, safe=True)
         for v in inits:
             graph.initializers.pop(v.name)
         for v, name in renamed:
             v.name = name
-    return _exposing(compiled, [name for _, name in renamed]), deq
+    outs = set(_output_names(compiled))
+    return _exposing(compiled, [name for _, name in renamed if name not in outs]), deq
+
+
+def _output_names(path: Path) -> list[str]:
+    import onnx
+
+    return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
 
 
 def _exposing(compiled: Path, names: list[str]) -> Path:

@@ -21,7 +21,7 @@ import numpy as np
 
 METHODS = ("minmax", "percentile", "entropy")
 ALPHAS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)   # SmoothQuant strengths choose_alpha tries (0: no smoothing)
-SAMPLE_ROWS = 2048    # rows of each activation kept at most (evenly strided over the batches) for choose_alpha
+SAMPLE_ROWS = 1024    # rows of each activation kept at most (evenly strided over the batches) for choose_alpha
 SAMPLE_BYTES = 256 << 20   # and at most this many bytes of rows over every activation
 HIST_BINS = 2048
 LEVELS = 128          # quantization bins the entropy method merges into (2^7: uint8's range after a zero point)
@@ -153,18 +153,18 @@ def entropy_threshold(hist: np.ndarray | None, peak: float, levels: int = LEVELS
 
 
 def smoothed_error(x: np.ndarray, weights: list[np.ndarray], c: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                   dtype=np.uint8) -> float:
+                   dtype=np.uint8, products: list[np.ndarray] | None = None) -> float:
     """Relative output error sum ||Q(x / c) Q(c W) - x W||^2 / sum ||x W||^2 over `weights` of a static int8 layer
     whose activation x (rows, K) has per-channel range [lo, hi] (K,): x / c quantized per tensor (MinMax), c W
-    per column (quantize_linear.quantize_weight)."""
+    per column (quantize_linear.quantize_weight). `products`: the x W, when already computed."""
     from .quantize_linear import activation_params, dequantize_linear, quantize_linear, quantize_weight
 
     s, z = activation_params(float((lo / c).min()), float((hi / c).max()), dtype)
     xq = dequantize_linear(quantize_linear(x / c, s, z), s, z)
     err = ref = 0.0
-    for w in weights:
+    for i, w in enumerate(weights):
         q, ws, wz = quantize_weight(w * c[:, None])
-        y = x @ w
+        y = products[i] if products is not None else x @ w
         err += float(np.square(xq @ dequantize_linear(q, ws, wz, axis=1) - y).sum())
         ref += float(np.square(y).sum())
     return err / max(ref, 1e-30)
@@ -172,14 +172,16 @@ def smoothed_error(x: np.ndarray, weights: list[np.ndarray], c: np.ndarray, lo: 
 
 def choose_alpha(stats: RangeStats, weights: list[np.ndarray], alphas=ALPHAS, dtype=np.uint8
                  ) -> tuple[float, np.ndarray | None, float]:
-    """The SmoothQuant strength of least smoothed_error on the activation's sample rows: (alpha, c or None for
-    alpha 0, the error)."""
+    """The SmoothQuant strength of least smoothed_error on the activation's sample rows (at most SAMPLE_ROWS):
+    (alpha, c or None for alpha 0, the error)."""
     x = np.concatenate(stats.samples)
+    x = x[::max(1, -(-x.shape[0] // SAMPLE_ROWS))]
+    products = [x @ w for w in weights]
     peak = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
     best = (0.0, None, np.inf)
     for a in alphas:
         c = smooth_factors(stats.channel_peak(), peak, a) if a > 0 else np.ones(x.shape[1], np.float32)
-        e = smoothed_error(x, weights, c, stats.ch_lo, stats.ch_hi, dtype)
+        e = smoothed_error(x, weights, c, stats.ch_lo, stats.ch_hi, dtype, products)
         if e < best[2]:
             best = (a, c if a > 0 else None, e)
     return best

@@ -107,7 +107,8 @@ class _Rewriter:
     def init(self, arr: np.ndarray | None, name: str) -> ir.Value | None:
         if arr is None:
             return None
-        return add_initializer(self.graph, self.store.tensor(arr, name), name, self.taken)
+        tensor = ir.tensor(arr, name=name) if arr.ndim == 0 else self.store.tensor(arr, name)  # scalars stay 0-D
+        return add_initializer(self.graph, tensor, name, self.taken)
 
     def bias(self, site: Site) -> ir.Value | None:
         return None if site.bias is None else self.init(site.bias, f"{site.name}_bias")
@@ -194,7 +195,7 @@ class QuantizeInt8(Pass):
     """Linear layers with constant weights -> int8: weight-only MatMulNBits, DynamicQuantizeMatMul or QDQ."""
 
     name = "quantize-int8"
-    level = 1
+    level = 0          # every row holds it in its optional quantize stage (compiler/pipeline.py)
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         opts = options_of(ctx)
