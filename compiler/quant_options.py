@@ -34,7 +34,7 @@ DEFAULT_BLOCK = {"cpu": 32, "cuda": 32}
 DEFAULT_ACCURACY = {"cpu": 4, "cuda": 0}
 DEFAULT_CALIBRATE = "minmax"      # int8:static's range method (percentile measured the same on MiniLM, at 1.5x the time)
 PERCENTILE = 99.999              # int8:static:percentile keeps this share of each activation's values unclipped
-ERROR_BUDGET = 2e-3              # int8:static: summed calibrated output error of the layers quantized (the rest float)
+ERROR_BUDGET = 1e-3              # int8:static: summed output error (relative, squared) of the activations quantized
 SMOOTH = "auto"                  # int8:static: SmoothQuant's migration strength alpha, or "auto" (chosen per layer)
 
 

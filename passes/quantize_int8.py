@@ -14,6 +14,13 @@ minmax, percentile (option percentile, 99.999) or entropy (kernels/calibrate.py)
 DequantizeLinear pair serves every layer that reads the same activation (Q, K and V). onnxruntime runs the QDQ
 form as MatMulIntegerToFloat (its QDQ fusion), int8 x int8 or uint8 x int8 products with float scales.
 
+Static quality (option smooth, "auto" by default): SmoothQuant divides each activation by per-channel factors c
+and multiplies the weight rows by them (a Mul before QuantizeLinear), alpha chosen per activation by the layer's
+output error on the calibration sample (kernels/calibrate.choose_alpha). Each activation's effect on the model's
+outputs is then measured alone, fake-quantized in one onnxruntime session of the float graph
+(calibration_ranges.output_sensitivity); the activations of largest effect keep their layers in float until the
+rest sum to at most option error_budget (1e-3, relative squared output error; inf: every layer int8).
+
 Requires: A float32 for dynamic and static (DynamicQuantizeMatMul and ORT's int8 kernels take float32), float or
 float16 for weight-only. Skipped, with a note: excluded names, float16 activations (dynamic, static), K < block size
 (weight-only). Each new node keeps what it stands for in node.meta[QUANT_META] (a QuantSource; Int8Source for the
@@ -27,7 +34,7 @@ import time
 import numpy as np
 import onnx_ir as ir
 from onnxc.calibration import load_calibration
-from onnxc.calibration_ranges import observe
+from onnxc.calibration_ranges import observe, output_sensitivity
 from onnxc.domains import MS
 from onnxc.kernels import calibrate as kcal
 from onnxc.kernels import quantize as kq
@@ -40,6 +47,7 @@ from onnxc.quant_twins import Int8Source
 from onnxc.verify import QUANT_META as META
 
 ACTIVATION_TYPES = {"uint8": np.uint8, "int8": np.int8}
+SENSITIVITY_BATCHES = 2            # calibration batches the output sensitivity of each activation is measured on
 FLOAT = "onnxc.quantize-int8.float"   # node.meta key: a layer the error budget keeps in float (a rerun leaves it)
 
 
@@ -73,16 +81,16 @@ def _calibrate_layers(stats: dict[str, kcal.RangeStats], sites: list[Site], opts
 
 
 def _over_budget(chosen: dict[str, dict], budget: float) -> list[str]:
-    """The activations whose layers stay in float: those of largest calibrated error, until the errors of the rest
-    sum to at most `budget` (each layer's relative squared output error adds roughly to the model's)."""
-    order = sorted(chosen, key=lambda n: -chosen[n]["error"])
-    total = sum(c["error"] for c in chosen.values())
+    """The activations whose layers stay in float: those of largest effect on the outputs ("output_error", else the
+    layer's own "error"), until the effects of the rest sum to at most `budget` (small errors add)."""
+    effect = {n: c.get("output_error", c["error"]) for n, c in chosen.items()}
+    total = sum(effect.values())
     kept = []
-    for name in order:
+    for name in sorted(effect, key=lambda n: -effect[n]):
         if total <= budget:
             break
         kept.append(name)
-        total -= chosen[name]["error"]
+        total -= effect[name]
     return kept
 
 
@@ -225,16 +233,27 @@ class QuantizeInt8(Pass):
                                   keep)
             ranges = {n: st.range(opts.calibrate, opts.percentile) for n, st in stats.items()}
             divisors = {n: st.divisor for n, st in stats.items() if st.divisor is not None}
+            if opts.error_budget != float("inf"):     # each activation's effect on the outputs, alone
+                dtype = ACTIVATION_TYPES[opts.activation_type]
+                groups = {v.name: (v, *ql.activation_params(*ranges[v.name], dtype), divisors.get(v.name))
+                          for v in values if v.name in layers}
+                effect = output_sensitivity(model, groups, batches[:SENSITIVITY_BATCHES], store.scratch(),
+                                            f"--calibration {opts.calibration}")
+                for name, e in effect.items():
+                    layers[name]["output_error"] = e
             floats = set(_over_budget(layers, opts.error_budget))
             for site in [s for s in sites if s.node.inputs[0].name in floats]:
                 site.node.meta[FLOAT] = "error budget"
+                c = layers[site.node.inputs[0].name]
                 ctx.notes.append(f"quantize-int8: kept {site.node.op_type} '{site.node.name}' ({site.name}) in float: "
-                                 f"calibrated error {layers[site.node.inputs[0].name]['error']:.2e}, over the "
+                                 f"output error {c.get('output_error', c['error']):.2e} of its activation, over the "
                                  f"error budget {opts.error_budget:g}")
             sites = [s for s in sites if s.node.inputs[0].name not in floats]
             summary.update(calibration=opts.calibrate, activation_type=opts.activation_type, smooth=opts.smooth,
                            error_budget=opts.error_budget, rows=rows, activations=len(values),
                            layers=[{"activation": n, "alpha": c["alpha"], "error": float(f"{c['error']:.4g}"),
+                                    **({"output_error": float(f"{c['output_error']:.4g}")} if "output_error" in c
+                                       else {}),
                                     "int8": n not in floats} for n, c in layers.items()],
                            seconds=round(time.perf_counter() - t0, 3))
             if opts.calibrate == "percentile":

@@ -281,6 +281,8 @@ def test_quantize_int8_error_budget_keeps_the_worst_layers_float(tmp_path):
     assert not run_pass(model, "quantize-int8", quantize="int8:static", calibration=ctx.option("calibration"),
                         smooth=0, error_budget=1e-3).modified          # a rerun leaves the float layer float
     assert q8._over_budget({"a": {"error": 3.0}, "b": {"error": 1.0}, "c": {"error": 0.5}}, 1.6) == ["a"]
+    assert q8._over_budget({"a": {"error": 3.0, "output_error": 0.1}, "b": {"error": 1.0, "output_error": 2.0}},
+                           1.0) == ["b"]                 # the effect on the outputs decides when measured
     assert q8._over_budget({"a": {"error": 3.0}}, INF) == []
 
 
@@ -392,3 +394,27 @@ def test_quantize_int8_bert_fixture_compiles_and_verifies(mode, tmp_path):
         assert q["quantize_linear"] > 0
     if mode == "int8:dynamic":
         assert q["dynamic_quantize_matmul"] == q["int8"]["weights"]
+
+
+def test_quantize_int8_output_sensitivity_measures_each_activation_alone(tmp_path):
+    from onnxc.calibration_ranges import output_sensitivity
+
+    text = """
+    g (float[N, 64] x) => (float[N, 16] y) {
+      h = MatMul(x, W1)
+      d = Relu(h)
+      y = MatMul(x, W2)
+    }"""
+    model = parse(text, {"W1": w(64, 16), "W2": w(64, 16, seed=1)})
+    before = to_bytes(model)
+    x = next(iter(model.graph)).inputs[0]
+    h = next(iter(model.graph)).outputs[0]
+    coarse = (np.array(0.5, np.float32), np.array(128, np.uint8), None)
+    fine = (np.array(1e-3, np.float32), np.array(128, np.uint8), None)
+    batches = [{"x": w(8, 64, seed=2) * 0.05}]
+    got = output_sensitivity(model, {"x": (x, *coarse), "h": (h, *fine)}, batches, tmp_path, "c")
+    assert got["h"] == 0.0                               # h reaches no output
+    assert got["x"] > 1e-3                               # a coarse grid on the input shows
+    assert to_bytes(model) == before                     # the graph is left as it was
+    fine_x = output_sensitivity(model, {"x": (x, *fine)}, batches, tmp_path, "c")["x"]
+    assert fine_x < got["x"] / 100
