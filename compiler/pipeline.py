@@ -28,7 +28,7 @@ OPTIONAL_STAGES = {"quantize": "quantize"}
 # the stage with one, as does an explicit --passes text that names none of the stage's passes (appended).
 QUANTIZE = "quantize-int4,quantize-int8,eliminate-dead"
 STANDALONE = {"quantize": f"{QUANTIZE},sort-topologically"}
-STAGE_PASSES = {"quantize": ("quantize-int4", "quantize-int8")}   # an explicit text naming one runs the stage as written
+STAGE_PASSES = {"quantize": ("quantize-int4", "quantize-int8")}   # an explicit text naming one runs as written
 QUANTIZE_STAGE = f"quantize?({QUANTIZE})"
 
 # Level 1: exporter noise out, with shapes refreshed once between two cleanup rounds.

@@ -522,8 +522,9 @@ QUANT_META = "onnxc.quantize"   # node.meta key set by quantize passes: .weight 
 
 def float_twins(model: ir.Model) -> list[tuple[ir.Value, ir.TensorProtocol, ir.TensorProtocol]]:
     """Rewrite, in place, every MatMulNBits / GatherBlockQuantized node that carries QUANT_META into
-    MatMul(A, W) (+ bias) / Gather(table, ids) (int8 nodes: compiler/quant_twins.py). Returns (weight value, dequantized tensor, source tensor) for each,
-    so the caller picks a twin with `value.const_value = ...`. Both tensors are lazy."""
+    MatMul(A, W) (+ bias) / Gather(table, ids) (int8 nodes: compiler/quant_twins.py). Returns (weight value,
+    dequantized tensor, source tensor) for each, so the caller picks a twin with `value.const_value = ...`. Both
+    tensors are lazy."""
     from onnxc.kernels.matmul_nbits import dequantize
 
     from . import quant_twins

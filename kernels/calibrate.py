@@ -1,7 +1,8 @@
 """Activation ranges for static int8 quantization from calibration data: MinMax, percentile and entropy.
 
 Each activation is seen batch by batch (`RangeStats.update`, per channel of the last axis); a method turns what was
-seen into a range [lo, hi] that always contains 0 (kernels/quantize_linear.activation_params makes the scale and zero point of it):
+seen into a range [lo, hi] that always contains 0 (kernels/quantize_linear.activation_params makes the scale and
+zero point of it):
 
     minmax      lo = min x, hi = max x over every batch.
     percentile  the histogram's quantiles: lo at (100 - p) %, hi at p % (p = 99.999 by default), so a fraction of
