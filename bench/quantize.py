@@ -80,7 +80,7 @@ class PhasePeaks:
 
 
 def job(method: str, src: Path, dst: Path, block: int, level: int | None = None, verify: bool = False,
-        calibration: Path | None = None) -> dict:
+        calibration: Path | None = None, extra: dict | None = None) -> dict:
     """Quantize src into dst in this process; returns seconds, peak RSS and peak RSS by phase.
 
     The peak is the largest phase peak (VmHWM), not ru_maxrss: Linux carries the parent's peak RSS over fork and
@@ -95,7 +95,8 @@ def job(method: str, src: Path, dst: Path, block: int, level: int | None = None,
     t0 = time.perf_counter()
     if method.startswith("onnxc-int8"):
         mode = {"onnxc-int8": "int8"}.get(method, "int8:" + method[len("onnxc-int8-"):].replace("-", ":"))
-        options = {"quantize": mode, **({"calibration": str(calibration)} if ":static" in mode else {})}
+        options = {"quantize": mode, **({"calibration": str(calibration)} if ":static" in mode else {}),
+                   **(extra or {})}
         onnxc.compile(src, level or 0, "cpu", output=dst, verify=verify,
                       passes=None if level is not None else "quantize-int8,eliminate-dead,sort-topologically",
                       progress=lambda record: phases.mark("passes"), options=options)
@@ -125,6 +126,7 @@ def job(method: str, src: Path, dst: Path, block: int, level: int | None = None,
             options.update(quantize=f"int4:{algo}", mixed=True)
         if algo == "gptq":
             options["calibration"] = str(calibration)
+        options.update(extra or {})
         onnxc.compile(src, level or 0, "cpu", output=dst, verify=verify,
                       passes=None if level is not None else "quantize-int4,eliminate-dead,sort-topologically",
                       progress=lambda record: phases.mark("passes"), options=options)
@@ -290,13 +292,23 @@ def main() -> None:
     ap.add_argument("--latency-runs", type=int, default=50)
     ap.add_argument("--verify", action="store_true",
                     help="also compile each onnxc row with verification in a second process (its peak RSS)")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an onnxc option for every onnxc method (VALUE read as JSON when it parses), e.g. "
+                         "sensitivity=weight or mixed_budget=1.5; the rows' method names say so")
     ap.add_argument("--job", nargs=3, metavar=("METHOD", "SRC", "DST"), help=argparse.SUPPRESS)
     ap.add_argument("--job-verify", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--job-calibration", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    extra = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
     if args.job:
         print(json.dumps(job(args.job[0], Path(args.job[1]), Path(args.job[2]), args.block_size, args.level,
-                             args.job_verify, args.job_calibration)))
+                             args.job_verify, args.job_calibration, extra)))
         return
     if args.methods == "int8":
         args.methods = ",".join(INT8)
@@ -323,6 +335,7 @@ def main() -> None:
             dst = folder / "model.onnx"
             cmd = [sys.executable, __file__, "--block-size", str(args.block_size), "--job", method, str(src), str(dst)]
             cmd += ["--level", str(args.level)] if args.level is not None else []
+            cmd += [f"--option={x}" for x in args.option]
             if "gptq" in method or "static" in method:
                 cmd += ["--job-calibration", str(calibration_file(src, OUT / name))]
             p = run_job(cmd)
@@ -330,7 +343,8 @@ def main() -> None:
                 rows.append({"model": name, "method": method, "failed": p.stderr.strip().splitlines()[-1][:120]})
                 print(rows[-1], file=sys.stderr)
                 continue
-            row = {"model": name, "method": method, **json.loads(p.stdout.strip().splitlines()[-1]),
+            label = method + (f" ({', '.join(args.option)})" if args.option and method.startswith("onnxc") else "")
+            row = {"model": name, "method": label, **json.loads(p.stdout.strip().splitlines()[-1]),
                    "mib": size(dst) / 2**20, "fp32_mib": size(src) / 2**20,
                    **error(ref, outputs(dst, feeds), encoder, feeds)}
             if args.verify and method.startswith("onnxc"):

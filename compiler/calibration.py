@@ -89,7 +89,7 @@ class Hessians:
         session = None  # every weight reads a graph input: the batches are its inputs
         if values:
             _save_exposing(model, path, values)
-            session = _session(path)
+            session = session_of(path)
         group: list[tuple[str, ...]] = []
         size = 0
         for i, sig in enumerate(dims):
@@ -191,7 +191,7 @@ def trim_heap() -> None:
         pass
 
 
-def _session(path: Path) -> Any:
+def session_of(path: Path) -> Any:
     """An onnxruntime CPU session without graph optimizations (exact float semantics) or prepacked copies."""
     import onnxruntime as ort
 

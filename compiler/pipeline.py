@@ -29,10 +29,20 @@ OPTIONAL_STAGES = {"quantize": "quantize"}
 QUANTIZE = "quantize-int4,quantize-int8,eliminate-dead"
 STANDALONE = {"quantize": f"{QUANTIZE},sort-topologically"}
 STAGE_PASSES = {"quantize": ("quantize-int4", "quantize-int8")}   # an explicit text naming one runs as written
-QUANTIZE_STAGE = f"quantize?({QUANTIZE})"
+
+
+def quantizing(row: str) -> str:
+    """A row with the optional quantize stage before its final sort (the stage and a sort for an empty row)."""
+    if not row:
+        return f"quantize?({STANDALONE['quantize']})"
+    head, sep, _ = row.rpartition(",sort-topologically")
+    if not sep or row[len(head) + len(sep):]:
+        raise ValueError(f"a pipeline row ends with sort-topologically: {row[-40:]!r}")
+    return f"{head},quantize?({QUANTIZE}),sort-topologically"
+
 
 # Level 1: exporter noise out, with shapes refreshed once between two cleanup rounds.
-O1 = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},{QUANTIZE_STAGE},sort-topologically"
+O1 = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},sort-topologically"
 
 # Fusions, on the cleaned graph. Each pass orders its own rules by pattern size; between passes the order is:
 # norms first (attention and skip-norm patterns read fused norms), attention before the residual/skip norms that
@@ -41,22 +51,22 @@ O1 = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},{QUANTIZE_STAGE},sort-topol
 FUSE = ("expand-standard-ops,split-packed-heads,canonicalize-gather,canonicalize-rotary,fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-attention,fuse-gqa,"
         "fuse-embed-layer-norm,fuse-skip-norm,pack-projections,fuse-transposed-matmul,contract-standard-ops")
 
-O2 = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},{FUSE},{CLEANUP},{QUANTIZE_STAGE},sort-topologically"
+O2 = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},{FUSE},{CLEANUP},sort-topologically"
 
 # Level 3 on CUDA computes in float16 (CUDA's GroupQueryAttention has no float32 kernel); graph I/O keeps its types
 # unless --io-fp16.
-O3_CUDA = (f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},{FUSE},{CLEANUP},convert-fp16,{CLEANUP},{QUANTIZE_STAGE},"
-           "sort-topologically")
+O3_CUDA = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},{FUSE},{CLEANUP},convert-fp16,{CLEANUP},sort-topologically"
 
+# Each row ends with the optional quantize stage (quantizing): before its final sort, or alone with one at -O0.
 PIPELINES: dict[tuple[int, str], str] = {
-    (0, "cpu"): f"quantize?({STANDALONE['quantize']})",
-    (0, "cuda"): f"quantize?({STANDALONE['quantize']})",
-    (1, "cpu"): O1,
-    (1, "cuda"): O1,
-    (2, "cpu"): O2,
-    (2, "cuda"): O2,
-    (3, "cpu"): O2,
-    (3, "cuda"): O3_CUDA,
+    (0, "cpu"): quantizing(""),
+    (0, "cuda"): quantizing(""),
+    (1, "cpu"): quantizing(O1),
+    (1, "cuda"): quantizing(O1),
+    (2, "cpu"): quantizing(O2),
+    (2, "cuda"): quantizing(O2),
+    (3, "cpu"): quantizing(O2),
+    (3, "cuda"): quantizing(O3_CUDA),
 }
 
 _OPTIONAL = re.compile(r"([a-z][a-z0-9-]*)\?\(([^()]*)\)")

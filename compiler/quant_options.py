@@ -30,6 +30,9 @@ DEFAULT_METHOD = "lsq"
 UNIFORM = "uniform"              # int4:uniform: every layer int4 with DEFAULT_METHOD
 MIXED_BUDGET = 1.25              # int4 (mixed): weight bytes at most this times the all-int4 bytes
 HIGH_BITS = 8                    # the precision of the layers mixed precision keeps
+MIXED_BLOCKS = ()                # wider 4-bit blocks mixed precision may use (option mixed_blocks)
+SENSITIVITIES = ("output", "weight")   # how mixed precision ranks weights (quant_precision.choose_bits)
+SENSITIVITY_MAX_BYTES = 2 << 30  # "output" runs the float model: above these weight bytes, "weight" is used
 DEFAULT_BLOCK = {"cpu": 32, "cuda": 32}
 DEFAULT_ACCURACY = {"cpu": 4, "cuda": 0}
 DEFAULT_CALIBRATE = "minmax"     # int8:static's range method (percentile: the same on MiniLM, at 1.3x the time)
@@ -95,6 +98,8 @@ class QuantOptions:
     mixed: bool = False              # sensitive layers at HIGH_BITS within mixed_budget (choose_bits)
     mixed_budget: float = MIXED_BUDGET
     scheme: str = "int4"
+    sensitivity: str = "output"      # mixed precision's ranking: the model's output error, or the weight error
+    mixed_blocks: tuple[int, ...] = ()   # wider 4-bit blocks mixed precision may give weights of low output error
     calibrate: str = ""              # int8:static: minmax, percentile or entropy
     percentile: float = PERCENTILE   # int8:static:percentile
     activation_type: str = "uint8"   # int8:static: activations uint8 (asymmetric) or int8 (symmetric)
@@ -111,9 +116,16 @@ def options_of(ctx: PassContext) -> QuantOptions:
     mixed_budget = ctx.option("mixed_budget", MIXED_BUDGET)
     if not isinstance(mixed_budget, (int, float)) or mixed_budget < 1:
         raise UsageError(f"mixed_budget must be a number >= 1 (weight bytes relative to all-int4), got {mixed_budget}")
+    sensitivity = ctx.option("sensitivity", SENSITIVITIES[0])
+    if sensitivity not in SENSITIVITIES:
+        raise UsageError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, got {sensitivity!r}")
     block = ctx.option("block_size") or DEFAULT_BLOCK.get(ctx.target, 32)
     if not isinstance(block, int) or block < 16 or block & (block - 1):
         raise UsageError(f"--block-size: {block} is not a power of 2 >= 16 (MatMulNBits requires one)")
+    wide = ctx.option("mixed_blocks", MIXED_BLOCKS)
+    wide = (wide,) if isinstance(wide, int) else tuple(wide or ())
+    if any(not isinstance(b, int) or b < 16 or b & (b - 1) for b in wide):
+        raise UsageError(f"mixed_blocks: {list(wide)} are not all powers of 2 >= 16 (MatMulNBits block sizes)")
     symmetric = bool(ctx.option("symmetric", False))
     if method == "hqq" and symmetric:
         raise UsageError("--quantize int4:hqq fits a zero point per block: it cannot be --symmetric")
@@ -152,6 +164,6 @@ def options_of(ctx: PassContext) -> QuantOptions:
     return QuantOptions(method, block, symmetric, int(level), tuple([exclude] if isinstance(exclude, str) else exclude),
                         bool(ctx.option("tied_embedding", True)), calibration, float(damp),
                         bool(ctx.option("act_order", False)), budget, mixed and mode.scheme == "int4",
-                        float(mixed_budget), mode.scheme, mode.calibrate, float(percentile), activation_type,
-                        bool(ctx.option("reduce_range", False)),
-                        float(error_budget), smooth if smooth == "auto" else float(smooth))
+                        float(mixed_budget), mode.scheme, sensitivity, wide, mode.calibrate, float(percentile),
+                        activation_type, bool(ctx.option("reduce_range", False)), float(error_budget),
+                        smooth if smooth == "auto" else float(smooth))

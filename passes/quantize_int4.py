@@ -21,7 +21,8 @@ mostly padding buys nothing), excluded names (--exclude globs, on node and weigh
 The concerns around the rewrite live in the core: the options (compiler/quant_options.py: "int4",
 "int4:uniform|rtn|lsq|hqq|gptq", block_size, symmetric, exclude, accuracy_level, mixed, mixed_budget, calibration,
 damp, act_order), the sites and tied tables (compiler/quant_sites.py), the choice of 8-bit layers under mixed
-precision (compiler/quant_precision.py; the choices go to ctx.results["quantize-int4"]["layers"]), GPTQ's Hessians
+precision (compiler/quant_precision.py, ranked by each weight's output error on synthetic inputs, measured in
+compiler/sensitivity.py; the choices go to ctx.results["quantize-int4"]["layers"]), GPTQ's Hessians
 from one onnxruntime session of the float graph as this pass finds it, closed before the first weight is quantized
 (compiler/calibration.py), and the scratch file quantized tensors stream to (compiler/quant_store.py, option
 scratch_dir). Each weight is read alone (memory-mapped weights are released after), so peak memory stays a few times
@@ -38,11 +39,12 @@ from onnxc.calibration import GPTQ_ROWS_PER_K, Hessians, load_calibration, trim_
 from onnxc.domains import MS
 from onnxc.kernels import quantize as kq
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
-from onnxc.quant_options import DEFAULT_METHOD, HIGH_BITS, QuantOptions, options_of
-from onnxc.quant_precision import LayerChoice, choose_bits
+from onnxc.quant_options import DEFAULT_METHOD, HIGH_BITS, SENSITIVITY_MAX_BYTES, QuantOptions, options_of
+from onnxc.quant_precision import LayerChoice, choose_bits, dequantized_rtn
 from onnxc.quant_sites import (TABLE_ROWS, QuantSource, Site, find_sites, table_block, table_digest, table_key,
                                tables, tied)
 from onnxc.quant_store import QuantStore, add_initializer
+from onnxc.sensitivity import output_errors
 from onnxc.verify import QUANT_META as META  # node.meta key: the QuantSource a node replaced
 
 Quantized = tuple[ir.Value, ir.Value, ir.Value | None]   # codes, scales, zero points
@@ -62,15 +64,27 @@ def _blocks(sites: list[Site], shapes: set[tuple], opts: QuantOptions, notes: li
     return blocks
 
 
-def _plan(graph: ir.Graph, sites: list[Site], blocks: dict[tuple, int], shapes: set[tuple], opts: QuantOptions,
-          notes: list[str]) -> dict[tuple, LayerChoice]:
+def _plan(model: ir.Model, sites: list[Site], blocks: dict[tuple, int], shapes: set[tuple], opts: QuantOptions,
+          store: QuantStore, notes: list[str]) -> dict[tuple, LayerChoice]:
     """Mixed precision's choice per weight (empty when every weight stays at 4 bits)."""
     if not opts.mixed:
         return {}
-    outputs = {id(v) for v in graph.outputs}
+    outputs = {id(v) for v in model.graph.outputs}
     logits = {s.key for s in sites if (s.shape[::-1], s.dtype) in shapes
               or any(id((s.add or s.node).outputs[0]) == o for o in outputs)}
-    plan = choose_bits(sites, blocks, logits, opts)
+    errors = None
+    if opts.sensitivity == "output":
+        size = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in {s.key: s for s in sites}.values())
+        if size > SENSITIVITY_MAX_BYTES:
+            notes.append(f"quantize-int4: mixed precision ranks weights by their int4 weight error: running the "
+                         f"float model for output errors is done up to {SENSITIVITY_MAX_BYTES >> 20} MiB of weights")
+        else:
+            started = time.perf_counter()
+            errors = output_errors(model, sites, lambda s: dequantized_rtn(s, blocks[s.key], opts.symmetric),
+                                   store.scratch())
+            notes.append(f"quantize-int4: output errors of {len(errors)} weights on synthetic inputs, "
+                         f"{time.perf_counter() - started:.2f} s")
+    plan = choose_bits(sites, blocks, logits, opts, errors)
     high = [c for c in plan.values() if c.bits != 4]
     notes.append(f"quantize-int4: mixed precision: {len(high)} of {len(plan)} weights at {HIGH_BITS} bits "
                  f"({', '.join(c.name for c in high[:8])}{', ...' if len(high) > 8 else ''})")
@@ -174,8 +188,9 @@ class QuantizeInt4(Pass):
         started = time.perf_counter()
         hessians = _hessians(model, sites, store, opts, ctx.notes)
         blocks = _blocks(sites, shapes, opts, ctx.notes)
-        plan = _plan(graph, sites, blocks, shapes, opts, ctx.notes)
+        plan = _plan(model, sites, blocks, shapes, opts, store, ctx.notes)
         bits_of = {key: c.bits for key, c in plan.items()}
+        blocks.update({key: c.block_size for key, c in plan.items()})
         for site in sites:
             if site.key not in done:
                 w = site.load()
