@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxc.kernels.calibrate import RangeStats
 
-from .calibration import _save_exposing, _session, trim_heap
+from .calibration import _save_exposing, session_of, trim_heap
 from .errors import UsageError, first_line
 from .ir import release_weights
 
@@ -35,7 +35,7 @@ def observe(model: ir.Model, values: list[ir.Value], batches: list[dict[str, np.
     path = scratch / "calibration.onnx"
     if exposed:
         _save_exposing(model, path, exposed)
-        session = _session(path)
+        session = session_of(path)
     wanted = {i.name for i in session.get_inputs()} if session is not None else set()
     names = [v.name for v in exposed]
     rows = 0
@@ -130,7 +130,7 @@ def output_sensitivity(model: ir.Model, groups: dict[str, tuple[ir.Value, np.nda
         for node in reversed(added):
             graph.remove(node, safe=True)
         release_weights(model)
-    session = _session(path)
+    session = session_of(path)
     names = [o.name for o in session.get_outputs()]
     wanted = {i.name for i in session.get_inputs()}
     off = {f.name: np.array(False) for f in flags}
