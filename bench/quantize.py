@@ -15,6 +15,7 @@ verification and reports `verify` (the twins and onnxruntime sessions, which sca
     python bench/quantize.py --models bert_ts,llama30 --block-size 64
     python bench/quantize.py --models llama30 --methods onnxc-rtn --level 2 --verify   # -O2 pipeline, verified
     python bench/quantize.py --models path/to/minilm.onnx --inputs sentences.npz      # any model, real inputs
+    python bench/quantize.py --models .../minilm_ts/model.onnx --methods int8 --level 3 --latency   # int8 rows
 
 A --models entry may be the path of any .onnx file: a model with no KV cache whose first output is not named like
 logits is scored as an encoder, by the mean cosine of its sentence embeddings (last hidden state averaged over the
@@ -45,6 +46,11 @@ MODELS = {
     "llama30": ROOT / "bench/out/llama30_prefill/model.onnx",
 }
 METHODS = ("onnxc-rtn", "onnxc-lsq", "onnxc-lsq-sym", "onnxc-hqq", "onnxc-gptq", "ort-rtn-sym", "ort-rtn", "ort-hqq")
+INT8 = ("onnxc-int8", "onnxc-int8-dynamic", "onnxc-int8-static", "onnxc-int8-static-percentile",
+        "onnxc-int8-static-entropy", "ort-int8-dynamic", "ort-int8-static")
+# int8 (--methods int8 selects them all): onnxc-int8 (weight-only, MatMulNBits bits 8), onnxc-int8-dynamic
+# (DynamicQuantizeMatMul), onnxc-int8-static[-percentile|-entropy] (QDQ calibrated on CALIBRATION), and
+# onnxruntime.quantization's quantize_dynamic / quantize_static (QDQ, MinMax) with their defaults on the same model
 # onnxc-gptq-ao (GPTQ with act_order) is measured on request: --methods onnxc-gptq-ao; so is mixed precision
 # (plain --quantize int4): onnxc-mixed (lsq at 4 bits), onnxc-mixed-rtn, onnxc-mixed-rtn-sym
 CALIBRATION = {"batches": 16, "batch": 4, "seq": 128, "seed": 1000}   # 8,192 rows, seeds apart from the error's
@@ -87,7 +93,31 @@ def job(method: str, src: Path, dst: Path, block: int, level: int | None = None,
     phases = PhasePeaks()
     phases.mark("imports")
     t0 = time.perf_counter()
-    if method.startswith("onnxc"):
+    if method.startswith("onnxc-int8"):
+        mode = {"onnxc-int8": "int8"}.get(method, "int8:" + method[len("onnxc-int8-"):].replace("-", ":"))
+        options = {"quantize": mode, **({"calibration": str(calibration)} if ":static" in mode else {}),
+                   **(extra or {})}
+        onnxc.compile(src, level or 0, "cpu", output=dst, verify=verify,
+                      passes=None if level is not None else "quantize-int8,eliminate-dead,sort-topologically",
+                      progress=lambda record: phases.mark("passes"), options=options)
+        phases.mark("save+verify" if verify else "save")
+    elif method.startswith("ort-int8"):
+        from onnxruntime import quantization as oq
+
+        if method == "ort-int8-dynamic":
+            oq.quantize_dynamic(str(src), str(dst), weight_type=oq.QuantType.QInt8)
+        else:
+            class Reader(oq.CalibrationDataReader):
+                def __init__(self) -> None:
+                    self.batches = iter(real_feeds(calibration))
+
+                def get_next(self) -> dict | None:
+                    return next(self.batches, None)
+
+            oq.quantize_static(str(src), str(dst), Reader(), quant_format=oq.QuantFormat.QDQ)
+        phases.mark("passes")
+        phases.mark("save")
+    elif method.startswith("onnxc"):
         algo = method.split("-")[1]
         options = {"quantize": f"int4:{algo}", "block_size": block, "symmetric": method.endswith("-sym"),
                    "act_order": method.endswith("-ao")}
@@ -210,6 +240,33 @@ def error(ref: list[np.ndarray], got: list[np.ndarray], encoder: bool, feeds: li
             "cosine": float(np.mean([cosine(r, g) for r, g in zip(ref, got)]))}
 
 
+def latency(models: list[tuple[str, Path]], batch: int, seq: int, runs: int) -> dict[str, tuple[float, float]]:
+    """{label: (median, min) ms} of one run of each model on the same random tokens, timed round robin so that
+    the shared machine's load falls on every model alike."""
+    import onnxc.ir
+    import onnxruntime as ort
+    from onnxc import verify
+
+    feeds = verify.make_inputs(onnxc.ir.load(models[0][1]), verify.Scenario("latency", batch, seq, 0), 0)
+    sessions = {}
+    for label, path in models:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 2
+        so.log_severity_level = 3
+        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        f = {i.name: feeds[i.name] for i in s.get_inputs()}
+        for _ in range(3):
+            s.run(None, f)
+        sessions[label] = (s, f)
+    times: dict[str, list[float]] = {label: [] for label in sessions}
+    for _ in range(runs):
+        for label, (s, f) in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, f)
+            times[label].append((time.perf_counter() - t0) * 1e3)
+    return {label: (float(np.median(t)), float(np.min(t))) for label, t in times.items()}
+
+
 def run_job(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=False, capture_output=True, text=True,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -228,6 +285,11 @@ def main() -> None:
                     help="run the -O LEVEL pipeline before quantizing (default: the quantize pass alone)")
     ap.add_argument("--inputs", type=Path, default=None,
                     help=".npz of real inputs for the error columns (NAME or NAME/K arrays, e.g. tokenized sentences)")
+    ap.add_argument("--latency", action="store_true",
+                    help="also time each output against the fp32 model as given and its -O3 compile, round robin "
+                         "(--latency-shape, 2 threads, medians of --latency-runs)")
+    ap.add_argument("--latency-shape", default="1x128", help="batch x sequence for --latency")
+    ap.add_argument("--latency-runs", type=int, default=50)
     ap.add_argument("--verify", action="store_true",
                     help="also compile each onnxc row with verification in a second process (its peak RSS)")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -248,7 +310,10 @@ def main() -> None:
         print(json.dumps(job(args.job[0], Path(args.job[1]), Path(args.job[2]), args.block_size, args.level,
                              args.job_verify, args.job_calibration, extra)))
         return
+    if args.methods == "int8":
+        args.methods = ",".join(INT8)
     rows = []
+    timed: dict[str, list[tuple[str, Path]]] = {}
     for entry in args.models.split(","):
         name, src = model_source(entry)
         if not src.exists() and name == "llama30":
@@ -256,6 +321,13 @@ def main() -> None:
                            check=True)
         encoder = is_encoder(name, src)
         feeds = real_feeds(args.inputs) if args.inputs else [feeds_for(src, encoder, seed) for seed in range(3)]
+        if args.latency:
+            o3 = OUT / name / "fp32-O3" / "model.onnx"
+            o3.parent.mkdir(parents=True, exist_ok=True)
+            import onnxc
+
+            onnxc.compile(src, 3, "cpu", output=o3, verify=False)
+            timed[name] = [("fp32 (as exported)", src), ("fp32 -O3", o3)]
         ref = outputs(src, feeds)
         for method in args.methods.split(","):
             folder = OUT / name / method
@@ -264,7 +336,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--block-size", str(args.block_size), "--job", method, str(src), str(dst)]
             cmd += ["--level", str(args.level)] if args.level is not None else []
             cmd += [f"--option={x}" for x in args.option]
-            if "gptq" in method:
+            if "gptq" in method or "static" in method:
                 cmd += ["--job-calibration", str(calibration_file(src, OUT / name))]
             p = run_job(cmd)
             if p.returncode != 0:
@@ -280,7 +352,18 @@ def main() -> None:
                 row["phases"].update(json.loads(v.stdout.strip().splitlines()[-1])["phases"] if v.returncode == 0
                                      else {"save+verify": "failed"})
             rows.append(row)
+            timed.setdefault(name, []).append((method, dst))
             print(json.dumps(row), file=sys.stderr)
+    if args.latency:
+        b, sq = (int(x) for x in args.latency_shape.split("x"))
+        for name, models in timed.items():
+            ms = latency(models, b, sq, args.latency_runs)
+            print(f"\n{name}: latency, batch {b} x sequence {sq}, 2 threads, median of {args.latency_runs} runs "
+                  "taken round robin (min in brackets)")
+            print("| model | median ms | x fp32 -O3 |\n|---|---:|---:|")
+            base = ms["fp32 -O3"][0]
+            for label, (med, low) in ms.items():
+                print(f"| {label} | {med:.2f} ({low:.2f}) | {med / base:.3f} |")
     pipeline = f"-O{args.level}" if args.level is not None else "quantize only"
     where = f"the inputs in {args.inputs}" if args.inputs else "random inputs"
     print(f"\nblock {args.block_size}; pipeline {pipeline}; "

@@ -133,18 +133,20 @@ def _load_plugins(plugins: tuple[str, ...]) -> None:
               help="When verification fails: save the model before the failing pass and a replay script in DIR.")
 @click.option("--external-data/--no-external-data", default=None, help="Force weights into (or out of) a .data file.")
 @click.option("--max-seq-len", type=int, default=None, help="Maximum sequence length for rotary caches.")
-@click.option("--quantize", default=None, metavar="int4[:METHOD]",
+@click.option("--quantize", default=None, metavar="int4[:METHOD]|int8[:MODE]",
               help="Quantize linear layers to int4 MatMulNBits. int4: mixed precision (the lm_head, tied table "
                    "and the layers of largest int4 error at 8 bits, within 1.25x the all-int4 bytes); "
                    "int4:uniform: every layer int4; int4:METHOD, every layer int4 with METHOD rtn, lsq, hqq or "
-                   "gptq (needs --calibration).")
+                   "gptq (needs --calibration). int8: weight-only 8 bits (MatMulNBits); int8:dynamic: "
+                   "DynamicQuantizeMatMul; int8:static[:minmax|percentile|entropy]: QDQ with activation ranges "
+                   "from --calibration (default minmax).")
 @click.option("--block-size", type=int, default=None, help="Quantization block size (power of 2 >= 16; default 32).")
 @click.option("--symmetric/--asymmetric", default=None, help="Symmetric (no zero points) or asymmetric (default).")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Keep in float the layers whose node or weight name matches this glob (repeatable).")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
               help="Model inputs (.npz, arrays named after graph inputs; NAME/0, NAME/1, ... for several "
-                   "batches) for int4:gptq.")
+                   "batches) for int4:gptq and int8:static.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="MatMulNBits accuracy_level (default 4 on cpu: int8 compute; 0 on cuda).")
 @click.option("--io-fp16", is_flag=True, help="fp16 graph inputs and outputs (--target cuda).")
@@ -307,8 +309,10 @@ def _print_summary(rep: dict, verbose: bool = False) -> None:
         err.print(f"verified: {len(v['scenarios'])} scenarios, worst relative error {worst:.2e}", markup=False)
         if any("quantized_outputs" in s for s in v["scenarios"]):
             qw = max((o["max_rel"] for s in v["scenarios"] for o in s["quantized_outputs"]), default=0.0)
-            err.print(f"verified: quantized model == its dequantized-weights twin (accuracy_level 0), worst "
-                      f"relative error {qw:.2e}", markup=False)
+            layered = rep.get("quantization", {}).get("method") in ("int8:dynamic", "int8:static")
+            err.print(f"verified: quantized model == its dequantized-weights twin "
+                      f"({'layer by layer' if layered else 'accuracy_level 0'}), worst relative error {qw:.2e}",
+                      markup=False)
     elif v.get("checks") == "local":
         loc = v["local"]
         skipped = f"; {loc['unchecked']} not checkable (see the report)" if loc["unchecked"] else ""
@@ -326,10 +330,21 @@ def _print_summary(rep: dict, verbose: bool = False) -> None:
         err.print(f"KV cache: must be copied each step: {kv['reason']}", markup=False)
     q = rep.get("quantization")
     if q:
-        err.print(f"quantized: {q['matmul_nbits']} MatMulNBits, {q['gather_block_quantized']} GatherBlockQuantized "
-                  f"({q['method']}, block {q['block_size']}, {'symmetric' if q['symmetric'] else 'asymmetric'}, "
-                  f"accuracy_level {q['accuracy_level']}); weights {q['weight_bytes_before'] / 2**20:.1f} -> "
-                  f"{q['weight_bytes_after'] / 2**20:.1f} MiB", markup=False)
+        if q["method"].startswith("int8:") and q["method"] != "int8:weight":
+            i8 = q.get("int8", {})
+            what = (f"{q['dynamic_quantize_matmul']} DynamicQuantizeMatMul" if q["method"] == "int8:dynamic" else
+                    f"{q['quantize_linear']} activations QDQ ({i8.get('calibration')} ranges, smoothing "
+                    f"{i8.get('smooth')}, {sum(1 for x in i8.get('layers', []) if not x['int8'])} kept float by the "
+                    f"error budget {i8.get('error_budget')})")
+            err.print(f"quantized: {i8.get('weights', 0)} int8 weights, {what}; weights "
+                      f"{q['weight_bytes_before'] / 2**20:.1f} -> {q['weight_bytes_after'] / 2**20:.1f} MiB",
+                      markup=False)
+        else:
+            err.print(f"quantized: {q['matmul_nbits']} MatMulNBits, {q['gather_block_quantized']} "
+                      f"GatherBlockQuantized ({q['method']}, block {q['block_size']}, "
+                      f"{'symmetric' if q['symmetric'] else 'asymmetric'}, accuracy_level {q['accuracy_level']}); "
+                      f"weights {q['weight_bytes_before'] / 2**20:.1f} -> {q['weight_bytes_after'] / 2**20:.1f} MiB",
+                      markup=False)
         if q.get("layers"):
             high = [x["name"] for x in q["layers"] if x["bits"] != 4]
             err.print(f"mixed precision: {len(high)} of {len(q['layers'])} weights at 8 bits"

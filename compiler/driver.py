@@ -18,7 +18,7 @@ from . import ir as irio
 from . import kvcache
 from . import pass_manager as pm
 from . import pipeline as pipelines
-from . import quant_options
+from . import quant_options, quant_twins
 from . import report as report_frame
 from . import verify as numeric
 from .errors import InvalidModelError, UsageError, VerificationError, summarize
@@ -247,16 +247,21 @@ def _verify_quantized(model: ir.Model, reference: Path, compiled: Path, scratch:
     """Check the staged quantized model against its float twins (compiler/verify.py), one model at a time.
 
     The in-memory model is rewritten into the twins here: it is already saved and not used after."""
+    def save(m: ir.Model, path: Path) -> None:
+        ir.save(m, path, external_data=path.name + ".data", size_threshold_bytes=irio.INLINE_TENSOR_MAX_BYTES)
+        irio.release_weights(m)
+
     exact = numeric.accuracy_level_zero_copy(compiled)
+    local = quant_twins.local_twins(model, compiled, scratch, save)  # int8 activations: checked layer by layer
     swaps = numeric.float_twins(model)
     paths = {}
-    for which in ("dequantized", "unquantized"):
+    for which in ("dequantized", "unquantized") if local is None else ("unquantized",):
         for value, deq, src in swaps:
             value.const_value = deq if which == "dequantized" else src
-        path = scratch / f"{which}.onnx"
-        ir.save(model, path, external_data=path.name + ".data", size_threshold_bytes=irio.INLINE_TENSOR_MAX_BYTES)
-        irio.release_weights(model)
-        paths[which] = path
+        paths[which] = scratch / f"{which}.onnx"
+        save(model, paths[which])
+    if local is not None:
+        exact, paths["dequantized"] = local
     return numeric.verify_quantized(reference, compiled, exact, paths["dequantized"], paths["unquantized"], model,
                                     **kw)
 
@@ -271,7 +276,10 @@ def _quant_report(ctx: pm.PassContext, bytes_before: int, bytes_after: int, ops_
             "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after, "error": quality,
             "precision": "mixed" if o.mixed else "uniform",
             **({"mixed_budget": o.mixed_budget, "layers": ctx.results["quantize-int4"]["layers"]}
-               if ctx.results.get("quantize-int4") else {})}
+               if ctx.results.get("quantize-int4") else {}),
+            **({"dynamic_quantize_matmul": ops_after.get("com.microsoft.DynamicQuantizeMatMul", 0),
+                "quantize_linear": ops_after.get("QuantizeLinear", 0), "int8": ctx.results.get("quantize-int8", {})}
+               if o.scheme == "int8" else {})}
 
 
 def _file_sizes(model_file: Path | None, data_files) -> dict[str, int] | None:

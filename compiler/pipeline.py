@@ -23,10 +23,12 @@ CLEANUP = "fixpoint(fold-constants,canonicalize-sequences,remove-noops,fold-shap
 OPTIONAL_STAGES = {"quantize": "quantize"}
 
 # Quantization runs last, after every fusion, so that packed QKV and gate-up MatMuls are quantized as the single
-# MatMuls they are; eliminate-dead drops the float weights it replaced. A row without a final sort (level 0) runs
+# MatMuls they are (each quantize pass serves one --quantize format and leaves the others' alone); eliminate-dead
+# drops the float weights they replaced. A row without a final sort (level 0) runs
 # the stage with one, as does an explicit --passes text that names none of the stage's passes (appended).
-QUANTIZE = "quantize-int4,eliminate-dead"
+QUANTIZE = "quantize-int4,quantize-int8,eliminate-dead"
 STANDALONE = {"quantize": f"{QUANTIZE},sort-topologically"}
+STAGE_PASSES = {"quantize": ("quantize-int4", "quantize-int8")}   # an explicit text naming one runs as written
 
 
 def quantizing(row: str) -> str:
@@ -103,7 +105,7 @@ def chosen_text(ctx: pm.PassContext, passes: str | None = None) -> str:
     text = with_stages(passes, stages)
     named = {p.name for p in pm.flatten(pm.parse_pipeline(text))}
     return ",".join([text] * bool(text) + [STANDALONE[s] for s in sorted(stages)
-                                           if STANDALONE[s].split(",")[0] not in named])
+                                           if not named.intersection(STAGE_PASSES[s])])
 
 
 def build_pipeline(ctx: pm.PassContext, passes: str | None = None, disable: tuple[str, ...] = ()) -> list[pm.Pass]:

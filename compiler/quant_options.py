@@ -7,12 +7,16 @@ QuantMode; adding a format is adding an entry there (and the pass that implement
     int4            mixed precision: DEFAULT_METHOD at 4 bits, the most sensitive weights at HIGH_BITS
     int4:uniform    every weight DEFAULT_METHOD at 4 bits
     int4:METHOD     every weight METHOD (kernels/quantize.py METHODS) at 4 bits
+    int8            weight-only 8 bits (MatMulNBits bits = 8)
+    int8:dynamic    int8 weights per column, activations quantized per call (DynamicQuantizeMatMul)
+    int8:static[:CALIBRATE]   QDQ: activation scales from --calibration by CALIBRATE (kernels/calibrate.py METHODS)
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from onnxc.kernels import calibrate as kcal
 from onnxc.kernels import quantize as kq
 
 from .errors import UsageError
@@ -31,6 +35,11 @@ SENSITIVITIES = ("output", "weight")   # how mixed precision ranks weights (quan
 SENSITIVITY_MAX_BYTES = 2 << 30  # "output" runs the float model: above these weight bytes, "weight" is used
 DEFAULT_BLOCK = {"cpu": 32, "cuda": 32}
 DEFAULT_ACCURACY = {"cpu": 4, "cuda": 0}
+DEFAULT_CALIBRATE = "minmax"     # int8:static's range method (percentile: the same on MiniLM, at 1.3x the time)
+REDUCE_RANGE = True              # int8 weights within +-63: exact on CPUs whose u8 x s8 kernels saturate pairs (AVX2)
+PERCENTILE = 99.999              # int8:static:percentile keeps this share of each activation's values unclipped
+ERROR_BUDGET = 1e-3              # int8:static: summed output error (relative, squared) of the activations quantized
+SMOOTH = "auto"                  # int8:static: SmoothQuant's migration strength alpha, or "auto" (chosen per layer)
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,7 @@ class QuantMode:
     scheme: str                   # the weight format ("int4")
     method: str                   # how weights are fitted (kernels/quantize.py METHODS)
     mixed: bool                   # the most sensitive weights at HIGH_BITS (quant_precision.choose_bits)
+    calibrate: str = ""           # int8:static: how activation ranges are chosen (kernels/calibrate.py METHODS)
 
     def __str__(self) -> str:
         return f"{self.scheme}:{self.method}"
@@ -51,10 +61,17 @@ def _int4(variant: str) -> QuantMode:
     return QuantMode("int4", DEFAULT_METHOD if variant == UNIFORM else variant, False)
 
 
+def _int8(variant: str) -> QuantMode:
+    method, _, calibrate = variant.partition(":")
+    return QuantMode("int8", method or "weight", False, calibrate or (DEFAULT_CALIBRATE if method == "static" else ""))
+
+
 # scheme -> (its variants, the parser of a variant; "" is the bare scheme)
 SCHEMES: dict[str, tuple[tuple[str, ...], Callable[[str], QuantMode]]] = {
     "int4": (kq.METHODS + (UNIFORM,), _int4),
+    "int8": (("dynamic", "static") + tuple(f"static:{m}" for m in kcal.METHODS), _int8),
 }
+CALIBRATED = {("int4", m) for m in kq.CALIBRATED} | {("int8", "static")}   # modes that need --calibration
 
 
 def parse_quantize(text: str | None) -> QuantMode:
@@ -84,6 +101,12 @@ class QuantOptions:
     scheme: str = "int4"
     sensitivity: str = "output"      # mixed precision's ranking: the model's output error, or the weight error
     mixed_blocks: tuple[int, ...] = MIXED_BLOCKS  # wider 4-bit blocks for weights of low output error (mixed)
+    calibrate: str = ""              # int8:static: minmax, percentile or entropy
+    percentile: float = PERCENTILE   # int8:static:percentile
+    activation_type: str = "uint8"   # int8:static: activations uint8 (asymmetric) or int8 (symmetric)
+    reduce_range: bool = REDUCE_RANGE  # int8:dynamic / static: weights within +-63 (7 bits)
+    error_budget: float = ERROR_BUDGET   # int8:static: layers of largest error stay float until the rest fit
+    smooth: float | str = SMOOTH     # int8:static: SmoothQuant's alpha (0: no smoothing) or "auto"
 
 
 def options_of(ctx: PassContext) -> QuantOptions:
@@ -108,14 +131,27 @@ def options_of(ctx: PassContext) -> QuantOptions:
     if method == "hqq" and symmetric:
         raise UsageError("--quantize int4:hqq fits a zero point per block: it cannot be --symmetric")
     calibration = ctx.option("calibration")
-    if method in kq.CALIBRATED and not calibration:
-        raise UsageError(f"--quantize int4:{method} needs --calibration FILE.npz (model inputs, see "
+    calibrated = (mode.scheme, method) in CALIBRATED
+    if calibrated and not calibration:
+        raise UsageError(f"--quantize {mode.scheme}:{method} needs --calibration FILE.npz (model inputs, see "
                          "docs/quantization.md)")
-    if calibration and method not in kq.CALIBRATED:
-        raise UsageError(f"--calibration: no selected method uses calibration data (int4:{method} is data-free; "
-                         f"{', '.join('int4:' + m for m in kq.CALIBRATED)} uses it)")
+    if calibration and not calibrated:
+        raise UsageError(f"--calibration: no selected method uses calibration data ({mode.scheme}:{method} is "
+                         f"data-free; {', '.join(sorted(f'{s}:{m}' for s, m in CALIBRATED))} use it)")
     if calibration:
         check_regular_file(calibration, "--calibration")    # missing, or a FIFO or device: exit 2 before any work
+    percentile = ctx.option("percentile", PERCENTILE)
+    if not isinstance(percentile, (int, float)) or not 50 < percentile <= 100:
+        raise UsageError(f"percentile must be a number in (50, 100], got {percentile}")
+    smooth = ctx.option("smooth", SMOOTH)
+    if smooth != "auto" and (not isinstance(smooth, (int, float)) or not 0 <= smooth <= 1):
+        raise UsageError(f"smooth must be 'auto' or a number in [0, 1] (SmoothQuant's alpha; 0: off), got {smooth}")
+    error_budget = ctx.option("error_budget", ERROR_BUDGET)
+    if not isinstance(error_budget, (int, float)) or error_budget < 0:
+        raise UsageError(f"error_budget must be a number >= 0 (inf: every layer int8), got {error_budget}")
+    activation_type = ctx.option("activation_type", "uint8")
+    if activation_type not in ("uint8", "int8"):
+        raise UsageError(f"activation_type must be uint8 or int8, got {activation_type}")
     level = ctx.option("accuracy_level", DEFAULT_ACCURACY.get(ctx.target, 0))
     if level not in (0, 1, 2, 3, 4):
         raise UsageError(f"accuracy_level must be 0-4, got {level}")
@@ -128,5 +164,7 @@ def options_of(ctx: PassContext) -> QuantOptions:
     exclude = ctx.option("exclude") or ()
     return QuantOptions(method, block, symmetric, int(level), tuple([exclude] if isinstance(exclude, str) else exclude),
                         bool(ctx.option("tied_embedding", True)), calibration, float(damp),
-                        bool(ctx.option("act_order", False)), budget, mixed, float(mixed_budget), mode.scheme,
-                        sensitivity, wide)
+                        bool(ctx.option("act_order", False)), budget, mixed and mode.scheme == "int4",
+                        float(mixed_budget), mode.scheme, sensitivity, wide, mode.calibrate, float(percentile),
+                        activation_type, bool(ctx.option("reduce_range", REDUCE_RANGE)), float(error_budget),
+                        smooth if smooth == "auto" else float(smooth))

@@ -150,8 +150,8 @@ def _following_add(node: ir.Node, n: int, dtype: ir.DataType) -> tuple[ir.Node, 
     return None if b is None or (len(t.shape) and int(t.shape[-1]) != n) else (add, b)
 
 
-def find_sites(graph: ir.Graph, opts: QuantOptions, notes: list[str]) -> list[Site]:
-    """Every linear node with a constant 2-D weight that can become MatMulNBits (skips are noted)."""
+def find_sites(graph: ir.Graph, opts: QuantOptions, notes: list[str], label: str = "quantize-int4") -> list[Site]:
+    """Every linear node with a constant 2-D weight that can become MatMulNBits (skips are noted, after `label`)."""
     sites = []
     for node in graph:
         if node.op_type not in ("MatMul", "Gemm", "FusedMatMul") or \
@@ -180,7 +180,7 @@ def find_sites(graph: ir.Graph, opts: QuantOptions, notes: list[str]) -> list[Si
             if bias is None:
                 why = "Gemm C is not a constant that broadcasts to (N,)"
         if why is not None:
-            notes.append(f"quantize-int4: kept {node.op_type} '{node.name}' ({wname}) in float: {why}")
+            notes.append(f"{label}: kept {node.op_type} '{node.name}' ({wname}) in float: {why}")
             continue
         if bias is None:
             found = _following_add(node, n, t.dtype)

@@ -496,8 +496,9 @@ def compute_precision(model: ir.Model) -> str | None:
 
 
 def is_quantized(model: ir.Model) -> bool:
-    """The model holds block-quantized weights (MatMulNBits, GatherBlockQuantized, DequantizeLinear with blocks)."""
-    return any(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in model.graph)
+    """The model holds quantized weights (MatMulNBits, GatherBlockQuantized, DynamicQuantizeMatMul, QDQ)."""
+    return any(n.op_type in ("MatMulNBits", "GatherBlockQuantized", "DynamicQuantizeMatMul", "QuantizeLinear")
+               for n in model.graph)
 
 
 def load_inputs(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
@@ -521,9 +522,12 @@ QUANT_META = "onnxc.quantize"   # node.meta key set by quantize passes: .weight 
 
 def float_twins(model: ir.Model) -> list[tuple[ir.Value, ir.TensorProtocol, ir.TensorProtocol]]:
     """Rewrite, in place, every MatMulNBits / GatherBlockQuantized node that carries QUANT_META into
-    MatMul(A, W) (+ bias) / Gather(table, ids). Returns (weight value, dequantized tensor, source tensor) for each,
-    so the caller picks a twin with `value.const_value = ...`. Both tensors are lazy."""
+    MatMul(A, W) (+ bias) / Gather(table, ids) (int8 nodes: compiler/quant_twins.py). Returns (weight value,
+    dequantized tensor, source tensor) for each, so the caller picks a twin with `value.const_value = ...`. Both
+    tensors are lazy."""
     from onnxc.kernels.matmul_nbits import dequantize
+
+    from . import quant_twins
 
     graph = model.graph
     swaps = []
@@ -533,6 +537,9 @@ def float_twins(model: ir.Model) -> list[tuple[ir.Value, ir.TensorProtocol, ir.T
 
     for node in list(graph):
         src = node.meta.get(QUANT_META)
+        if src is not None and node.op_type in quant_twins.OPS:     # int8: DynamicQuantizeMatMul, QDQ
+            swaps.extend(quant_twins.twin(graph, node, src))
+            continue
         if src is None or node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
             continue
         attrs = {k: a.value for k, a in node.attributes.items()}

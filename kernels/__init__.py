@@ -1,7 +1,7 @@
 """Numpy reference implementations of the ONNX Runtime contrib ops onnxc emits.
 
 One module per op family (norms, activations, attention, group_query_attention, rotary, matmul_nbits,
-gather_block_quantized); import the functions from those modules. Each reference takes the node's inputs
+gather_block_quantized, quantize_linear); import the functions from those modules. Each reference takes the node's inputs
 positionally in ONNX order (None for an absent optional input) and its attributes as keyword arguments with the
 ONNX names and defaults; it returns one array for a single-output op and a tuple, in ORT's output order, otherwise.
 `run_node` evaluates a node through that contract.
@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from . import activations, attention, gather_block_quantized, group_query_attention, matmul_nbits, norms, rotary
+from . import (activations, attention, gather_block_quantized, group_query_attention, matmul_nbits, norms,
+               quantize_linear, rotary)
 
 MS = "com.microsoft"
 
@@ -37,6 +38,11 @@ REFERENCE: dict[tuple[str, str], Callable] = {
     (MS, "RotaryEmbedding"): rotary.rotary_embedding,
     (MS, "MatMulNBits"): matmul_nbits.matmul_nbits,
     (MS, "GatherBlockQuantized"): gather_block_quantized.gather_block_quantized,
+    ("", "QuantizeLinear"): quantize_linear.quantize_linear,
+    ("", "DequantizeLinear"): quantize_linear.dequantize_linear,
+    ("", "DynamicQuantizeLinear"): quantize_linear.dynamic_quantize_linear,
+    ("", "MatMulInteger"): quantize_linear.matmul_integer,
+    (MS, "DynamicQuantizeMatMul"): quantize_linear.dynamic_quantize_matmul,
 }
 
 
@@ -71,6 +77,7 @@ __all__ = [
     "group_query_attention",
     "matmul_nbits",
     "norms",
+    "quantize_linear",
     "rotary",
     "run_node",
 ]

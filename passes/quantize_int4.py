@@ -168,6 +168,8 @@ class QuantizeInt4(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         opts = options_of(ctx)
+        if opts.scheme != "int4":      # another format's pass (quantize-int8) serves this --quantize
+            return PassResult(model, False, {})
         graph = model.graph
         sites = find_sites(graph, opts, ctx.notes)
         if not sites:

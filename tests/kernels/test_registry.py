@@ -6,6 +6,7 @@ from kernel_ort import MS, assert_close, node_model, randn, rng, run_ort
 from onnx import helper, load_model_from_string
 from onnxc.kernels import REFERENCE, run_node
 from onnxc.kernels.matmul_nbits import quantize_rtn
+from onnxc.kernels.quantize_linear import quantize_weight
 
 
 def _cases():
@@ -16,6 +17,7 @@ def _cases():
     ang = r.uniform(0, 6.3, (16, 8))
     cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
     ids = r.integers(0, 10, (2, 3)).astype(np.int32)
+    q8, s8, z8 = quantize_weight(randn(r, 32, 8), True)   # as onnxc emits: within +-63
     return {
         ("", "SimplifiedLayerNormalization"): ([x3, h], {"epsilon": 1e-5}, 2, 18),
         ("", "LayerNormalization"): ([x3, h, h], {"epsilon": 1e-5}, 3, 17),
@@ -39,6 +41,12 @@ def _cases():
         (MS, "MatMulNBits"): ([x3, w4, s4, z4], {"K": 32, "N": 8, "bits": 4, "block_size": 16}, 1, 18),
         (MS, "GatherBlockQuantized"): ([w4.reshape(8, -1), np.array([[7, 0]], np.int64), s4, z4],
                                        {"bits": 4, "block_size": 16}, 1, 18),
+        ("", "QuantizeLinear"): ([x3, np.array(0.02, np.float32), np.array(7, np.uint8)], {}, 1, 21),
+        ("", "DequantizeLinear"): ([q8, s8, z8], {"axis": 1}, 1, 21),
+        ("", "DynamicQuantizeLinear"): ([x3], {}, 3, 21),
+        ("", "MatMulInteger"): ([r.integers(0, 256, (3, 32)).astype(np.uint8), q8, np.array(9, np.uint8), z8], {},
+                                1, 21),
+        (MS, "DynamicQuantizeMatMul"): ([x3, q8, s8, z8, h[:8]], {}, 1, 18),
     }
 
 

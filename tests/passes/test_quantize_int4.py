@@ -347,7 +347,7 @@ def test_quantize_int4_exclude_matches_node_names():
 
 
 @pytest.mark.parametrize("opts,message", [
-    ({"quantize": "int8"}, "unknown value 'int8'"),
+    ({"quantize": "int2"}, "unknown value 'int2'"),
     ({"quantize": "int4:gptq"}, "needs --calibration FILE.npz"),
     ({"quantize": "int4:gptq", "calibration": "/no/such/c.npz"}, "no such file"),
     ({"quantize": "int4:awq"}, "unknown value"),
