@@ -608,7 +608,7 @@ def test_fuse_gqa_fixture(entry, tmp_path):
     assert c["GroupQueryAttention"] == layers and c["Softmax"] == 0, res.report["notes"]
     assert res.report["verification"]["status"] == "passed"
     if entry.get("mask", True):
-        assert {s["name"] for s in res.report["verification"]["scenarios"]} >= {"padded"}
+        assert any(s["pad"] for s in res.report["verification"]["scenarios"])      # a right-padded row checked
     gqa = [n for n in res.model.graph.node if n.op_type == "GroupQueryAttention"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
     assert attrs["local_window_size"] == entry["config"].get("sliding_window", -1) or -1
