@@ -234,7 +234,7 @@ def scenarios_for(model: ir.Model) -> tuple[Scenario, ...]:
 # ---------------------------------------------------------------------------------------------------- running
 def session_for(path: str | os.PathLike, threads: int = 2, reference: bool = False) -> Any:
     """An onnxruntime CPU session as verification runs models: weights not prepacked (a verified model runs a few
-    times only: prepacked copies would double its memory), no memory arena. A compiled model runs with onnxruntime's
+    times only: prepacked copies would double its memory), no memory arena, no spinning threads. A compiled model runs with onnxruntime's
     own graph optimizations off, so what is checked is what onnxc wrote. The `reference` (the input) runs with
     onnxruntime's basic level: constant folding and the removal of redundant nodes, which onnxruntime applies to
     every model it runs by default; a constant subgraph (an exporter's Transpose of a tied embedding) is then
@@ -248,6 +248,9 @@ def session_for(path: str | os.PathLike, threads: int = 2, reference: bool = Fal
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     so.add_session_config_entry("session.disable_prepacking", "1")
+    # Worker threads sleep between parallel ops instead of spinning: on a machine shared with other work, spinning
+    # threads take the cores the main thread needs (the input's runs took 2x as long at a load of 10 on 2 cores)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.enable_cpu_mem_arena = False
     so.enable_mem_pattern = False
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
