@@ -168,3 +168,25 @@ def numeric_rtol(kind: str) -> float:
     from onnxc.verify import TOLERANCES
 
     return TOLERANCES[kind][0]
+
+
+def test_verification_runs_the_input_as_written_when_the_basic_level_refuses_it(tmp_path, monkeypatch):
+    """The input runs at onnxruntime's basic level; a model that level refuses is run with the optimizations off
+    instead of failing the compile as an invalid input."""
+    import onnxruntime as ort
+
+    real, levels = ort.InferenceSession, []
+
+    def session(path, so=None, **kw):
+        levels.append(so.graph_optimization_level)
+        if so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC:
+            raise RuntimeError("an optimizer refused the model")
+        return real(path, so, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    src = tmp_path / "m.onnx"
+    onnx.save(_rms_norm_cast_to(onnx.TensorProto.FLOAT), str(src))
+    res = onnxc.compile(src, 2, "cpu", output=tmp_path / "o.onnx")
+    assert res.report["verification"]["status"] == "passed"
+    assert levels.count(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC) == 1
+    assert levels.count(ort.GraphOptimizationLevel.ORT_DISABLE_ALL) >= 2        # the input's retry and the output
