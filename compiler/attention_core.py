@@ -182,15 +182,14 @@ _LAST_AXIS_NORMS = ("SimplifiedLayerNormalization", "LayerNormalization")
 def _heads_view(x: ir.Value, what: str) -> tuple[ir.Value, ir.Node | None]:
     """BNSH x = Transpose(x4, [0,2,1,3]) -> (x4 (B, S, N, H), None); or x = Norm(Transpose(x4)) for a norm over the
     last axis only -> (x4, Norm): Norm(Transpose(x4, [0,2,1,3])) = Transpose(Norm(x4)), the normed axis untouched."""
+    if (c := prod(x, "Cast")) is not None and c.inputs[0].dtype is not None and c.inputs[0].dtype.is_floating_point():
+        x = c.inputs[0]         # OLMo: rotary in float32 on a float16 head view, cast back
     norm = prod(x, *_LAST_AXIS_NORMS)
     if norm is not None:
         if attr_value(norm, "axis", default=-1) not in (-1, 3) or len(norm.outputs) != 1:
             raise Refusal(f"{what} is normalized over more than its last axis")
         x = norm.inputs[0]
     t = prod(x, "Transpose")
-    if t is None and norm is None and (c := prod(x, "Cast")) is not None and c.inputs[0].dtype is not None and \
-            c.inputs[0].dtype.is_floating_point():
-        t = prod(c.inputs[0], "Transpose")      # OLMo: rotary in float32 on a float16 head view, cast back
     if t is None or _perm(t) != [0, 2, 1, 3]:
         raise Refusal(f"{what} is not Transpose(BSNH, [0,2,1,3])")
     return t.inputs[0], norm

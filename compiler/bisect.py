@@ -129,7 +129,7 @@ class _Checker:
             scenarios = numeric.scenarios_for(model)
             self.feeds = [numeric.make_inputs(model, sc, setup.seed + k) for k, sc in enumerate(scenarios)]
             self.names = [asdict(sc) for sc in scenarios]
-        self.refs = numeric.run_model(setup.reference, self.feeds)
+        self.refs = numeric.run_model(setup.reference, self.feeds, reference=True)
         self.probes = 0
 
     def differs(self, model: ir.Model) -> str:

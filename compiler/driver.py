@@ -246,7 +246,12 @@ def _verify_quantized(model: ir.Model, reference: Path, compiled: Path, scratch:
                       ) -> tuple[numeric.VerifyReport, dict[str, Any]]:
     """Check the staged quantized model against its float twins (compiler/verify.py), one model at a time.
 
-    The in-memory model is rewritten into the twins here: it is already saved and not used after."""
+    The in-memory model is rewritten into the twins here: it is already saved and not used after. Nothing is
+    written when the weights alone are over the memory budget."""
+    _, over = numeric.weights_budget(kw.get("weight_bytes", 0), kw.get("memory_budget"), kw.get("seed", 0))
+    if over is not None:
+        return over, {}
+
     def save(m: ir.Model, path: Path) -> None:
         ir.save(m, path, external_data=path.name + ".data", size_threshold_bytes=irio.INLINE_TENSOR_MAX_BYTES)
         irio.release_weights(m)

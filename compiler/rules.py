@@ -639,11 +639,9 @@ class Rule:
         if len(new_values) != len(m.outputs):
             raise ValueError(f"rule {self.name}: rewrite returned {len(new_values)} values, pattern has "
                              f"{len(m.outputs)} outputs")
-        # A pre-existing value may replace a graph output only if it can take over the name safely.
-        for old, repl in zip(m.outputs, new_values):
-            if old.is_graph_output() and repl is not None and not _is_new(repl, op):
-                if repl.is_graph_input() or repl.is_graph_output() or repl.is_initializer() or repl.producer() is None:
-                    return False, False, set()
+        if _output_refusal(m.outputs, new_values, op) is not None:
+            _discard(op)
+            return False, False, set()
         needs_sort = False
         graph.insert_before(root_node, op.nodes)
         if positions is not None:
@@ -668,6 +666,43 @@ class Rule:
                 repl.name = name
         graph.remove(m.nodes, safe=True)
         return True, needs_sort, op.domains
+
+
+    def refusal(self, m: Match) -> str | None:
+        """Why `apply` would leave this match as it is, or None when it would rewrite it. Only a match whose outputs
+        include a graph output can be refused (_output_refusal); its replacement is built aside and discarded."""
+        if not any(v.is_graph_output() for v in m.outputs):
+            return None
+        op = RewriteBuilder(f"{self.name}/explain")
+        params = inspect.signature(self.rewrite).parameters
+        takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        new = self.rewrite(op, **{k: v for k, v in m.binds.items() if takes_all or k in params})
+        try:
+            return _output_refusal(m.outputs, list(new) if isinstance(new, tuple) else [new], op)
+        finally:
+            _discard(op)
+
+
+def _output_refusal(outputs: Sequence[ir.Value], new_values: Sequence[ir.Value | None], op: RewriteBuilder
+                    ) -> str | None:
+    """A graph output keeps its name, so a pre-existing value may replace it only if that value can take the name:
+    not a graph input, another graph output, an initializer or any value without a producer."""
+    for old, repl in zip(outputs, new_values):
+        if old.is_graph_output() and repl is not None and not _is_new(repl, op):
+            kind = ("a graph input" if repl.is_graph_input() else "a graph output" if repl.is_graph_output()
+                    else "an initializer" if repl.is_initializer() else
+                    "a value without a producer" if repl.producer() is None else None)
+            if kind is not None:
+                return (f"matched, not rewritten: graph output '{old.name}' would be replaced by {kind} "
+                        f"'{repl.name}', which cannot take its name")
+    return None
+
+
+def _discard(op: RewriteBuilder) -> None:
+    """Detach the nodes a rewrite built but that were never inserted, so the values they read lose those uses."""
+    for node in op.nodes:
+        for i in range(len(node.inputs)):
+            node.replace_input_with(i, None)
 
 
 def _is_new(v: ir.Value, op: RewriteBuilder) -> bool:
@@ -779,7 +814,8 @@ def apply_rules(model: ir.Model, rules: Sequence[Rule], *, max_sweeps: int = 8,
 
 
 def explain(model: ir.Model, rule: Rule) -> list[tuple[str, str]]:
-    """For each candidate root node: (node name, 'matched' or the reason the match failed)."""
+    """For each candidate root node: (node name, 'matched' or the reason the match failed). A match the rewrite
+    would refuse (a graph output's replacement that cannot take its name) says so instead of 'matched'."""
     graph = model.graph
     opset = model.opset_imports.get("", 21)
     rows = []
@@ -788,7 +824,8 @@ def explain(model: ir.Model, rule: Rule) -> list[tuple[str, str]]:
         if (node.domain, node.op_type) != rule.root_op:
             continue
         m = rule.match(graph, node, opset, positions)
-        rows.append((node.name or "<unnamed>", "matched" if isinstance(m, Match) else str(m)))
+        why = (rule.refusal(m) or "matched") if isinstance(m, Match) else str(m)
+        rows.append((node.name or "<unnamed>", why))
     return rows
 
 

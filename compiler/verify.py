@@ -7,8 +7,12 @@ the past length on their first symbolic dim after the batch), anything else (ran
 sized by role, so the same symbol gets the same size everywhere. Models with a KV cache are checked on a prefill
 and a decode step with a non-empty past.
 
-Both sessions use the CPU execution provider with onnxruntime's own graph optimizations off, and run one after the
-other so peak memory stays near one model's size.
+Both sessions use the CPU execution provider and run one after the other, so peak memory stays near one model's
+size. The compiled model runs with onnxruntime's own graph optimizations off (what is checked is what onnxc wrote);
+the input runs at onnxruntime's basic level (constant folding, redundant-node removal: what onnxruntime does to any
+model it runs by default), so its constant subgraphs are computed once, not at every run. On an exporter's
+Transpose of a tied embedding that halves the input's run time and keeps the transposed copy from coexisting with
+every weight page the run touches (docs/architecture.md, "What verification costs").
 """
 from __future__ import annotations
 
@@ -43,11 +47,15 @@ class Scenario:
     pad: int = 0     # the last batch row's attention mask ends in this many zeros (right padding)
 
 
-# A padded scenario compares only the outputs of non-padded positions (padded rows are unspecified in fused
-# attention kernels); a decode step and a chunked prefill (batch 1, the only batch ORT's GQA takes with a past)
-# run on a non-empty past.
-DEFAULT_SCENARIOS = (Scenario("prefill", 2, 5, 0), Scenario("decode", 2, 1, 6), Scenario("chunk", 1, 4, 3),
-                     Scenario("padded", 2, 6, 0, pad=2))
+# What each scenario covers (docs/architecture.md, "Verification"). A model with a KV cache:
+# - prefill: batch 2 x 6 tokens on an empty cache, the first row whole and the second right-padded by 2 (a batch
+#   of unequal lengths: per-row sequence lengths, the mask's zeros; a whole row as well);
+# - decode: batch 2, one token after 6 cached (the step a runtime repeats; the in-place cache check runs on it);
+# - chunk: batch 1 (the only batch ORT's GQA takes with a past and several tokens), 4 tokens after 3 cached.
+# A whole-row prefill of its own would add no path the padded batch's first row and the decode step do not take.
+# A model without one: a batch of 2 x 7 tokens and a padded batch of 2 x 6 (two lengths). A padded scenario
+# compares only the outputs of non-padded positions (padded rows are unspecified in fused attention kernels).
+DEFAULT_SCENARIOS = (Scenario("prefill", 2, 6, 0, pad=2), Scenario("decode", 2, 1, 6), Scenario("chunk", 1, 4, 3))
 NO_CACHE_SCENARIOS = (Scenario("forward", 2, 7, 0), Scenario("padded", 2, 6, 0, pad=2))
 
 
@@ -224,20 +232,34 @@ def scenarios_for(model: ir.Model) -> tuple[Scenario, ...]:
 
 
 # ---------------------------------------------------------------------------------------------------- running
-def session_for(path: str | os.PathLike, threads: int = 2) -> Any:
-    """An onnxruntime CPU session as verification runs models: onnxruntime's own graph optimizations off, weights
-    not prepacked (a verified model runs a few times only: prepacked copies would double its memory)."""
+def session_for(path: str | os.PathLike, threads: int = 2, reference: bool = False) -> Any:
+    """An onnxruntime CPU session as verification runs models: weights not prepacked (a verified model runs a few
+    times only: prepacked copies would double its memory), no memory arena, no spinning threads. A compiled model runs with onnxruntime's
+    own graph optimizations off, so what is checked is what onnxc wrote. The `reference` (the input) runs with
+    onnxruntime's basic level: constant folding and the removal of redundant nodes, which onnxruntime applies to
+    every model it runs by default; a constant subgraph (an exporter's Transpose of a tied embedding) is then
+    computed once at load instead of at every run (module docstring)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if reference else
+                                   ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     so.add_session_config_entry("session.disable_prepacking", "1")
+    # Worker threads sleep between parallel ops instead of spinning: on a machine shared with other work, spinning
+    # threads take the cores the main thread needs (the input's runs took 2x as long at a load of 10 on 2 cores)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.enable_cpu_mem_arena = False
     so.enable_mem_pattern = False
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception:
+        if not reference:
+            raise
+    # an optimizer of the basic level refused a model onnxruntime may still run as written
+    return session_for(path, threads, reference=False)
 
 
 def narrow_feeds(feeds: dict[str, np.ndarray], session: Any) -> dict[str, np.ndarray]:
@@ -250,11 +272,11 @@ def narrow_feeds(feeds: dict[str, np.ndarray], session: Any) -> dict[str, np.nda
 
 
 def run_model(path: str | os.PathLike, feeds_list: list[dict[str, np.ndarray]], threads: int = 2,
-              inspect: Callable[[Any, list[dict[str, np.ndarray]]], None] | None = None
+              inspect: Callable[[Any, list[dict[str, np.ndarray]]], None] | None = None, reference: bool = False
               ) -> list[dict[str, np.ndarray]]:
     """Every output of the model at `path` on each feed; `inspect(session, outputs)` runs before the session
-    closes."""
-    session = session_for(path, threads)
+    closes. `reference`: the model is the input, run as session_for runs a reference."""
+    session = session_for(path, threads, reference)
     names = [o.name for o in session.get_outputs()]
     results = [dict(zip(names, session.run(names, narrow_feeds(feeds, session)))) for feeds in feeds_list]
     if inspect is not None:
@@ -267,23 +289,39 @@ def run_model(path: str | os.PathLike, feeds_list: list[dict[str, np.ndarray]], 
 def computed_in(model: ir.Model | None, name: str) -> str | None:
     """The narrowest float type among the values graph output `name` is computed from (node outputs in its cone, not
     the inputs both models are fed), by tolerance: a float32 result Cast to float64 is computed in float32."""
-    graph = model.graph if model is not None else None
-    out = next((v for v in graph.outputs if v.name == name), None) if graph is not None else None
-    if out is None:
-        return None
-    narrowest, seen, stack = None, set(), [out]
-    while stack:
-        v = stack.pop()
-        node = v.producer()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        for o in node.outputs:
-            kind = str(o.dtype.numpy()) if o.dtype is not None and o.dtype.is_floating_point() else None
-            if kind in TOLERANCES and (narrowest is None or TOLERANCES[kind][0] > TOLERANCES[narrowest][0]):
-                narrowest = kind
-        stack.extend(i for i in node.inputs if i is not None)
-    return narrowest
+    return computed_in_all(model).get(name)
+
+
+def computed_in_all(model: ir.Model | None) -> dict[str, str | None]:
+    """computed_in for every graph output, each node's cone walked once (memoized over the nodes)."""
+    if model is None:
+        return {}
+
+    def wider(a: str | None, b: str | None) -> str | None:
+        return b if a is None or (b is not None and TOLERANCES[b][0] > TOLERANCES[a][0]) else a
+
+    at: dict[int, str | None] = {}      # id(node) -> the narrowest float type in its cone, its own outputs included
+    opened: set[int] = set()
+    for out in model.graph.outputs:
+        stack = [out.producer()] if out.producer() is not None else []
+        while stack:                    # each node is settled on its second visit, after its producers
+            node = stack[-1]
+            producers = [i.producer() for i in node.inputs if i is not None and i.producer() is not None]
+            if id(node) not in at and id(node) not in opened:
+                opened.add(id(node))
+                stack.extend(p for p in producers if id(p) not in at and id(p) not in opened)
+                continue
+            stack.pop()
+            if id(node) in at:
+                continue
+            narrowest = None
+            for o in node.outputs:
+                kind = str(o.dtype.numpy()) if o.dtype is not None and o.dtype.is_floating_point() else None
+                narrowest = wider(narrowest, kind if kind in TOLERANCES else None)
+            for p in producers:
+                narrowest = wider(narrowest, at.get(id(p)))
+            at[id(node)] = narrowest
+    return {v.name: (at.get(id(v.producer())) if v.producer() is not None else None) for v in model.graph.outputs}
 
 
 def _judged_as(ref: np.ndarray, tolerance_dtype: str | None, computed: str | None) -> str | None:
@@ -336,6 +374,18 @@ def available_memory() -> int:
     return 8 << 30
 
 
+def weights_budget(weight_bytes: int, memory_budget: int | None, seed: int = 0) -> tuple[int, VerifyReport | None]:
+    """(bytes left for activations, None), or (0, a "skipped" report) when one model's weights (2.5x, for the
+    runtime's copies) are over the memory budget (default: 70% of available memory). Checked before anything is
+    written or run for verification."""
+    budget = memory_budget if memory_budget is not None else int(available_memory() * 0.7)
+    need = int(weight_bytes * 2.5)
+    if need > budget:
+        return 0, VerifyReport("skipped", f"one model needs about {need >> 20} MiB, over the {budget >> 20} MiB "
+                               "memory budget; per-rewrite checks still ran", seed)
+    return budget - need, None
+
+
 def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, model: ir.Model, *, seed: int = 0,
                  inputs: list[dict[str, np.ndarray]] | None = None, weight_bytes: int = 0,
                  memory_budget: int | None = None, tolerance_dtype: str | None = None,
@@ -346,20 +396,18 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, mod
     """Compare `candidate` with `reference` (paths). `model` supplies the signature used to make inputs.
     `candidate_check(session, feeds_list, outputs)` runs on the candidate's session before it closes (one load, not
     two), with the candidate's outputs on each feed (not computed twice)."""
-    budget = memory_budget if memory_budget is not None else int(available_memory() * 0.7)
-    need = int(weight_bytes * 2.5)
-    if need > budget:
-        return VerifyReport("skipped", f"one model needs about {need >> 20} MiB, over the {budget >> 20} MiB "
-                            "memory budget; per-rewrite checks still ran", seed)
+    budget, over = weights_budget(weight_bytes, memory_budget, seed)
+    if over is not None:
+        return over
     scenarios = scenarios or scenarios_for(model)
     feeds_list, names, notes = fit_scenarios([Path(reference), Path(candidate)], model, scenarios, seed, inputs,
-                                             budget - need)
+                                             budget)
     if not feeds_list:
         return VerifyReport("skipped", notes[0] if len(notes) == 1 else
                             f"every scenario is over the memory budget ({notes[0]}; +{len(notes) - 1} more)",
                             seed, notes=notes)
     try:
-        refs = run_model(reference, feeds_list)
+        refs = run_model(reference, feeds_list, reference=True)
     except Exception as exc:
         raise _input_refused(exc, inputs is not None) from None
     try:
@@ -369,7 +417,7 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, mod
         raise VerificationError(f"verification failed: onnxruntime cannot run the compiled model ({first_line(exc)})"
                                 ) from None
     report = VerifyReport("passed", "", seed, notes=notes)
-    computed = {n: computed_in(model, n) for n in (refs[0] if refs else {})}
+    computed = computed_in_all(model)
     for sc, feeds, ref, got in zip(names, feeds_list, refs, gots):
         if sc.get("pad"):
             ref, got = _valid_rows(ref, sc), _valid_rows(got, sc)
@@ -636,13 +684,11 @@ def verify_quantized(reference: str | os.PathLike, compiled: str | os.PathLike, 
                      ) -> tuple[VerifyReport, dict[str, Any]]:
     """Check a quantized model and measure its error (module section comment). `exact` is the compiled model at
     accuracy_level 0, `dequantized` and `unquantized` its float twins. Returns (report, quality)."""
-    budget = memory_budget if memory_budget is not None else int(available_memory() * 0.7)
-    need = int(weight_bytes * 2.5)
-    if need > budget:
-        return VerifyReport("skipped", f"one model needs about {need >> 20} MiB, over the {budget >> 20} MiB "
-                            "memory budget; per-rewrite checks still ran", seed), {}
+    budget, over = weights_budget(weight_bytes, memory_budget, seed)
+    if over is not None:
+        return over, {}
     feeds_list, names, notes = fit_scenarios([Path(reference), Path(unquantized)], model, scenarios_for(model), seed,
-                                             inputs, budget - need)
+                                             inputs, budget)
     if not feeds_list:
         return VerifyReport("skipped", notes[0], seed, notes=notes), {}
 
@@ -654,7 +700,7 @@ def verify_quantized(reference: str | os.PathLike, compiled: str | os.PathLike, 
                                     ) from None
 
     try:
-        refs = run_model(reference, feeds_list)
+        refs = run_model(reference, feeds_list, reference=True)
     except Exception as exc:
         raise _input_refused(exc, inputs is not None) from None
     report = VerifyReport("passed", "", seed, notes=notes)
@@ -662,13 +708,15 @@ def verify_quantized(reference: str | os.PathLike, compiled: str | os.PathLike, 
               "the compiled model with its float weights differs from the input"),
              ("quantized_outputs", run(exact, "quantized model"), run(dequantized, "dequantized-weights model"),
               "the quantized model (accuracy_level 0) differs from the same model with dequantized weights"))
+    computed = computed_in_all(model)
     for k, (sc, feeds) in enumerate(zip(names, feeds_list)):
         entry: dict[str, Any] = {**sc, "inputs": {n: list(v.shape) for n, v in feeds.items()}}
         for key, gots, wants, what in steps:
             want, got = wants[k], gots[k]
             if sc.get("pad"):
                 want, got = _valid_rows(want, sc), _valid_rows(got, sc)
-            checks = [compare(want[n], got[n], n, tolerance_dtype) for n in want]
+            checks = [compare(want[n], got[n], n, _judged_as(want[n], tolerance_dtype, computed.get(n)))
+                      for n in want]
             entry[key] = [asdict(c) for c in checks]
             bad = [c for c in checks if not c.ok]
             if bad and report.status == "passed":

@@ -122,6 +122,28 @@ def test_explain_reports_reasons(model_path):
     assert "matched" in r.output or "differs" in r.output
 
 
+def test_explain_does_not_call_a_refused_graph_output_rewrite_matched(tmp_path):
+    """--explain says 'matched' where the pass rewrites, and why not where the match's graph output cannot be
+    handed to its replacement (here a graph input)."""
+    from onnx import TensorProto, helper
+
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [4])  # noqa: E731
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                               helper.make_node("Identity", ["r"], ["a"], name="id_a"),
+                               helper.make_node("Identity", ["x"], ["b"], name="id_b")], "g", [vi("x")],
+                              [vi("a"), vi("b")])
+    path = tmp_path / "ids.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), str(path))
+    r = run("compile", path, "-O1", "--explain", "remove-identity")
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "id_a │ matched │" in text
+    assert "id_b │ matched, not rewritten: graph output 'b' would be replaced by a graph" in text
+    out = tmp_path / "ids.onnxc.onnx"
+    assert run("compile", path, "-O1", "-o", out, "-q").exit_code == 0
+    assert [n.name for n in onnx.load(str(out)).graph.node] == ["relu", "id_b"]
+
+
 def test_console_script_runs(model_path, tmp_path):
     """The installed entry point, as a user runs it."""
     p = subprocess.run([sys.executable, "-m", "onnxc.cli", "compile", str(model_path), "-o", str(tmp_path / "s.onnx"),

@@ -38,7 +38,8 @@ def test_fixture_compiles_at_O1_and_verifies(entry, compiled):
     v = report["verification"]
     assert v["status"] == "passed", v
     names = [sc["name"] for sc in v["scenarios"]]
-    assert names == (["prefill", "decode", "chunk", "padded"] if entry["past"] else ["forward", "padded"])
+    assert names == (["prefill", "decode", "chunk"] if entry["past"] else ["forward", "padded"])
+    assert [sc["pad"] for sc in v["scenarios"]] == ([2, 0, 0] if entry["past"] else [0, 2])
     if entry["past"]:
         decode = v["scenarios"][1]
         past_inputs = [s for k, s in decode["inputs"].items() if "past" in k]

@@ -510,10 +510,54 @@ def test_rules_refused_splice_leaves_model_byte_identical():
     g (float[4] x) => (float[4] y) {
       y = Identity(x)
     }""")
+    assert reasons(model, identity) == ["matched, not rewritten: graph output 'y' would be replaced by a graph input "
+                                        "'x', which cannot take its name"]
     before = to_bytes(model)
     stats = apply_rules(model, [identity])
     assert stats.applied == {} and stats.refused == {"identity": 1}
     assert to_bytes(model) == before
+
+
+def test_rules_explain_says_matched_only_where_the_rewrite_happens():
+    """explain says 'matched' exactly at the sites apply_rules rewrites: an Identity whose graph output can pass
+    to its computed input is rewritten; one between a graph input and a graph output, or between an initializer
+    and a graph output, is not, and explain says why."""
+    identity = Rule("identity", lambda op, x: op.Identity(x), lambda op, x: x)
+    model = parse("""
+    g (float[4] x) => (float[4] a, float[4] b, float[4] c) {
+      r = Relu(x)
+      a = Identity(r)
+      b = Identity(x)
+      c = Identity(w)
+    }""", {"w": np.ones(4, np.float32)})
+    rows = reasons(model, identity)
+    assert [why.split(":")[0] for why in rows] == ["matched", "matched, not rewritten", "matched, not rewritten"]
+    assert "a graph input 'x'" in rows[1] and "an initializer 'w'" in rows[2]
+    stats = apply_rules(model, [identity])
+    assert stats.applied == {"identity": 1} and stats.refused["identity"] > 0    # refused again in each sweep
+    assert [n.op_type for n in model.graph] == ["Relu", "Identity", "Identity"]
+    assert rows.count("matched") == stats.applied["identity"]
+
+
+def test_rules_refused_rewrite_leaves_no_uses_behind():
+    """A refused rewrite that built nodes (Abs reading x) detaches them: x keeps exactly the uses it had, in
+    apply_rules and in explain."""
+    def pattern(op, x):
+        r = op.Relu(x)
+        return op.Neg(r), r
+
+    rule = Rule("neg-relu", pattern, lambda op, x: (op.Abs(x), x))
+    model = parse("""
+    g (float[4] x) => (float[4] y, float[4] r) {
+      r = Relu(x)
+      y = Neg(r)
+    }""")
+    x = model.graph.inputs[0]
+    assert [why.split(":")[0] for why in reasons(model, rule)] == ["matched, not rewritten"]
+    assert [u.node.op_type for u in x.uses()] == ["Relu"]
+    assert apply_rules(model, [rule]).refused == {"neg-relu": 1}
+    assert [u.node.op_type for u in x.uses()] == ["Relu"]
+    assert_valid(model)
 
 
 def test_rules_check_sees_match_and_returns_values_without_state():

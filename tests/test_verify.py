@@ -10,7 +10,7 @@ import onnxc
 import pytest
 from helpers import parse
 from onnxc.kernels.matmul_nbits import dequantize, quantize_rtn
-from onnxc.verify import QUANT_META, Scenario, computed_in, float_twins, input_role, make_inputs
+from onnxc.verify import QUANT_META, Scenario, computed_in, computed_in_all, float_twins, input_role, make_inputs
 
 
 def test_input_role_reads_names_then_uses():
@@ -65,8 +65,9 @@ def test_float_twins_dequantize_each_node_with_its_own_block_size():
         np.testing.assert_allclose(deq.numpy(), weights[k], atol=0.5)
 
 
-def _rms_norm_cast_to(to: int, dtype: int = onnx.TensorProto.FLOAT) -> onnx.ModelProto:
-    """x -> RMSNorm (ReduceMean of x*x, Sqrt, Div, Mul by a weight) in `dtype` -> Cast(to)."""
+def _rms_norm_cast_to(to: int, dtype: int = onnx.TensorProto.FLOAT, project: int = 0) -> onnx.ModelProto:
+    """x -> RMSNorm (ReduceMean of x*x, Sqrt, Div, Mul by a weight) in `dtype` (-> MatMul by a (64, project)
+    weight) -> Cast(to)."""
     from onnx import helper
     np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
     nodes = [helper.make_node("Mul", ["x", "x"], ["sq"]),
@@ -74,13 +75,17 @@ def _rms_norm_cast_to(to: int, dtype: int = onnx.TensorProto.FLOAT) -> onnx.Mode
              helper.make_node("Add", ["ms", "eps"], ["mse"]),
              helper.make_node("Sqrt", ["mse"], ["rms"]),
              helper.make_node("Div", ["x", "rms"], ["n"]),
-             helper.make_node("Mul", ["n", "w"], ["h"]),
-             helper.make_node("Cast", ["h"], ["y"], to=to)]
+             helper.make_node("Mul", ["n", "w"], ["h"])]
     inits = [onnx.numpy_helper.from_array(np.array([-1], np.int64), "axes"),
              onnx.numpy_helper.from_array(np.array(1e-6, np_dtype), "eps"),
              onnx.numpy_helper.from_array(np.linspace(0.5, 1.5, 64).astype(np_dtype), "w")]
+    if project:
+        nodes.append(helper.make_node("MatMul", ["h", "proj"], ["p"]))
+        inits.append(onnx.numpy_helper.from_array(
+            np.random.default_rng(0).standard_normal((64, project)).astype(np_dtype), "proj"))
+    nodes.append(helper.make_node("Cast", ["p" if project else "h"], ["y"], to=to))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", dtype, ["B", "S", 64])],
-                              [helper.make_tensor_value_info("y", to, ["B", "S", 64])], inits)
+                              [helper.make_tensor_value_info("y", to, ["B", "S", project or 64])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
 
 
@@ -98,3 +103,90 @@ def test_verify_judges_an_output_at_the_precision_it_was_computed_in(tmp_path, s
     assert computed_in(ir.from_proto(typed(_rms_norm_cast_to(onnx.TensorProto.DOUBLE))), "y") == "float32"
     assert computed_in(ir.from_proto(typed(_rms_norm_cast_to(onnx.TensorProto.DOUBLE, onnx.TensorProto.DOUBLE))),
                        "y") == "float64"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_verify_quantized_judges_an_output_at_the_precision_it_was_computed_in(tmp_path, seed):
+    """The quantized path judges as the float path does: a float32 RMSNorm and projection Cast to float64 gets
+    float32's tolerance in both of its comparisons (seed 0 failed at float64's 1e-7: the fused norm rounds
+    differently)."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_rms_norm_cast_to(onnx.TensorProto.DOUBLE, project=32), str(src))
+    res = onnxc.compile(src, 2, "cpu", output=tmp_path / "o.onnx", seed=seed, options={"quantize": "int4"})
+    assert res.report["ops_after"].get("com.microsoft.MatMulNBits") == 1
+    v = res.report["verification"]
+    assert v["status"] == "passed", v
+    for key in ("outputs", "quantized_outputs"):
+        assert {o["rtol"] for sc in v["scenarios"] for o in sc[key]} == {1e-4}
+
+
+def test_verify_quantized_checks_the_memory_budget_before_making_twins(tmp_path, monkeypatch):
+    """Weights over the memory budget skip the quantized verification before its float twins are built or
+    saved."""
+    import onnxc.verify as numeric
+
+    def no_twins(model):
+        raise AssertionError("float twins built although the weights are over the budget")
+
+    monkeypatch.setattr(numeric, "float_twins", no_twins)
+    src = tmp_path / "m.onnx"
+    onnx.save(_rms_norm_cast_to(onnx.TensorProto.DOUBLE, project=32), str(src))
+    res = onnxc.compile(src, 2, "cpu", output=tmp_path / "o.onnx", options={"quantize": "int4"}, memory_budget=1024)
+    v = res.report["verification"]
+    assert v["status"] == "skipped" and "memory budget" in v["reason"], v
+    assert (tmp_path / "o.onnx").exists()
+
+
+def test_computed_in_all_agrees_with_a_walk_per_output():
+    """One memoized walk gives each output what walking its own cone gives (a fixture decoder, 60 outputs)."""
+    from pathlib import Path
+
+    model = ir.load(Path(__file__).parents[1] / "fixtures" / "models" / "llama_dynamo_past.onnx")
+    model.graph.outputs[-1].producer().outputs[0].dtype = ir.DataType.FLOAT16   # one narrower cone
+
+    def walk(name):
+        out = next(v for v in model.graph.outputs if v.name == name)
+        narrowest, seen, stack = None, set(), [out]
+        while stack:
+            node = stack.pop().producer()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            for o in node.outputs:
+                kind = str(o.dtype.numpy()) if o.dtype is not None and o.dtype.is_floating_point() else None
+                if kind is not None and (narrowest is None or numeric_rtol(kind) > numeric_rtol(narrowest)):
+                    narrowest = kind
+            stack.extend(i for i in node.inputs if i is not None)
+        return narrowest
+
+    got = computed_in_all(model)
+    assert got == {v.name: walk(v.name) for v in model.graph.outputs}
+    assert set(got.values()) == {"float32", "float16"}
+
+
+def numeric_rtol(kind: str) -> float:
+    from onnxc.verify import TOLERANCES
+
+    return TOLERANCES[kind][0]
+
+
+def test_verification_runs_the_input_as_written_when_the_basic_level_refuses_it(tmp_path, monkeypatch):
+    """The input runs at onnxruntime's basic level; a model that level refuses is run with the optimizations off
+    instead of failing the compile as an invalid input."""
+    import onnxruntime as ort
+
+    real, levels = ort.InferenceSession, []
+
+    def session(path, so=None, **kw):
+        levels.append(so.graph_optimization_level)
+        if so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC:
+            raise RuntimeError("an optimizer refused the model")
+        return real(path, so, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    src = tmp_path / "m.onnx"
+    onnx.save(_rms_norm_cast_to(onnx.TensorProto.FLOAT), str(src))
+    res = onnxc.compile(src, 2, "cpu", output=tmp_path / "o.onnx")
+    assert res.report["verification"]["status"] == "passed"
+    assert levels.count(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC) == 1
+    assert levels.count(ort.GraphOptimizationLevel.ORT_DISABLE_ALL) >= 2        # the input's retry and the output

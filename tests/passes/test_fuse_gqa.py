@@ -505,6 +505,8 @@ variants = st.builds(
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(v=variants)
 @example(v=Variant(past=False, scale_on="after_mask", softcap=5.0))   # the post-mask scale caps too
+@example(v=Variant(past=False, qk_norm=True, rotary_f32=True, dtype=onnx.TensorProto.FLOAT16, nan_guard=False,
+                   positions=False))   # float16 head norm, rotary in float32 on its Cast
 def test_fuse_gqa_property_every_variant_fuses_and_agrees(v):
     proto = build(v)
     model, ctx = fuse(proto)
@@ -646,7 +648,7 @@ def test_fuse_gqa_fixture(entry, tmp_path):
     assert c["GroupQueryAttention"] == layers and c["Softmax"] == 0, res.report["notes"]
     assert res.report["verification"]["status"] == "passed"
     if entry.get("mask", True):
-        assert {s["name"] for s in res.report["verification"]["scenarios"]} >= {"padded"}
+        assert any(s["pad"] for s in res.report["verification"]["scenarios"])      # a right-padded row checked
     gqa = [n for n in res.model.graph.node if n.op_type == "GroupQueryAttention"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
     assert attrs["local_window_size"] == entry["config"].get("sliding_window", -1) or -1
