@@ -7,6 +7,7 @@ chosen inputs.
 
     c = cone(graph, values)            # nodes, graph inputs read (data or shape only), constants, or ProbeError
     arrays = evaluate(graph, values, feeds)
+    k = invariant(graph, value, [feeds1, feeds2])   # a value computed from shapes alone, the same on each
 
 What is read for its data and what only for its shape is told apart: Shape and Size read their input's shape, and
 a value read only for its shape reads its producer's inputs only for their shape too when the producer's output
@@ -35,11 +36,11 @@ STANDIN_MIN_ELEMENTS = 1024     # shape-only constants larger than this become C
 
 # Output shape is a function of the input shapes (and attributes): every input is read only for its shape.
 _SHAPE_OF_ALL = frozenset({
-    "Abs", "Add", "And", "Cast", "CastLike", "Ceil", "Concat", "Cos", "Div", "Dropout", "Equal", "Erf", "Exp",
-    "Flatten", "Floor", "Gather", "Gelu", "Gemm", "Greater", "GreaterOrEqual", "Identity", "IsInf", "IsNaN",
-    "LayerNormalization", "Less", "LessOrEqual", "Log", "LogSoftmax", "MatMul", "Max", "Min", "Mod", "Mul", "Neg",
-    "Not", "Or", "Pow", "Reciprocal", "Relu", "Round", "Sigmoid", "Sign", "SimplifiedLayerNormalization", "Sin",
-    "Softmax", "Sqrt", "Sub", "Tanh", "Transpose", "Trilu", "Where", "Xor"})
+    "Abs", "Add", "And", "Cast", "CastLike", "Ceil", "Clip", "Concat", "Cos", "Div", "Dropout", "Equal", "Erf",
+    "Exp", "Flatten", "Floor", "Gather", "GatherElements", "Gelu", "Gemm", "Greater", "GreaterOrEqual", "Identity",
+    "IsInf", "IsNaN", "LayerNormalization", "Less", "LessOrEqual", "Log", "LogSoftmax", "MatMul", "Max", "Min", "Mod",
+    "Mul", "Neg", "Not", "Or", "Pow", "Reciprocal", "Relu", "Round", "Sigmoid", "Sign", "SimplifiedLayerNormalization",
+    "Sin", "Softmax", "Sqrt", "Sub", "Tanh", "Transpose", "Trilu", "Where", "Xor"})
 # Output shape is a function of input 0's shape and the other inputs' data (target shape, axes, starts, repeats).
 _SHAPE_OF_FIRST = frozenset({
     "Expand", "Pad", "ReduceL2", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "Reshape",
@@ -171,3 +172,17 @@ def evaluate(graph: ir.Graph, values: Sequence[ir.Value], feeds: Mapping[str, np
         return sess.run(names, {v.name: feeds[v.name] for v in c.inputs})
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ProbeError(f"onnxruntime: {str(exc).splitlines()[0]}") from exc
+
+
+def invariant(graph: ir.Graph, value: ir.Value, feeds: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray | None:
+    """The array `value` takes on every one of `feeds`, when it reads no graph input's data (a value computed from
+    shapes alone: a head size, TorchScript's scale sqrt(H) of a view's last dim) and is the same on each; else
+    None. Two feeds of different sizes make a value that depends on a size (1/sqrt(S)) differ: refused."""
+    try:
+        if cone(graph, [value]).data_inputs:
+            return None
+        got = [evaluate(graph, [value], f)[0] for f in feeds]
+    except ProbeError:
+        return None
+    first = got[0]
+    return first if all(g.shape == first.shape and np.array_equal(g, first) for g in got[1:]) else None

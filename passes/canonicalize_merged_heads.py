@@ -65,12 +65,23 @@ def bmm_pattern(op, a, c):
     return op.MatMul(a, c, _name="mm")
 
 
-def _unscaled(v: ir.Value) -> tuple[ir.Value, tuple[str, ir.Value] | None]:
-    """(x, (op, s)) for v = x * s or x / s with s a scalar constant (DeBERTa: MatMul(Q, K^T / s)), else (v, None)."""
+def _feeds(graph: ir.Graph) -> list[dict[str, np.ndarray]]:
+    return [make_inputs(graph, sc, seed) for seed, sc in enumerate(_SCENARIOS)]
+
+
+def _unscaled(v: ir.Value) -> tuple[ir.Value, tuple[str, np.ndarray] | None]:
+    """(x, (op, s)) for v = x * s or x / s with s a scalar constant (DeBERTa: MatMul(Q, K^T / s)), else (v, None).
+    A scalar computed from shapes alone (TorchScript's sqrt(H * 3) of a view whose head size inference lost) is a
+    constant when it evaluates to one value at both probe sizes (probe.invariant)."""
     p = v.producer()
-    if p is not None and p.op_type in ("Mul", "Div") and p.domain == "" and p.inputs[1] is not None and \
-            (k := const_array(p.inputs[1], 1)) is not None and k.size == 1:
-        return p.inputs[0], (p.op_type, p.inputs[1])
+    if p is None or p.op_type not in ("Mul", "Div") or p.domain != "" or p.inputs[1] is None:
+        return v, None
+    s = p.inputs[1]
+    k = const_array(s, 1)
+    if k is None and s.producer() is not None and (s.shape is None or s.shape.rank() <= 1):
+        k = probe.invariant(p.graph, s, _feeds(p.graph))
+    if k is not None and k.size == 1 and k.dtype == (s.dtype.numpy() if s.dtype is not None else k.dtype):
+        return p.inputs[0], (p.op_type, k)
     return v, None
 
 
@@ -106,9 +117,9 @@ def _merge(op, x4):
 def bmm_rewrite(op, a4, c4, transposed, scale, a_scale):
     c = op.Transpose(c4, perm=[0, 1, 3, 2]) if transposed else c4
     if scale is not None:
-        c = getattr(op, scale[0])(c, scale[1])
+        c = getattr(op, scale[0])(c, op.const(scale[1]))
     c.dtype = c4.dtype
-    a = getattr(op, a_scale[0])(a4, a_scale[1]) if a_scale is not None else a4
+    a = getattr(op, a_scale[0])(a4, op.const(a_scale[1])) if a_scale is not None else a4
     a.dtype = a4.dtype
     mm = op.MatMul(a, c)
     mm.dtype = a4.dtype
@@ -217,6 +228,32 @@ def shape_rewrite(op, v, x4):
     return op.Concat(op.Mul(part(0, 1), part(1, 2)), part(2, 4), axis=0)
 
 
+# ------------------------------------------------------------------------------------ merged-heads-sum-shape
+def sum_shape_check(m):
+    """v = x (+|-|*|/) y, the Shape feeds the target of a 3-D -> 4-D view of v (TorchScript's view(-1, N, S, T) of
+    scores + relative terms, its last dims read from the sum), and v's shape is x's on evaluated shapes."""
+    v, e = m["v"], m["v"].producer()
+    if e is None or e.op_type not in ("Add", "Sub", "Mul", "Div") or e.domain != "":
+        return m.fail("the value is not an elementwise Add/Sub/Mul/Div", "v")
+    views = [u for u, k in v.uses() if u.op_type == "Reshape" and u.domain == "" and k == 0 and u.inputs[1]]
+    try:
+        if not any(m.node("sh") in probe.cone(m.graph, [u.inputs[1]]).nodes for u in views):
+            return m.fail("the shape does not feed a view of the same value")
+    except probe.ProbeError as exc:
+        return m.fail(f"the view's target cannot be read: {exc}")
+    shapes = _shapes(m.graph, [v, *e.inputs])
+    if shapes is None:
+        return m.fail("the shapes cannot be evaluated")
+    for k, src in enumerate(e.inputs):
+        if all(len(s[0]) == 3 and s[0] == s[1 + k] for s in shapes):
+            return {"src": src, "attrs": {a: x.value for a, x in m.node("sh").attributes.items()}}
+    return m.fail("the value is not 3-D or its shape is neither operand's")
+
+
+def sum_shape_rewrite(op, v, src, attrs):
+    return op.Shape(src, **attrs)
+
+
 RULES = [
     Rule("merged-heads-bmm", bmm_pattern, bmm_rewrite, bmm_check,
          summary="MatMul of (B*N, ., .) merges of 4-D values (or a transposed one) -> the 4-D MatMul, merged"),
@@ -226,6 +263,8 @@ RULES = [
          summary="Reshape(Reshape(X, (B*N, S, T)), (B, N, S, T)) -> X, proved on evaluated shapes"),
     Rule("merged-heads-shape", shape_pattern, shape_rewrite, shape_check,
          summary="Shape of a (B*N, S, T) merge -> (B*N, S, T) computed from Shape(X), so the merge can die"),
+    Rule("merged-heads-sum-shape", shape_pattern, sum_shape_rewrite, sum_shape_check,
+         summary="Shape(x + y) read by a 4-D view of the sum -> Shape(x), x's shape the sum's on evaluated shapes"),
 ]
 
 @register_pass
