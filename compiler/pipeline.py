@@ -48,7 +48,7 @@ O1 = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},sort-topologically"
 # norms first (attention and skip-norm patterns read fused norms), attention before the residual/skip norms that
 # consume its output projection, packing last (it reads the attention ops' Q/K/V inputs).
 # expand-standard-ops comes first: it rewrites opset-23 RMSNormalization/RotaryEmbedding/Attention into what they read.
-FUSE = ("expand-standard-ops,split-packed-heads,canonicalize-gather,canonicalize-rotary,canonicalize-merged-heads,canonicalize-attention-key,fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-attention,fuse-gqa,fuse-mha,"
+FUSE = ("expand-standard-ops,split-packed-heads,canonicalize-gather,canonicalize-rotary,canonicalize-merged-heads,canonicalize-attention-key,canonicalize-softmax-cast,fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-attention,fuse-gqa,fuse-mha,"
         "fuse-embed-layer-norm,fuse-skip-norm,pack-projections,fuse-transposed-matmul,contract-standard-ops")
 
 O2 = f"infer-shapes,{CLEANUP},infer-shapes,{CLEANUP},{FUSE},{CLEANUP},sort-topologically"
