@@ -190,3 +190,40 @@ def test_probe_returns_inputs_and_constants_asked_for():
     np.testing.assert_array_equal(got_x, feed)
     np.testing.assert_array_equal(again, feed)
     assert got_neg == np.float32(-1e4)
+
+
+INVARIANT = """
+g (float[B, S, 8] x) => (float[] head, float[] seq, float[] data) {
+  v = Reshape(x, t)
+  vs = Shape(v)
+  hd = Slice(vs, m1, big)
+  hq = Squeeze(hd, z)
+  hf = Cast <to = 1> (hq)
+  head = Sqrt(hf)
+  xs = Shape(x)
+  sl = Slice(xs, one, two)
+  sq = Squeeze(sl, z)
+  sf = Cast <to = 1> (sq)
+  seq = Sqrt(sf)
+  g2 = GatherElements <axis = -1> (x, idx)
+  gs = Shape(g2)
+  data = ReduceSum <keepdims = 0> (x)
+}"""
+INVARIANT_INITS = {"t": np.array([0, 0, 2, -1], np.int64), "m1": np.array([-1], np.int64),
+                   "big": np.array([2 ** 62], np.int64), "z": np.array([0], np.int64),
+                   "one": np.array([1], np.int64), "two": np.array([2], np.int64),
+                   "idx": np.zeros((1, 1, 1), np.int64)}
+
+
+def test_probe_invariant_proves_a_value_computed_from_shapes_alone():
+    model = parse(INVARIANT, INVARIANT_INITS)
+    feeds = [{"x": np.zeros((2, 5, 8), np.float32)}, {"x": np.ones((3, 3, 8), np.float32)}]
+    assert float(probe.invariant(model.graph, out(model, "head"), feeds)) == pytest.approx(2.0)   # sqrt(8 / 2)
+    assert probe.invariant(model.graph, out(model, "seq"), feeds) is None       # sqrt(S): differs with the size
+    assert probe.invariant(model.graph, out(model, "data"), feeds) is None      # reads x's data
+
+
+def test_probe_reads_gather_elements_for_its_shape_only():
+    model = parse(INVARIANT, INVARIANT_INITS)
+    gs = next(n for n in model.graph if n.name == "" and n.op_type == "Shape" and n.inputs[0].name == "g2")
+    assert probe.cone(model.graph, [gs.outputs[0]]).data_inputs == []
