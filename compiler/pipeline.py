@@ -130,8 +130,8 @@ def build_pipeline(ctx: pm.PassContext, passes: str | None = None, disable: tupl
 
 
 # The pass each stage ends with in the table: a pass declaring `stage` runs right after it.
-STAGE_ENDS = {"cleanup": "eliminate-dead", "canonicalize": "canonicalize-attention-key", "fuse": "fuse-transposed-matmul",
-              "lower": "contract-standard-ops"}
+STAGE_ENDS = {"cleanup": "eliminate-dead", "canonicalize": "canonicalize-softmax-cast",
+              "fuse": "fuse-transposed-matmul", "lower": "contract-standard-ops"}
 _TABLED = frozenset(name for text in PIPELINES.values() for name in
                     with_stages(text, set(OPTIONAL_STAGES)).replace("fixpoint(", "").replace(")", "").split(",")
                     if name)
