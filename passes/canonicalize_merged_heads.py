@@ -5,11 +5,15 @@ inverse, Reshape(x, (B, N, d2, d3)):
 
     MatMul(m(A), m(C))                  ->  m(MatMul(A, C))                                 rule merged-heads-bmm
     MatMul(m(A), Transpose(m(K), (0,2,1)))  ->  m(MatMul(A, Transpose(K, (0,1,3,2))))
-        (either operand optionally times or divided by a scalar constant, kept on the 4-D one)
+        (either operand optionally times or divided by a scalar constant, kept on the 4-D one; a scalar computed
+        from shapes alone, TorchScript's sqrt(3 * H) of a view whose head size inference lost, is one when it
+        evaluates to one value at both probe sizes)
     s(x (+|-|*|/) y)                    ->  s(x) (+|-|*|/) y'                               rule merged-heads-split
          y' = y for a scalar, s(y) for y (B*N, e2, e3), Unsqueeze(y, 0) for y (1, e2, e3)
     s(m(X))                             ->  X                                               rule merged-heads-unmerge
     Shape(m(X))                         ->  (d0*d1, d2, d3) of Shape(X)                      rule merged-heads-shape
+    Shape(x (+|-|*|/) y)                ->  Shape(x)                                         rule merged-heads-sum-shape
+         (read by the target of a 4-D view of the sum, TorchScript's view(-1, N, S, T), the sum 3-D and x's shape)
 
 The batched matrix product of merged axes is the per-(batch, head) product: row b*N + h of m(A) is A[b, h]. An
 elementwise op commutes with the split when every operand is split the same way (a scalar, or an operand with one
@@ -69,20 +73,25 @@ def _feeds(graph: ir.Graph) -> list[dict[str, np.ndarray]]:
     return [make_inputs(graph, sc, seed) for seed, sc in enumerate(_SCENARIOS)]
 
 
-def _unscaled(v: ir.Value) -> tuple[ir.Value, tuple[str, np.ndarray] | None]:
-    """(x, (op, s)) for v = x * s or x / s with s a scalar constant (DeBERTa: MatMul(Q, K^T / s)), else (v, None).
-    A scalar computed from shapes alone (TorchScript's sqrt(H * 3) of a view whose head size inference lost) is a
-    constant when it evaluates to one value at both probe sizes (probe.invariant)."""
+def _unscaled(v: ir.Value) -> tuple[ir.Value, tuple[str, ir.Value] | None]:
+    """(x, (op, s)) for v = x * s or x / s with s a one-element value (DeBERTa: MatMul(Q, K^T / s)), else (v, None);
+    s is proved a constant by _scale_value once the operands are known to be merges."""
     p = v.producer()
     if p is None or p.op_type not in ("Mul", "Div") or p.domain != "" or p.inputs[1] is None:
         return v, None
     s = p.inputs[1]
+    if s.shape is not None and (s.shape.rank() > 1 or any(d != 1 for d in s.shape if isinstance(d, int))):
+        return v, None
+    return p.inputs[0], (p.op_type, s)
+
+
+def _scale_value(graph: ir.Graph, s: ir.Value) -> np.ndarray | None:
+    """s's value: a constant, or a scalar computed from shapes alone (TorchScript's sqrt(H * 3) of a view whose head
+    size inference lost) that evaluates to one value at both probe sizes (probe.invariant)."""
     k = const_array(s, 1)
-    if k is None and s.producer() is not None and (s.shape is None or s.shape.rank() <= 1):
-        k = probe.invariant(p.graph, s, _feeds(p.graph))
-    if k is not None and k.size == 1 and k.dtype == (s.dtype.numpy() if s.dtype is not None else k.dtype):
-        return p.inputs[0], (p.op_type, k)
-    return v, None
+    if k is None and s.const_value is None and s.producer() is not None:
+        k = probe.invariant(graph, s, [make_inputs(graph, sc, seed) for seed, sc in enumerate(_SCENARIOS)])
+    return k if k is not None and k.size == 1 and (s.dtype is None or k.dtype == s.dtype.numpy()) else None
 
 
 def bmm_check(m):
@@ -105,7 +114,13 @@ def bmm_check(m):
     for sa, sa4, sc, sc4 in shapes:
         if not (_merges(sa, sa4) and _merges(sc, sc4) and sa4[:2] == sc4[:2]):
             return m.fail(f"the operands {sa}, {sc} are not merges of {sa4}, {sc4} with the same (B, N)")
-    return {"a4": a4, "c4": c4, "transposed": transposed, "scale": scale, "a_scale": a_scale}
+    proved = []
+    for sc, operand in ((scale, "c"), (a_scale, "a")):
+        k = None if sc is None else _scale_value(m.graph, sc[1])
+        if sc is not None and k is None:
+            return m.fail("the scale of the operand is not a constant, nor one on evaluated shapes", operand)
+        proved.append(None if sc is None else (sc[0], k))
+    return {"a4": a4, "c4": c4, "transposed": transposed, "scale": proved[0], "a_scale": proved[1]}
 
 
 def _merge(op, x4):
