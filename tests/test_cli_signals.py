@@ -238,3 +238,38 @@ def test_every_dependency_states_a_tested_range():
     reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
     for req in reqs:
         assert "==" in req or (">=" in req and "<" in req.replace("<=", "")), req
+
+
+class _Raising:
+    """A module finder whose import of onnxc.cli raises `exc` (as Python 3.11 does when Ctrl-C lands in a class's
+    `__set_name__`: a RuntimeError caused by the KeyboardInterrupt)."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "onnxc.cli":
+            raise self.exc
+        return None
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_interrupt_wrapped_during_import_is_one_line(monkeypatch, capsys, wrapped):
+    from onnxc import _entry
+    interrupt = KeyboardInterrupt()
+    exc = RuntimeError("Error calling __set_name__")
+    exc.__cause__ = interrupt
+    monkeypatch.delitem(sys.modules, "onnxc.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_Raising(exc if wrapped else interrupt), *sys.meta_path])
+    with pytest.raises(SystemExit) as stop:
+        _entry.main()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "onnxc: interrupted; nothing was written\n"
+
+
+def test_other_import_errors_are_not_called_an_interrupt(monkeypatch):
+    from onnxc import _entry
+    monkeypatch.delitem(sys.modules, "onnxc.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_Raising(RuntimeError("broken install")), *sys.meta_path])
+    with pytest.raises(RuntimeError, match="broken install"):
+        _entry.main()
