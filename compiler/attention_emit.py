@@ -54,4 +54,15 @@ def flat_qkv(b: GraphWriter, site: Site, rotated: bool) -> tuple[ir.Value, ir.Va
         q, k = (_flat(b, x, anchor) for x in site.rotated4)
     else:
         q, k = (_bnsh_to_flat(b, x, anchor, site.v.dtype) for x in (site.q_rot, site.k_rot))
-    return q, k, _flat(b, site.v, anchor)
+    v = _flat(b, site.v, anchor)
+    return _cast_to(b, q, v.dtype, anchor), _cast_to(b, k, v.dtype, anchor), v
+
+
+def _cast_to(b: GraphWriter, x: ir.Value, dtype: ir.DataType | None, anchor: ir.Node) -> ir.Value:
+    """x in `dtype`: a rotary computed in float32 and cast back (the site reader looks through that Cast) is read
+    before the Cast, so the Cast is written again here, on the flat view (the same rounding, one op)."""
+    if dtype is None or x.dtype is None or x.dtype == dtype:
+        return x
+    out = b.node("Cast", [x], anchor, to=dtype).outputs[0]
+    out.dtype, out.shape = dtype, x.shape
+    return out

@@ -51,8 +51,11 @@ def _check(site: Site, target: str) -> None:
     dtype = site.q.dtype
     if site.out.dtype is not None and dtype is not None and site.out.dtype != dtype:
         raise Refusal(f"the scores are computed in {site.out.dtype.name}, Q in {dtype.name}")
-    if target == "cpu" and dtype != ir.DataType.FLOAT:
-        raise Refusal(f"MultiHeadAttention's CPU kernel takes float32, not {dtype.name if dtype else 'unknown'}")
+    # onnxruntime's CPU kernel is float32 only; for a float16 node it inserts Casts and runs that kernel (as for
+    # fuse-attention's float16 Attention), so float16 is hosted there too, computed in float32
+    if target == "cpu" and dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+        raise Refusal(f"MultiHeadAttention's CPU kernel takes float32 (float16 through inserted Casts), not "
+                      f"{dtype.name if dtype else 'unknown'}")
 
 
 def _bias(b: GraphWriter, site: Site, q: ir.Value, k: ir.Value, one_row: bool) -> ir.Value:

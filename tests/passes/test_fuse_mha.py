@@ -85,11 +85,12 @@ def test_fuse_mha_refuses_grouped_heads_and_a_softcap():
         assert cov["fused"] == 0 and f"MultiHeadAttention: {why}" in cov["misses"][0]["reason"]
 
 
-def test_fuse_mha_refuses_float16_on_the_cpu_target():
+def test_fuse_mha_hosts_float16_on_the_cpu_target():
+    """onnxruntime runs a float16 MultiHeadAttention on the CPU through inserted Casts (its kernel is float32)."""
     v = Variant(past=False, kv_heads=4, noncausal=True, dtype=onnx.TensorProto.FLOAT16)
     model, ctx = fuse(build(v), PIPE)
-    assert "MultiHeadAttention" not in ops(model)
-    assert any("CPU kernel takes float32" in n for n in ctx.notes), ctx.notes
+    assert ops(model)["MultiHeadAttention"] == 1, ctx.notes
+    assert_equivalent(v, build(v), model)
 
 
 def test_fuse_mha_is_idempotent():
