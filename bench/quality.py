@@ -23,8 +23,11 @@ option mixed), onnxc-rtn, onnxc-rtn-sym, onnxc-lsq, onnxc-hqq (`int4:METHOD`, ev
 --mixed-budget sets mixed precision's budget (default 1.25x the all-int4 bytes), ort-rtn-sym / ort-rtn / ort-hqq
 (onnxruntime.quantization.matmul_nbits_quantizer, block 32, accuracy_level 4, on the fp32 export: it quantizes
 MatMul nodes with a constant 2-D weight, so a tied lm_head read through Transpose and the Gather of the embedding
-stay float; ort-hqq runs onnxruntime's torch-based HQQ and takes minutes). --option KEY=VALUE passes an onnxc option
-to every onnxc method (e.g. sensitivity=weight, the previous mixed-precision ranking, or mixed_blocks=[64,128]).
+stay float; ort-hqq runs onnxruntime's torch-based HQQ and takes minutes). Calibrated (--calibration FILE.npz, made
+by bench/text_inputs.py from other text than the evaluation's): onnxc-gptq, onnxc-awq (`int4:awq`: AWQ's scales,
+then lsq), onnxc-awq-gptq (`int4:awq:gptq`), onnxc-int4-awq (mixed precision with AWQ). --option KEY=VALUE passes an
+onnxc option to every onnxc method (e.g. sensitivity=weight, the previous mixed-precision ranking, or
+mixed_blocks=[64,128]).
 """
 from __future__ import annotations
 
@@ -47,7 +50,10 @@ METHODS = ("fp32", "onnxc-int4", "onnxc-uniform", "onnxc-int4-rtn", "onnxc-rtn",
 QUANTIZE = {"onnxc-int4": ("int4", False), "onnxc-int4-rtn": ("int4:rtn", False),
             "onnxc-int4-rtn-sym": ("int4:rtn", True), "onnxc-uniform": ("int4:uniform", False),
             "onnxc-rtn": ("int4:rtn", False),
-            "onnxc-rtn-sym": ("int4:rtn", True), "onnxc-lsq": ("int4:lsq", False), "onnxc-hqq": ("int4:hqq", False)}
+            "onnxc-rtn-sym": ("int4:rtn", True), "onnxc-lsq": ("int4:lsq", False), "onnxc-hqq": ("int4:hqq", False),
+            "onnxc-gptq": ("int4:gptq", False), "onnxc-awq": ("int4:awq", False),
+            "onnxc-awq-gptq": ("int4:awq:gptq", False), "onnxc-int4-awq": ("int4:awq", False)}
+CALIBRATED = ("onnxc-gptq", "onnxc-awq", "onnxc-awq-gptq", "onnxc-int4-awq")   # these need --calibration
 
 
 def text_path() -> Path:
@@ -159,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--calibration", type=Path, help="--calibration .npz for the calibrated methods")
     ap.add_argument("--mixed-budget", type=float, help="mixed precision's budget (x the all-int4 bytes; 1.25)")
     ap.add_argument("--out", type=Path, default=OUT, help="where the quantized models are written")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -193,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
             path = folder / "model.onnx"
             for f in folder.iterdir():
                 f.unlink()
+            if method in CALIBRATED and not args.calibration:
+                raise SystemExit(f"{method} needs --calibration")
+            cal = [f"--option=calibration={args.calibration.resolve()}"] if method in CALIBRATED else []
             got = subprocess.run([sys.executable, __file__, "--job", method, str(args.model), str(path),
-                                  str(args.mixed_budget or 0)] + [f"--option={x}" for x in args.option],
+                                  str(args.mixed_budget or 0)] + [f"--option={x}" for x in args.option] + cal,
                                  capture_output=True, text=True, cwd=ROOT)
             if got.returncode:
                 print(f"{method}: failed\n{got.stderr[-2000:]}")
