@@ -105,7 +105,9 @@ def check(y: ir.Value, readers: list[Site]) -> Fold | str:
     if op == ("", "Mul"):
         params = [i for i in (0, 1) if _vector(p.inputs[i], k)]
         if len(params) != 1 or const_tensor(p.inputs[1 - params[0]]) is not None:
-            return "Mul by no constant (K,) vector"
+            consts = [i for i in (0, 1) if const_tensor(p.inputs[i]) is not None]
+            return "Mul of two computed values (no constant takes s)" if not consts else \
+                "Mul by a constant that is no (K,) vector"
         return Fold(y, p, params, readers, [s.node.inputs[1] for s in readers])
     if op == ("", "MatMul"):
         w0 = const_tensor(p.inputs[1])

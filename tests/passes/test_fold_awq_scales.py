@@ -98,17 +98,21 @@ def test_fold_awq_scales_then_quantize_int4_emits_matmul_nbits(tmp_path):
     assert sorted(n.op_type for n in model.graph) == ["LayerNormalization"] + ["MatMulNBits"] * 3
 
 
-def test_fold_awq_scales_compiles_and_verifies(tmp_path):
-    """The whole driver: dequantized and float twins agree, the report lists the fold."""
+@pytest.mark.parametrize("mode,mixed", [("int4:awq:gptq", False), ("int4:awq", True)])
+def test_fold_awq_scales_compiles_and_verifies(mode, mixed, tmp_path):
+    """The whole driver: dequantized and float twins agree, the report lists the fold; mixed precision on top."""
     src = tmp_path / "in.onnx"
     ir.save(parse(NORM_QKV, norm_qkv()), src)
     cal = calibration(tmp_path, x=activations(512, 64))
     res = onnxc.compile(src, 0, "cpu", output=tmp_path / "out.onnx",
-                        options={"quantize": "int4:awq:gptq", "calibration": cal})
-    rep = res.report
-    assert rep["verification"]["status"] == "passed", rep["verification"]
-    assert rep["quantization"]["method"] == "int4:awq:gptq" and rep["quantization"]["matmul_nbits"] == 3
-    assert len(rep["quantization"]["awq"]["folded"]) == 1
+                        options={"quantize": mode, "calibration": cal, "mixed": mixed, "mixed_budget": 1.6})
+    q = res.report["quantization"]
+    assert res.report["verification"]["status"] == "passed", res.report["verification"]
+    assert q["method"] == mode.replace("awq", "awq:lsq") if mode == "int4:awq" else mode
+    assert q["matmul_nbits"] == 3 and len(q["awq"]["folded"]) == 1
+    assert q["precision"] == ("mixed" if mixed else "uniform")
+    if mixed:
+        assert any(layer["bits"] == 8 for layer in q["layers"])
 
 
 # ------------------------------------------------------------------------------------------------ numbers
@@ -182,11 +186,11 @@ REFUSED = {
     "runtime-scale": ("""
       y = Mul(x, x)
       a = MatMul(y, Wa)
-      r = Identity(x)""", "Mul by no constant"),
+      r = Identity(x)""", "Mul of two computed values"),
     "mul-by-a-scalar": ("""
       y = Mul(x, C)
       a = MatMul(y, Wa)
-      r = Identity(x)""", "Mul by no constant"),
+      r = Identity(x)""", "no (K,) vector"),
 }
 
 
