@@ -113,6 +113,7 @@ def job(method: str, src: Path, dst: Path, budget: float | None = None, extra: d
                                         **({"mixed": True} if method.startswith("onnxc-int4-") else {}),
                                         **({"mixed_budget": budget} if budget else {}), **(extra or {})})
         layers = (result.report.get("quantization") or {}).get("layers", [])
+        awq = (result.report.get("quantization") or {}).get("awq")
     else:
         import onnx
         from onnxruntime.quantization import matmul_nbits_quantizer as mq
@@ -123,11 +124,14 @@ def job(method: str, src: Path, dst: Path, budget: float | None = None, extra: d
                                     algo_config=cfg)
         q.process()
         q.model.save_model_to_file(str(dst), use_external_data_format=True)
-        layers = []
+        layers, awq = [], None
     status = Path("/proc/self/status")
     peak = next((int(x.split()[1]) / 1024 for x in status.read_text().splitlines() if x.startswith("VmHWM:")), 0.0) \
         if status.exists() else 0.0
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak, "layers": layers}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak, "layers": layers,
+            **({"awq": {"folded": len(awq["folded"]), "refused": [r["reason"] for r in awq["refused"]],
+                        "alphas": [f["alpha"] for f in awq["folded"]],
+                        "error_ratio": [f["error_ratio"] for f in awq["folded"]]}} if awq else {})}
 
 
 def weight_bytes(path: Path) -> dict:
@@ -230,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         eight = [x for x in r.get("layers", []) if x.get("bits") != 4]
         if eight:
             print(f"\n{r['method']}: not int4: " + ", ".join(f"{x['name']} ({x['bits']} bits)" for x in eight))
+    for r in rows:
+        if "awq" in r:
+            a = r["awq"]
+            print(f"\n{r['method']}: AWQ folded {a['folded']} inputs (alpha {min(a['alphas'], default=0)}-"
+                  f"{max(a['alphas'], default=0)}, error ratio median {np.median(a['error_ratio'] or [1]):.3f}); "
+                  f"left {len(a['refused'])}: " + ", ".join(sorted(set(a["refused"]))))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

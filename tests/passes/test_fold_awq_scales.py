@@ -222,12 +222,12 @@ def test_fold_awq_scales_acts_for_int4_awq_only(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ properties
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(sorted(PRODUCERS)), n_out=st.sampled_from([8, 24, 40]), packed=st.booleans(),
        extra=st.sampled_from([None, "Relu", "Add"]), seed=st.integers(0, 1000))
 def test_fold_awq_scales_property_random_norm_linear_graphs(kind, n_out, packed, extra, seed, tmp_path):
     """Random producer -> linear graphs, with or without an extra non-linear reader of y: the fold fires exactly
-    when every reader is linear, the outputs stay equal, and a second run on the folded graph folds again exactly."""
+    when every reader is linear, the graph stays valid and its outputs equal."""
     text, inits = producer_graph(kind, n_out, packed)
     if extra:
         text = text.replace("\n    }", f"\n      e = {extra}(y{', y' if extra == 'Add' else ''})\n    }}")
@@ -242,7 +242,7 @@ def test_fold_awq_scales_property_random_norm_linear_graphs(kind, n_out, packed,
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(k=st.sampled_from([32, 64, 96]), n=st.integers(1, 40), block=st.sampled_from([16, 32]),
        symmetric=st.booleans(), seed=st.integers(0, 10_000))
 def test_fold_awq_scales_search_never_worse_than_unscaled(k, n, block, symmetric, seed):
