@@ -10,17 +10,20 @@ alpha on ALPHAS:
     err(alpha) = ||X W - (X diag(1/s)) Q(diag(s) W)||^2 = sum_n d_n^T H d_n,   D = W - diag(1/s) Q(diag(s) W)
 
 with H = X^T X (compiler/calibration.Hessians: both statistics in one pass over the calibration batches) and Q
-round-to-nearest at the compile's block size and symmetry (the final method, lsq or GPTQ, then runs on the chosen
-diag(s) W; round-to-nearest is the proxy that keeps the search at one rounding per alpha). alpha = 0 is s = 1, so
-the chosen scales never have a larger err than the unscaled weights under the proxy. The scales themselves are
-folded into the graph by passes/fold_awq_scales.py.
+round-to-nearest at the compile's block size and symmetry (round-to-nearest is the proxy that keeps the search at
+one rounding per alpha). alpha = 0 is s = 1, so the chosen scales never have a larger err than the unscaled weights
+under the proxy. Then `confirm` checks the choice with the rounding that will be used (lsq, or rtn for int4:awq:rtn;
+GPTQ is confirmed with lsq) and keeps s = 1 where the scaled weights round worse: weights that already lie on a
+4-bit grid per block (a model decoded from a Q4 GGUF file) lose that grid when their rows are scaled. The scales
+themselves are folded into the graph by passes/fold_awq_scales.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from onnxc.kernels.matmul_nbits import dequantize, quantize_rtn
+from onnxc.kernels import quantize as kq
+from onnxc.kernels.matmul_nbits import dequantize
 
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 FLOOR = 1e-4                     # mean |x| below this share of the largest is raised to it (s stays finite)
@@ -32,6 +35,7 @@ class Scales:
     s: np.ndarray                 # (K,) float64: X W = (X / s) (s[:, None] W)
     alpha: float
     errors: dict[float, float]    # err(alpha) for every alpha tried
+    confirmed: float = 1.0        # err of the final rounding with s relative to without (confirm; 1.0 untried)
 
     @property
     def gain(self) -> float:
@@ -61,10 +65,10 @@ def output_error(h: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> float:
     return total
 
 
-def rounded(w: np.ndarray, block: int, symmetric: bool) -> np.ndarray:
-    """Q(W): W (K, N) through int4 round-to-nearest and back, float32."""
+def rounded(w: np.ndarray, block: int, symmetric: bool, method: str = "rtn") -> np.ndarray:
+    """Q(W): W (K, N) through int4 `method` (rtn or lsq) and back, float32."""
     k, n = w.shape
-    b, s, z = quantize_rtn(np.asarray(w, np.float32), block, symmetric, 4)
+    b, s, z = kq.quantize(np.asarray(w, np.float32), method, block, symmetric)
     return dequantize(b, s, z, K=k, N=n, bits=4, block_size=block)
 
 
@@ -81,3 +85,17 @@ def search(h: np.ndarray, mean_abs: np.ndarray, weights: list[np.ndarray], block
         if best is None or errors[alpha] < errors[best]:
             best = alpha
     return Scales(scales_for(mean_abs, best), best, errors)
+
+
+def confirm(h: np.ndarray, weights: list[np.ndarray], found: Scales, block: int, symmetric: bool,
+            method: str = "lsq") -> Scales:
+    """The scales if `method`'s rounding of diag(s) W has a smaller err than its rounding of W, else s = 1."""
+    if found.alpha == 0:
+        return found
+    w = np.concatenate([np.asarray(x, np.float32) for x in weights], axis=1)
+    s = found.s[:, None].astype(np.float32)
+    base = output_error(h, w, rounded(w, block, symmetric, method))
+    ratio = output_error(h, w, rounded(w * s, block, symmetric, method) / s) / base if base > 0 else 1.0
+    if ratio < 1:
+        return Scales(found.s, found.alpha, found.errors, ratio)
+    return Scales(np.ones_like(found.s), 0.0, found.errors, ratio)

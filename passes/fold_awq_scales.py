@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from onnxc.awq import search
+from onnxc.awq import confirm, search
 from onnxc.calibration import Hessians, load_calibration, trim_heap
 from onnxc.domains import MS
 from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
@@ -179,12 +179,18 @@ class FoldAwqScales(Pass):
                 h, mean_abs = stats.gram(fold.sites[0].key)
                 weights = [weight(s, w) for s, w in zip(fold.sites, fold.weights)]
                 found = search(h, mean_abs, weights, opts.block_size, opts.symmetric)
+                found = confirm(h, weights, found, opts.block_size, opts.symmetric,
+                                "rtn" if opts.method == "rtn" else "lsq")
                 del weights
                 del h
+                entry = {"input": fold.y.name, "producer": fold.producer.op_type,
+                         "weights": [s.name for s in fold.sites], "alpha": found.alpha,
+                         "error_ratio": round(found.gain, 4), "confirmed_ratio": round(found.confirmed, 4)}
+                if found.alpha == 0:   # no scale helps the rounding used: the graph stays as it is
+                    refused.append({**entry, "reason": "no scale lowers the output error of the rounding used"})
+                    continue
                 _apply(graph, fold, found.s, store, taken)
-                done.append({"input": fold.y.name, "producer": fold.producer.op_type,
-                             "weights": [s.name for s in fold.sites], "alpha": found.alpha,
-                             "error_ratio": round(found.gain, 4)})
+                done.append(entry)
             trim_heap()
         for v in list(graph.initializers.values()):
             if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
