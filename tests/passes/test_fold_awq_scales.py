@@ -254,3 +254,20 @@ def test_fold_awq_scales_search_never_worse_than_unscaled(k, n, block, symmetric
     assert found.errors[0.0] == pytest.approx(unscaled, rel=1e-9)
     assert found.errors[found.alpha] <= unscaled
     assert np.all(np.isfinite(found.s)) and np.all(found.s > 0)
+
+
+def test_fold_awq_scales_confirm_keeps_weights_already_on_a_4_bit_grid():
+    """Weights that already lie on a 4-bit grid per block (as a model decoded from a Q4 GGUF file) lose it when their
+    rows are scaled: the search's proxy may still pick an alpha, the confirmation with lsq keeps s = 1."""
+    rng = np.random.default_rng(0)
+    k, n, block = 64, 24, 32
+    codes = rng.integers(0, 16, (k, n)).astype(np.float32)
+    step = np.repeat(rng.uniform(0.01, 0.1, (k // block, n)).astype(np.float32), block, axis=0)
+    grid = (codes - 8) * step
+    x = activations(4 * k, k)
+    h = x.astype(np.float64).T @ x
+    found = awq.Scales(awq.scales_for(np.abs(x).mean(0), 0.5), 0.5, {0.0: 1.0, 0.5: 0.5})
+    kept = awq.confirm(h, [grid], found, block, False)
+    assert kept.alpha == 0 and np.all(kept.s == 1) and kept.confirmed > 1
+    plain = w(k, n)
+    assert awq.confirm(h, [plain], found, block, False).alpha == 0.5    # a float-trained weight keeps its scales
