@@ -274,7 +274,8 @@ def _verify_quantized(model: ir.Model, reference: Path, compiled: Path, scratch:
 def _quant_report(ctx: pm.PassContext, bytes_before: int, bytes_after: int, ops_after: dict[str, int],
                   quality: dict[str, Any]) -> dict[str, Any]:
     o = quant_options.options_of(ctx)
-    return {"method": f"{o.scheme}:{'awq:' if o.awq else ''}{o.method}", "block_size": o.block_size, "symmetric": o.symmetric,
+    return {"method": f"{o.scheme}:{'awq:' if o.awq else ''}{o.method}", "block_size": o.block_size,
+            "symmetric": o.symmetric,
             "accuracy_level": o.accuracy_level, "exclude": list(o.exclude),
             "matmul_nbits": ops_after.get("com.microsoft.MatMulNBits", 0),
             "gather_block_quantized": ops_after.get("com.microsoft.GatherBlockQuantized", 0),
