@@ -23,8 +23,11 @@ option mixed), onnxc-rtn, onnxc-rtn-sym, onnxc-lsq, onnxc-hqq (`int4:METHOD`, ev
 --mixed-budget sets mixed precision's budget (default 1.25x the all-int4 bytes), ort-rtn-sym / ort-rtn / ort-hqq
 (onnxruntime.quantization.matmul_nbits_quantizer, block 32, accuracy_level 4, on the fp32 export: it quantizes
 MatMul nodes with a constant 2-D weight, so a tied lm_head read through Transpose and the Gather of the embedding
-stay float; ort-hqq runs onnxruntime's torch-based HQQ and takes minutes). --option KEY=VALUE passes an onnxc option
-to every onnxc method (e.g. sensitivity=weight, the previous mixed-precision ranking, or mixed_blocks=[64,128]).
+stay float; ort-hqq runs onnxruntime's torch-based HQQ and takes minutes). Calibrated (--calibration FILE.npz, made
+by bench/text_inputs.py from other text than the evaluation's): onnxc-gptq, onnxc-awq (`int4:awq`: AWQ's scales,
+then lsq), onnxc-awq-gptq (`int4:awq:gptq`), onnxc-int4-awq (mixed precision with AWQ). --option KEY=VALUE passes an
+onnxc option to every onnxc method (e.g. sensitivity=weight, the previous mixed-precision ranking, or
+mixed_blocks=[64,128]).
 """
 from __future__ import annotations
 
@@ -47,7 +50,10 @@ METHODS = ("fp32", "onnxc-int4", "onnxc-uniform", "onnxc-int4-rtn", "onnxc-rtn",
 QUANTIZE = {"onnxc-int4": ("int4", False), "onnxc-int4-rtn": ("int4:rtn", False),
             "onnxc-int4-rtn-sym": ("int4:rtn", True), "onnxc-uniform": ("int4:uniform", False),
             "onnxc-rtn": ("int4:rtn", False),
-            "onnxc-rtn-sym": ("int4:rtn", True), "onnxc-lsq": ("int4:lsq", False), "onnxc-hqq": ("int4:hqq", False)}
+            "onnxc-rtn-sym": ("int4:rtn", True), "onnxc-lsq": ("int4:lsq", False), "onnxc-hqq": ("int4:hqq", False),
+            "onnxc-gptq": ("int4:gptq", False), "onnxc-awq": ("int4:awq", False),
+            "onnxc-awq-gptq": ("int4:awq:gptq", False), "onnxc-int4-awq": ("int4:awq", False)}
+CALIBRATED = ("onnxc-gptq", "onnxc-awq", "onnxc-awq-gptq", "onnxc-int4-awq")   # these need --calibration
 
 
 def text_path() -> Path:
@@ -107,6 +113,7 @@ def job(method: str, src: Path, dst: Path, budget: float | None = None, extra: d
                                         **({"mixed": True} if method.startswith("onnxc-int4-") else {}),
                                         **({"mixed_budget": budget} if budget else {}), **(extra or {})})
         layers = (result.report.get("quantization") or {}).get("layers", [])
+        awq = (result.report.get("quantization") or {}).get("awq")
     else:
         import onnx
         from onnxruntime.quantization import matmul_nbits_quantizer as mq
@@ -117,11 +124,14 @@ def job(method: str, src: Path, dst: Path, budget: float | None = None, extra: d
                                     algo_config=cfg)
         q.process()
         q.model.save_model_to_file(str(dst), use_external_data_format=True)
-        layers = []
+        layers, awq = [], None
     status = Path("/proc/self/status")
     peak = next((int(x.split()[1]) / 1024 for x in status.read_text().splitlines() if x.startswith("VmHWM:")), 0.0) \
         if status.exists() else 0.0
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak, "layers": layers}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak, "layers": layers,
+            **({"awq": {"folded": len(awq["folded"]), "refused": [r["reason"] for r in awq["refused"]],
+                        "alphas": [f["alpha"] for f in awq["folded"]],
+                        "error_ratio": [f["error_ratio"] for f in awq["folded"]]}} if awq else {})}
 
 
 def weight_bytes(path: Path) -> dict:
@@ -159,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--calibration", type=Path, help="--calibration .npz for the calibrated methods")
     ap.add_argument("--mixed-budget", type=float, help="mixed precision's budget (x the all-int4 bytes; 1.25)")
     ap.add_argument("--out", type=Path, default=OUT, help="where the quantized models are written")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -193,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             path = folder / "model.onnx"
             for f in folder.iterdir():
                 f.unlink()
+            if method in CALIBRATED and not args.calibration:
+                raise SystemExit(f"{method} needs --calibration")
+            cal = [f"--option=calibration={args.calibration.resolve()}"] if method in CALIBRATED else []
             got = subprocess.run([sys.executable, __file__, "--job", method, str(args.model), str(path),
-                                  str(args.mixed_budget or 0)] + [f"--option={x}" for x in args.option],
+                                  str(args.mixed_budget or 0)] + [f"--option={x}" for x in args.option] + cal,
                                  capture_output=True, text=True, cwd=ROOT)
             if got.returncode:
                 print(f"{method}: failed\n{got.stderr[-2000:]}")
@@ -220,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         eight = [x for x in r.get("layers", []) if x.get("bits") != 4]
         if eight:
             print(f"\n{r['method']}: not int4: " + ", ".join(f"{x['name']} ({x['bits']} bits)" for x in eight))
+    for r in rows:
+        if "awq" in r:
+            a = r["awq"]
+            print(f"\n{r['method']}: AWQ folded {a['folded']} inputs (alpha {min(a['alphas'], default=0)}-"
+                  f"{max(a['alphas'], default=0)}, error ratio median {np.median(a['error_ratio'] or [1]):.3f}); "
+                  f"left {len(a['refused'])}: " + ", ".join(sorted(set(a["refused"]))))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

@@ -52,7 +52,8 @@ INT8 = ("onnxc-int8", "onnxc-int8-dynamic", "onnxc-int8-static", "onnxc-int8-sta
 # (DynamicQuantizeMatMul), onnxc-int8-static[-percentile|-entropy] (QDQ calibrated on CALIBRATION), and
 # onnxruntime.quantization's quantize_dynamic / quantize_static (QDQ, MinMax) with their defaults on the same model
 # onnxc-gptq-ao (GPTQ with act_order) is measured on request: --methods onnxc-gptq-ao; so is mixed precision
-# (plain --quantize int4): onnxc-mixed (lsq at 4 bits), onnxc-mixed-rtn, onnxc-mixed-rtn-sym
+# (plain --quantize int4): onnxc-mixed (lsq at 4 bits), onnxc-mixed-rtn, onnxc-mixed-rtn-sym; and AWQ
+# (int4:awq[:METHOD], calibrated): onnxc-awq, onnxc-awq-gptq, onnxc-awq-mixed (mixed precision on top)
 CALIBRATION = {"batches": 16, "batch": 4, "seq": 128, "seed": 1000}   # 8,192 rows, seeds apart from the error's
 
 
@@ -124,11 +125,16 @@ def job(method: str, src: Path, dst: Path, block: int, level: int | None = None,
         if algo == "mixed":   # onnxc-mixed: plain int4 (mixed precision); onnxc-mixed-rtn[-sym]: with rtn at 4 bits
             algo = method.split("-")[2] if method.count("-") > 1 and method.split("-")[2] != "sym" else "lsq"
             options.update(quantize=f"int4:{algo}", mixed=True)
-        if algo == "gptq":
+        if algo == "awq":   # onnxc-awq[-METHOD]: AWQ's scales folded in, then METHOD (lsq)
+            rest = [x for x in method.split("-")[2:] if x not in ("sym", "ao", "mixed")]
+            options["quantize"] = "int4:awq" + (f":{rest[0]}" if rest else "")
+            options["mixed"] = method.endswith("-mixed")
+        if algo in ("gptq", "awq"):
             options["calibration"] = str(calibration)
         options.update(extra or {})
         onnxc.compile(src, level or 0, "cpu", output=dst, verify=verify,
-                      passes=None if level is not None else "quantize-int4,eliminate-dead,sort-topologically",
+                      passes=None if level is not None else
+                      "fold-awq-scales,quantize-int4,eliminate-dead,sort-topologically",
                       progress=lambda record: phases.mark("passes"), options=options)
         phases.mark("save+verify" if verify else "save")
     else:
@@ -285,6 +291,8 @@ def main() -> None:
                     help="run the -O LEVEL pipeline before quantizing (default: the quantize pass alone)")
     ap.add_argument("--inputs", type=Path, default=None,
                     help=".npz of real inputs for the error columns (NAME or NAME/K arrays, e.g. tokenized sentences)")
+    ap.add_argument("--calibration", type=Path, default=None,
+                    help="--calibration .npz for the calibrated methods (default: CALIBRATION's random tokens)")
     ap.add_argument("--latency", action="store_true",
                     help="also time each output against the fp32 model as given and its -O3 compile, round robin "
                          "(--latency-shape, 2 threads, medians of --latency-runs)")
@@ -336,8 +344,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--block-size", str(args.block_size), "--job", method, str(src), str(dst)]
             cmd += ["--level", str(args.level)] if args.level is not None else []
             cmd += [f"--option={x}" for x in args.option]
-            if "gptq" in method or "static" in method:
-                cmd += ["--job-calibration", str(calibration_file(src, OUT / name))]
+            if any(x in method for x in ("gptq", "static", "awq")):
+                cmd += ["--job-calibration", str(args.calibration or calibration_file(src, OUT / name))]
             p = run_job(cmd)
             if p.returncode != 0:
                 rows.append({"model": name, "method": method, "failed": p.stderr.strip().splitlines()[-1][:120]})

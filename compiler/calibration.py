@@ -1,5 +1,6 @@
 """Calibration: the --calibration file read into batches of feeds (load_calibration), and the statistics of each
-linear site's inputs on them, taken from one onnxruntime session of the float graph (Hessians: GPTQ's H = X^T X)."""
+linear site's inputs on them, taken from one onnxruntime session of the float graph (Hessians: GPTQ's H = X^T X,
+and the mean |x| per input feature that AWQ's scales start from)."""
 from __future__ import annotations
 
 import tempfile
@@ -82,6 +83,8 @@ class Hessians:
             dims[self.sig[site.key]] = site.shape[0]
         self.left = {sig: sum(1 for s in self.sig.values() if s == sig) for sig in dims}  # weights still to come
         self.files: dict[tuple[str, ...], Path] = {}
+        self.abs_sums: dict[tuple[str, ...], np.ndarray] = {}   # sum over rows of |x| per input feature
+        self.counts: dict[tuple[str, ...], int] = {}            # rows summed into each H
         self.factors: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
         fed = {v.name for v in model.graph.inputs}
         values = list({id(v): v for vs in uses.values() for v in vs if v.name not in fed}.values())
@@ -121,12 +124,21 @@ class Hessians:
                 for n in sig:
                     x = np.asarray(outs[n] if n in outs else feeds[n], np.float64).reshape(-1, dims[sig])
                     hs[sig] += x.T @ x
+                    self.abs_sums[sig] = self.abs_sums.get(sig, 0) + np.abs(x).sum(0)
+                    self.counts[sig] = self.counts.get(sig, 0) + x.shape[0]
                     if not self.files and n == group[0][0]:
                         self.rows += x.shape[0]
             del outs
         for sig in group:
             self.files[sig] = self.folder / f"h{len(self.files)}.npy"
             np.save(self.files[sig], hs.pop(sig))
+
+    def gram(self, key: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """(H, mean |x| per input feature) of the weight's inputs; read once for the weights that share them."""
+        sig = self.sig[key]
+        h = np.load(self.files[sig])
+        self.files.pop(sig).unlink()
+        return h, self.abs_sums.pop(sig) / max(self.counts[sig], 1)
 
     def factor(self, key: tuple) -> tuple[np.ndarray, np.ndarray] | None:
         """gptq_factor of the weight's H (computed once for the weights that share it), None when it saw no rows."""

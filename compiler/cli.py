@@ -137,7 +137,9 @@ def _load_plugins(plugins: tuple[str, ...]) -> None:
               help="Quantize linear layers to int4 MatMulNBits. int4: mixed precision (the lm_head, tied table "
                    "and the layers of largest int4 error at 8 bits, within 1.25x the all-int4 bytes); "
                    "int4:uniform: every layer int4; int4:METHOD, every layer int4 with METHOD rtn, lsq, hqq or "
-                   "gptq (needs --calibration). int8: weight-only 8 bits (MatMulNBits); int8:dynamic: "
+                   "gptq (needs --calibration); int4:awq[:METHOD]: AWQ's per-channel scales from --calibration "
+                   "folded into the norms before METHOD (default lsq). int8: weight-only 8 bits (MatMulNBits); "
+                   "int8:dynamic: "
                    "DynamicQuantizeMatMul; int8:static[:minmax|percentile|entropy]: QDQ with activation ranges "
                    "from --calibration (default minmax).")
 @click.option("--block-size", type=int, default=None, help="Quantization block size (power of 2 >= 16; default 32).")
@@ -146,7 +148,7 @@ def _load_plugins(plugins: tuple[str, ...]) -> None:
               help="Keep in float the layers whose node or weight name matches this glob (repeatable).")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
               help="Model inputs (.npz, arrays named after graph inputs; NAME/0, NAME/1, ... for several "
-                   "batches) for int4:gptq and int8:static.")
+                   "batches) for int4:gptq, int4:awq and int8:static.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="MatMulNBits accuracy_level (default 4 on cpu: int8 compute; 0 on cuda).")
 @click.option("--io-fp16", is_flag=True, help="fp16 graph inputs and outputs (--target cuda).")

@@ -274,7 +274,8 @@ def _verify_quantized(model: ir.Model, reference: Path, compiled: Path, scratch:
 def _quant_report(ctx: pm.PassContext, bytes_before: int, bytes_after: int, ops_after: dict[str, int],
                   quality: dict[str, Any]) -> dict[str, Any]:
     o = quant_options.options_of(ctx)
-    return {"method": f"{o.scheme}:{o.method}", "block_size": o.block_size, "symmetric": o.symmetric,
+    return {"method": f"{o.scheme}:{'awq:' if o.awq else ''}{o.method}", "block_size": o.block_size,
+            "symmetric": o.symmetric,
             "accuracy_level": o.accuracy_level, "exclude": list(o.exclude),
             "matmul_nbits": ops_after.get("com.microsoft.MatMulNBits", 0),
             "gather_block_quantized": ops_after.get("com.microsoft.GatherBlockQuantized", 0),
@@ -282,6 +283,7 @@ def _quant_report(ctx: pm.PassContext, bytes_before: int, bytes_after: int, ops_
             "precision": "mixed" if o.mixed else "uniform",
             **({"mixed_budget": o.mixed_budget, "layers": ctx.results["quantize-int4"]["layers"]}
                if ctx.results.get("quantize-int4") else {}),
+            **({"awq": ctx.results["fold-awq-scales"]} if ctx.results.get("fold-awq-scales") else {}),
             **({"dynamic_quantize_matmul": ops_after.get("com.microsoft.DynamicQuantizeMatMul", 0),
                 "quantize_linear": ops_after.get("QuantizeLinear", 0), "int8": ctx.results.get("quantize-int8", {})}
                if o.scheme == "int8" else {})}

@@ -23,12 +23,14 @@ CLEANUP = "fixpoint(fold-constants,canonicalize-sequences,remove-noops,fold-shap
 OPTIONAL_STAGES = {"quantize": "quantize"}
 
 # Quantization runs last, after every fusion, so that packed QKV and gate-up MatMuls are quantized as the single
-# MatMuls they are (each quantize pass serves one --quantize format and leaves the others' alone); eliminate-dead
-# drops the float weights they replaced. A row without a final sort (level 0) runs
-# the stage with one, as does an explicit --passes text that names none of the stage's passes (appended).
-QUANTIZE = "quantize-int4,quantize-int8,eliminate-dead"
+# MatMuls they are (each quantize pass serves one --quantize format and leaves the others' alone; fold-awq-scales
+# acts for int4:awq only, before quantize-int4); eliminate-dead drops the float weights they replaced. A row
+# without a final sort (level 0) runs the stage with one, as does an explicit --passes text that names none of the
+# stage's passes (appended).
+QUANTIZE = "fold-awq-scales,quantize-int4,quantize-int8,eliminate-dead"
 STANDALONE = {"quantize": f"{QUANTIZE},sort-topologically"}
-STAGE_PASSES = {"quantize": ("quantize-int4", "quantize-int8")}   # an explicit text naming one runs as written
+STAGE_PASSES = {"quantize": ("fold-awq-scales", "quantize-int4", "quantize-int8")}   # an explicit text naming one
+                                                                                      # runs as written
 
 
 def quantizing(row: str) -> str:

@@ -7,6 +7,8 @@ QuantMode; adding a format is adding an entry there (and the pass that implement
     int4            mixed precision: DEFAULT_METHOD at 4 bits, the most sensitive weights at HIGH_BITS
     int4:uniform    every weight DEFAULT_METHOD at 4 bits
     int4:METHOD     every weight METHOD (kernels/quantize.py METHODS) at 4 bits
+    int4:awq[:METHOD]   AWQ's per-channel scales from --calibration folded into the weights' producers
+                    (passes/fold_awq_scales.py), then METHOD (DEFAULT_METHOD) at 4 bits
     int8            weight-only 8 bits (MatMulNBits bits = 8)
     int8:dynamic    int8 weights per column, activations quantized per call (DynamicQuantizeMatMul)
     int8:static[:CALIBRATE]   QDQ: activation scales from --calibration by CALIBRATE (kernels/calibrate.py METHODS)
@@ -28,6 +30,7 @@ HESSIAN_BUDGET = (128 << 20, 2 << 30)  # float64 Hessians per pass over the cali
                                        # memory, within these bounds (option hessian_budget: bytes)
 DEFAULT_METHOD = "lsq"
 UNIFORM = "uniform"              # int4:uniform: every layer int4 with DEFAULT_METHOD
+AWQ = "awq"                      # int4:awq[:METHOD]: AWQ's scales (compiler/awq.py), then METHOD
 MIXED_BUDGET = 1.25              # int4 (mixed): weight bytes at most this times the all-int4 bytes
 HIGH_BITS = 8                    # the precision of the layers mixed precision keeps
 MIXED_BLOCKS = (64, 128)         # wider 4-bit blocks mixed precision may use (option mixed_blocks; [] for none)
@@ -50,15 +53,19 @@ class QuantMode:
     method: str                   # how weights are fitted (kernels/quantize.py METHODS)
     mixed: bool                   # the most sensitive weights at HIGH_BITS (quant_precision.choose_bits)
     calibrate: str = ""           # int8:static: how activation ranges are chosen (kernels/calibrate.py METHODS)
+    awq: bool = False             # int4: AWQ's scales folded in first (passes/fold_awq_scales.py)
 
     def __str__(self) -> str:
-        return f"{self.scheme}:{self.method}"
+        return f"{self.scheme}:{'awq:' if self.awq else ''}{self.method}"
 
 
 def _int4(variant: str) -> QuantMode:
     if not variant:
         return QuantMode("int4", DEFAULT_METHOD, True)
-    return QuantMode("int4", DEFAULT_METHOD if variant == UNIFORM else variant, False)
+    head, _, method = variant.partition(":")
+    awq = head == AWQ
+    method = (method if awq else variant) or UNIFORM
+    return QuantMode("int4", DEFAULT_METHOD if method == UNIFORM else method, False, awq=awq)
 
 
 def _int8(variant: str) -> QuantMode:
@@ -68,7 +75,7 @@ def _int8(variant: str) -> QuantMode:
 
 # scheme -> (its variants, the parser of a variant; "" is the bare scheme)
 SCHEMES: dict[str, tuple[tuple[str, ...], Callable[[str], QuantMode]]] = {
-    "int4": (kq.METHODS + (UNIFORM,), _int4),
+    "int4": (kq.METHODS + (UNIFORM, AWQ) + tuple(f"{AWQ}:{m}" for m in kq.METHODS), _int4),
     "int8": (("dynamic", "static") + tuple(f"static:{m}" for m in kcal.METHODS), _int8),
 }
 CALIBRATED = {("int4", m) for m in kq.CALIBRATED} | {("int8", "static")}   # modes that need --calibration
@@ -107,6 +114,7 @@ class QuantOptions:
     reduce_range: bool = REDUCE_RANGE  # int8:dynamic / static: weights within +-63 (7 bits)
     error_budget: float = ERROR_BUDGET   # int8:static: layers of largest error stay float until the rest fit
     smooth: float | str = SMOOTH     # int8:static: SmoothQuant's alpha (0: no smoothing) or "auto"
+    awq: bool = False                # int4:awq: AWQ's scales folded into the producers before quantizing
 
 
 def options_of(ctx: PassContext) -> QuantOptions:
@@ -131,13 +139,13 @@ def options_of(ctx: PassContext) -> QuantOptions:
     if method == "hqq" and symmetric:
         raise UsageError("--quantize int4:hqq fits a zero point per block: it cannot be --symmetric")
     calibration = ctx.option("calibration")
-    calibrated = (mode.scheme, method) in CALIBRATED
+    calibrated = (mode.scheme, method) in CALIBRATED or mode.awq
     if calibrated and not calibration:
-        raise UsageError(f"--quantize {mode.scheme}:{method} needs --calibration FILE.npz (model inputs, see "
+        raise UsageError(f"--quantize {mode} needs --calibration FILE.npz (model inputs, see "
                          "docs/quantization.md)")
     if calibration and not calibrated:
-        raise UsageError(f"--calibration: no selected method uses calibration data ({mode.scheme}:{method} is "
-                         f"data-free; {', '.join(sorted(f'{s}:{m}' for s, m in CALIBRATED))} use it)")
+        raise UsageError(f"--calibration: no selected method uses calibration data ({mode} is data-free; "
+                         f"{', '.join(sorted(f'{s}:{m}' for s, m in CALIBRATED))} and int4:awq use it)")
     if calibration:
         check_regular_file(calibration, "--calibration")    # missing, or a FIFO or device: exit 2 before any work
     percentile = ctx.option("percentile", PERCENTILE)
@@ -167,4 +175,4 @@ def options_of(ctx: PassContext) -> QuantOptions:
                         bool(ctx.option("act_order", False)), budget, mixed and mode.scheme == "int4",
                         float(mixed_budget), mode.scheme, sensitivity, wide, mode.calibrate, float(percentile),
                         activation_type, bool(ctx.option("reduce_range", REDUCE_RANGE)), float(error_budget),
-                        smooth if smooth == "auto" else float(smooth))
+                        smooth if smooth == "auto" else float(smooth), mode.awq)

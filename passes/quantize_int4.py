@@ -19,11 +19,12 @@ transBatchB = 0; a Gemm C that is constant and broadcasts to (N,). Skipped, with
 mostly padding buys nothing), excluded names (--exclude globs, on node and weight names).
 
 The concerns around the rewrite live in the core: the options (compiler/quant_options.py: "int4",
-"int4:uniform|rtn|lsq|hqq|gptq", block_size, symmetric, exclude, accuracy_level, mixed, mixed_budget, calibration,
-damp, act_order), the sites and tied tables (compiler/quant_sites.py), the choice of 8-bit layers under mixed
-precision (compiler/quant_precision.py, ranked by each weight's output error on synthetic inputs, measured in
-compiler/sensitivity.py; the choices go to ctx.results["quantize-int4"]["layers"]), GPTQ's Hessians
-from one onnxruntime session of the float graph as this pass finds it, closed before the first weight is quantized
+"int4:uniform|rtn|lsq|hqq|gptq", "int4:awq[:METHOD]" whose AWQ scales the pass fold-awq-scales folds in before this
+one, block_size, symmetric, exclude, accuracy_level, mixed, mixed_budget, calibration, damp, act_order), the sites
+and tied tables (compiler/quant_sites.py), the choice of 8-bit layers under mixed precision
+(compiler/quant_precision.py, ranked by each weight's output error on synthetic inputs, measured in
+compiler/sensitivity.py; the choices go to ctx.results["quantize-int4"]["layers"]), GPTQ's Hessians from one
+onnxruntime session of the float graph as this pass finds it, closed before the first weight is quantized
 (compiler/calibration.py), and the scratch file quantized tensors stream to (compiler/quant_store.py, option
 scratch_dir). Each weight is read alone (memory-mapped weights are released after), so peak memory stays a few times
 the largest weight. Each new node keeps its float source in node.meta["onnxc.quantize"] for verification

@@ -222,7 +222,8 @@ def test_quantize_int4_is_mixed_and_uniform_is_all_int4(linear_path, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--quantize", "int3"], "unknown value 'int3'"),
-    (["--quantize", "int4:awq"], "unknown value 'int4:awq'"),
+    (["--quantize", "int4:awq:uniform"], "unknown value 'int4:awq:uniform'"),
+    (["--quantize", "int4:awq"], "int4:awq:lsq needs --calibration"),
     (["--quantize", "int4", "--block-size", "48"], "not a power of 2"),
     (["--quantize", "int4", "--block-size", "8"], "not a power of 2"),
     (["--quantize", "int4:hqq", "--symmetric"], "cannot be --symmetric"),

@@ -441,15 +441,15 @@ def test_pipeline_quantize_stage_runs_only_with_its_option_before_the_final_sort
     plain = _names(build_pipeline(pm.PassContext(level=level, target=target)))
     quant = _names(build_pipeline(pm.PassContext(level=level, target=target, options={"quantize": "int4"})))
     assert "quantize-int4" not in plain and "quantize?" not in pipeline_text(level, target)
-    assert quant[-4:] == ["quantize-int4", "quantize-int8", "eliminate-dead", "sort-topologically"]
-    assert quant[:-4] == (plain[:-1] if plain else [])          # the rest of the row is unchanged
+    assert quant[-5:] == ["fold-awq-scales", "quantize-int4", "quantize-int8", "eliminate-dead", "sort-topologically"]
+    assert quant[:-5] == (plain[:-1] if plain else [])          # the rest of the row is unchanged
 
 
 def test_pipeline_quantize_stage_is_appended_to_an_explicit_pipeline_that_names_none_of_it():
     from onnxc.pipeline import build_pipeline, chosen_text
 
     q = pm.PassContext(options={"quantize": "int4"})
-    stage = "quantize-int4,quantize-int8,eliminate-dead,sort-topologically"
+    stage = "fold-awq-scales,quantize-int4,quantize-int8,eliminate-dead,sort-topologically"
     assert chosen_text(q, "fuse-rms-norm") == f"fuse-rms-norm,{stage}"
     assert chosen_text(q, "quantize-int4,sort-topologically") == "quantize-int4,sort-topologically"
     assert chosen_text(q, "quantize-int8,sort-topologically") == "quantize-int8,sort-topologically"

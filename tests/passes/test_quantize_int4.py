@@ -350,7 +350,8 @@ def test_quantize_int4_exclude_matches_node_names():
     ({"quantize": "int2"}, "unknown value 'int2'"),
     ({"quantize": "int4:gptq"}, "needs --calibration FILE.npz"),
     ({"quantize": "int4:gptq", "calibration": "/no/such/c.npz"}, "no such file"),
-    ({"quantize": "int4:awq"}, "unknown value"),
+    ({"quantize": "int4:awq"}, "int4:awq:lsq needs --calibration FILE.npz"),
+    ({"quantize": "int4:awq:uniform"}, "unknown value"),
     ({"quantize": "int4:gptq", "calibration": __file__, "damp": -1}, "damp must be a number >= 0"),
     ({"quantize": "int4:gptq", "calibration": __file__, "hessian_budget": -5}, "hessian_budget must be a positive"),
     ({"quantize": "int4", "block_size": 24}, "not a power of 2"),
@@ -667,9 +668,11 @@ def test_quantize_int4_gptq_is_deterministic(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ mixed precision
 @pytest.mark.parametrize("text,method,mixed", [("int4", "lsq", True), ("int4:uniform", "lsq", False),
-                                                ("int4:rtn", "rtn", False), ("INT4:HQQ", "hqq", False)])
+                                                ("int4:rtn", "rtn", False), ("INT4:HQQ", "hqq", False),
+                                                ("int4:awq", "lsq", False), ("int4:awq:gptq", "gptq", False)])
 def test_quantize_int4_parse_quantize_precision(text, method, mixed):
-    assert qo.parse_quantize(text) == qo.QuantMode("int4", method, mixed)
+    awq = text.startswith("int4:awq")
+    assert qo.parse_quantize(text) == qo.QuantMode("int4", method, mixed, awq=awq)
 
 
 def test_quantize_int4_mixed_budget_is_checked():
