@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from options import parse_options
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "quality"
@@ -177,13 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                          "sensitivity=weight; the rows' method names say so")
     ap.add_argument("--job", nargs="+", help=argparse.SUPPRESS)   # METHOD SRC DST [BUDGET]
     args = ap.parse_args(argv)
-    extra = {}
-    for item in args.option:
-        key, _, value = item.partition("=")
-        try:
-            extra[key] = json.loads(value)
-        except json.JSONDecodeError:
-            extra[key] = value
+    extra = parse_options(args.option)
     if args.job:
         print(json.dumps(job(args.job[0], Path(args.job[1]), Path(args.job[2]), float((args.job + ["0"])[3]) or None,
                              extra)))

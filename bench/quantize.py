@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from options import parse_options
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "quantize"
@@ -307,13 +308,7 @@ def main() -> None:
     ap.add_argument("--job-verify", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--job-calibration", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    extra = {}
-    for item in args.option:
-        key, _, value = item.partition("=")
-        try:
-            extra[key] = json.loads(value)
-        except json.JSONDecodeError:
-            extra[key] = value
+    extra = parse_options(args.option)
     if args.job:
         print(json.dumps(job(args.job[0], Path(args.job[1]), Path(args.job[2]), args.block_size, args.level,
                              args.job_verify, args.job_calibration, extra)))

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnxc.pass_manager import Pass, PassContext, PassResult, register_pass
-from onnxc.rules import Attr, Rule, apply_rules
+from onnxc.pass_manager import RulePass, register_pass
+from onnxc.rules import Attr, Rule
 
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 
@@ -132,16 +132,5 @@ RULES = [
 ]
 
 
-@register_pass
-class CanonicalizeSoftmaxCast(Pass):
-    """A float32 softmax over float16 scores (TorchScript float16 exports) -> the float16 attention core, cast after."""
-
-    name = "canonicalize-softmax-cast"
-    level = 2
-
-    def rules(self):
-        return RULES
-
-    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        counts = dict(apply_rules(model, RULES, disabled=ctx.disabled_rules).applied)
-        return PassResult(model, bool(counts), counts)
+register_pass(RulePass("canonicalize-softmax-cast", RULES, level=2, summary="A float32 softmax over float16 scores "
+                       "(TorchScript float16 exports) -> the float16 attention core, cast after."))
