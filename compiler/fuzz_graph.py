@@ -114,13 +114,14 @@ class Builder:
         self.feeds: dict[str, tuple[list[int], int, int | None]] = {}   # input -> (fed dims, dtype, id bound)
         self.inits: list[onnx.TensorProto] = []
         self.tables: set[str] = set()
+        self.memo: dict[Any, Any] = {}                     # values drawn for a kind of node, to draw again
         self.vars: dict[str, tuple[str, int]] = {}
         self.built: dict[int, list[tuple[str, int]]] = {}
         self.pattern_values: list[tuple[str, int]] = []      # outputs of nodes built for pattern nodes
         self.names: dict[str, str] = {}                      # pattern node name -> graph node name
         self.choices: list[str] = []
         self.counter = 0
-        self._shapes: tuple[tuple[int, int, int], dict, dict] | None = None
+        self.table = fs.ShapeTable(self.opsets, CONCRETE)
 
     def fresh(self, stem: str) -> str:
         self.counter += 1
@@ -129,6 +130,7 @@ class Builder:
     def const(self, arr: np.ndarray, stem: str = "c") -> str:
         name = self.fresh(stem)
         self.inits.append(onnx.numpy_helper.from_array(arr, name))
+        self.table.add_const(self.inits[-1])
         return name
 
     def node(self, op: str, inputs: list[str], dtype: int, domain: str = "", attrs: dict | None = None,
@@ -140,21 +142,14 @@ class Builder:
 
     def shape(self, name: str) -> fs.Shape | None:
         """The declared and fed shape of a value built so far (onnx shape inference), None where unknown."""
-        key = (len(self.nodes), len(self.inputs), len(self.inits))
-        if self._shapes is None or self._shapes[0] != key:
-            sym, conc = fs.infer(self.nodes, self.inputs, self.inits, self.opsets, CONCRETE)
-            self._shapes = (key, sym, conc)
-        _, sym, conc = self._shapes
-        c = conc.get(name)
-        if c is None or any(not isinstance(d, int) or d <= 0 for d in c):
-            return None
-        s = sym.get(name) or [None] * len(c)
-        return fs.Shape([d if d not in (0, "") else None for d in s], c) if len(s) == len(c) else None
+        self.table.update(self.nodes)
+        return self.table.shape(name)
 
     def graph_input(self, stem: str, dtype: int, dims: list, fed: list[int], high: int | None = None) -> str:
         name = self.fresh(stem)
         self.inputs.append(helper.make_tensor_value_info(name, dtype, dims))
         self.feeds[name] = (fed, dtype, high)
+        self.table.add_input(self.inputs[-1], fed)
         pre = self.draw(PRE_OPS) if dtype in FLOATS else None
         if pre is None:
             return name
@@ -166,7 +161,7 @@ class Builder:
             dims = default_dims(self.dims, rank)
             fed = [CONCRETE[d] if isinstance(d, str) else d for d in dims]
         else:
-            dims = [s if s is not None else c for s, c in zip(like.sym, like.conc)]
+            dims = [s if isinstance(s, int) or s in CONCRETE else c for s, c in zip(like.sym, like.conc)]
             fed = list(like.conc)
         return self.graph_input(stem, dtype, dims, fed)
 
@@ -194,6 +189,8 @@ class Builder:
             dims = self.dims[:2]
             return self.graph_input(f"{var}_ids", TensorProto.INT64, dims,
                                     [CONCRETE[d] if isinstance(d, str) else d for d in dims], given.high), "ids"
+        if plan.like is not None:
+            return self.input_like(f"{var}_in", dtype, plan.like, rank), "input"
         if given is not None:
             return self.const(given, f"{var}_s"), repr(given.tolist())
         if (parent, position) in fs.INT_INPUTS:
@@ -205,7 +202,9 @@ class Builder:
         if parent in ("MatMul", "Gemm") and position == 1:
             like = ref()
             k = like.conc[-1] if like is not None else self.hidden
-            n = self.draw((k, *[h for h in HIDDEN if h != k]))
+            n = self.memo.get(("matrix", k)) if ("matrix", k) in self.memo and self.draw((True, False)) else \
+                self.draw((k, *[h for h in HIDDEN if h != k]))
+            self.memo.setdefault(("matrix", k), n)
             return self.const(self.rng.normal(0, 0.5, (k, n)).astype(np_dtype), f"{var}_m"), f"matrix {k}x{n}"
         if parent == "Transpose" and self.draw(("matrix", "input")) == "matrix":
             return self.const(self.rng.normal(0, 0.5, (self.hidden, self.hidden)).astype(np_dtype), f"{var}_m"), \
@@ -218,7 +217,7 @@ class Builder:
         if var in self.examples:
             kind = self.examples[var]
             kind = self.draw(kind) if isinstance(kind, tuple) else kind
-        elif not self.vars:
+        elif not self.vars or parent and parent not in BINARY and position == 0:    # the data an op works on
             kind = "input"
         else:
             kind = self.draw(("input", "channel", "scalar") + (("slab",) if parent in BINARY else ()))

@@ -14,7 +14,7 @@ from . import fuzz_shapes as fs
 from . import rules as _rules
 from .fuzz_graph import (BOOL_OUT, CONCRETE, FLOATS, HIDDEN, INT_OUT, NP, POST_OPS, Builder, Discard, Example)
 
-PLANNED = frozenset({"Reshape", "Expand", "Gather", "GatherND", "Split", "Unsqueeze", "Squeeze", "Slice"}) \
+PLANNED = frozenset({"Reshape", "Expand", "Gather", "GatherND", "Split", "Unsqueeze", "Squeeze", "Slice", "Concat"}) \
     | fs.REDUCE_OPS
 
 
@@ -33,16 +33,17 @@ class NodeBuilder(Builder):
 
         def ref() -> fs.Shape | None:
             base = first or names[0]
-            return self.shape(base) if base else None
+            x = self.shape(base) if base else None
+            return x if x is not None and x.rank else None
 
         plan = None
         for i, p in enumerate(pn.inputs):
             if not isinstance(p, leafy):
                 continue
-            if plan is None and i > 0:
-                plan = self.plan(pn, names)
+            if plan is None and (i > 0 or pn.op_type == "Concat"):
+                plan = self.plan(pn, names, ref)
             names[i] = self.leaf(p, compute, pn.op_type, i, ref, plan or fs.Plan())[0]
-        plan = plan or self.plan(pn, names)
+        plan = plan or self.plan(pn, names, ref)
         self.choices += plan.choices
         if pn.commutative and self.draw((False, True)):
             names.reverse()
@@ -66,6 +67,8 @@ class NodeBuilder(Builder):
                 else:
                     v = v.default
             attrs[k] = v
+        if pn.op_type == "Cast" and "to" not in attrs:   # a Cast the pattern leaves open: back to the graph's dtype
+            attrs["to"] = self.dtype if compute != self.dtype else self.draw((compute, self._cast_to(compute)))
         out_dtype = compute
         if pn.op_type == "Cast":
             out_dtype = attrs.get("to", compute)
@@ -79,13 +82,27 @@ class NodeBuilder(Builder):
         self.pattern_values.extend(outs)
         return outs
 
-    def plan(self, pn: _rules.PNode, names: list[str | None]) -> fs.Plan:
-        if pn.op_type not in PLANNED or pn.domain or not names or not names[0]:
+    def plan(self, pn: _rules.PNode, names: list[str | None], ref: Callable[[], fs.Shape | None]) -> fs.Plan:
+        if pn.op_type not in PLANNED or pn.domain or not names:
+            return fs.Plan()
+        if pn.op_type == "Concat":
+            x = ref()
+        elif names[0]:
+            x = self.shape(names[0])
+        else:
             return fs.Plan()
         attrs = {k: v for k, v in pn.attrs.items() if not isinstance(v, _rules.Attr)}
-        return fs.plan_node(pn.op_type, pn.domain, len(pn.inputs), pn.allow_other_inputs, attrs, pn.num_outputs,
-                            self.shape(names[0]), names[0] in self.tables, self.draw, self.rng,
-                            self.want.get(id(pn)))
+        want = self.want.get(id(pn))
+        # a node like one built before (same op, input shape and demanded rank) may take the same values: the
+        # parallel Q, K and V head splits of an attention agree
+        key = (pn.op_type, repr(attrs), len(pn.inputs), x and tuple(x.sym), x and tuple(x.conc), want)
+        if key in self.memo and self.draw(("same", "fresh")) == "same":
+            self.choices.append(f"{pn.op_type} as before")
+            return self.memo[key]
+        plan = fs.plan_node(pn.op_type, pn.domain, len(pn.inputs), pn.allow_other_inputs, attrs, pn.num_outputs,
+                            x, names[0] in self.tables, self.draw, self.rng, want)
+        self.memo.setdefault(key, plan)
+        return plan
 
     def _cast_to(self, src: int) -> int:
         """A Cast that widens from the graph's dtype and narrows back to it."""

@@ -14,6 +14,7 @@ that onnxruntime accepts the graph. By op, never by rule:
     Expand       a shape x broadcasts to: all 1s, x's own dims, or a new leading dim
     Unsqueeze    distinct axes within the result's rank;   Squeeze: axes of x's 1-dims
     Slice        starts and ends within the axis (and the axis, a step of 1 or 2)
+    Concat       an axis (when the pattern gives none); the other inputs shaped like the computed one off it
     ReduceX      axes [-1] when the pattern leaves them to the graph
 
 A drawn value is valid for the fed sizes; whether it is also provable for symbolic dims (0 / -1 versus the fed
@@ -63,35 +64,67 @@ class Plan:
     inputs: dict[int, np.ndarray | Ids] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
     extra: list[np.ndarray] = field(default_factory=list)     # appended after the pattern's inputs
+    like: Shape | None = None                                  # the shape of a data input drawn here (Concat)
     choices: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------- inference
-def infer(nodes, inputs, inits, opsets, concrete: dict[str, int]) -> tuple[dict, dict]:
-    """Shapes of every value of a partial graph: (symbolic, concrete) dicts name -> dims."""
-    def run(vis):
-        graph = helper.make_graph(nodes, "partial", vis, [], inits)
-        model = helper.make_model(graph, opset_imports=opsets, ir_version=9)
-        try:
-            model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-        except Exception:
-            return {}
-        out = {}
-        for vi in list(model.graph.value_info) + list(model.graph.input):
-            if not vi.type.tensor_type.HasField("shape"):
-                continue
-            out[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                            for d in vi.type.tensor_type.shape.dim]
-        for t in inits:
-            out[t.name] = list(t.dims)
-        return out
+class ShapeTable:
+    """Declared and fed shapes of a graph being built, node by node (onnx shape inference on each node alone, so
+    a node inference cannot type leaves the values before it known)."""
 
-    fed = []
-    for vi in inputs:
-        dims = [d.dim_value if d.HasField("dim_value") else concrete[d.dim_param]
-                for d in vi.type.tensor_type.shape.dim]
-        fed.append(helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, dims))
-    return run(inputs), run(fed)
+    def __init__(self, opsets: list, concrete: dict[str, int]):
+        self.opsets, self.concrete = opsets, concrete
+        self.sym: dict[str, list[Dim]] = {}
+        self.conc: dict[str, list[int] | None] = {}
+        self.types: dict[str, int] = {}
+        self.consts: dict[str, onnx.TensorProto] = {}
+        self.done = 0
+
+    def add_input(self, vi: onnx.ValueInfoProto, fed: list[int]) -> None:
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
+        self.sym[vi.name], self.conc[vi.name] = dims, list(fed)
+        self.types[vi.name] = vi.type.tensor_type.elem_type
+
+    def add_const(self, t: onnx.TensorProto) -> None:
+        self.sym[t.name] = self.conc[t.name] = list(t.dims)
+        self.types[t.name] = t.data_type
+        self.consts[t.name] = t
+
+    def update(self, nodes: list[onnx.NodeProto]) -> None:
+        for node in nodes[self.done:]:
+            self._infer(node)
+        self.done = len(nodes)
+
+    def _infer(self, node: onnx.NodeProto) -> None:
+        names = [n for n in node.input if n]
+        if any(n not in self.types or self.conc.get(n) is None for n in names):
+            return
+        for table, fed in ((self.sym, False), (self.conc, True)):
+            vis = [helper.make_tensor_value_info(n, self.types[n], self.conc[n] if fed else self.sym[n])
+                   for n in names if n not in self.consts]
+            graph = helper.make_graph([node], "one", vis, [], [self.consts[n] for n in names if n in self.consts])
+            model = helper.make_model(graph, opset_imports=self.opsets, ir_version=9)
+            try:
+                model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+            except Exception:
+                return
+            for vi in model.graph.output or model.graph.value_info:
+                tt = vi.type.tensor_type
+                if not tt.HasField("shape"):
+                    continue
+                dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+                if fed and any(not isinstance(d, int) for d in dims):
+                    continue
+                table[vi.name] = dims
+                self.types[vi.name] = tt.elem_type
+
+    def shape(self, name: str) -> Shape | None:
+        c, s = self.conc.get(name), self.sym.get(name)
+        if c is None or any(not isinstance(d, int) or d <= 0 for d in c):
+            return None
+        s = s if s is not None and len(s) == len(c) else [None] * len(c)
+        return Shape([d if d not in (0, "") else None for d in s], list(c))
 
 
 # ---------------------------------------------------------------------------------------------------- by op
@@ -218,7 +251,7 @@ def plan_node(op_type: str, domain: str, given: int, allow_more: bool, attrs: di
     """Values for `op_type`'s shape-carrying inputs, from its data input's shape `x` (the pattern gives `given`
     inputs; more may be appended when it allows other inputs)."""
     plan = Plan()
-    if domain or x is None:
+    if domain or x is None or x.rank == 0:
         return plan
     if op_type == "Reshape":
         plan.inputs[1], note = reshape_target(draw, x, want)
@@ -227,7 +260,10 @@ def plan_node(op_type: str, domain: str, given: int, allow_more: bool, attrs: di
         plan.inputs[1], note = expand_shape(draw, x)
         plan.choices.append(f"Expand {note}")
     elif op_type == "Gather":
-        n = x.conc[_axis(int(attrs.get("axis", 0)), x.rank)]
+        axis = _axis(int(attrs.get("axis", 0)), x.rank)
+        if not 0 <= axis < x.rank:
+            return plan
+        n = x.conc[axis]
         if table and draw(("ids", "constant")) == "ids":
             plan.inputs[1] = Ids([], n)
         else:
@@ -252,6 +288,14 @@ def plan_node(op_type: str, domain: str, given: int, allow_more: bool, attrs: di
     elif op_type == "Slice":
         for pos, arr in enumerate(slice_inputs(draw, x), start=1):
             plan.inputs[pos] = arr
+    elif op_type == "Concat":
+        axis = attrs.get("axis")
+        if axis is None:
+            axis = plan.attrs["axis"] = _maybe_negative(draw, draw(range(x.rank)[::-1]), x.rank)
+        axis = _axis(int(axis), x.rank)
+        size = draw((1, 2, 3))
+        plan.like = Shape([*x.sym[:axis], size, *x.sym[axis + 1:]], [*x.conc[:axis], size, *x.conc[axis + 1:]])
+        plan.choices.append(f"Concat axis {axis}, other inputs {size} along it")
     elif op_type in REDUCE_OPS and given == 1 and allow_more:
         plan.extra.append(np.array([-1], np.int64))
     if op_type in ("Unsqueeze", "Squeeze") and given == 1 and allow_more and 1 in plan.inputs:
