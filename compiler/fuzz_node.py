@@ -40,7 +40,7 @@ class NodeBuilder(Builder):
         for i, p in enumerate(pn.inputs):
             if not isinstance(p, leafy):
                 continue
-            if plan is None and (i > 0 or pn.op_type == "Concat"):
+            if plan is None and (i > 0 or pn.op_type == "Concat" and first):
                 plan = self.plan(pn, names, ref)
             names[i] = self.leaf(p, compute, pn.op_type, i, ref, plan or fs.Plan())[0]
         plan = plan or self.plan(pn, names, ref)
