@@ -167,8 +167,15 @@ def reshape_target(draw: Draw, x: Shape, want: int | None) -> tuple[np.ndarray, 
         (c1, s1, _), (c2, s2, _) = entries[j], entries[j + 1]
         both = isinstance(s1, int) and isinstance(s2, int)
         entries[j:j + 2] = [(c1 * c2, s1 * s2 if both else None, None)]
-    while want is not None and len(entries) < want:
-        entries.insert(draw(range(len(entries) + 1)), (1, 1, None))
+    while want is not None and len(entries) < want:          # split a dim in two (a head split), or add a 1
+        j = draw(range(len(entries)))
+        c, s, _ = entries[j]
+        factors = [a for a in range(2, c) if c % a == 0] if isinstance(s, int) else []
+        if factors and draw(("split", "one")) == "split":
+            a = draw(factors)
+            entries[j:j + 1] = [(a, a, None), (c // a, c // a, None)]
+        else:
+            entries.insert(draw(range(len(entries) + 1)), (1, 1, None))
     target, minus = [], False
     for j, (c, s, src) in enumerate(entries):
         options: list[int] = []
