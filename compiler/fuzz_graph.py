@@ -3,8 +3,8 @@
 The pattern itself (the `op.X(...)` description the matcher walks) is instantiated node by node:
 
     Var        by what its position holds: an op's data input (a graph input shaped like the node's other operand,
-               or (B, S, H)), a per-channel constant along that operand's last axis, a one-element constant, a
-               constant of the operand's shape with a leading 1; a MatMul/Gemm weight (K, N) with K the data's
+               or (B, S, H)), a per-channel constant along that operand's last axis, a one-element constant, (for an
+               Add) a constant of the operand's shape with a leading 1, a position slab; a MatMul/Gemm weight (K, N) with K the data's
                last dim; a Gather's table (V, H) or a graph input; a Where's condition (bool); a shape-carrying
                input (a Reshape target, Gather indices, ...) drawn from the shapes flowing in (fuzz_shapes.py).
                A name in the rule's `examples` takes the declared value instead (a number, a tuple to draw from,
@@ -220,7 +220,7 @@ class Builder:
         elif not self.vars or parent and parent not in BINARY and position == 0:    # the data an op works on
             kind = "input"
         else:
-            kind = self.draw(("input", "channel", "scalar") + (("slab",) if parent in BINARY else ()))
+            kind = self.draw(("input", "channel", "scalar") + (("slab",) if parent == "Add" else ()))
         if kind == "input":
             return self.input_like(f"{var}_in", dtype, ref() if parent in BINARY else None, rank), kind
         like = ref() if kind in ("channel", "slab") else None
