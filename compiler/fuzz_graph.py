@@ -29,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from . import fuzz_shapes as fs
+from .fuzz_infer import ShapeTable
 from . import rules as _rules
 
 OPSET = 18
@@ -121,7 +122,7 @@ class Builder:
         self.names: dict[str, str] = {}                      # pattern node name -> graph node name
         self.choices: list[str] = []
         self.counter = 0
-        self.table = fs.ShapeTable(self.opsets, CONCRETE)
+        self.table = ShapeTable(self.opsets, CONCRETE)
 
     def fresh(self, stem: str) -> str:
         self.counter += 1
