@@ -1,19 +1,9 @@
 """Property fuzzing of rule passes: random graphs that contain each rule's pattern, four checks per graph.
 
-A graph is built from the rule's pattern itself (the same `op.X(...)` description the matcher walks):
-
-    Var        a graph input of shape (B, S, H), a per-channel constant (H,), or a one-element constant, drawn;
-               a name in the rule's `examples` takes the declared value instead (a number, a tuple of numbers to
-               draw from, "input" or "channel"): how a rule whose check needs particular constants (GELU's 0.5,
-               an epsilon) gets graphs that match as well as graphs it refuses
-    Lit        a one-element constant of that value
-    Or(...)    one alternative, drawn
-    optional   present or absent, drawn (an optional Cast toggles float16 <-> float32, float32 <-> double)
-    Add/Mul..  either operand order, drawn
-
-around it: float32 or float16; B and S static or symbolic, H static; a random unary op before each graph input and
-after the root; sometimes an extra reader (a graph output) of one intermediate value. A graph onnxruntime refuses
-to run is discarded (a pattern alone does not say every shape its ops need: such rules mostly exercise refusals).
+A graph is built from the rule's pattern itself (compiler/fuzz_graph.py, fuzz_node.py): each pattern variable drawn
+by what its position holds, shape-carrying inputs (Reshape targets, Gather indices, Split sizes, perms, axes)
+drawn from the shapes flowing into them (compiler/fuzz_shapes.py), alternatives, optional nodes and operand orders
+drawn, random ops around it. A graph onnxruntime refuses to run is discarded.
 
 Each graph must pass, after infer-shapes (as every pipeline runs first):
     1. the IR verifier (compiler/verifier.py) on the pass's result;
@@ -38,33 +28,20 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import TensorProto, helper
 
 from . import pass_manager as pm
 from . import rules as _rules
 from .errors import UsageError
+from .fuzz_graph import Discard, Example
+from .fuzz_node import build_example
 from .verifier import Signature, check_model
 from .verify import compare
 
-OPSET = 18
-HIDDEN = (4, 8)
-CONCRETE = {"batch": 3, "seq": 5}           # sizes fed for symbolic dims (static dims are 2 and 3)
 DISCARD_LIMIT = 40                          # invalid graphs in a row, with none valid yet, before a rule is given up
-PRE_OPS = (None, "Neg", "Tanh", "Sigmoid")
-POST_OPS = (None, "Neg", "Relu", "Sigmoid")
-REDUCE_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2"})
-BOOL_OUT = frozenset({"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor"})
-INT_OUT = frozenset({"Shape", "Size", "ArgMax", "ArgMin", "NonZero"})
-_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64,
-       TensorProto.INT64: np.int64, TensorProto.BOOL: np.bool_}
 
 
 class FuzzFailure(AssertionError):
     """One generated graph broke a check."""
-
-
-class Discard(Exception):
-    """The generated graph is not a valid model (onnxruntime refuses it)."""
 
 
 class _GiveUp(BaseException):
@@ -90,211 +67,6 @@ class RuleStats:
         if self.note:
             text += f"; {self.note}"
         return text
-
-
-# ---------------------------------------------------------------------------------------------------- graph builder
-class _Builder:
-    """Instantiates one pattern as an ONNX graph, every choice drawn from `draw`."""
-
-    def __init__(self, draw: Callable[[Any], Any], rule: _rules.Rule, dtype: int, dims: list[int | str],
-                 seed: int):
-        self.draw = draw
-        self.examples = getattr(rule, "examples", None) or {}
-        self.dtype = dtype
-        self.dims = dims
-        self.hidden = int(dims[-1])
-        self.rng = np.random.default_rng(seed)
-        self.nodes: list[onnx.NodeProto] = []
-        self.inputs: list[onnx.ValueInfoProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.vars: dict[str, tuple[str, int]] = {}
-        self.built: dict[int, list[tuple[str, int]]] = {}
-        self.pattern_values: list[tuple[str, int]] = []      # outputs of nodes built for pattern nodes
-        self.names: dict[str, str] = {}                      # pattern node name -> graph node name
-        self.choices: list[str] = []
-        self.counter = 0
-
-    def fresh(self, stem: str) -> str:
-        self.counter += 1
-        return f"{stem}{self.counter}"
-
-    def const(self, arr: np.ndarray, stem: str = "c") -> str:
-        name = self.fresh(stem)
-        self.inits.append(onnx.numpy_helper.from_array(arr, name))
-        return name
-
-    def node(self, op: str, inputs: list[str], dtype: int, domain: str = "", attrs: dict | None = None,
-             outputs: int = 1, stem: str = "v") -> list[tuple[str, int]]:
-        outs = [self.fresh(stem) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op, inputs, outs, name=self.fresh(f"n_{op}_"), domain=domain or None,
-                                           **(attrs or {})))
-        return [(o, dtype) for o in outs]
-
-    def graph_input(self, stem: str, dtype: int) -> str:
-        name = self.fresh(stem)
-        self.inputs.append(helper.make_tensor_value_info(name, dtype, self.dims))
-        pre = self.draw(PRE_OPS)
-        if pre is None or dtype not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
-            return name
-        self.choices.append(f"{pre} before input {name}")
-        return self.node(pre, [name], dtype)[0][0]
-
-    # -- pattern values
-    def leaf(self, pv: _rules.PValue, dtype: int, parent: str, position: int) -> tuple[str, int]:
-        if isinstance(pv, _rules.Lit):
-            if pv.value is None:
-                return "", dtype
-            return self.const(np.array(pv.value, dtype=_NP.get(dtype, np.float32))), dtype
-        assert isinstance(pv, _rules.Var)
-        if pv.name in self.vars:
-            return self.vars[pv.name]
-        if parent in ("MatMul", "Gemm") and position == 1 or parent == "Transpose":
-            kind: Any = "matrix"
-        elif pv.name in self.examples:
-            kind = self.examples[pv.name]
-            if isinstance(kind, tuple):
-                kind = self.draw(kind)
-        elif not self.vars:
-            kind = "input"
-        else:
-            kind = self.draw(("input", "channel", "scalar"))
-        np_dtype = _NP.get(dtype, np.float32)
-        if kind == "input":
-            name = self.graph_input(f"{pv.name}_in", dtype)
-        elif kind == "channel":
-            name = self.const(self.rng.uniform(0.5, 1.5, self.hidden).astype(np_dtype), f"{pv.name}_c")
-        elif kind == "matrix":
-            name = self.const(self.rng.normal(0, 0.5, (self.hidden, self.hidden)).astype(np_dtype), f"{pv.name}_m")
-        elif kind == "scalar":
-            name = self.const(np.array(self.rng.uniform(0.5, 1.5), dtype=np_dtype), f"{pv.name}_c")
-        else:
-            name = self.const(np.array(kind, dtype=np_dtype), f"{pv.name}_c")
-        self.choices.append(f"{pv.name} = {kind if kind in ('input', 'channel', 'matrix', 'scalar') else repr(kind)}")
-        self.vars[pv.name] = (name, dtype)
-        return name, dtype
-
-    def value(self, pv: _rules.PValue, dtype: int, parent: str = "", position: int = 0) -> tuple[str, int]:
-        if isinstance(pv, _rules.AnyOf):
-            i = self.draw(range(len(pv.alternatives)))
-            return self.value(pv.alternatives[i], dtype, parent, position)
-        if isinstance(pv, _rules.Out):
-            return self.out(pv, dtype)
-        return self.leaf(pv, dtype, parent, position)
-
-    def out(self, pv: _rules.Out, dtype: int) -> tuple[str, int]:
-        pn = pv.node
-        if id(pn) not in self.built:
-            if pn.optional and not self.draw((True, False)):
-                self.choices.append(f"optional {pn.op_type} absent")
-                self.built[id(pn)] = [self.value(pn.inputs[0], dtype)] * max(1, pn.num_outputs)
-            else:
-                self.built[id(pn)] = self.make(pn, dtype)
-        return self.built[id(pn)][pv.index]
-
-    def make(self, pn: _rules.PNode, dtype: int) -> list[tuple[str, int]]:
-        leafy = (_rules.Var, _rules.Lit)
-        names: list[str | None] = [None] * len(pn.inputs)
-        compute = None
-        for i, p in enumerate(pn.inputs):          # computed inputs first: leaves take their dtype
-            if not isinstance(p, leafy):
-                names[i], d = self.value(p, dtype, pn.op_type, i)
-                compute = compute or d
-        compute = compute or dtype
-        for i, p in enumerate(pn.inputs):
-            if isinstance(p, leafy):
-                names[i] = self.leaf(p, compute, pn.op_type, i)[0]
-        if pn.commutative and self.draw((False, True)):
-            names.reverse()
-            self.choices.append(f"{pn.op_type} operands swapped")
-        if pn.op_type in REDUCE_OPS and pn.domain == "" and len(names) == 1 and pn.allow_other_inputs:
-            names.append(self.const(np.array([-1], dtype=np.int64), "axes"))
-        attrs = {}
-        out_dtype = compute
-        for k, v in pn.attrs.items():
-            if isinstance(v, _rules.Attr):
-                if pn.op_type == "Cast" and k == "to":
-                    v = self._cast_to(compute)
-                elif v.default is None:
-                    continue
-                else:
-                    v = v.default
-            attrs[k] = v
-        if pn.op_type == "Cast":
-            out_dtype = attrs.get("to", compute)
-        elif pn.op_type in BOOL_OUT:
-            out_dtype = TensorProto.BOOL
-        elif pn.op_type in INT_OUT:
-            out_dtype = TensorProto.INT64
-        outs = self.node(pn.op_type, [n or "" for n in names], out_dtype, pn.domain, attrs, pn.num_outputs)
-        if pn.name:
-            self.names[pn.name] = self.nodes[-1].name
-        self.pattern_values.extend(outs)
-        return outs
-
-    def _cast_to(self, src: int) -> int:
-        """A Cast that widens from the graph's dtype and narrows back to it."""
-        if self.dtype == TensorProto.FLOAT16:
-            return TensorProto.FLOAT if src == TensorProto.FLOAT16 else TensorProto.FLOAT16
-        return TensorProto.DOUBLE if src == TensorProto.FLOAT else TensorProto.FLOAT
-
-
-@dataclass
-class Example:
-    proto: onnx.ModelProto
-    root: str                          # the built root node's name
-    extra_reader: str | None           # the intermediate value given an extra reader
-    feeds: dict[str, np.ndarray]
-    choices: list[str]
-    precision: str                     # the graph's compute dtype: its outputs carry that precision, even widened
-
-    def describe(self) -> str:
-        text = onnx.printer.to_text(self.proto.graph)
-        return "choices: " + ("; ".join(self.choices) or "none") + "\n" + text
-
-
-def build_example(draw: Callable[[Any], Any], rule: _rules.Rule, seed: int) -> Example:
-    """One random graph containing `rule`'s pattern."""
-    dtype = draw((TensorProto.FLOAT, TensorProto.FLOAT16))
-    dims: list[int | str] = [draw((2, "batch")), draw((3, "seq")), draw(HIDDEN)]
-    b = _Builder(draw, rule, dtype, dims, seed)
-    b.choices.append(f"{TensorProto.DataType.Name(dtype).lower()} {dims}")
-    outs, _, _ = rule.compiled()
-    built = [b.value(o, dtype) for o in outs]
-    root_name, root_dtype = built[0]
-    root_node = next((n.name for n in b.nodes if root_name in n.output), None)
-    if root_node is None:
-        raise Discard
-    graph_outs: list[tuple[str, int]] = []
-    post = draw(POST_OPS)
-    if post is not None and root_dtype in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
-        b.choices.append(f"{post} after the root")
-        graph_outs.append(b.node(post, [root_name], root_dtype, stem="y")[0])
-    else:
-        graph_outs.append(built[0])
-    inputs_and_consts = {v.name for v in b.inputs} | {t.name for t in b.inits}
-    for v in built[1:]:
-        if v[0] not in inputs_and_consts and v not in graph_outs:
-            graph_outs.append(v)
-    extra = None
-    exported = {v[0] for v in built}
-    inner = [v for v in b.pattern_values if v[0] not in exported and v[0] not in inputs_and_consts]
-    if inner and draw((False, True)):
-        v = inner[draw(range(len(inner)))]
-        extra = v[0]
-        b.choices.append(f"extra reader of {extra}")
-        graph_outs.append(b.node("Identity", [extra], v[1], stem="extra")[0])
-    graph = helper.make_graph(b.nodes, f"fuzz_{rule.name}", b.inputs,
-                              [helper.make_tensor_value_info(n, d, None) for n, d in graph_outs], b.inits)
-    domains = {n.domain for n in b.nodes if n.domain}
-    opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in sorted(domains)]
-    proto = helper.make_model(graph, opset_imports=opsets, ir_version=9)
-    rng = np.random.default_rng(seed + 1)
-    feeds = {}
-    for vi in b.inputs:
-        shape = [CONCRETE[d] if isinstance(d, str) else d for d in dims]
-        feeds[vi.name] = rng.normal(0, 1, shape).astype(_NP[vi.type.tensor_type.elem_type])
-    precision = "float16" if dtype == TensorProto.FLOAT16 else "float32"
-    return Example(proto, root_node, extra, feeds, b.choices, precision)
 
 
 # ---------------------------------------------------------------------------------------------------- checking

@@ -553,8 +553,8 @@ class Rule:
     rewrite: Callable[..., Any]
     check: Callable[[Match], Any] | None = None
     summary: str = ""
-    # Optional values for pattern variables in generated graphs (compiler/fuzz.py): a number (a one-element
-    # constant), a tuple of numbers (one drawn), "input" or "channel" (a constant along the last axis).
+    # Optional values for pattern variables in generated graphs (compiler/fuzz_graph.py): a number (a one-element
+    # constant), a tuple to draw from, "input", "channel" (a constant along the last axis) or "scalar".
     examples: dict[str, Any] | None = None
     _compiled: tuple[list[PValue], PNode, int] | None = field(default=None, repr=False)
 

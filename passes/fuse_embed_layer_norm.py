@@ -24,7 +24,7 @@ CUDA has float and float16).
 Not modelled: the attention mask. ORT's mask_index differs by provider (CPU counts the ones of each mask row, CUDA
 returns the position of the first 0), so an attention fusion should not rely on it; it is not produced here.
 Where the two differ from Gather: a negative id indexes from the end for Gather but fails in the fused kernel;
-exported token ids are never negative.
+exported token ids are never negative, and constant ids with a negative entry are refused.
 Reference: kernels/norms.py (embed_layer_norm).
 """
 from __future__ import annotations
@@ -147,6 +147,10 @@ def _check_common(m, gathers: list, extra_tables: list):
             return m.fail(f"{what} is not 1-D of the hidden size {h}", what)
     if any(i.dtype not in ID_TYPES for _, i in gathers):
         return m.fail("ids are not int32 or int64")
+    for _, i in gathers:    # Gather counts a negative id from the end; the fused kernel fails on it
+        ids = const_array(i)
+        if ids is not None and ids.size and int(ids.min()) < 0:
+            return m.fail(f"constant ids include {int(ids.min())}: the fused kernel refuses negative ids")
     return beta, eps, h
 
 

@@ -24,7 +24,8 @@ Requires: the constants are one-element and equal to 0.5, √2 (or 1/√2), √(
 their dtype (relative 1e-6 for float32/double, 1e-3 for float16); they do not broadcast x to a higher rank; x is
 float32 or float16. ORT registers these kernels for float on CPU (float16 runs through Casts ORT inserts, in float,
 so the fused op is at least as accurate as the fp16 chain); CUDA has float and float16. bfloat16 and double are
-refused. A bias is a constant vector over x's last axis (shape (H,) or (1, ..., 1, H)), H static.
+refused. A bias is a constant vector over x's last axis (shape (H,) or (1, ..., 1, H)), H static. A FastGelu's x is
+not a scalar (ORT's kernel needs rank >= 1; its Gelu takes one).
 Reference: kernels/activations.py.
 """
 from __future__ import annotations
@@ -104,6 +105,14 @@ def _dtype_ok(m, name: str, value: ir.Value | None = None):
     return None
 
 
+def _not_scalar(m, name: str):
+    """ORT's FastGelu kernel needs rank >= 1 (its Gelu takes a scalar)."""
+    dims = dims_of(m[name])
+    if dims is not None and len(dims) == 0:
+        return m.fail(f"{name} is a scalar: ORT's FastGelu kernel needs rank >= 1", name)
+    return None
+
+
 def _near(m, name: str, want: float):
     """The one-element constant bound to `name` equals `want` within its dtype's rounding and keeps x's rank."""
     v = m.binds.get(name)
@@ -140,7 +149,7 @@ def _check_erf(m):
 
 
 def _check_tanh(m):
-    return _check_common(m, "c") or _near(m, "c", SQRT_2_OVER_PI) or _near(m, "k", TANH_COEF)
+    return _check_common(m, "c") or _near(m, "c", SQRT_2_OVER_PI) or _near(m, "k", TANH_COEF) or _not_scalar(m, "x")
 
 
 def _check_bias(m):
@@ -170,7 +179,7 @@ def _check_onnx_gelu_bias(m):
 
 
 def _check_onnx_gelu(m):
-    return _dtype_ok(m, "x")
+    return _dtype_ok(m, "x") or _not_scalar(m, "x")
 
 
 # ---------------------------------------------------------------------------------------------------- rewrites

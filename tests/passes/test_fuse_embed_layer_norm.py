@@ -320,6 +320,34 @@ def test_fuse_embed_layer_norm_refuses_slice_of_other_length():
     assert_refused_text(text, inits, "position ids are 0..K-1, not 0..S-1 for S = S")
 
 
+def test_fuse_embed_layer_norm_refuses_negative_constant_ids():
+    """Constant ids with a negative entry: Gather reads row V - 3, ORT's fused kernel fails ("input index out of
+    range"). fold-constants folds such a Gather unless its output is over fold_limit_bytes (a long constant id
+    tensor on a wide table), so the pass runs here after infer-shapes only. Found by `onnxc fuzz`."""
+    text = """
+g (int64[2, 2] pos) => (float[2, 2, 8] y) {
+    gw = Gather(W, ids)
+    gp = Gather(P, pos)
+    e = Add(gw, gp)
+    y = LayerNormalization <axis = -1, epsilon = 1e-5> (e, gamma)
+}"""
+    rng = np.random.default_rng(0)
+    inits = {"W": rng.normal(size=(V, H)).astype(np.float32), "P": rng.normal(size=(P, H)).astype(np.float32),
+             "gamma": np.ones(H, np.float32), "ids": np.array([[5, -3], [4, 8]], np.int64)}
+    fuse = counting("fuse-embed-layer-norm", before=("infer-shapes",))
+    for ids, want in (([[5, -3], [4, 8]], {}), ([[5, 3], [4, 8]], {"fuse-embed-layer-norm": 1})):
+        inits["ids"] = np.array(ids, np.int64)
+        proto = parse_proto(text, inits)
+        model = ir.serde.deserialize_model(proto)
+        run_passes(model, ("infer-shapes",))
+        rows = [r for _, r in explain(model, feln.RULE)]
+        assert any("constant ids include -3: the fused kernel refuses negative ids" in r for r in rows) == (not want)
+        model = ir.serde.deserialize_model(proto)
+        assert fuse(model) == want
+        assert_valid(model, proto)
+        assert_same(to_bytes(proto), model)
+
+
 def assert_refused_text(text: str, inits: dict, reason: str) -> None:
     model = parse(text, inits)
     run_passes(model, PREP)

@@ -408,6 +408,33 @@ def test_fuse_gelu_refuses_rank_raising_constant():
     assert run_pass(model, "fuse-gelu").counts == {}
 
 
+def _scalar(text: str, inits: dict) -> ir.Model:
+    """The model with its input and output declared rank 0 (the text syntax reads `float[]` as an unknown shape)."""
+    model = parse(text, inits)
+    for v in (*model.graph.inputs, *model.graph.outputs):
+        v.shape = ir.Shape([])
+    return model
+
+
+def test_fuse_gelu_tanh_refuses_a_scalar_x_erf_fuses_it():
+    """ORT's FastGelu kernel fails on a rank-0 input ("expected to have 1 or more dimensions"), its Gelu does not.
+    Found by `onnxc fuzz --pass fuse-gelu`."""
+    model = _scalar(*Gelu(flavour="tanh", dims="").text())
+    run_passes(model, ("infer-shapes",))
+    rows = [r for _, r in explain(model, RULE["fuse-gelu-tanh"])]
+    assert any("x is a scalar: ORT's FastGelu kernel needs rank >= 1" in r for r in rows), rows
+    assert run_pass(model, "fuse-gelu").counts == {}
+    model = _scalar(*Gelu(dims="").text())
+    before = ir.serde.serialize_model(model)
+    assert GELU(model) == {"fuse-gelu-erf": 1}
+    assert_same_outputs(before, model)
+    onnx_gelu = _scalar("""<ir_version: 10, opset_import: ["" : 20]>
+    g (float[] x) => (float[] y) {
+      y = Gelu(x)
+    }""", {})
+    assert APPROX(onnx_gelu) == {}
+
+
 def test_fuse_gelu_fp16_tolerance_is_fp16_only():
     """0.0447 is within fp16 rounding of 0.044715 (fp16 model fuses) but not within fp32's (refused)."""
     case = Gelu(flavour="tanh", product="xp", dtype="float16", consts={"k": 0.0447})
