@@ -115,10 +115,7 @@ class Hessians:
             fetch = [n for n in names if n not in feeds]
             outs = {}
             if fetch:
-                try:
-                    outs = dict(zip(fetch, session.run(fetch, {n: a for n, a in feeds.items() if n in wanted})))
-                except Exception as exc:  # noqa: BLE001 - onnxruntime has its own types for bad shapes and values
-                    raise UsageError(f"{label}: onnxruntime cannot run batch {b} ({first_line(exc)})") from None
+                outs = run_batch(session, fetch, feeds, wanted, f"{label}: onnxruntime cannot run batch {b}")
                 self.runs += 1
             for sig in group:
                 for n in sig:
@@ -152,6 +149,16 @@ class Hessians:
         if not self.left[sig]:
             del self.factors[sig]
         return f
+
+
+def run_batch(session: Any, names: list[str], feeds: dict[str, np.ndarray], wanted: set[str], what: str
+              ) -> dict[str, np.ndarray]:
+    """`names` from one run of the calibration session on the feeds it takes; a run onnxruntime refuses is a
+    UsageError `what (reason)` (the batches are the user's --calibration file)."""
+    try:
+        return dict(zip(names, session.run(names, {n: a for n, a in feeds.items() if n in wanted})))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime has its own types for bad shapes and values
+        raise UsageError(f"{what} ({first_line(exc)})") from None
 
 
 def _save_exposing(model: ir.Model, path: Path, values: list[ir.Value]) -> None:

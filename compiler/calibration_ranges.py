@@ -16,8 +16,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxc.kernels.calibrate import RangeStats
 
-from .calibration import _save_exposing, session_of, trim_heap
-from .errors import UsageError, first_line
+from .calibration import _save_exposing, run_batch, session_of, trim_heap
 from .ir import release_weights
 
 
@@ -45,10 +44,7 @@ def observe(model: ir.Model, values: list[ir.Value], batches: list[dict[str, np.
         for b, feeds in enumerate(batches):
             outs = {}
             if names:
-                try:
-                    outs = dict(zip(names, session.run(names, {n: a for n, a in feeds.items() if n in wanted})))
-                except Exception as exc:  # noqa: BLE001 - onnxruntime has its own types for bad shapes and values
-                    raise UsageError(f"{label}: onnxruntime cannot run batch {b} ({first_line(exc)})") from None
+                outs = run_batch(session, names, feeds, wanted, f"{label}: onnxruntime cannot run batch {b}")
             for v in values:
                 x = outs[v.name] if v.name in outs else feeds[v.name]
                 if step == "update":
@@ -139,10 +135,8 @@ def output_sensitivity(model: ir.Model, groups: dict[str, tuple[ir.Value, np.nda
     energy = 0.0
     for b, feeds in enumerate(batches):
         feeds = {n: a for n, a in feeds.items() if n in wanted}
-        try:
-            ref = session.run(names, {**feeds, **off})
-        except Exception as exc:  # noqa: BLE001 - onnxruntime has its own types for bad shapes and values
-            raise UsageError(f"{label}: onnxruntime cannot run batch {b} ({first_line(exc)})") from None
+        ref = list(run_batch(session, names, {**feeds, **off}, wanted,
+                             f"{label}: onnxruntime cannot run batch {b}").values())
         energy += sum(float(np.square(r.astype(np.float64)).sum()) for r in ref if r.dtype.kind == "f")
         for name, flag in zip(groups, flags):
             got = session.run(names, {**feeds, **off, flag.name: np.array(True)})

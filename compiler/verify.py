@@ -456,13 +456,14 @@ def second_opinion(reference: Path, report: VerifyReport, names: list[dict[str, 
         return
     if not widen.has_float16(ir.load(reference)):
         return
+    scenarios = sorted({k for k, _ in failed})
     with tempfile.TemporaryDirectory(prefix="onnxc-twin-") as work:
         try:
             twin = widen.save_twin(reference, Path(work) / "twin.onnx")
-            wides = run_model(twin, [feeds_list[k] for k in sorted({k for k, _ in failed})], reference=True)
+            wides = run_model(twin, [feeds_list[k] for k in scenarios], reference=True)
         except Exception:           # a twin onnxruntime cannot run gives no second opinion
             return
-    wide_of = dict(zip(sorted({k for k, _ in failed}), wides))
+    wide_of = dict(zip(scenarios, wides))
     worst = 0.0
     for k, c in failed:
         ref, got, wide = refs[k], gots[k], wide_of[k]
